@@ -1,0 +1,36 @@
+# apikey: PGXS build
+MODULE_big = apikey
+OBJS = \
+	apikey.o \
+	src/binding.o \
+	src/keycache.o \
+	src/keystore.o \
+	src/quota.o \
+	src/ratelimit.o \
+	src/redact.o \
+	src/shmem.o \
+	src/token.o \
+	src/usage.o \
+	src/verify.o \
+	src/worker.o
+
+EXTENSION = apikey
+DATA = $(wildcard apikey--*.sql)
+PGFILEDESC = "apikey - API keys kept in the database"
+
+PG_CPPFLAGS = -I$(srcdir)/src
+PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
+
+# Regression tests run against a server started with apikey preloaded;
+# see test/run.  One file per feature.
+REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --inputdir=. --load-extension=pgcrypto
+ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION_OPTS = --inputdir=.
+TAP_TESTS = 1
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+EXTRA_CLEAN = fuzz/fuzz_token fuzz/*.o

@@ -1,0 +1,635 @@
+/*-------------------------------------------------------------------------
+ *
+ * apikey.c
+ *	  The front door of the apikey extension: module magic, _PG_init, the
+ *	  GUCs, and every SQL-callable function.  The work is done by the
+ *	  modules under src/ (see src/apikey.h for the map).
+ *
+ * Without shared_preload_libraries the extension still works: keys are
+ * issued, verified, cached and bound to transactions as usual, usage is
+ * written synchronously in the caller's transaction, and a key with a rate
+ * limit is refused with rate_limit_unavailable, never allowed unlimited.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/detoast.h"
+#include "access/htup_details.h"
+#include "commands/trigger.h"
+#include "common/cryptohash.h"
+#include "common/sha2.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "port/atomics.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "shmem.h"
+#include "token.h"
+
+PG_MODULE_MAGIC;
+
+/* GUC variables */
+int			apikey_cache_size = 10000;
+int			apikey_usage_flush_interval = 1000;
+char	   *apikey_database = NULL;
+int			apikey_usage_max_entries = 10000;
+int			apikey_rate_limit_max_keys = 10000;
+bool		apikey_redact_logs = true;
+
+void		_PG_init(void);
+
+static void
+define_gucs(void)
+{
+	/* apikey.cache_size */
+	DefineCustomIntVariable("apikey.cache_size",
+							"Maximum number of keys each backend keeps in its key cache.",
+							"0 disables the cache: every verification reads the tables.",
+							&apikey_cache_size,
+							10000, 0, INT_MAX / 2,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+
+	/* apikey.usage_flush_interval */
+	DefineCustomIntVariable("apikey.usage_flush_interval",
+							"How often the background worker writes usage counters to apikey.usage_log.",
+							NULL,
+							&apikey_usage_flush_interval,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	/* apikey.database */
+	DefineCustomStringVariable("apikey.database",
+							   "Database the usage writer connects to.",
+							   "In other databases usage is written synchronously.",
+							   &apikey_database,
+							   "postgres",
+							   PGC_POSTMASTER, 0,
+							   NULL, NULL, NULL);
+
+	/* apikey.usage_max_entries */
+	DefineCustomIntVariable("apikey.usage_max_entries",
+							"Maximum number of (key, minute, code, address) usage counters in shared memory.",
+							"When full, further counts are dropped and counted in apikey.stats.",
+							&apikey_usage_max_entries,
+							10000, 100, INT_MAX / 2,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+
+	/* apikey.rate_limit_max_keys */
+	DefineCustomIntVariable("apikey.rate_limit_max_keys",
+							"Maximum number of rate-limited keys tracked at once in shared memory.",
+							"When full of active keys, further rate-limited keys fail with rate_limit_unavailable.",
+							&apikey_rate_limit_max_keys,
+							10000, 100, INT_MAX / 2,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+
+	/* apikey.redact_logs */
+	DefineCustomBoolVariable("apikey.redact_logs",
+							 "Replace API tokens in server log messages by their non-secret hint.",
+							 NULL,
+							 &apikey_redact_logs,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+}
+
+void
+_PG_init(void)
+{
+	define_gucs();
+	apikey_binding_init();
+	MarkGUCPrefixReserved("apikey");
+
+	apikey_keycache_init();
+	apikey_redact_init();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	apikey_shmem_init();
+	apikey_worker_register();
+}
+
+/* SHA-256 with PostgreSQL's cryptohash (OpenSSL-backed where built so). */
+void
+apikey_sha256(const char *data, size_t len, uint8 *out)
+{
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+
+	if (ctx == NULL ||
+		pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
+		pg_cryptohash_final(ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
+	{
+		const char *why = ctx ? pg_cryptohash_error(ctx) : "out of memory";
+
+		pg_cryptohash_free(ctx);
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not compute SHA-256: %s", why)));
+	}
+	pg_cryptohash_free(ctx);
+}
+
+static bytea *
+hash_bytea(const char *data, size_t len)
+{
+	bytea	   *result = palloc(VARHDRSZ + APIKEY_HASH_LEN);
+
+	SET_VARSIZE(result, VARHDRSZ + APIKEY_HASH_LEN);
+	apikey_sha256(data, len, (uint8 *) VARDATA(result));
+	return result;
+}
+
+/*
+ * A token argument, or NULL when it is NULL or too long to be a token.  The
+ * length test reads the toast header only, so a megabyte of garbage is
+ * never detoasted.
+ */
+static text *
+token_arg(FunctionCallInfo fcinfo, int argno)
+{
+	if (PG_ARGISNULL(argno))
+		return NULL;
+	if (toast_raw_datum_size(PG_GETARG_DATUM(argno)) > VARHDRSZ + APIKEY_TOKEN_MAXLEN)
+		return NULL;
+	return PG_GETARG_TEXT_PP(argno);
+}
+
+static inline text *
+text_arg_or_null(FunctionCallInfo fcinfo, int argno)
+{
+	return (PG_NARGS() > argno && !PG_ARGISNULL(argno)) ? PG_GETARG_TEXT_PP(argno) : NULL;
+}
+
+static inline inet *
+inet_arg_or_null(FunctionCallInfo fcinfo, int argno)
+{
+	return (PG_NARGS() > argno && !PG_ARGISNULL(argno)) ? PG_GETARG_INET_PP(argno) : NULL;
+}
+
+/*
+ * apikey.hash(token text) RETURNS bytea
+ */
+PG_FUNCTION_INFO_V1(apikey_hash);
+Datum
+apikey_hash(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+
+	PG_RETURN_BYTEA_P(hash_bytea(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
+}
+
+/*
+ * apikey._token_hash(token text) RETURNS bytea: the hash of a well-formed
+ * token, for revoke_token().  Raises for anything else.
+ */
+PG_FUNCTION_INFO_V1(apikey_token_hash);
+Datum
+apikey_token_hash(PG_FUNCTION_ARGS)
+{
+	text	   *t = token_arg(fcinfo, 0);
+	size_t		prefix_len;
+
+	if (t == NULL ||
+		apikey_token_parse(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), &prefix_len) != APIKEY_PARSE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("token is malformed"),
+				 errhint("Pass the whole token as issued, e.g. ak_ followed by 49 letters and digits.")));
+	PG_RETURN_BYTEA_P(hash_bytea(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
+}
+
+/*
+ * apikey._new_token(prefix text, OUT token text, OUT hash bytea, OUT hint text)
+ */
+PG_FUNCTION_INFO_V1(apikey_new_token);
+Datum
+apikey_new_token(PG_FUNCTION_ARGS)
+{
+	text	   *prefix = PG_GETARG_TEXT_PP(0);
+	size_t		plen = VARSIZE_ANY_EXHDR(prefix);
+	uint8		secret[APIKEY_SECRET_BYTES];
+	char		token[APIKEY_TOKEN_MAXLEN + 1];
+	char		hint[APIKEY_HINT_MAXLEN];
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+	size_t		len;
+
+	if (!apikey_prefix_is_valid(VARDATA_ANY(prefix), plen))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid token prefix \"%s\"", text_to_cstring(prefix)),
+				 errhint("A prefix is 1 to 16 characters: a lowercase letter, then lowercase letters, digits or underscores.")));
+	if (!pg_strong_random(secret, sizeof(secret)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random bytes for a token")));
+	if (!apikey_token_build(VARDATA_ANY(prefix), plen, secret, token, sizeof(token)))
+		elog(ERROR, "token build failed for a valid prefix");
+	explicit_bzero(secret, sizeof(secret));
+	len = strlen(token);
+	apikey_token_hint(token, len, plen, hint);
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[0] = PointerGetDatum(cstring_to_text_with_len(token, len));
+	values[1] = PointerGetDatum(hash_bytea(token, len));
+	values[2] = CStringGetTextDatum(hint);
+	explicit_bzero(token, sizeof(token));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * apikey._acting_role() RETURNS name: the role the session acts as (its
+ * login role or SET ROLE), ignoring SECURITY DEFINER functions in between.
+ */
+PG_FUNCTION_INFO_V1(apikey_acting_role);
+Datum
+apikey_acting_role(PG_FUNCTION_ARGS)
+{
+	char	   *name = GetUserNameFromId(GetOuterUserId(), false);
+
+	PG_RETURN_DATUM(DirectFunctionCall1(namein, CStringGetDatum(name)));
+}
+
+static Datum
+interval_datum(int64 usecs)
+{
+	Interval   *iv = palloc0(sizeof(Interval));
+
+	iv->time = usecs;
+	return IntervalPGetDatum(iv);
+}
+
+static Datum
+scopes_datum(const ApikeyKey *key)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * Max(key->nscopes, 1));
+	int			i;
+
+	for (i = 0; i < key->nscopes; i++)
+		elems[i] = CStringGetTextDatum(key->scopes[i]);
+	return PointerGetDatum(construct_array(elems, key->nscopes, TEXTOID, -1,
+										   false, TYPALIGN_INT));
+}
+
+/*
+ * apikey.check(token text, scope text, client_addr inet) RETURNS apikey.verdict
+ */
+PG_FUNCTION_INFO_V1(apikey_check);
+Datum
+apikey_check(PG_FUNCTION_ARGS)
+{
+	ApikeyVerdict v;
+	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
+	Datum		values[8];
+	bool		nulls[8];
+
+	apikey_verify(token_arg(fcinfo, 0), text_arg_or_null(fcinfo, 1),
+				  inet_arg_or_null(fcinfo, 2), &v);
+
+	if (tupdesc == NULL)
+	{
+		MemoryContext oldcxt = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
+
+		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "return type must be a row type");
+		tupdesc = BlessTupleDesc(CreateTupleDescCopy(tupdesc));
+		fcinfo->flinfo->fn_extra = tupdesc;
+		MemoryContextSwitchTo(oldcxt);
+	}
+
+	memset(nulls, true, sizeof(nulls));
+	values[0] = BoolGetDatum(v.code == APIKEY_VALID);
+	nulls[0] = false;
+	values[1] = CStringGetTextDatum(apikey_code_names[v.code]);
+	nulls[1] = false;
+	if (v.key != NULL)
+	{
+		values[2] = Int64GetDatum(v.key->key_id);
+		nulls[2] = false;
+		values[3] = CStringGetTextDatum(v.key->owner);
+		nulls[3] = false;
+		values[4] = scopes_datum(v.key);
+		nulls[4] = false;
+		if (v.key->has_expiry)
+		{
+			values[5] = TimestampTzGetDatum(v.key->expires_at);
+			nulls[5] = false;
+		}
+	}
+	if (v.has_remaining)
+	{
+		values[6] = Int64GetDatum(v.remaining);
+		nulls[6] = false;
+	}
+	if (v.has_retry_after)
+	{
+		values[7] = interval_datum(v.retry_after);
+		nulls[7] = false;
+	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * apikey.verify(token text, scope text, client_addr inet) RETURNS boolean
+ */
+PG_FUNCTION_INFO_V1(apikey_verify_token);
+Datum
+apikey_verify_token(PG_FUNCTION_ARGS)
+{
+	ApikeyVerdict v;
+
+	apikey_verify(token_arg(fcinfo, 0), text_arg_or_null(fcinfo, 1),
+				  inet_arg_or_null(fcinfo, 2), &v);
+	PG_RETURN_BOOL(v.code == APIKEY_VALID);
+}
+
+/* Raise the error authenticate() reports for a failed verdict. */
+static void
+report_rejection(const ApikeyVerdict *v, text *scope)
+{
+	const char *code = apikey_code_names[v->code];
+	char	   *retry = NULL;
+
+	if (v->has_retry_after)
+		retry = DatumGetCString(DirectFunctionCall1(interval_out,
+													interval_datum(v->retry_after)));
+
+	switch (v->code)
+	{
+		case APIKEY_MALFORMED:
+		case APIKEY_UNKNOWN:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+					 errmsg("invalid API key"),
+					 errdetail("Verdict: %s.", code)));
+			break;
+		case APIKEY_REVOKED:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+					 errmsg("API key has been revoked"),
+					 errdetail("Verdict: %s.", code)));
+			break;
+		case APIKEY_EXPIRED:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+					 errmsg("API key has expired"),
+					 errdetail("Verdict: %s.", code)));
+			break;
+		case APIKEY_ADDRESS_DENIED:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+					 errmsg("API key may not be used from this client address"),
+					 errdetail("Verdict: %s.", code)));
+			break;
+		case APIKEY_SCOPE_DENIED:
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("API key lacks scope \"%s\"", text_to_cstring(scope)),
+					 errdetail("Verdict: %s.", code)));
+			break;
+		case APIKEY_RATE_LIMITED:
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("API key rate limit exceeded"),
+					 errdetail("Verdict: %s.", code),
+					 errhint("Retry after %s.", retry)));
+			break;
+		case APIKEY_QUOTA_EXHAUSTED:
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("API key quota exhausted"),
+					 errdetail("Verdict: %s.", code),
+					 retry ? errhint("The quota is refilled in %s.", retry) : 0));
+			break;
+		case APIKEY_RATE_LIMIT_UNAVAILABLE:
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("API key has a rate limit that cannot be enforced"),
+					 errdetail("Verdict: %s.", code),
+					 errhint("Add apikey to shared_preload_libraries and restart, or raise apikey.rate_limit_max_keys.")));
+			break;
+		case APIKEY_QUOTA_UNAVAILABLE:
+			ereport(ERROR,
+					(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+					 errmsg("API key quota cannot be debited in a read-only transaction"),
+					 errdetail("Verdict: %s.", code),
+					 errhint("Authenticate keys that have a quota in a read-write transaction on the primary.")));
+			break;
+		case APIKEY_VALID:
+			break;
+	}
+}
+
+/*
+ * apikey.authenticate(token text, scope text, client_addr inet,
+ *					   session boolean) RETURNS bigint
+ */
+PG_FUNCTION_INFO_V1(apikey_authenticate);
+Datum
+apikey_authenticate(PG_FUNCTION_ARGS)
+{
+	ApikeyVerdict v;
+	text	   *scope = text_arg_or_null(fcinfo, 1);
+	bool		session = !PG_ARGISNULL(3) && PG_GETARG_BOOL(3);
+
+	apikey_verify(token_arg(fcinfo, 0), scope, inet_arg_or_null(fcinfo, 2), &v);
+	if (v.code != APIKEY_VALID)
+		report_rejection(&v, scope);
+	apikey_binding_set(v.key, session);
+	PG_RETURN_INT64(v.key->key_id);
+}
+
+/*
+ * apikey.logout() RETURNS void
+ */
+PG_FUNCTION_INFO_V1(apikey_logout);
+Datum
+apikey_logout(PG_FUNCTION_ARGS)
+{
+	apikey_binding_clear();
+	PG_RETURN_VOID();
+}
+
+/*
+ * apikey.current_key_id() RETURNS bigint
+ */
+PG_FUNCTION_INFO_V1(apikey_current_key_id);
+Datum
+apikey_current_key_id(PG_FUNCTION_ARGS)
+{
+	int64		key_id;
+
+	if (!apikey_binding_get(&key_id, NULL, NULL, NULL))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64(key_id);
+}
+
+/*
+ * apikey.current_owner() RETURNS text
+ */
+PG_FUNCTION_INFO_V1(apikey_current_owner);
+Datum
+apikey_current_owner(PG_FUNCTION_ARGS)
+{
+	const char *owner;
+
+	if (!apikey_binding_get(NULL, &owner, NULL, NULL))
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(owner));
+}
+
+/* Does the bound key hold the scope in argument 0? */
+static bool
+bound_key_has_scope(FunctionCallInfo fcinfo)
+{
+	char	   *const *scopes;
+	int			nscopes;
+	text	   *want;
+
+	if (PG_ARGISNULL(0) || !apikey_binding_get(NULL, NULL, &scopes, &nscopes))
+		return false;
+	want = PG_GETARG_TEXT_PP(0);
+	return apikey_scope_granted(scopes, nscopes, VARDATA_ANY(want),
+								VARSIZE_ANY_EXHDR(want));
+}
+
+/*
+ * apikey.has_scope(scope text) RETURNS boolean
+ */
+PG_FUNCTION_INFO_V1(apikey_has_scope);
+Datum
+apikey_has_scope(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(bound_key_has_scope(fcinfo));
+}
+
+/*
+ * apikey.require_scope(scope text) RETURNS void
+ */
+PG_FUNCTION_INFO_V1(apikey_require_scope);
+Datum
+apikey_require_scope(PG_FUNCTION_ARGS)
+{
+	if (!bound_key_has_scope(fcinfo))
+	{
+		const char *scope = PG_ARGISNULL(0) ? "(null)" : text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+		if (!apikey_binding_get(NULL, NULL, NULL, NULL))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("scope \"%s\" is required, but no API key is bound", scope),
+					 errhint("Call apikey.authenticate(token) first in this transaction.")));
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("API key lacks scope \"%s\"", scope)));
+	}
+	PG_RETURN_VOID();
+}
+
+/*
+ * apikey._invalidate(): statement trigger on the key tables.
+ */
+PG_FUNCTION_INFO_V1(apikey_invalidate);
+Datum
+apikey_invalidate(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("apikey._invalidate() must be called as a trigger")));
+	apikey_keycache_invalidate_all();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * apikey._live_usage(): this database's counters not yet in usage_log.
+ */
+PG_FUNCTION_INFO_V1(apikey_live_usage);
+Datum
+apikey_live_usage(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	apikey_usage_list(rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * apikey._stats(): the live counters behind the apikey.stats view.
+ */
+PG_FUNCTION_INFO_V1(apikey_stats);
+Datum
+apikey_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[9];
+	bool		nulls[9];
+	StringInfoData buf;
+	int			i;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	memset(nulls, false, sizeof(nulls));
+	values[0] = BoolGetDatum(apikey_shared != NULL);
+	if (apikey_shared == NULL)
+	{
+		for (i = 1; i < 9; i++)
+			nulls[i] = true;
+	}
+	else
+	{
+		uint64		last = pg_atomic_read_u64(&apikey_shared->last_flush);
+
+		initStringInfo(&buf);
+		appendStringInfoChar(&buf, '{');
+		for (i = 0; i < APIKEY_NUM_CODES; i++)
+			appendStringInfo(&buf, "%s\"%s\": " UINT64_FORMAT, i ? ", " : "",
+							 apikey_code_names[i],
+							 pg_atomic_read_u64(&apikey_shared->calls[i]));
+		appendStringInfoChar(&buf, '}');
+		values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
+		values[2] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->calls[APIKEY_RATE_LIMITED]));
+		values[3] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->flushes));
+		values[4] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->flush_errors));
+		values[5] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->flushed_calls));
+		values[6] = Int64GetDatum(apikey_usage_pending());
+		values[7] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->usage_dropped));
+		values[8] = TimestampTzGetDatum((TimestampTz) last);
+		nulls[8] = (last == 0);
+	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/* apikey.flush_usage() body, run as the tables' owner. */
+static void
+flush_as_owner(void *arg)
+{
+	*(int *) arg = apikey_usage_flush();
+}
+
+/*
+ * apikey.flush_usage() RETURNS integer
+ */
+PG_FUNCTION_INFO_V1(apikey_flush_usage);
+Datum
+apikey_flush_usage(PG_FUNCTION_ARGS)
+{
+	int			rows = 0;
+
+	apikey_run_as_owner(flush_as_owner, &rows);
+	PG_RETURN_INT32(rows);
+}

@@ -1,0 +1,160 @@
+/*-------------------------------------------------------------------------
+ *
+ * apikey.h
+ *	  Declarations shared by the apikey modules.
+ *
+ * Module map (one file per concern):
+ *	 apikey.c		front door: module magic, _PG_init, GUCs, SQL entry points
+ *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
+ *	 keystore.c		reading apikey.keys & co. through their indexes (no SPI)
+ *	 keycache.c		per-backend LRU cache of keys, relcache invalidation
+ *	 verify.c		the verification rules that produce a verdict
+ *	 binding.c		the key bound to the transaction, for row-level policies
+ *	 shmem.c		shared memory set-up and live statistics
+ *	 ratelimit.c	per-key rate limits enforced in shared memory
+ *	 quota.c		per-key quotas debited in the caller's transaction
+ *	 usage.c		usage counters: shared memory, or synchronous fallback
+ *	 worker.c		background worker that persists usage counters
+ *	 redact.c		emit_log_hook that removes tokens from the server log
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef APIKEY_H
+#define APIKEY_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "lib/ilist.h"
+#include "access/tupdesc.h"
+#include "utils/inet.h"
+#include "utils/tuplestore.h"
+
+#define APIKEY_HASH_LEN		32	/* SHA-256 */
+
+/* Verdict codes.  Keep apikey_code_names[] (verify.c) in the same order. */
+typedef enum ApikeyCode
+{
+	APIKEY_VALID = 0,
+	APIKEY_MALFORMED,
+	APIKEY_UNKNOWN,
+	APIKEY_REVOKED,
+	APIKEY_EXPIRED,
+	APIKEY_ADDRESS_DENIED,
+	APIKEY_SCOPE_DENIED,
+	APIKEY_RATE_LIMITED,
+	APIKEY_RATE_LIMIT_UNAVAILABLE,
+	APIKEY_QUOTA_EXHAUSTED,
+	APIKEY_QUOTA_UNAVAILABLE
+} ApikeyCode;
+
+#define APIKEY_NUM_CODES	(APIKEY_QUOTA_UNAVAILABLE + 1)
+
+extern const char *const apikey_code_names[APIKEY_NUM_CODES];
+
+/*
+ * Everything verification needs to know about one key.  Variable-length
+ * parts (owner, scopes, CIDRs) live in one palloc'd chunk owned by the
+ * record, so a cache eviction is a single pfree.
+ */
+typedef struct ApikeyKey
+{
+	uint8		hash[APIKEY_HASH_LEN];	/* hash table key: SHA-256 of token */
+	int64		key_id;
+	char	   *owner;
+	int			nscopes;
+	char	  **scopes;
+	bool		has_expiry;
+	TimestampTz expires_at;
+	bool		revoked;
+	int32		rate_limit;		/* 0 = none */
+	int64		rate_window;	/* microseconds */
+	bool		has_quota;
+	int			ncidrs;
+	inet	  **cidrs;
+	void	   *chunk;			/* owns owner, scopes and cidrs */
+	Size		chunk_size;
+	dlist_node	lru;			/* position in the cache's LRU list */
+} ApikeyKey;
+
+/* The result of one verification. */
+typedef struct ApikeyVerdict
+{
+	ApikeyCode	code;
+	const ApikeyKey *key;		/* NULL for malformed and unknown */
+	bool		has_remaining;
+	int64		remaining;
+	bool		has_retry_after;
+	int64		retry_after;	/* microseconds */
+} ApikeyVerdict;
+
+/* GUCs (apikey.c) */
+extern int	apikey_cache_size;
+extern int	apikey_usage_flush_interval;
+extern char *apikey_database;
+extern int	apikey_usage_max_entries;
+extern int	apikey_rate_limit_max_keys;
+extern bool apikey_redact_logs;
+
+/* apikey.c */
+extern void apikey_sha256(const char *data, size_t len, uint8 *out);
+
+/* keystore.c */
+extern bool apikey_keystore_load(const uint8 *hash, ApikeyKey *key,
+								 MemoryContext chunk_cxt);
+extern Oid	apikey_keystore_keys_relid(bool missing_ok);
+extern Oid	apikey_keystore_owner(void);
+
+/* keycache.c */
+extern const ApikeyKey *apikey_keycache_lookup(const uint8 *hash);
+extern void apikey_keycache_init(void);
+extern void apikey_keycache_invalidate_all(void);
+extern ApikeyKey *apikey_key_copy(const ApikeyKey *key);
+
+/* verify.c */
+extern void apikey_verify(text *token, text *scope, inet *client_addr,
+						  ApikeyVerdict *verdict);
+extern bool apikey_scope_granted(char *const *scopes, int nscopes,
+								 const char *want, size_t wantlen);
+
+/* binding.c */
+extern void apikey_binding_init(void);
+extern void apikey_binding_set(const ApikeyKey *key, bool session);
+extern void apikey_binding_clear(void);
+extern bool apikey_binding_get(int64 *key_id, const char **owner,
+							   char *const **scopes, int *nscopes);
+
+/* shmem.c */
+typedef struct ApikeyShared ApikeyShared;
+extern ApikeyShared *apikey_shared;
+extern void apikey_shmem_init(void);
+extern void apikey_stats_count(ApikeyCode code);
+extern void apikey_stats_flushed(uint64 calls, bool ok);
+
+/* ratelimit.c */
+extern Size apikey_ratelimit_shmem_size(void);
+extern void apikey_ratelimit_shmem_startup(void);
+extern ApikeyCode apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
+										int64 *retry_after, int64 *remaining);
+
+/* quota.c */
+extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
+									 int64 *retry_after);
+
+/* usage.c */
+extern Size apikey_usage_shmem_size(void);
+extern void apikey_usage_shmem_startup(void);
+extern void apikey_usage_count(const ApikeyVerdict *verdict, inet *client_addr,
+							   TimestampTz now);
+extern int	apikey_usage_flush(void);
+extern uint64 apikey_usage_pending(void);
+extern void apikey_usage_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
+extern void apikey_run_as_owner(void (*fn) (void *), void *arg);
+
+/* worker.c */
+extern void apikey_worker_register(void);
+
+/* redact.c */
+extern void apikey_redact_init(void);
+
+#endif							/* APIKEY_H */

@@ -1,0 +1,288 @@
+/*-------------------------------------------------------------------------
+ *
+ * binding.c
+ *	  The key bound to the transaction (or session) by apikey.authenticate,
+ *	  read by current_key_id(), current_owner(), has_scope() and
+ *	  require_scope() from row-level security policies.
+ *
+ * The binding is the value of the GUC apikey.binding, which only this file
+ * can set:
+ *
+ *	 - Its check hook refuses every value unless authenticate()/logout() is
+ *	   the caller (binding_in_progress) or a parallel worker is restoring the
+ *	   leader's state.  SET, SET LOCAL, set_config(), ALTER ROLE/DATABASE
+ *	   SET, connection options and SET clauses of functions all go through
+ *	   the check hook, so none of them can bind, change or clear a key; this
+ *	   holds for superusers too.
+ *	 - It is PGC_SUSET, so RESET by an ordinary role is refused; it is
+ *	   GUC_NO_RESET_ALL, so RESET ALL leaves it alone; DISCARD ALL ends a
+ *	   session binding through our ProcessUtility hook.
+ *	 - It is GUC_SUPERUSER_ONLY and GUC_NO_SHOW_ALL: ordinary roles cannot
+ *	   read it with SHOW or current_setting(), only through the helpers.
+ *
+ * Using a GUC buys three things at once:
+ *	 - a transaction binding is a SET LOCAL, so it ends with the transaction
+ *	   (commit or rollback) and a rolled-back savepoint restores whatever
+ *	   binding was in force before it, exactly like any other setting;
+ *	 - parallel workers receive the leader's GUC state, so the helpers are
+ *	   PARALLEL SAFE and policies using them still allow parallel scans;
+ *	 - the parsed form lives in the GUC's "extra" and is swapped by the
+ *	   assign hook, so a helper call is a pointer read.
+ *
+ * The value encodes key id, owner and scopes, each string length-prefixed:
+ *	 "<key_id>/<len>:<owner>/<len>:<scope>/<len>:<scope>..."
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/parallel.h"
+#include "lib/stringinfo.h"
+#include "nodes/parsenodes.h"
+#include "tcop/utility.h"
+#include "utils/guc.h"
+
+#include "apikey.h"
+
+/* The parsed binding: one malloc'd block, as GUC "extra" must be. */
+typedef struct Binding
+{
+	int64		key_id;
+	char	   *owner;
+	int			nscopes;
+	char	   *scopes[FLEXIBLE_ARRAY_MEMBER];	/* then the strings */
+} Binding;
+
+/* GUC "extra" data: malloc() until 15, guc_malloc() (a memory context) since 16 */
+#if PG_VERSION_NUM >= 160000
+#define binding_malloc(size) guc_malloc(LOG, (size))
+#else
+#define binding_malloc(size) malloc(size)
+#endif
+
+static char *binding_string = NULL;
+static const Binding *binding_current = NULL;
+static bool binding_in_progress = false;
+static ProcessUtility_hook_type prev_ProcessUtility = NULL;
+
+/* Read "<len>:<bytes>" at *p; false if it does not fit. */
+static bool
+parse_field(const char **p, const char **start, size_t *len)
+{
+	char	   *end;
+	unsigned long n;
+
+	if (**p != '/')
+		return false;
+	errno = 0;
+	n = strtoul(*p + 1, &end, 10);
+	if (errno != 0 || end == *p + 1 || *end != ':' || n > strlen(end + 1))
+		return false;
+	*start = end + 1;
+	*len = n;
+	*p = end + 1 + n;
+	return true;
+}
+
+/* Parse the GUC string into a Binding allocated with guc_malloc. */
+static Binding *
+binding_parse(const char *value)
+{
+	const char *p = value;
+	const char *start;
+	size_t		len;
+	int			nfields = 0;
+	size_t		strbytes = 0;
+	char	   *end;
+	int64		key_id;
+	Binding    *b;
+	char	   *dst;
+	int			i;
+
+	errno = 0;
+	key_id = strtoll(value, &end, 10);
+	if (errno != 0 || end == value)
+		return NULL;
+
+	/* first pass: count and validate */
+	p = end;
+	while (*p != '\0')
+	{
+		if (!parse_field(&p, &start, &len))
+			return NULL;
+		nfields++;
+		strbytes += len + 1;
+	}
+	if (nfields < 1)
+		return NULL;
+
+	b = binding_malloc(offsetof(Binding, scopes) +
+				   sizeof(char *) * (nfields - 1) + strbytes);
+	if (b == NULL)
+		return NULL;
+	b->key_id = key_id;
+	b->nscopes = nfields - 1;
+	dst = (char *) &b->scopes[b->nscopes];
+
+	/* second pass: copy */
+	p = end;
+	for (i = 0; i < nfields; i++)
+	{
+		(void) parse_field(&p, &start, &len);
+		memcpy(dst, start, len);
+		dst[len] = '\0';
+		if (i == 0)
+			b->owner = dst;
+		else
+			b->scopes[i - 1] = dst;
+		dst += len + 1;
+	}
+	return b;
+}
+
+static bool
+binding_check_hook(char **newval, void **extra, GucSource source)
+{
+	Binding    *b;
+
+	if (!binding_in_progress && !InitializingParallelWorker &&
+		source != PGC_S_DEFAULT)
+	{
+		GUC_check_errcode(ERRCODE_INSUFFICIENT_PRIVILEGE);
+		GUC_check_errmsg("parameter \"apikey.binding\" can only be set by apikey.authenticate()");
+		GUC_check_errhint("Call apikey.authenticate(token) to bind a key, apikey.logout() to end the binding.");
+		return false;
+	}
+	if (*newval == NULL || **newval == '\0')
+	{
+		*extra = NULL;
+		return true;
+	}
+	b = binding_parse(*newval);
+	if (b == NULL)
+	{
+		GUC_check_errmsg("invalid apikey binding");
+		return false;
+	}
+	*extra = b;
+	return true;
+}
+
+static void
+binding_assign_hook(const char *newval, void *extra)
+{
+	binding_current = (const Binding *) extra;
+}
+
+/* Set apikey.binding to value, as authenticate()/logout() only may. */
+static void
+binding_apply(const char *value, GucAction action)
+{
+	binding_in_progress = true;
+	PG_TRY();
+	{
+		(void) set_config_option("apikey.binding", value, PGC_SUSET,
+								 PGC_S_SESSION, action, true, ERROR, false);
+	}
+	PG_FINALLY();
+	{
+		binding_in_progress = false;
+	}
+	PG_END_TRY();
+}
+
+/* Bind key to the current transaction, or to the session. */
+void
+apikey_binding_set(const ApikeyKey *key, bool session)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, INT64_FORMAT "/%zu:%s", key->key_id,
+					 strlen(key->owner), key->owner);
+	for (i = 0; i < key->nscopes; i++)
+		appendStringInfo(&buf, "/%zu:%s", strlen(key->scopes[i]), key->scopes[i]);
+
+	if (session)
+		binding_apply(buf.data, GUC_ACTION_SET);
+	else
+		binding_apply(buf.data, GUC_ACTION_LOCAL);
+	pfree(buf.data);
+}
+
+/* End every binding: the transaction's and the session's. */
+void
+apikey_binding_clear(void)
+{
+	binding_apply("", GUC_ACTION_SET);
+}
+
+/* The bound key, if any. */
+bool
+apikey_binding_get(int64 *key_id, const char **owner, char *const **scopes,
+				   int *nscopes)
+{
+	const Binding *b = binding_current;
+
+	if (b == NULL)
+		return false;
+	if (key_id)
+		*key_id = b->key_id;
+	if (owner)
+		*owner = b->owner;
+	if (scopes)
+		*scopes = b->scopes;
+	if (nscopes)
+		*nscopes = b->nscopes;
+	return true;
+}
+
+/* DISCARD ALL ends a session binding, as it resets every other setting. */
+static void
+binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
+#if PG_VERSION_NUM >= 140000
+					   bool readOnlyTree,
+#endif
+					   ProcessUtilityContext context, ParamListInfo params,
+					   QueryEnvironment *queryEnv, DestReceiver *dest,
+					   QueryCompletion *qc)
+{
+	Node	   *parsetree = pstmt->utilityStmt;
+
+#if PG_VERSION_NUM >= 140000
+#define UTILITY_ARGS pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc
+#else
+#define UTILITY_ARGS pstmt, queryString, context, params, queryEnv, dest, qc
+#endif
+	if (prev_ProcessUtility)
+		prev_ProcessUtility(UTILITY_ARGS);
+	else
+		standard_ProcessUtility(UTILITY_ARGS);
+#undef UTILITY_ARGS
+
+	if (IsA(parsetree, DiscardStmt) &&
+		((DiscardStmt *) parsetree)->target == DISCARD_ALL &&
+		binding_current != NULL)
+		apikey_binding_clear();
+}
+
+/* Define apikey.binding and install the DISCARD ALL hook. */
+void
+apikey_binding_init(void)
+{
+	DefineCustomStringVariable("apikey.binding",
+							   "The API key bound by apikey.authenticate(); set only by apikey.",
+							   NULL,
+							   &binding_string,
+							   "",
+							   PGC_SUSET,
+							   GUC_NO_SHOW_ALL | GUC_NO_RESET_ALL | GUC_NOT_IN_SAMPLE |
+							   GUC_DISALLOW_IN_FILE | GUC_SUPERUSER_ONLY,
+							   binding_check_hook,
+							   binding_assign_hook,
+							   NULL);
+
+	prev_ProcessUtility = ProcessUtility_hook;
+	ProcessUtility_hook = binding_ProcessUtility;
+}

@@ -1,0 +1,237 @@
+/*-------------------------------------------------------------------------
+ *
+ * token.c
+ *	  Parse, build and find apikey tokens.
+ *
+ * A token is <prefix>_<secret><checksum>.  The checksum is the standard
+ * CRC-32 (pg_crc.h's TRADITIONAL_CRC32, the one zlib computes) of every
+ * character before it, written as six base62 digits.  It lets us reject a
+ * typo, a truncated paste or random garbage without touching a table, and
+ * lets the log redactor recognise tokens in free text with a false-positive
+ * rate of 2^-32 per candidate.
+ *
+ * Nothing in this file allocates memory or raises errors, so the libFuzzer
+ * harness (fuzz/fuzz_token.c) can drive it without a server.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "c.h"
+
+#include "utils/pg_crc.h"
+
+#include "token.h"
+
+static const char base62_digits[] =
+"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+static inline bool
+is_base62(unsigned char c)
+{
+	return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') ||
+		(c >= 'a' && c <= 'z');
+}
+
+static inline bool
+is_prefix_char(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+/*
+ * Write a big-endian unsigned number as exactly nchars base62 digits,
+ * most significant first.  The caller picks nchars large enough for the
+ * number (62^nchars > 256^nbytes), so no digit is ever lost.
+ */
+void
+apikey_base62_fixed(const uint8 *bytes, size_t nbytes, char *out, size_t nchars)
+{
+	uint8		num[APIKEY_SECRET_BYTES];
+	size_t		i;
+
+	Assert(nbytes <= sizeof(num));
+	memcpy(num, bytes, nbytes);
+
+	for (i = nchars; i > 0; i--)
+	{
+		uint32		rem = 0;
+		size_t		j;
+
+		/* num = num / 62, rem = num % 62: schoolbook long division */
+		for (j = 0; j < nbytes; j++)
+		{
+			uint32		cur = (rem << 8) | num[j];
+
+			num[j] = (uint8) (cur / 62);
+			rem = cur % 62;
+		}
+		out[i - 1] = base62_digits[rem];
+	}
+}
+
+/* CRC-32 of data, as used for the token checksum. */
+uint32
+apikey_checksum(const char *data, size_t len)
+{
+	pg_crc32	crc;
+
+	INIT_TRADITIONAL_CRC32(crc);
+	COMP_TRADITIONAL_CRC32(crc, data, len);
+	FIN_TRADITIONAL_CRC32(crc);
+	return crc;
+}
+
+/* Write the six checksum characters for data into out. */
+static void
+checksum_chars(const char *data, size_t len, char *out)
+{
+	uint32		crc = apikey_checksum(data, len);
+	uint8		be[4];
+
+	be[0] = (uint8) (crc >> 24);
+	be[1] = (uint8) (crc >> 16);
+	be[2] = (uint8) (crc >> 8);
+	be[3] = (uint8) crc;
+	apikey_base62_fixed(be, sizeof(be), out, APIKEY_CHECKSUM_CHARS);
+}
+
+/* Is prefix[0..len) of the form [a-z][a-z0-9_]{0,15}? */
+bool
+apikey_prefix_is_valid(const char *prefix, size_t len)
+{
+	size_t		i;
+
+	if (len < 1 || len > APIKEY_PREFIX_MAXLEN)
+		return false;
+	if (prefix[0] < 'a' || prefix[0] > 'z')
+		return false;
+	for (i = 1; i < len; i++)
+		if (!is_prefix_char((unsigned char) prefix[i]))
+			return false;
+	return true;
+}
+
+/*
+ * Check that token[0..len) is a well-formed token.  On success the length
+ * of its prefix is stored in *prefix_len.
+ *
+ * The prefix may itself contain underscores, but the body cannot, so the
+ * body is always the last APIKEY_BODY_CHARS characters and the separator is
+ * the character just before them.
+ */
+ApikeyParseResult
+apikey_token_parse(const char *token, size_t len, size_t *prefix_len)
+{
+	size_t		plen;
+	size_t		i;
+	char		expect[APIKEY_CHECKSUM_CHARS];
+	uint8		diff = 0;
+
+	if (len < APIKEY_TOKEN_MINLEN || len > APIKEY_TOKEN_MAXLEN)
+		return APIKEY_PARSE_BAD_LENGTH;
+
+	plen = len - APIKEY_BODY_CHARS - 1;
+	if (token[plen] != '_' || !apikey_prefix_is_valid(token, plen))
+		return APIKEY_PARSE_BAD_PREFIX;
+
+	for (i = plen + 1; i < len; i++)
+		if (!is_base62((unsigned char) token[i]))
+			return APIKEY_PARSE_BAD_BODY;
+
+	checksum_chars(token, len - APIKEY_CHECKSUM_CHARS, expect);
+	for (i = 0; i < APIKEY_CHECKSUM_CHARS; i++)
+		diff |= (uint8) (expect[i] ^ token[len - APIKEY_CHECKSUM_CHARS + i]);
+	if (diff != 0)
+		return APIKEY_PARSE_BAD_CHECKSUM;
+
+	*prefix_len = plen;
+	return APIKEY_PARSE_OK;
+}
+
+/*
+ * Build a token from a prefix and APIKEY_SECRET_BYTES of random secret.
+ * out must have room for APIKEY_TOKEN_MAXLEN + 1 bytes; the result is
+ * NUL-terminated.  Returns false if the prefix is invalid.
+ */
+bool
+apikey_token_build(const char *prefix, size_t prefix_len, const uint8 *secret,
+				   char *out, size_t outlen)
+{
+	size_t		pos;
+
+	if (!apikey_prefix_is_valid(prefix, prefix_len) ||
+		outlen < prefix_len + 1 + APIKEY_BODY_CHARS + 1)
+		return false;
+
+	memcpy(out, prefix, prefix_len);
+	pos = prefix_len;
+	out[pos++] = '_';
+	apikey_base62_fixed(secret, APIKEY_SECRET_BYTES, out + pos,
+						APIKEY_SECRET_CHARS);
+	pos += APIKEY_SECRET_CHARS;
+	checksum_chars(out, pos, out + pos);
+	pos += APIKEY_CHECKSUM_CHARS;
+	out[pos] = '\0';
+	return true;
+}
+
+/*
+ * The non-secret display form of a well-formed token: its prefix, "_...",
+ * and its last four characters (part of the checksum), e.g. "ak_...x9Qz".
+ * hint must have room for APIKEY_HINT_MAXLEN bytes.
+ */
+void
+apikey_token_hint(const char *token, size_t len, size_t prefix_len, char *hint)
+{
+	memcpy(hint, token, prefix_len);
+	memcpy(hint + prefix_len, "_...", 4);
+	memcpy(hint + prefix_len + 4, token + len - APIKEY_HINT_TAIL,
+		   APIKEY_HINT_TAIL);
+	hint[prefix_len + 4 + APIKEY_HINT_TAIL] = '\0';
+}
+
+/*
+ * Find the first well-formed token inside text[0..len).  Returns its length
+ * and stores its offset in *start, or returns 0 if there is none.
+ *
+ * A candidate is anchored on an underscore followed by APIKEY_BODY_CHARS
+ * base62 characters; every prefix that could end at that underscore is
+ * tried, longest first, and only one whose checksum matches is reported.
+ * Word boundaries are deliberately not required: a token glued to other
+ * text is still a token, and redacting it is the safe side.
+ */
+size_t
+apikey_token_scan(const char *text, size_t len, size_t *start)
+{
+	size_t		u;
+
+	for (u = 1; u + APIKEY_BODY_CHARS < len; u++)
+	{
+		size_t		end;
+		size_t		i;
+		size_t		lo;
+		size_t		s;
+
+		if (text[u] != '_')
+			continue;
+
+		end = u + 1 + APIKEY_BODY_CHARS;
+		for (i = u + 1; i < end; i++)
+			if (!is_base62((unsigned char) text[i]))
+				break;
+		if (i < end)
+			continue;
+
+		lo = (u > APIKEY_PREFIX_MAXLEN) ? u - APIKEY_PREFIX_MAXLEN : 0;
+		for (s = lo; s < u; s++)
+		{
+			size_t		plen;
+
+			if (apikey_token_parse(text + s, end - s, &plen) == APIKEY_PARSE_OK)
+			{
+				*start = s;
+				return end - s;
+			}
+		}
+	}
+	return 0;
+}

@@ -1,0 +1,204 @@
+/*-------------------------------------------------------------------------
+ *
+ * verify.c
+ *	  The verification rules: from a presented token to a verdict.
+ *
+ * The checks run in this order, and the first that fails decides the code:
+ *
+ *	 malformed		  not a well-formed token (length, prefix, charset, CRC)
+ *	 unknown		  no key has this token's hash
+ *	 revoked		  the key has a row in apikey.revocations
+ *	 expired		  expires_at <= now() (the transaction's start time)
+ *	 address_denied	  the key has allowed_cidrs and the client is outside
+ *	 scope_denied	  a scope was asked for and the key does not hold it
+ *	 rate_limit_unavailable / rate_limited
+ *	 quota_unavailable / quota_exhausted
+ *	 valid
+ *
+ * A malformed token is rejected before any table or cache is read.  For
+ * malformed and unknown the verdict says nothing about any key.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/detoast.h"
+#include "access/xact.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/inet.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "apikey.h"
+#include "token.h"
+
+const char *const apikey_code_names[APIKEY_NUM_CODES] = {
+	"valid",
+	"malformed",
+	"unknown",
+	"revoked",
+	"expired",
+	"address_denied",
+	"scope_denied",
+	"rate_limited",
+	"rate_limit_unavailable",
+	"quota_exhausted",
+	"quota_unavailable"
+};
+
+/*
+ * Does a key holding these scopes hold want?  A grant matches exactly, or
+ * ends in ":*" and covers every scope under that prefix, or is "*".
+ */
+bool
+apikey_scope_granted(char *const *scopes, int nscopes, const char *want,
+					 size_t wantlen)
+{
+	int			i;
+
+	for (i = 0; i < nscopes; i++)
+	{
+		const char *g = scopes[i];
+		size_t		glen = strlen(g);
+
+		if (glen == wantlen && memcmp(g, want, wantlen) == 0)
+			return true;
+		if (glen == 1 && g[0] == '*')
+			return true;
+		if (glen >= 2 && g[glen - 2] == ':' && g[glen - 1] == '*' &&
+			wantlen > glen - 1 && memcmp(g, want, glen - 1) == 0)
+			return true;
+	}
+	return false;
+}
+
+/* The connecting client's address, or NULL (Unix socket): computed once. */
+static inet *
+connection_addr(void)
+{
+	static bool computed = false;
+	static inet *addr = NULL;
+
+	if (!computed)
+	{
+		LOCAL_FCINFO(fcinfo, 0);
+		Datum		d;
+
+		InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
+		d = inet_client_addr(fcinfo);
+		if (!fcinfo->isnull)
+		{
+			inet	   *tmp = DatumGetInetPP(d);
+
+			addr = MemoryContextAlloc(TopMemoryContext, VARSIZE_ANY(tmp));
+			memcpy(addr, tmp, VARSIZE_ANY(tmp));
+		}
+		computed = true;
+	}
+	return addr;
+}
+
+/* Is addr inside any of the key's allowed networks? */
+static bool
+address_allowed(const ApikeyKey *key, inet *addr)
+{
+	int			i;
+
+	if (addr == NULL)
+		return false;
+	for (i = 0; i < key->ncidrs; i++)
+	{
+		if (DatumGetBool(DirectFunctionCall2(network_subeq,
+											 InetPGetDatum(addr),
+											 InetPGetDatum(key->cidrs[i]))))
+			return true;
+	}
+	return false;
+}
+
+/* Checks on a known key, in order; returns the first code that applies. */
+static ApikeyCode
+judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
+	  ApikeyVerdict *verdict)
+{
+	if (key->revoked)
+		return APIKEY_REVOKED;
+	if (key->has_expiry && key->expires_at <= GetCurrentTransactionStartTimestamp())
+		return APIKEY_EXPIRED;
+	if (key->ncidrs > 0 && !address_allowed(key, addr))
+		return APIKEY_ADDRESS_DENIED;
+	if (scope != NULL &&
+		!apikey_scope_granted(key->scopes, key->nscopes, VARDATA_ANY(scope),
+							  VARSIZE_ANY_EXHDR(scope)))
+		return APIKEY_SCOPE_DENIED;
+	if (key->rate_limit > 0)
+	{
+		ApikeyCode	code = apikey_ratelimit_take(key, now, &verdict->retry_after,
+												 &verdict->remaining);
+
+		verdict->has_retry_after = (code == APIKEY_RATE_LIMITED);
+		verdict->has_remaining = (code == APIKEY_VALID);
+		if (code != APIKEY_VALID)
+			return code;
+	}
+	if (key->has_quota)
+	{
+		ApikeyCode	code = apikey_quota_debit(key, &verdict->remaining,
+											  &verdict->retry_after);
+
+		verdict->has_remaining = (code == APIKEY_VALID || code == APIKEY_QUOTA_EXHAUSTED);
+		verdict->has_retry_after = (code == APIKEY_QUOTA_EXHAUSTED &&
+									verdict->retry_after >= 0);
+		if (code != APIKEY_VALID)
+			return code;
+	}
+	return APIKEY_VALID;
+}
+
+/*
+ * Verify token (may be NULL) for scope (may be NULL) from client_addr (may
+ * be NULL: then the connection's address is used), count the call, and
+ * fill *verdict.  Never raises for bad input: bad input is a verdict.
+ */
+void
+apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdict)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	const ApikeyKey *key = NULL;
+	size_t		prefix_len;
+	inet	   *addr = client_addr;
+
+	memset(verdict, 0, sizeof(*verdict));
+	verdict->code = APIKEY_MALFORMED;
+
+	if (token != NULL &&
+		apikey_token_parse(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token),
+						   &prefix_len) == APIKEY_PARSE_OK)
+	{
+		uint8		hash[APIKEY_HASH_LEN];
+
+		apikey_sha256(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), hash);
+		key = apikey_keycache_lookup(hash);
+		if (key == NULL)
+			verdict->code = APIKEY_UNKNOWN;
+		else
+		{
+			if (addr == NULL && key->ncidrs > 0)
+				addr = connection_addr();
+			/*
+			 * A quota debit runs SQL, which may process invalidations and
+			 * empty the cache under us: work on a private copy then.
+			 */
+			if (key->has_quota)
+				key = apikey_key_copy(key);
+			verdict->key = key;
+			verdict->code = judge(key, scope, addr, now, verdict);
+		}
+	}
+
+	if (verdict->code != APIKEY_VALID && addr == NULL)
+		addr = connection_addr();
+	apikey_usage_count(verdict, addr, now);
+}

@@ -1,0 +1,117 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The usage writer: a background worker that persists the shared usage
+ *	  counters into apikey.usage_log every apikey.usage_flush_interval.
+ *
+ * It connects to the one database named by apikey.database (as pg_cron
+ * does with cron.database_name) and only flushes that database's counters;
+ * backends in other databases write their usage synchronously instead.  It
+ * does not run on a hot standby (start time RecoveryFinished).
+ *
+ * On SIGTERM (clean shutdown) it flushes once more before exiting.  After a
+ * crash the shared counters are gone: at most one interval of calls is lost.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "apikey.h"
+
+PGDLLEXPORT void apikey_worker_main(Datum main_arg);
+
+/* Register the worker; called from _PG_init while preloading. */
+void
+apikey_worker_register(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "apikey");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "apikey_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "apikey usage writer");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "apikey usage writer");
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * One flush in its own transaction.  An error is reported and swallowed:
+ * the counters stay in shared memory and the next round tries again.
+ */
+static void
+flush_once(void)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "flushing apikey usage");
+	PG_TRY();
+	{
+		if (OidIsValid(apikey_keystore_keys_relid(true)))
+			(void) apikey_usage_flush();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcxt);
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		apikey_stats_flushed(0, false);
+	}
+	PG_END_TRY();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+void
+apikey_worker_main(Datum main_arg)
+{
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(apikey_database, NULL, 0);
+	ereport(LOG,
+			(errmsg("apikey usage writer started for database \"%s\"",
+					apikey_database)));
+
+	while (!ShutdownRequestPending)
+	{
+		(void) WaitLatch(MyLatch,
+						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 apikey_usage_flush_interval,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		flush_once();
+	}
+
+	/* clean shutdown: write what is left */
+	flush_once();
+	proc_exit(0);
+}
