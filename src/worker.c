@@ -9,8 +9,10 @@
  * backends in other databases write their usage synchronously instead.  It
  * does not run on a hot standby (start time RecoveryFinished).
  *
- * On SIGTERM (clean shutdown) it flushes once more before exiting.  After a
- * crash the shared counters are gone: at most one interval of calls is lost.
+ * On SIGTERM (clean shutdown) it waits, up to a few seconds, for client
+ * backends to exit, since they are told to stop at the same moment and may
+ * still count a last call, and then flushes once more.  After a crash the
+ * shared counters are gone: at most one interval of calls is lost.
  *
  *-------------------------------------------------------------------------
  */
@@ -25,6 +27,7 @@
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "utils/backend_status.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -82,6 +85,34 @@ flush_once(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+/* Wait until no client backend is left, or max_ms has passed. */
+static void
+wait_for_client_backends(int max_ms)
+{
+	int			waited;
+
+	for (waited = 0; waited < max_ms; waited += 10)
+	{
+		int			nbackends;
+		int			clients = 0;
+		int			i;
+
+		pgstat_clear_backend_activity_snapshot();
+		nbackends = pgstat_fetch_stat_numbackends();
+		for (i = 1; i <= nbackends; i++)
+		{
+			LocalPgBackendStatus *local = pgstat_fetch_stat_local_beentry(i);
+
+			if (local != NULL && local->backendStatus.st_backendType == B_BACKEND)
+				clients++;
+		}
+		if (clients == 0)
+			break;
+		pg_usleep(10 * 1000L);
+	}
+	pgstat_clear_backend_activity_snapshot();
+}
+
 void
 apikey_worker_main(Datum main_arg)
 {
@@ -111,7 +142,8 @@ apikey_worker_main(Datum main_arg)
 		flush_once();
 	}
 
-	/* clean shutdown: write what is left */
+	/* clean shutdown: write what is left once clients are gone */
+	wait_for_client_backends(5000);
 	flush_once();
 	proc_exit(0);
 }
