@@ -29,6 +29,7 @@
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
+#include "compat.h"
 #include "shmem.h"
 #include "token.h"
 

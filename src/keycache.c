@@ -27,6 +27,7 @@
 #include "utils/memutils.h"
 
 #include "apikey.h"
+#include "compat.h"
 
 static HTAB *keycache = NULL;
 static MemoryContext keycache_context = NULL;	/* the hash table */

@@ -33,6 +33,7 @@
 #include "utils/snapmgr.h"
 
 #include "apikey.h"
+#include "compat.h"
 
 PGDLLEXPORT void apikey_worker_main(Datum main_arg);
 
@@ -101,7 +102,7 @@ wait_for_client_backends(int max_ms)
 		nbackends = pgstat_fetch_stat_numbackends();
 		for (i = 1; i <= nbackends; i++)
 		{
-			LocalPgBackendStatus *local = pgstat_fetch_stat_local_beentry(i);
+			LocalPgBackendStatus *local = apikey_local_beentry(i);
 
 			if (local != NULL && local->backendStatus.st_backendType == B_BACKEND)
 				clients++;
