@@ -1,0 +1,43 @@
+/* apikey--1.0--1.1.sql */
+
+-- complain if script is sourced in psql, rather than via ALTER EXTENSION
+\echo Use "ALTER EXTENSION apikey UPDATE TO '1.1'" to load this file. \quit
+
+-- Incident response: revoke every live key of one owner at once.
+CREATE FUNCTION apikey.revoke_owner(owner text, reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n bigint;
+BEGIN
+	IF revoke_owner.owner IS NULL OR revoke_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty'
+			USING ERRCODE = '22023';
+	END IF;
+	INSERT INTO apikey.revocations (key_id, revoked_by, reason)
+	SELECT k.id, apikey._acting_role(), revoke_owner.reason
+	  FROM apikey.keys k
+	 WHERE k.owner OPERATOR(pg_catalog.=) revoke_owner.owner
+	ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING;
+	GET DIAGNOSTICS n = ROW_COUNT;
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.revoke_owner(text, text)
+	IS 'Revoke every key of an owner; returns how many were revoked by this call';
+REVOKE ALL ON FUNCTION apikey.revoke_owner(text, text) FROM PUBLIC;
+
+-- One row per key with its state, for administrators (no hash).
+CREATE VIEW apikey.key_status AS
+SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
+	   k.last_used_at, k.rotated_from,
+	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
+			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+			ELSE 'active' END AS status,
+	   r.revoked_at, r.reason AS revoked_reason,
+	   ARRAY(SELECT s.scope FROM apikey.key_scopes s
+			  WHERE s.key_id OPERATOR(pg_catalog.=) k.id ORDER BY s.scope) AS scopes
+  FROM apikey.keys k
+  LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id;
+COMMENT ON VIEW apikey.key_status IS 'Every key with its status (active, revoked, expired) and scopes; no hashes';
+REVOKE ALL ON apikey.key_status FROM PUBLIC;

@@ -1,0 +1,79 @@
+-- bench/setup.sql: data for bench/run (run as superuser in the bench database).
+--
+-- psql variables: nkeys (total keys in apikey.keys, default 10000).
+-- Tokens are kept in bench.tokens, readable by the superuser only; nothing
+-- here prints a token.
+
+\if :{?nkeys}
+\else
+\set nkeys 10000
+\endif
+
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+CREATE EXTENSION IF NOT EXISTS apikey;
+CREATE SCHEMA IF NOT EXISTS bench;
+
+INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write')
+ON CONFLICT DO NOTHING;
+
+CREATE TABLE bench.tokens (name text PRIMARY KEY, token text NOT NULL);
+REVOKE ALL ON bench.tokens FROM PUBLIC;
+
+-- The keys the cases use.  "valid" belongs to acme, the tenant the row-level
+-- cases read.  "ratelimited" has a limit that is never reached.
+INSERT INTO bench.tokens
+SELECT 'valid', token FROM apikey.issue(owner => 'acme', name => 'bench valid',
+										scopes => '{orders:read,orders:write}');
+INSERT INTO bench.tokens
+SELECT 'ratelimited', token FROM apikey.issue(owner => 'acme', name => 'bench rate-limited',
+											  scopes => '{orders:read}',
+											  rate_limit => 2000000000, rate_window => '1 second');
+-- unknown: a well-formed token (valid checksum) whose key row is gone
+INSERT INTO bench.tokens
+SELECT 'unknown', token FROM apikey.issue(owner => 'acme', name => 'bench unknown');
+DELETE FROM apikey.keys WHERE name = 'bench unknown';
+-- malformed: the valid token with its last checksum character changed, so
+-- the whole parse and CRC run before it is rejected (the dearest malformed)
+INSERT INTO bench.tokens
+SELECT 'malformed', left(token, -1) || CASE WHEN right(token, 1) = 'A' THEN 'B' ELSE 'A' END
+  FROM bench.tokens WHERE name = 'valid';
+
+-- The rest of the key population: other tenants' keys, issued the normal way.
+SELECT count(*) AS issued_filler_keys
+  FROM generate_series(1, :nkeys - (SELECT count(*) FROM apikey.keys)) g,
+	   LATERAL apikey.issue(owner => 'tenant_' || (g % 99 + 1), scopes => '{orders:read}') i;
+
+-- Row-level cases: 100 tenants x 10 rows.  bench.orders has the policy,
+-- bench.orders_plain is the same data without row-level security.
+CREATE TABLE bench.orders (
+	id			bigint PRIMARY KEY,
+	tenant		text NOT NULL,
+	amount		numeric(12,2) NOT NULL,
+	created_at	timestamptz NOT NULL
+);
+INSERT INTO bench.orders
+SELECT g, CASE WHEN g % 100 = 0 THEN 'acme' ELSE 'tenant_' || (g % 100) END,
+	   (g * 7919 % 100000) / 100.0, '2024-01-01'::timestamptz + g * interval '1 minute'
+  FROM generate_series(1, 1000) g;
+CREATE INDEX ON bench.orders (tenant);
+CREATE TABLE bench.orders_plain (LIKE bench.orders INCLUDING ALL);
+INSERT INTO bench.orders_plain SELECT * FROM bench.orders;
+ALTER TABLE bench.orders ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_read ON bench.orders FOR SELECT
+	USING (tenant = apikey.current_owner() AND apikey.has_scope('orders:read'));
+
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'bench_app') THEN
+		CREATE ROLE bench_app LOGIN NOSUPERUSER NOBYPASSRLS;
+	END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA bench TO bench_app;
+GRANT SELECT ON bench.orders, bench.orders_plain TO bench_app;
+
+VACUUM (ANALYZE) bench.orders;
+VACUUM (ANALYZE) bench.orders_plain;
+VACUUM (ANALYZE) apikey.keys;
+VACUUM (ANALYZE) apikey.key_scopes;

@@ -1,0 +1,75 @@
+-- Extension upgrades: install 1.0, use it, ALTER EXTENSION UPDATE, and
+-- check that data survives and the result equals a fresh install.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS apikey CASCADE;
+CREATE EXTENSION apikey VERSION '1.0';
+RESET client_min_messages;
+
+SELECT extversion FROM pg_extension WHERE extname = 'apikey';
+-- 1.1's objects are not there yet
+SELECT to_regproc('apikey.revoke_owner') IS NULL AS no_revoke_owner,
+       to_regclass('apikey.key_status') IS NULL AS no_key_status;
+
+INSERT INTO apikey.scopes VALUES ('orders:read');
+SELECT key_id AS k1, token AS t1 FROM apikey.issue(owner => 'acme', scopes => '{orders:read}') \gset
+SELECT key_id AS k2, token AS t2 FROM apikey.issue(owner => 'acme') \gset
+SELECT key_id AS k3, token AS t3 FROM apikey.issue(owner => 'globex') \gset
+SELECT apikey.revoke(:k2, 'before upgrade');
+
+-- the members of the extension before the update
+CREATE TEMP TABLE members_10 AS
+SELECT pg_describe_object(classid, objid, objsubid) AS member
+  FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'apikey');
+
+ALTER EXTENSION apikey UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'apikey';
+
+-- keys issued under 1.0 behave exactly as before
+SELECT code FROM apikey.check(:'t1', 'orders:read');
+SELECT code FROM apikey.check(:'t2');
+SELECT code FROM apikey.check(:'t3');
+
+-- what 1.1 adds
+SELECT key_id = :k2 AS is_k2, status, revoked_reason FROM apikey.key_status WHERE status = 'revoked';
+SELECT apikey.revoke_owner('acme', 'tenant compromised');   -- k1 only: k2 already was
+SELECT apikey.revoke_owner('acme');                         -- nothing left
+SELECT code FROM apikey.check(:'t1');
+SELECT code FROM apikey.check(:'t3');
+SELECT owner, status, count(*) FROM apikey.key_status GROUP BY 1, 2 ORDER BY 1, 2;
+SELECT apikey.revoke_owner('');
+
+-- 1.1 only adds: nothing 1.0 had is gone
+SELECT member FROM members_10
+EXCEPT
+SELECT pg_describe_object(classid, objid, objsubid)
+  FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'apikey');
+
+-- an updated install has the same members and privileges as a fresh one
+CREATE TEMP TABLE members_upgraded AS
+SELECT pg_describe_object(classid, objid, objsubid) AS member
+  FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'apikey');
+CREATE TEMP TABLE acl_upgraded AS
+SELECT p.oid::regprocedure::text AS fn, p.proacl::text AS acl
+  FROM pg_proc p WHERE p.pronamespace = 'apikey'::regnamespace;
+SET client_min_messages = warning;
+DROP EXTENSION apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+SELECT count(*) > 0 AS has_members FROM members_upgraded;
+(SELECT member FROM members_upgraded
+ EXCEPT
+ SELECT pg_describe_object(classid, objid, objsubid)
+   FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'apikey'))
+UNION ALL
+(SELECT pg_describe_object(classid, objid, objsubid)
+   FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'apikey')
+ EXCEPT
+ SELECT member FROM members_upgraded);
+SELECT a.fn, a.acl AS upgraded, p.proacl::text AS fresh
+  FROM acl_upgraded a JOIN pg_proc p ON p.oid::regprocedure::text = a.fn
+ WHERE a.acl IS DISTINCT FROM p.proacl::text;
