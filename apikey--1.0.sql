@@ -10,11 +10,12 @@
 CREATE TABLE apikey.scopes (
 	name		text PRIMARY KEY
 				CONSTRAINT scopes_name_check
-				CHECK (name OPERATOR(pg_catalog.~) '^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*$'),
+				CHECK (name OPERATOR(pg_catalog.~) '^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*$'
+					   AND pg_catalog.length(name) OPERATOR(pg_catalog.<=) 200),
 	description	text
 );
 COMMENT ON TABLE apikey.scopes IS 'Catalog of scope names that keys may be granted';
-COMMENT ON COLUMN apikey.scopes.name IS 'Scope name, e.g. orders:read; segments separated by colons';
+COMMENT ON COLUMN apikey.scopes.name IS 'Scope name, e.g. orders:read: segments of letters, digits, _ . - separated by colons, at most 200 characters';
 COMMENT ON COLUMN apikey.scopes.description IS 'Free text for humans';
 
 CREATE TABLE apikey.keys (
@@ -121,6 +122,12 @@ CREATE TYPE apikey.verdict AS (
 	remaining	bigint,
 	retry_after	interval
 );
+CREATE TYPE apikey.new_key AS (
+	key_id		bigint,
+	token		text
+);
+COMMENT ON TYPE apikey.new_key IS 'A newly issued key: its id and its token, shown this once';
+
 COMMENT ON TYPE apikey.verdict IS 'Result of apikey.check(): valid flag, verdict code and what may be revealed about the key';
 
 -------------------------------------------------------------------------------
@@ -321,7 +328,7 @@ CREATE FUNCTION apikey.issue(owner text, scopes text[] DEFAULT '{}', name text D
 							 metadata jsonb DEFAULT '{}', rate_limit integer DEFAULT NULL,
 							 rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
 							 quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
-RETURNS TABLE (key_id bigint, token text)
+RETURNS SETOF apikey.new_key
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -329,9 +336,17 @@ DECLARE
 	v_new record;
 	v_id bigint;
 BEGIN
-	IF issue.owner IS NULL OR pg_catalog.btrim(issue.owner) OPERATOR(pg_catalog.=) '' THEN
+	IF issue.owner IS NULL OR issue.owner OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
 		RAISE EXCEPTION 'owner must not be empty'
 			USING ERRCODE = '22023', HINT = 'Pass the tenant, user or application the key acts for.';
+	END IF;
+	IF pg_catalog.octet_length(issue.owner) OPERATOR(pg_catalog.>) 1024 THEN
+		RAISE EXCEPTION 'owner is too long (% bytes)', pg_catalog.octet_length(issue.owner)
+			USING ERRCODE = '22001', HINT = 'An owner is at most 1024 bytes; use a tenant or user id.';
+	END IF;
+	IF issue.prefix IS NULL THEN
+		RAISE EXCEPTION 'prefix must not be NULL'
+			USING ERRCODE = '22023', HINT = 'Omit it for the default prefix ak.';
 	END IF;
 	IF issue.expires_at IS NOT NULL AND issue.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
 		RAISE EXCEPTION 'expires_at must be in the future, got %', issue.expires_at
@@ -363,9 +378,7 @@ BEGIN
 		INSERT INTO apikey.quotas (key_id, remaining) VALUES (v_id, issue.quota);
 	END IF;
 
-	key_id := v_id;
-	token := v_new.token;
-	RETURN NEXT;
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
 END
 $$;
 COMMENT ON FUNCTION apikey.issue(text, text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])
@@ -378,6 +391,9 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+	IF set_limits.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
 	PERFORM apikey._check_limits(set_limits.rate_limit, set_limits.rate_window, set_limits.quota,
 								 set_limits.quota_refill);
 	IF set_limits.allowed_cidrs IS NOT NULL AND pg_catalog.array_position(set_limits.allowed_cidrs, NULL) IS NOT NULL THEN
@@ -451,7 +467,7 @@ LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION apikey._token_hash(text) IS 'Internal: SHA-256 of a well-formed token; raises 22023 for a malformed one';
 
 CREATE FUNCTION apikey.rotate(key_id bigint, grace interval DEFAULT '1 day')
-RETURNS TABLE (key_id bigint, token text)
+RETURNS SETOF apikey.new_key
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -459,6 +475,9 @@ DECLARE
 	v_new record;
 	v_id bigint;
 BEGIN
+	IF rotate.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
 	IF rotate.grace IS NULL OR rotate.grace OPERATOR(pg_catalog.<) '0'::interval THEN
 		RAISE EXCEPTION 'grace must be a non-negative interval'
 			USING ERRCODE = '22023';
@@ -498,9 +517,7 @@ BEGIN
 	   SET expires_at = LEAST(COALESCE(k.expires_at, 'infinity'), pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
 	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id;
 
-	key_id := v_id;
-	token := v_new.token;
-	RETURN NEXT;
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
 END
 $$;
 COMMENT ON FUNCTION apikey.rotate(bigint, interval)

@@ -41,7 +41,7 @@ SELECT k.id = :k2 AS k2, k.hash = apikey.hash(:'t2') AS hash_ok, k.hash = digest
 SELECT k.hash <> apikey.hash(substr(:'t2', 9)) AS not_body_only
   FROM apikey.keys k WHERE k.id = :k2;
 
--- Use both keys so that usage_log, key_scopes and revocations have rows too.
+-- Use, revoke and rotate keys so that every table has rows to search.
 INSERT INTO apikey.scopes (name, description) VALUES ('orders:read', 'Read orders');
 SELECT key_id AS k3, token AS t3 FROM apikey.issue(owner => 'acme', scopes => '{orders:read}',
        metadata => '{"team": "ops"}', quota => 10) \gset

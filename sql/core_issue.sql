@@ -166,6 +166,27 @@ SELECT count(*) FROM apikey.issue('acme', metadata => '42');
 SELECT count(*) FROM apikey.issue('acme', '{orders:read}', 'n', '2999-01-01', 'ak', '{}', quota => 5, rate_limit => 0);
 \echo :SQLSTATE
 
+-- An owner too long to index is either accepted or refused with an error
+-- that names the argument, not with the btree's internal complaint.
+DO $$
+DECLARE
+	long_owner text := (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 200) i);
+	k bigint;
+BEGIN
+	BEGIN
+		SELECT key_id INTO k FROM apikey.issue(long_owner);
+		-- accepted: it must be stored verbatim
+		RAISE NOTICE 'long owner handled cleanly: %',
+			(SELECT owner = long_owner FROM apikey.keys WHERE id = k);
+		DELETE FROM apikey.keys WHERE id = k;
+	EXCEPTION WHEN OTHERS THEN
+		-- refused: the message must be about the owner
+		RAISE NOTICE 'long owner handled cleanly: %',
+			SQLERRM ~ 'owner' AND SQLERRM !~ 'index row|btree';
+	END;
+END
+$$;
+
 SELECT (SELECT count(*) FROM apikey.keys) = :keys_before AS keys_unchanged,
        (SELECT count(*) FROM apikey.key_scopes) = :key_scopes_before AS key_scopes_unchanged,
        (SELECT count(*) FROM apikey.quotas) = :quotas_before AS quotas_unchanged;

@@ -61,7 +61,7 @@ SELECT count(*) >= 40 AS enough_swaps,
   FROM (SELECT left(:'t1', i - 1) || substr(:'t1', i + 1, 1) || substr(:'t1', i, 1) || substr(:'t1', i + 2) AS v
           FROM generate_series(1, length(:'t1') - 1) AS i
          WHERE substr(:'t1', i, 1) <> substr(:'t1', i + 1, 1)) s;
--- Changing the case of one letter gives malformed.
+-- Changing letter case (prefix only, or the whole token) gives malformed.
 SELECT (apikey.check(overlay(:'t1' PLACING upper(substr(:'t1', 1, 1)) FROM 1 FOR 1))).code AS prefix_upper,
        (apikey.check(upper(:'t1'))).code AS all_upper,
        (apikey.check(lower(:'t1'))).code AS all_lower;

@@ -56,7 +56,7 @@ prepare_kept(const char *sql)
 }
 
 #define REFILL_DUE \
-	"(k.quota_refill IS NOT NULL AND q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill " \
+	"(k.quota_refill IS NOT NULL AND (q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill) " \
 	"OPERATOR(pg_catalog.<=) pg_catalog.now())"
 
 static void

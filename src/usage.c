@@ -14,7 +14,9 @@
  *
  * Elsewhere (no shared_preload_libraries, or another database) the call is
  * written synchronously, in the caller's transaction, with an upsert run as
- * the extension's owner.  In a read-only transaction nothing is written.
+ * the extension's owner, and a successful call sets keys.last_used_at (at
+ * most once a minute per key).  In a read-only transaction nothing is
+ * written.
  *
  *-------------------------------------------------------------------------
  */
@@ -68,6 +70,7 @@ typedef struct UsageSnap
 
 static HTAB *usage_htab = NULL;
 static SPIPlanPtr usage_insert_plan = NULL;
+static SPIPlanPtr last_used_plan = NULL;
 
 /* calls written by this transaction's flush, subtracted at commit */
 static UsageSnap *flush_pending = NULL;
@@ -219,6 +222,29 @@ write_sync(void *arg)
 	rc = SPI_execute_plan(usage_insert_plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
+
+	/* last_used_at, at most once a minute per key to spare the row */
+	if (su->uk->code == APIKEY_VALID)
+	{
+		if (last_used_plan == NULL)
+		{
+			Oid			types[1] = {INT8OID};
+			SPIPlanPtr	plan;
+
+			plan = SPI_prepare("UPDATE apikey.keys SET last_used_at = pg_catalog.now() "
+							   "WHERE id OPERATOR(pg_catalog.=) $1 AND (last_used_at IS NULL "
+							   "OR last_used_at OPERATOR(pg_catalog.<) "
+							   "(pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval))",
+							   1, types);
+			if (plan == NULL)
+				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			last_used_plan = plan;
+		}
+		rc = SPI_execute_plan(last_used_plan, values, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
+	}
 	SPI_finish();
 }
 

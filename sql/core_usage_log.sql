@@ -1,0 +1,127 @@
+-- Usage accounting where it is synchronous: in a database other than
+-- apikey.database (contrib_regression here) each verification is upserted
+-- into apikey.usage_log in the caller's transaction, one row per key, minute,
+-- code and (for failures) client address.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+
+SELECT current_database() <> current_setting('apikey.database') AS synchronous_here;
+
+INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
+SELECT key_id AS k1, token AS t1 FROM apikey.issue('acme', '{orders:read}') \gset
+SELECT key_id AS k2, token AS t2 FROM apikey.issue('acme', '{orders:read}') \gset
+SELECT key_id AS k3, token AS t3 FROM apikey.issue('acme', expires_at => now() + interval '1 hour') \gset
+UPDATE apikey.keys SET expires_at = now() - interval '1 second' WHERE id = :k3;
+BEGIN;
+SELECT token AS t_unknown FROM apikey.issue('ghost') \gset
+ROLLBACK;
+SELECT apikey.revoke(:k2);
+SELECT count(*) AS rows_after_setup FROM apikey.usage_log;
+
+-- Per (key, code), the calls add up, and rows are minute buckets.  A run that
+-- straddles a minute boundary may give two rows, never more, so this holds
+-- whatever the clock.
+CREATE VIEW usage_summary AS
+SELECT CASE u.key_id WHEN :k1 THEN 'k1' WHEN :k2 THEN 'k2' WHEN :k3 THEN 'k3'
+                     ELSE coalesce(u.key_id::text, 'NULL') END AS key,
+       u.code, host(u.client_addr) AS client_addr, sum(u.calls) AS calls,
+       count(*) BETWEEN 1 AND 2 AS one_row_per_minute,
+       bool_and(u.bucket = date_trunc('minute', u.bucket)) AS minute_buckets,
+       bool_and(u.bucket BETWEEN now() - interval '10 minutes' AND now()) AS recent
+  FROM apikey.usage_log u
+ GROUP BY 1, 2, 3;
+
+-- Five valid calls with verify() and five with check(): one row, calls = 10.
+SELECT count(*) FILTER (WHERE apikey.verify(:'t1')) AS valid_verifies FROM generate_series(1, 5);
+SELECT count(*) FILTER (WHERE (apikey.check(:'t1', 'orders:read')).valid) AS valid_checks FROM generate_series(1, 5);
+SELECT * FROM usage_summary ORDER BY key, code;
+SELECT max(calls) >= 5 AS aggregated FROM apikey.usage_log WHERE key_id = :k1;
+
+-- Failures of every kind, each with a client address given explicitly.
+SELECT apikey.verify(:'t1', 'orders:write', '203.0.113.7') AS scope_denied;
+SELECT apikey.verify(:'t1', 'orders:write', '203.0.113.7') AS scope_denied;
+SELECT apikey.verify(:'t2', NULL, '203.0.113.7') AS revoked;
+SELECT apikey.verify(:'t3', NULL, '203.0.113.7') AS expired;
+SELECT apikey.verify(:'t_unknown', NULL, '203.0.113.7') AS unknown;
+SELECT apikey.verify('garbage', NULL, '203.0.113.7') AS malformed;
+SELECT apikey.verify(NULL, NULL, '203.0.113.7') AS malformed_null;
+SELECT (apikey.check('ak_' || repeat('0', 49), NULL, '2001:db8::1')).code AS malformed_v6;
+-- A success with an address given is still counted without the address.
+SELECT apikey.verify(:'t1', NULL, '203.0.113.7') AS valid;
+SELECT * FROM usage_summary ORDER BY key, code, client_addr;
+
+-- Without client_addr a failure records the connection's own address
+-- (NULL over a Unix socket).
+SELECT apikey.verify(:'t_unknown') AS unknown_from_connection;
+SELECT u.client_addr IS NOT DISTINCT FROM inet_client_addr() AS connection_address
+  FROM apikey.usage_log u WHERE u.code = 'unknown'
+   AND u.client_addr IS DISTINCT FROM '203.0.113.7';
+
+-- Rows for malformed and unknown tokens never carry a key id.
+SELECT u.code, bool_and(u.key_id IS NULL) AS key_id_null
+  FROM apikey.usage_log u WHERE u.code IN ('malformed', 'unknown') GROUP BY u.code ORDER BY u.code;
+-- Rows for known keys always do; successes never carry an address.
+SELECT bool_and(u.key_id IS NOT NULL) AS key_ids_present
+  FROM apikey.usage_log u WHERE u.code IN ('valid', 'revoked', 'expired', 'scope_denied');
+SELECT count(*) AS valid_rows_with_address FROM apikey.usage_log WHERE code = 'valid' AND client_addr IS NOT NULL;
+
+-- A READ ONLY transaction still gets answers, and nothing is written.
+SELECT sum(calls) AS calls_before FROM apikey.usage_log \gset
+BEGIN READ ONLY;
+SELECT apikey.verify(:'t1') AS valid, (apikey.check(:'t2')).code AS revoked,
+       (apikey.check(:'t_unknown', NULL, '203.0.113.7')).code AS unknown,
+       (apikey.check('garbage')).code AS malformed;
+SELECT count(*) FILTER (WHERE apikey.verify(:'t1')) AS valid_verifies FROM generate_series(1, 3);
+COMMIT;
+SET default_transaction_read_only = on;
+SELECT apikey.verify(:'t1') AS valid_in_read_only_session;
+RESET default_transaction_read_only;
+SELECT sum(calls) = :calls_before AS nothing_written_read_only FROM apikey.usage_log;
+
+-- A rolled-back transaction takes its synchronous counts with it.
+BEGIN;
+SELECT count(*) FILTER (WHERE apikey.verify(:'t1')) AS valid_verifies FROM generate_series(1, 4);
+SELECT apikey.verify('garbage') AS malformed;
+SELECT sum(calls) = :calls_before + 5 AS counted_inside FROM apikey.usage_log;
+ROLLBACK;
+SELECT sum(calls) = :calls_before AS rolled_back FROM apikey.usage_log;
+
+-- A rolled-back subtransaction too, while the rest commits.
+BEGIN;
+SELECT apikey.verify(:'t1') AS kept;
+SAVEPOINT s;
+SELECT apikey.verify(:'t1') AS undone;
+ROLLBACK TO SAVEPOINT s;
+SELECT apikey.verify(:'t1') AS kept;
+COMMIT;
+SELECT sum(calls) = :calls_before + 2 AS two_more FROM apikey.usage_log;
+
+-- An error later in the same transaction rolls the counts back as well.
+BEGIN;
+SELECT apikey.verify(:'t1') AS valid;
+SELECT 1 / 0;
+COMMIT;
+SELECT sum(calls) = :calls_before + 2 AS unchanged FROM apikey.usage_log;
+
+-- Counting works for a caller that cannot read or write usage_log.
+CREATE ROLE regress_core_usage_log_app;
+SET ROLE regress_core_usage_log_app;
+SELECT apikey.verify(:'t1') AS valid, apikey.verify(:'t_unknown', NULL, '198.51.100.1') AS unknown;
+SELECT count(*) FROM apikey.usage_log;
+RESET ROLE;
+SELECT sum(calls) = :calls_before + 4 AS counted_for_app FROM apikey.usage_log;
+SELECT count(*) AS app_unknown_rows FROM apikey.usage_log WHERE client_addr = '198.51.100.1' AND code = 'unknown';
+
+-- Deleting a key leaves its usage rows (no foreign key), revoking does not
+-- touch them either.
+DELETE FROM apikey.keys WHERE id = :k3;
+SELECT count(*) > 0 AS usage_kept_for_deleted_key FROM apikey.usage_log WHERE key_id = :k3;
+
+-- flush_usage() has nothing to do here: nothing is pending in shared memory
+-- for this database.
+SELECT apikey.flush_usage() AS flushed_rows;
+
+DROP VIEW usage_summary;
+DROP ROLE regress_core_usage_log_app;
