@@ -66,6 +66,19 @@ define_gucs(void)
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	/* apikey.redact_logs */
+	DefineCustomBoolVariable("apikey.redact_logs",
+							 "Replace API tokens in server log messages by their non-secret hint.",
+							 NULL,
+							 &apikey_redact_logs,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+
+	/* the rest size shared memory: they exist only when preloaded */
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
 	/* apikey.database */
 	DefineCustomStringVariable("apikey.database",
 							   "Database the usage writer connects to.",
@@ -92,15 +105,6 @@ define_gucs(void)
 							10000, 100, INT_MAX / 2,
 							PGC_POSTMASTER, 0,
 							NULL, NULL, NULL);
-
-	/* apikey.redact_logs */
-	DefineCustomBoolVariable("apikey.redact_logs",
-							 "Replace API tokens in server log messages by their non-secret hint.",
-							 NULL,
-							 &apikey_redact_logs,
-							 true,
-							 PGC_SUSET, 0,
-							 NULL, NULL, NULL);
 }
 
 void

@@ -29,17 +29,35 @@
  *	 - the parsed form lives in the GUC's "extra" and is swapped by the
  *	   assign hook, so a helper call is a pointer read.
  *
- * The value encodes key id, owner and scopes, each string length-prefixed:
- *	 "<key_id>/<len>:<owner>/<len>:<scope>/<len>:<scope>..."
+ *	 - RESET apikey.binding and SET apikey.binding TO DEFAULT skip check
+ *	   hooks, so our ProcessUtility hook refuses them (PostgreSQL 16+ also
+ *	   has GUC_NO_RESET).  On 15, set_config('apikey.binding', NULL, ...)
+ *	   by a superuser (or a role explicitly granted SET on the parameter)
+ *	   can still clear a binding, never forge one.
+ *
+ * A session binding outlives the transaction that made it, so at the first
+ * query of every later transaction (ExecutorStart) it is checked again
+ * against the key cache: if the key has been revoked, has expired or is
+ * gone, the binding ends (with a WARNING); if its owner or scopes changed,
+ * the binding is refreshed.  A revocation thus reaches session bindings at
+ * the same moment it reaches authenticate().
+ *
+ * The value encodes key id, token hash, owner and scopes, each string
+ * length-prefixed:
+ *	 "<key_id>:<sha256 hex>/<len>:<owner>/<len>:<scope>/<len>:<scope>..."
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/parallel.h"
+#include "access/xact.h"
+#include "executor/executor.h"
 #include "lib/stringinfo.h"
 #include "nodes/parsenodes.h"
+#include "storage/proc.h"
 #include "tcop/utility.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 
 #include "apikey.h"
@@ -48,6 +66,7 @@
 typedef struct Binding
 {
 	int64		key_id;
+	uint8		hash[APIKEY_HASH_LEN];	/* SHA-256 of the token */
 	char	   *owner;
 	int			nscopes;
 	char	   *scopes[FLEXIBLE_ARRAY_MEMBER];	/* then the strings */
@@ -64,6 +83,11 @@ static char *binding_string = NULL;
 static const Binding *binding_current = NULL;
 static bool binding_in_progress = false;
 static ProcessUtility_hook_type prev_ProcessUtility = NULL;
+static ExecutorStart_hook_type prev_ExecutorStart = NULL;
+
+/* the binding last checked against the key cache, and in which transaction */
+static const Binding *binding_checked = NULL;
+static LocalTransactionId binding_checked_lxid = InvalidLocalTransactionId;
 
 /* Read "<len>:<bytes>" at *p; false if it does not fit. */
 static bool
@@ -99,10 +123,15 @@ binding_parse(const char *value)
 	char	   *dst;
 	int			i;
 
+	uint8		hash[APIKEY_HASH_LEN];
+
 	errno = 0;
 	key_id = strtoll(value, &end, 10);
-	if (errno != 0 || end == value)
+	if (errno != 0 || end == value || *end != ':' ||
+		strlen(end + 1) < APIKEY_HASH_LEN * 2 ||
+		hex_decode(end + 1, APIKEY_HASH_LEN * 2, (char *) hash) != APIKEY_HASH_LEN)
 		return NULL;
+	end += 1 + APIKEY_HASH_LEN * 2;
 
 	/* first pass: count and validate */
 	p = end;
@@ -121,6 +150,7 @@ binding_parse(const char *value)
 	if (b == NULL)
 		return NULL;
 	b->key_id = key_id;
+	memcpy(b->hash, hash, APIKEY_HASH_LEN);
 	b->nscopes = nfields - 1;
 	dst = (char *) &b->scopes[b->nscopes];
 
@@ -196,10 +226,12 @@ void
 apikey_binding_set(const ApikeyKey *key, bool session)
 {
 	StringInfoData buf;
+	char		hex[APIKEY_HASH_LEN * 2 + 1];
 	int			i;
 
+	hex[hex_encode((const char *) key->hash, APIKEY_HASH_LEN, hex)] = '\0';
 	initStringInfo(&buf);
-	appendStringInfo(&buf, INT64_FORMAT "/%zu:%s", key->key_id,
+	appendStringInfo(&buf, INT64_FORMAT ":%s/%zu:%s", key->key_id, hex,
 					 strlen(key->owner), key->owner);
 	for (i = 0; i < key->nscopes; i++)
 		appendStringInfo(&buf, "/%zu:%s", strlen(key->scopes[i]), key->scopes[i]);
@@ -209,6 +241,10 @@ apikey_binding_set(const ApikeyKey *key, bool session)
 	else
 		binding_apply(buf.data, GUC_ACTION_LOCAL);
 	pfree(buf.data);
+
+	/* just verified: no need to check it again in this transaction */
+	binding_checked = binding_current;
+	binding_checked_lxid = MyProc->lxid;
 }
 
 /* End every binding: the transaction's and the session's. */
@@ -238,7 +274,90 @@ apikey_binding_get(int64 *key_id, const char **owner, char *const **scopes,
 	return true;
 }
 
-/* DISCARD ALL ends a session binding, as it resets every other setting. */
+/* Do two keys' owners and scopes differ? */
+static bool
+binding_differs(const Binding *b, const ApikeyKey *key)
+{
+	int			i;
+
+	if (b->nscopes != key->nscopes || strcmp(b->owner, key->owner) != 0)
+		return true;
+	for (i = 0; i < b->nscopes; i++)
+		if (strcmp(b->scopes[i], key->scopes[i]) != 0)
+			return true;
+	return false;
+}
+
+/*
+ * Check a binding made in an earlier transaction (a session binding)
+ * against the key as it is now: end it if the key no longer verifies,
+ * refresh it if its owner or scopes changed.
+ */
+static void
+binding_recheck(void)
+{
+	const Binding *b = binding_current;
+	const ApikeyKey *key = NULL;
+	const char *why = NULL;
+
+	binding_checked = b;
+	binding_checked_lxid = MyProc->lxid;
+
+	if (!OidIsValid(apikey_keystore_keys_relid(true)))
+		why = "unknown";
+	else if ((key = apikey_keycache_lookup(b->hash)) == NULL || key->key_id != b->key_id)
+		why = "unknown";
+	else if (key->revoked)
+		why = "revoked";
+	else if (key->has_expiry && key->expires_at <= GetCurrentTransactionStartTimestamp())
+		why = "expired";
+
+	if (why != NULL)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("the API key bound to this session is no longer valid; the binding has ended"),
+				 errdetail("Verdict: %s.", why)));
+		apikey_binding_clear();
+	}
+	else if (binding_differs(b, key))
+		apikey_binding_set(key, true);
+	binding_checked = binding_current;
+}
+
+/* Before a query runs in a new transaction, recheck a session binding. */
+static void
+binding_ExecutorStart(QueryDesc *queryDesc, int eflags)
+{
+	if (binding_current != NULL && !IsParallelWorker() &&
+		(binding_current != binding_checked || binding_checked_lxid != MyProc->lxid) &&
+		IsTransactionState())
+		binding_recheck();
+
+	if (prev_ExecutorStart)
+		prev_ExecutorStart(queryDesc, eflags);
+	else
+		standard_ExecutorStart(queryDesc, eflags);
+}
+
+/* Is this statement RESET or SET ... TO DEFAULT of apikey.binding? */
+static bool
+resets_binding(Node *parsetree)
+{
+	VariableSetStmt *stmt;
+
+	if (!IsA(parsetree, VariableSetStmt))
+		return false;
+	stmt = (VariableSetStmt *) parsetree;
+	return (stmt->kind == VAR_RESET || stmt->kind == VAR_SET_DEFAULT) &&
+		stmt->name != NULL && pg_strcasecmp(stmt->name, "apikey.binding") == 0;
+}
+
+/*
+ * DISCARD ALL ends a session binding, as it resets every other setting.
+ * RESET apikey.binding and SET apikey.binding TO DEFAULT are refused: they
+ * would bypass the check hook.
+ */
 static void
 binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 #if PG_VERSION_NUM >= 140000
@@ -249,6 +368,12 @@ binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 					   QueryCompletion *qc)
 {
 	Node	   *parsetree = pstmt->utilityStmt;
+
+	if (resets_binding(parsetree))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("parameter \"apikey.binding\" can only be set by apikey.authenticate()"),
+				 errhint("Call apikey.logout() to end the binding.")));
 
 #if PG_VERSION_NUM >= 140000
 #define UTILITY_ARGS pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc
@@ -267,7 +392,14 @@ binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 		apikey_binding_clear();
 }
 
-/* Define apikey.binding and install the DISCARD ALL hook. */
+/* PostgreSQL 16+ can refuse RESET (and set_config(..., NULL)) itself */
+#ifdef GUC_NO_RESET
+#define BINDING_NO_RESET GUC_NO_RESET
+#else
+#define BINDING_NO_RESET 0
+#endif
+
+/* Define apikey.binding and install the hooks that guard it. */
 void
 apikey_binding_init(void)
 {
@@ -278,11 +410,13 @@ apikey_binding_init(void)
 							   "",
 							   PGC_SUSET,
 							   GUC_NO_SHOW_ALL | GUC_NO_RESET_ALL | GUC_NOT_IN_SAMPLE |
-							   GUC_DISALLOW_IN_FILE | GUC_SUPERUSER_ONLY,
+							   GUC_DISALLOW_IN_FILE | GUC_SUPERUSER_ONLY | BINDING_NO_RESET,
 							   binding_check_hook,
 							   binding_assign_hook,
 							   NULL);
 
 	prev_ProcessUtility = ProcessUtility_hook;
 	ProcessUtility_hook = binding_ProcessUtility;
+	prev_ExecutorStart = ExecutorStart_hook;
+	ExecutorStart_hook = binding_ExecutorStart;
 }

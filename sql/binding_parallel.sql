@@ -1,0 +1,114 @@
+--
+-- binding_parallel: the helpers are PARALLEL SAFE, so a policy that uses
+-- them keeps parallel scans; the binding reaches the workers with the rest
+-- of the leader's settings.  With parallel_leader_participation off, every
+-- row of a parallel scan is filtered by a worker: if the workers did not see
+-- the binding, the counts below would be 0.
+--
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+
+SELECT proname, proparallel FROM pg_proc
+ WHERE pronamespace = 'apikey'::regnamespace
+   AND proname IN ('current_key_id', 'current_owner', 'has_scope', 'require_scope')
+ ORDER BY proname;
+
+INSERT INTO apikey.scopes (name) VALUES ('orders:read');
+SELECT key_id AS ka, token AS ta FROM apikey.issue(owner => 'acme', scopes => '{orders:read}') \gset
+SELECT key_id AS kb, token AS tb FROM apikey.issue(owner => 'globex', scopes => '{orders:read}') \gset
+SELECT key_id AS kn, token AS tn FROM apikey.issue(owner => 'acme') \gset
+
+CREATE ROLE regress_parallel_app;
+CREATE TABLE par_orders (tenant text NOT NULL, id int NOT NULL, amount int NOT NULL);
+-- acme: 1000 rows, globex: 2000 rows
+INSERT INTO par_orders
+SELECT CASE WHEN g % 3 = 0 THEN 'acme' ELSE 'globex' END, g, g % 100
+  FROM generate_series(1, 3000) g;
+ANALYZE par_orders;
+ALTER TABLE par_orders ENABLE ROW LEVEL SECURITY;
+ALTER TABLE par_orders FORCE ROW LEVEL SECURITY;
+CREATE POLICY par_orders_read ON par_orders FOR SELECT
+	USING (tenant = apikey.current_owner() AND apikey.has_scope('orders:read'));
+GRANT SELECT ON par_orders TO regress_parallel_app;
+
+-- Did the last parallel query launch workers, and how many rows did they
+-- return?  (EXPLAIN ANALYZE's numbers, reduced to what does not vary.)
+CREATE FUNCTION parallel_run(q text, OUT workers_launched boolean, OUT rows_from_workers bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+	plan json;
+	gather json;
+BEGIN
+	EXECUTE 'EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF, FORMAT JSON) ' || q INTO plan;
+	gather := plan -> 0 -> 'Plan';
+	WHILE gather ->> 'Node Type' NOT IN ('Gather', 'Gather Merge') LOOP
+		gather := gather -> 'Plans' -> 0;
+	END LOOP;
+	workers_launched := (gather ->> 'Workers Launched')::int > 0;
+	rows_from_workers := (gather ->> 'Actual Rows')::bigint;
+END
+$$;
+GRANT EXECUTE ON FUNCTION parallel_run(text) TO regress_parallel_app;
+
+SET parallel_setup_cost = 0;
+SET parallel_tuple_cost = 0;
+SET min_parallel_table_scan_size = 0;
+SET max_parallel_workers_per_gather = 2;
+SET parallel_leader_participation = off;
+SET ROLE regress_parallel_app;
+
+-- The policy's quals stay inside the parallel scan.
+EXPLAIN (COSTS OFF) SELECT tenant, id FROM par_orders;
+
+-- A transaction binding: same rows serially and in parallel.
+BEGIN;
+SELECT apikey.authenticate(:'ta') = :ka AS a;
+SET LOCAL max_parallel_workers_per_gather = 0;
+SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
+SET LOCAL max_parallel_workers_per_gather = 2;
+SET LOCAL force_parallel_mode = on;
+SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
+SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
+-- the helpers themselves, evaluated in workers
+SELECT * FROM parallel_run($$SELECT id FROM par_orders WHERE apikey.current_owner() = 'acme'
+	AND apikey.current_key_id() IS NOT NULL AND apikey.has_scope('orders:read')$$);
+COMMIT;
+
+-- Without a binding the workers see none either.
+SET force_parallel_mode = on;
+SELECT count(*) FROM par_orders;
+SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
+
+-- A session binding reaches the workers, and a transaction binding
+-- overrides it there too.
+SELECT apikey.authenticate(:'tb', session => true) = :kb AS b_session;
+SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
+SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
+BEGIN;
+SELECT apikey.authenticate(:'ta') = :ka AS a;
+SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
+SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
+-- a binding undone by ROLLBACK TO is undone in the workers too
+SAVEPOINT s;
+SELECT apikey.authenticate(:'tn') = :kn AS no_scope;
+SELECT count(*) FROM par_orders;
+ROLLBACK TO s;
+SELECT tenant, count(*) FROM par_orders GROUP BY tenant;
+COMMIT;
+SELECT tenant, count(*) FROM par_orders GROUP BY tenant;
+SELECT apikey.logout();
+SELECT count(*) FROM par_orders;
+SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
+
+RESET ROLE;
+RESET force_parallel_mode;
+RESET parallel_leader_participation;
+RESET max_parallel_workers_per_gather;
+RESET min_parallel_table_scan_size;
+RESET parallel_tuple_cost;
+RESET parallel_setup_cost;
+DROP FUNCTION parallel_run(text);
+DROP TABLE par_orders;
+DROP ROLE regress_parallel_app;
