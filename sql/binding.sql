@@ -337,5 +337,16 @@ SELECT * FROM auth_error(:'ta', 'orders:write');
 -- a well-formed token with one character changed (checksum fails)
 SELECT * FROM auth_error(left(:'ta', -1) || CASE WHEN right(:'ta', 1) = 'a' THEN 'b' ELSE 'a' END);
 
+-- A session binding is checked again at the start of every later
+-- transaction: scope changes follow it, and revocation ends it.
+SELECT key_id AS ks, token AS ts FROM apikey.issue(owner => 'stark', scopes => '{orders:read}') \gset
+SELECT apikey.authenticate(:'ts', session => true) = :ks AS bound_session;
+SELECT apikey.current_owner(), apikey.has_scope('orders:write') AS writes;
+INSERT INTO apikey.key_scopes VALUES (:ks, 'orders:write');
+SELECT apikey.current_owner(), apikey.has_scope('orders:write') AS writes;
+SELECT apikey.revoke(:ks, 'session test');
+SELECT apikey.current_owner(), apikey.current_key_id() IS NULL AS unbound;
+SELECT apikey.current_owner();
+
 DROP FUNCTION auth_error(text, text, inet);
 DROP VIEW bound;
