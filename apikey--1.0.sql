@@ -37,7 +37,8 @@ CREATE TABLE apikey.keys (
 				CONSTRAINT keys_rate_window_check CHECK (rate_window OPERATOR(pg_catalog.>) '0'::interval),
 	quota		bigint CONSTRAINT keys_quota_check CHECK (quota OPERATOR(pg_catalog.>=) 0),
 	quota_refill interval CONSTRAINT keys_quota_refill_check CHECK (quota_refill OPERATOR(pg_catalog.>) '0'::interval),
-	allowed_cidrs cidr[],
+	allowed_cidrs cidr[] CONSTRAINT keys_allowed_cidrs_check
+				CHECK (pg_catalog.cardinality(allowed_cidrs) OPERATOR(pg_catalog.>) 0),
 	CONSTRAINT keys_hash_key UNIQUE (hash)
 );
 COMMENT ON TABLE apikey.keys IS 'One row per API key; only the SHA-256 of the token is stored';
@@ -304,8 +305,10 @@ BEGIN
 		RAISE EXCEPTION 'rate_limit must be positive, got %', rate_limit
 			USING ERRCODE = '22023', HINT = 'Use NULL for no rate limit.';
 	END IF;
-	IF rate_window IS NULL OR rate_window OPERATOR(pg_catalog.<=) '0'::interval THEN
-		RAISE EXCEPTION 'rate_window must be a positive interval, got %', coalesce(rate_window::text, 'NULL')
+	IF rate_window IS NULL OR rate_window OPERATOR(pg_catalog.<=) '0'::interval
+	   OR rate_window OPERATOR(pg_catalog.>) '1 year'::interval THEN
+		RAISE EXCEPTION 'rate_window must be a positive interval of at most 1 year, got %',
+			coalesce(rate_window::text, 'NULL')
 			USING ERRCODE = '22023';
 	END IF;
 	IF quota IS NOT NULL AND quota OPERATOR(pg_catalog.<) 0 THEN
@@ -319,6 +322,22 @@ BEGIN
 	IF quota_refill IS NOT NULL AND quota IS NULL THEN
 		RAISE EXCEPTION 'quota_refill needs a quota'
 			USING ERRCODE = '22023';
+	END IF;
+END
+$$;
+
+-- Validate an address allowlist; shared by issue() and set_limits().
+CREATE FUNCTION apikey._check_cidrs(allowed_cidrs cidr[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF allowed_cidrs IS NOT NULL AND pg_catalog.array_position(allowed_cidrs, NULL) IS NOT NULL THEN
+		RAISE EXCEPTION 'allowed_cidrs must not contain NULL'
+			USING ERRCODE = '22023';
+	END IF;
+	IF allowed_cidrs IS NOT NULL AND pg_catalog.cardinality(allowed_cidrs) OPERATOR(pg_catalog.=) 0 THEN
+		RAISE EXCEPTION 'allowed_cidrs must not be empty'
+			USING ERRCODE = '22023', HINT = 'Use NULL to allow every address.';
 	END IF;
 END
 $$;
@@ -356,10 +375,7 @@ BEGIN
 		RAISE EXCEPTION 'metadata must be a JSON object'
 			USING ERRCODE = '22023';
 	END IF;
-	IF issue.allowed_cidrs IS NOT NULL AND pg_catalog.array_position(issue.allowed_cidrs, NULL) IS NOT NULL THEN
-		RAISE EXCEPTION 'allowed_cidrs must not contain NULL'
-			USING ERRCODE = '22023';
-	END IF;
+	PERFORM apikey._check_cidrs(issue.allowed_cidrs);
 	PERFORM apikey._check_limits(issue.rate_limit, issue.rate_window, issue.quota, issue.quota_refill);
 	v_scopes := apikey._check_scopes(issue.scopes);
 	v_new := apikey._new_token(issue.prefix);
@@ -396,10 +412,7 @@ BEGIN
 	END IF;
 	PERFORM apikey._check_limits(set_limits.rate_limit, set_limits.rate_window, set_limits.quota,
 								 set_limits.quota_refill);
-	IF set_limits.allowed_cidrs IS NOT NULL AND pg_catalog.array_position(set_limits.allowed_cidrs, NULL) IS NOT NULL THEN
-		RAISE EXCEPTION 'allowed_cidrs must not contain NULL'
-			USING ERRCODE = '22023';
-	END IF;
+	PERFORM apikey._check_cidrs(set_limits.allowed_cidrs);
 	UPDATE apikey.keys k
 	   SET rate_limit = set_limits.rate_limit, rate_window = set_limits.rate_window,
 		   quota = set_limits.quota, quota_refill = set_limits.quota_refill,

@@ -12,7 +12,7 @@ RESET client_min_messages;
 -- from the other files' ids.  (Reuse of an id is tested explicitly below.)
 SELECT setval('apikey.keys_id_seq', 4000) > 0 AS ids_moved;
 
--- authenticate()'s error, with the numbers (timings) in its hint masked.
+-- authenticate()'s error, with the interval in its hint masked.
 CREATE OR REPLACE FUNCTION limits_rate_auth_error(tok text, scope text DEFAULT NULL, addr inet DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
@@ -24,7 +24,7 @@ EXCEPTION WHEN OTHERS THEN
 	GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
 		det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
 	RETURN st || ': ' || msg || ' | ' || det || ' | '
-		|| coalesce(regexp_replace(hnt, ' (after|in) .*$', ' \1 <interval>.'), '(no hint)');
+		|| coalesce(regexp_replace(nullif(hnt, ''), ' (after|in) [@0-9-].*$', ' \1 <interval>.'), '(no hint)');
 END
 $$;
 

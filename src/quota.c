@@ -92,7 +92,8 @@ debit(void *arg)
 	qd->ok = (SPI_processed == 1);
 	if (!qd->ok)
 	{
-		rc = SPI_execute_plan(status_plan, values, NULL, true, 1);
+		/* not read_only: a fresh snapshot sees the debit we waited for */
+		rc = SPI_execute_plan(status_plan, values, NULL, false, 1);
 		if (rc != SPI_OK_SELECT)
 			elog(ERROR, "quota lookup failed: %s", SPI_result_code_string(rc));
 	}

@@ -16,7 +16,8 @@
  * at most N + P / T requests, so never more than 2N in any window W.
  *
  * The take is atomic: the entry's spinlock covers read-test-update, so
- * concurrent backends never both take the last token.  State is per
+ * concurrent backends never both take the last token.  When the key's limit
+ * or window changes (set_limits), its bucket starts full again.  State is per
  * server, keyed by (database, key id); it is not persisted, so a restart
  * gives every key a full bucket.
  *
@@ -33,10 +34,15 @@
 
 #include "shmem.h"
 
+/*
+ * The token hash is part of the key, so a key id reused after DROP/CREATE
+ * EXTENSION (or a restarted sequence) never inherits another key's bucket.
+ */
 typedef struct RateKey
 {
 	Oid			dboid;
 	int64		key_id;
+	uint8		hash_prefix[8];
 } RateKey;
 
 typedef struct RateEntry
@@ -44,6 +50,8 @@ typedef struct RateEntry
 	RateKey		key;
 	slock_t		mutex;
 	double		tat;			/* theoretical arrival time, microseconds */
+	int32		rate_limit;		/* the limit tat was computed for */
+	int64		rate_window;
 } RateEntry;
 
 static HTAB *rate_htab = NULL;
@@ -107,6 +115,7 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 	memset(&rk, 0, sizeof(rk));
 	rk.dboid = MyDatabaseId;
 	rk.key_id = key->key_id;
+	memcpy(rk.hash_prefix, key->hash, sizeof(rk.hash_prefix));
 
 	LWLockAcquire(apikey_shared->rate_lock, LW_SHARED);
 	entry = hash_search(rate_htab, &rk, HASH_FIND, NULL);
@@ -129,10 +138,18 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 		{
 			SpinLockInit(&entry->mutex);
 			entry->tat = 0;
+			entry->rate_limit = key->rate_limit;
+			entry->rate_window = key->rate_window;
 		}
 	}
 
 	SpinLockAcquire(&entry->mutex);
+	if (entry->rate_limit != key->rate_limit || entry->rate_window != key->rate_window)
+	{
+		entry->tat = 0;
+		entry->rate_limit = key->rate_limit;
+		entry->rate_window = key->rate_window;
+	}
 	tat = Max(entry->tat, t);
 	allowed = (tat - t <= tau);
 	if (allowed)

@@ -31,6 +31,8 @@
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/builtins.h"
@@ -394,6 +396,20 @@ apikey_usage_flush(void)
 				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
 				 errmsg("cannot flush usage during recovery"),
 				 errdetail("Usage counted on a standby is shown by apikey.live_usage and is not persisted.")));
+
+	/*
+	 * One flush at a time per database, from reading the counters until the
+	 * subtraction at commit: otherwise two flushers (the worker and
+	 * flush_usage(), say) would both write the same calls.  The lock is a
+	 * transaction-level advisory lock in a field4 space (3) that the SQL
+	 * advisory-lock functions never use.
+	 */
+	{
+		LOCKTAG		tag;
+
+		SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x61706b79, 0x75736167, 3);
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	}
 
 	n = usage_snapshot(&snaps);
 	if (n == 0)

@@ -1,0 +1,126 @@
+-- Bad limit settings: issue() and set_limits() refuse every bad value with
+-- a clear error (22023, or 22P02 for text that is not a CIDR) and write
+-- nothing.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+\set SHOW_CONTEXT never
+
+-- Run a statement; 'ok', or its SQLSTATE and message.
+CREATE OR REPLACE FUNCTION limits_bad_input_try(stmt text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+	st text; msg text;
+BEGIN
+	EXECUTE stmt;
+	RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+	GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+	RETURN st || ': ' || msg;
+END
+$$;
+
+-- Everything the apikey tables hold, to prove a refused call wrote nothing.
+CREATE OR REPLACE FUNCTION limits_bad_input_state() RETURNS text
+LANGUAGE sql AS $$
+	SELECT md5(concat_ws('|',
+		(SELECT string_agg(concat_ws(',', id, owner, rate_limit, rate_window, quota,
+									 quota_refill, allowed_cidrs), ';' ORDER BY id) FROM apikey.keys),
+		(SELECT string_agg(concat_ws(',', key_id, remaining, refilled_at), ';' ORDER BY key_id) FROM apikey.quotas),
+		(SELECT string_agg(concat_ws(',', key_id, scope), ';' ORDER BY key_id, scope) FROM apikey.key_scopes),
+		(SELECT count(*) FROM apikey.revocations),
+		(SELECT last_value FROM apikey.keys_id_seq)))
+$$;
+
+-- A key to aim set_limits() at, with every limit set.
+SELECT key_id AS k, token AS t
+  FROM apikey.issue(owner => 'acme', rate_limit => 5, rate_window => '1 hour', quota => 7,
+                    quota_refill => '1 day', allowed_cidrs => '{10.0.0.0/8}') \gset
+SELECT limits_bad_input_state() AS before \gset
+
+-- Each bad value, alone, through issue().  (A failed nextval() would
+-- show in keys_id_seq, so the state covers it.)
+SELECT c.label, limits_bad_input_try('SELECT apikey.issue(owner => ''bad'', ' || c.args || ')') AS result
+  FROM (VALUES (1, 'rate_limit zero', 'rate_limit => 0'),
+               (2, 'rate_limit negative', 'rate_limit => -1'),
+               (3, 'rate_limit most negative', 'rate_limit => -2147483648'),
+               (4, 'rate_window zero', 'rate_limit => 5, rate_window => ''0'''),
+               (5, 'rate_window negative', 'rate_limit => 5, rate_window => ''-1 minute'''),
+               (6, 'rate_window mixed negative', 'rate_limit => 5, rate_window => ''1 day -25 hours'''),
+               (7, 'rate_window NULL', 'rate_limit => 5, rate_window => NULL'),
+               (8, 'rate_window NULL, no limit', 'rate_window => NULL'),
+               (9, 'quota negative', 'quota => -1'),
+               (10, 'quota_refill zero', 'quota => 5, quota_refill => ''0'''),
+               (11, 'quota_refill negative', 'quota => 5, quota_refill => ''-1 hour'''),
+               (12, 'quota_refill without quota', 'quota_refill => ''1 hour'''),
+               (13, 'allowed_cidrs with NULL', 'allowed_cidrs => ''{10.0.0.0/8,NULL}'''),
+               (14, 'allowed_cidrs only NULL', 'allowed_cidrs => ARRAY[NULL]::cidr[]'),
+               (15, 'CIDR mask too long', 'allowed_cidrs => ''{10.0.0.1/33}'''),
+               (16, 'CIDR host bits set', 'allowed_cidrs => ''{10.0.0.1/8}'''),
+               (17, 'CIDR nonsense', 'allowed_cidrs => ''{nonsense}'''),
+               (18, 'CIDR empty string', 'allowed_cidrs => ''{""}'''),
+               (19, 'IPv6 mask too long', 'allowed_cidrs => ''{2001:db8::/129}'''),
+               (20, 'CIDR list empty', 'allowed_cidrs => ''{}'''),
+               (21, 'rate_window over a year', 'rate_limit => 5, rate_window => ''366 days''')) AS c(n, label, args)
+ ORDER BY c.n;
+SELECT limits_bad_input_state() = :'before' AS nothing_written_by_issue;
+
+-- The same through set_limits(): the key keeps all its limits.
+SELECT c.label, limits_bad_input_try('SELECT apikey.set_limits(' || :k || ', ' || c.args || ')') AS result
+  FROM (VALUES (1, 'rate_limit zero', 'rate_limit => 0'),
+               (2, 'rate_limit negative', 'rate_limit => -1'),
+               (3, 'rate_window zero', 'rate_limit => 5, rate_window => ''0'''),
+               (4, 'rate_window negative', 'rate_limit => 5, rate_window => ''-1 minute'''),
+               (5, 'rate_window NULL', 'rate_limit => 5, rate_window => NULL'),
+               (6, 'quota negative', 'quota => -1'),
+               (7, 'quota_refill zero', 'quota => 5, quota_refill => ''0'''),
+               (8, 'quota_refill negative', 'quota => 5, quota_refill => ''-1 hour'''),
+               (9, 'quota_refill without quota', 'quota_refill => ''1 hour'''),
+               (10, 'allowed_cidrs with NULL', 'allowed_cidrs => ''{10.0.0.0/8,NULL}'''),
+               (11, 'CIDR mask too long', 'allowed_cidrs => ''{10.0.0.1/33}'''),
+               (12, 'CIDR nonsense', 'allowed_cidrs => ''{nonsense}'''),
+               (13, 'CIDR list empty', 'allowed_cidrs => ''{}'''),
+               (14, 'rate_window over a year', 'rate_limit => 5, rate_window => ''1 year 1 day''')) AS c(n, label, args)
+ ORDER BY c.n;
+SELECT limits_bad_input_state() = :'before' AS nothing_written_by_set_limits;
+-- set_limits() on a key that does not exist.
+SELECT limits_bad_input_try('SELECT apikey.set_limits(999999, rate_limit => 1)') AS missing_key;
+SELECT limits_bad_input_try('SELECT apikey.set_limits(NULL, rate_limit => 1)') AS null_key;
+SELECT limits_bad_input_state() = :'before' AS nothing_written;
+
+-- The messages as a user sees them, with their hints.
+SELECT apikey.issue(owner => 'bad', rate_limit => 0);
+SELECT apikey.issue(owner => 'bad', rate_limit => 5, rate_window => '0');
+SELECT apikey.issue(owner => 'bad', quota => -1);
+SELECT apikey.issue(owner => 'bad', quota => 5, quota_refill => '0');
+SELECT apikey.issue(owner => 'bad', quota_refill => '1 hour');
+SELECT apikey.issue(owner => 'bad', allowed_cidrs => '{10.0.0.0/8,NULL}');
+SELECT apikey.issue(owner => 'bad', allowed_cidrs => '{10.0.0.1/33}');
+SELECT apikey.set_limits(:k, rate_limit => -1);
+
+-- The key still verifies with its old limits: quota 7, allowlist 10/8.
+SELECT code, remaining FROM apikey.check(:'t', NULL, '10.1.1.1');
+SELECT code FROM apikey.check(:'t', NULL, '11.1.1.1');
+
+-- The table constraints back the functions up against direct writes.
+SELECT c.label, limits_bad_input_try('UPDATE apikey.keys SET ' || c.sets || ' WHERE id = ' || :k) AS result
+  FROM (VALUES (1, 'rate_limit zero', 'rate_limit = 0'),
+               (2, 'rate_window zero', 'rate_window = ''0'''),
+               (3, 'rate_window NULL', 'rate_window = NULL'),
+               (4, 'quota negative', 'quota = -1'),
+               (5, 'quota_refill zero', 'quota_refill = ''0''')) AS c(n, label, sets)
+ ORDER BY c.n;
+SELECT limits_bad_input_try('UPDATE apikey.quotas SET remaining = -1 WHERE key_id = ' || :k) AS negative_remaining;
+
+-- Boundary values that are allowed.
+SELECT key_id AS b1 FROM apikey.issue(owner => 'edge', rate_limit => 2147483647, rate_window => '1 microsecond',
+                                        quota => 0, allowed_cidrs => '{0.0.0.0/0, ::/0}') \gset
+SELECT key_id AS b2 FROM apikey.issue(owner => 'edge', rate_limit => 1, rate_window => '1 year',
+                                        quota => 9223372036854775807, quota_refill => '1 microsecond') \gset
+SELECT id = :b1 AS is_b1, rate_limit, rate_window, quota, quota_refill, allowed_cidrs
+  FROM apikey.keys WHERE id IN (:b1, :b2) ORDER BY id;
+SELECT key_id = :b1 AS is_b1, remaining FROM apikey.quotas WHERE key_id IN (:b1, :b2) ORDER BY key_id;
+
+DROP FUNCTION limits_bad_input_try(text);
+DROP FUNCTION limits_bad_input_state();

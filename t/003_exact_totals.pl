@@ -1,0 +1,134 @@
+# Exact usage totals under concurrency: 4 pgbench clients make 2000
+# transactions of 4 verifications each (valid, revoked, unknown, malformed;
+# refusals from 40 client addresses) while the usage writer flushes every
+# 50ms.  Once everything is flushed, usage_log holds exactly 8000 more
+# calls, 2000 more per code: no call lost, none written twice.  The run is
+# made twice: with the usage writer alone, then with another client calling
+# apikey.flush_usage() in a loop at the same time.
+#
+# Tokens stay in a table on the server: no token appears in a script.
+use strict;
+use warnings;
+
+use IPC::Run;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $clients = 4;
+my $per_client = 500;
+my $xacts = $clients * $per_client;
+
+my $node = PostgreSQL::Test::Cluster->new('totals');
+$node->init;
+$node->append_conf(
+	'postgresql.conf', qq{
+shared_preload_libraries = 'apikey'
+apikey.database = 'postgres'
+apikey.usage_flush_interval = '50ms'
+max_connections = 20
+track_functions = 'all'
+});
+$node->start;
+
+$node->safe_psql(
+	'postgres', q{
+CREATE EXTENSION apikey;
+CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
+INSERT INTO tok SELECT 'good', key_id, token FROM apikey.issue(owner => 'acme');
+INSERT INTO tok SELECT 'gone', key_id, token FROM apikey.issue(owner => 'acme');
+INSERT INTO tok SELECT 'deleted', key_id, token FROM apikey.issue(owner => 'acme');
+SELECT apikey.revoke(key_id) FROM tok WHERE name = 'gone';
+DELETE FROM apikey.keys WHERE id = (SELECT key_id FROM tok WHERE name = 'deleted');
+CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
+});
+
+my $flusher_script = $node->basedir . '/flusher.sql';
+append_to_file($flusher_script, "SELECT apikey.flush_usage();\n");
+
+# One pgbench run, then wait until everything is flushed and check the
+# totals; $round is 1 or 2, for the cumulative totals.
+sub run_and_check
+{
+	my ($round, $with_flusher) = @_;
+	my $what = $with_flusher ? 'writer + concurrent flush_usage()' : 'writer alone';
+	my $flusher;
+
+	if ($with_flusher)
+	{
+		$flusher = IPC::Run::start(
+			[
+				'pgbench', '-n', '-c', '1', '-T', '600', '-f', $flusher_script,
+				'-h', $node->host, '-p', $node->port, 'postgres'
+			],
+			'>', \my $f_out, '2>', \my $f_err);
+	}
+
+	$node->pgbench(
+		"-n -c $clients -j 2 -t $per_client",
+		0,
+		[qr/number of transactions actually processed: $xacts\/$xacts/],
+		[qr/^$/],
+		"$what: pgbench, 4 verifications per transaction",
+		{
+			"verify$round.sql" => q{
+\set a random(1, 40)
+SELECT apikey.check(tok('good'));
+SELECT apikey.verify(tok('gone'), NULL, ('192.0.2.' || :a)::inet);
+SELECT apikey.check(tok('deleted'), NULL, ('198.51.100.' || :a)::inet);
+SELECT apikey.check('ak_garbage', NULL, ('203.0.113.' || :a)::inet);
+}
+		});
+
+	if ($with_flusher)
+	{
+		$flusher->kill_kill;
+		ok( $node->poll_query_until(
+				'postgres', q{
+SELECT coalesce(sum(calls), 0) > 0 FROM pg_stat_user_functions
+ WHERE schemaname = 'apikey' AND funcname = 'flush_usage'}),
+			"$what: the concurrent flusher ran");
+		note 'concurrent flush_usage() calls: '
+		  . $node->safe_psql('postgres',
+			q{SELECT sum(calls) FROM pg_stat_user_functions WHERE funcname = 'flush_usage'});
+	}
+	note 'flushes: ' . $node->safe_psql('postgres', 'SELECT flushes FROM apikey.stats');
+
+	# Wait for the writer to catch up, then flush whatever is left.
+	ok($node->poll_query_until('postgres', 'SELECT entries_pending = 0 FROM apikey.stats'),
+		"$what: usage writer caught up");
+	$node->safe_psql('postgres', 'SELECT apikey.flush_usage()');
+
+	my $per_code = $round * $xacts;
+	my $total = 4 * $per_code;
+	is($node->safe_psql('postgres', 'SELECT sum(calls) FROM apikey.usage_log'),
+		$total, "$what: usage_log holds exactly $total calls");
+	is( $node->safe_psql(
+			'postgres', q{
+SELECT string_agg(code || ':' || c, ' ' ORDER BY code)
+  FROM (SELECT code, sum(calls) AS c FROM apikey.usage_log GROUP BY code) s}),
+		"malformed:$per_code revoked:$per_code unknown:$per_code valid:$per_code",
+		"$what: exactly one count per verification, per code");
+	is( $node->safe_psql(
+			'postgres', q{
+SELECT count(DISTINCT client_addr) FILTER (WHERE code = 'revoked') || ' '
+       || count(*) FILTER (WHERE code = 'valid' AND client_addr IS NOT NULL)
+  FROM apikey.usage_log}),
+		'40 0', "$what: refusals kept their 40 addresses, successes none");
+	is( $node->safe_psql(
+			'postgres', q{
+SELECT (SELECT sum(value::bigint) FROM jsonb_each_text(calls)) || ' ' || flushed_calls || ' ' || entries_dropped
+  FROM apikey.stats}),
+		"$total $total 0",
+		"$what: apikey.stats: every call counted once, flushed once, none dropped");
+}
+
+run_and_check(1, 0);
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT last_used_at IS NOT NULL FROM apikey.keys WHERE id = (SELECT key_id FROM tok WHERE name = 'good')}),
+	't', 'last_used_at set');
+run_and_check(2, 1);
+
+$node->stop;
+done_testing();

@@ -1,0 +1,126 @@
+# Without shared_preload_libraries: keys are issued, verified and bound as
+# usual; usage is written synchronously in the caller's transaction; there
+# is no shared memory (apikey.stats says so) and no usage writer; quotas
+# work (they live in a table); a key with a rate limit cannot be enforced
+# and is refused with rate_limit_unavailable, never allowed unlimited.
+#
+# Tokens stay in a table on the server: no token appears in a query text.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = PostgreSQL::Test::Cluster->new('nopreload');
+$node->init;
+$node->start;
+
+is($node->safe_psql('postgres', 'SHOW shared_preload_libraries'), '', 'apikey is not preloaded');
+
+# Loading the library outside shared_preload_libraries must not fail.
+my ($ret, $out, $err) = $node->psql('postgres', 'CREATE EXTENSION apikey');
+is($ret, 0, 'CREATE EXTENSION apikey works without the preload') or diag $err;
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_extension WHERE extname = 'apikey'}),
+	'1', 'extension installed');
+
+$node->safe_psql(
+	'postgres', q{
+INSERT INTO apikey.scopes (name) VALUES ('orders:read');
+CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
+INSERT INTO tok SELECT 'good', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
+INSERT INTO tok SELECT 'limited', key_id, token FROM apikey.issue(owner => 'acme', rate_limit => 1000);
+INSERT INTO tok SELECT 'quota', key_id, token FROM apikey.issue(owner => 'acme', quota => 2);
+INSERT INTO tok SELECT 'rev', key_id, token FROM apikey.issue(owner => 'acme');
+SELECT apikey.revoke(key_id) FROM tok WHERE name = 'rev';
+CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
+CREATE FUNCTION kid(n text) RETURNS bigint LANGUAGE sql STABLE AS 'SELECT key_id FROM tok WHERE name = n';
+});
+
+# Verification and binding work.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT string_agg(name || ':' || (apikey.check(token)).code, ' ' ORDER BY name) FROM tok WHERE name IN ('good', 'rev')}),
+	'good:valid rev:revoked', 'check() works');
+is( $node->safe_psql(
+		'postgres', q{
+BEGIN;
+SELECT apikey.authenticate(tok('good'), 'orders:read') = kid('good');
+SELECT apikey.current_owner(), apikey.has_scope('orders:read');
+COMMIT;
+}),
+	"t\nacme|t", 'authenticate() and the helpers work');
+
+# No shared memory, no worker.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT shared_memory || ' ' || (calls IS NULL) || ' ' || (entries_pending IS NULL) || ' ' || (last_flush IS NULL)
+  FROM apikey.stats}),
+	'false true true true', 'apikey.stats: no shared memory');
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),
+	'0', 'no usage writer');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM apikey.live_usage'), '0', 'live_usage is empty');
+is($node->safe_psql('postgres', 'SELECT apikey.flush_usage()'), '0', 'flush_usage() has nothing to do');
+
+# Usage is written synchronously: in usage_log as soon as the call commits,
+# and rolled back with the caller's transaction.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT string_agg(coalesce(t.name, '-') || ':' || u.code || ':' || u.calls, ' ' ORDER BY t.name, u.code)
+  FROM (SELECT key_id, code, sum(calls) AS calls FROM apikey.usage_log GROUP BY 1, 2) u
+  LEFT JOIN tok t USING (key_id)}),
+	'good:valid:2 rev:revoked:1', 'usage_log has the calls at once');
+is( $node->safe_psql(
+		'postgres', q{
+BEGIN;
+SELECT code FROM apikey.check(tok('good'));
+SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('good');
+ROLLBACK;
+SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('good');
+}),
+	"valid\n3\n2",
+	'written in the caller\'s transaction, and rolled back with it');
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT string_agg(tok.name || ':' || (last_used_at IS NOT NULL), ' ' ORDER BY tok.name)
+		    FROM tok JOIN apikey.keys k ON k.id = tok.key_id WHERE tok.name IN ('good', 'rev')}),
+	'good:true rev:false', 'last_used_at set by successful verifications only');
+
+# A rate limit cannot be enforced: refused, never allowed.
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT valid || ' ' || code || ' ' || (key_id = kid('limited')) FROM apikey.check(tok('limited'))}),
+	'false rate_limit_unavailable true', 'a rate-limited key gets rate_limit_unavailable');
+is($node->safe_psql('postgres', q{SELECT apikey.verify(tok('limited'))}), 'f', 'verify() is false');
+($ret, $out, $err) = $node->psql(
+	'postgres', q{\set VERBOSITY verbose
+SELECT apikey.authenticate(tok('limited'));
+SELECT apikey.current_key_id() IS NULL;});
+like($err, qr/ERROR:  55000: API key has a rate limit that cannot be enforced/,
+	'authenticate() raises 55000 and says why');
+like($err, qr/DETAIL:  Verdict: rate_limit_unavailable\./, 'with the verdict in DETAIL');
+like($err, qr/HINT:  .*shared_preload_libraries/, 'and a hint to preload apikey');
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('limited') AND code = 'rate_limit_unavailable'}),
+	'2', 'the refusals are counted in usage_log');
+# Once the limit is removed the key works.
+$node->safe_psql('postgres', q{SELECT apikey.set_limits(kid('limited'), rate_limit => NULL)});
+is($node->safe_psql('postgres', q{SELECT code FROM apikey.check(tok('limited'))}), 'valid',
+	'without its rate limit the key is valid');
+
+# Quotas do not need shared memory.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT code || ':' || remaining FROM apikey.check(tok('quota'));
+SELECT code || ':' || remaining FROM apikey.check(tok('quota'));
+SELECT code || ':' || remaining FROM apikey.check(tok('quota'));}),
+	"valid:1\nvalid:0\nquota_exhausted:0", 'quota enforced without shared memory');
+
+ok(!$node->log_contains(qr/LOG:  apikey usage writer started/), 'the usage writer never started');
+ok(!$node->log_contains(qr/FATAL|PANIC/), 'no session was lost');
+
+$node->stop;
+done_testing();
