@@ -5,6 +5,7 @@ OBJS = \
 	src/binding.o \
 	src/keycache.o \
 	src/keystore.o \
+	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \
 	src/redact.o \

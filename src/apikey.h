@@ -13,6 +13,7 @@
  *	 shmem.c		shared memory set-up and live statistics
  *	 ratelimit.c	per-key rate limits enforced in shared memory
  *	 quota.c		per-key quotas debited in the caller's transaction
+ *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
  *	 usage.c		usage counters: shared memory, or synchronous fallback
  *	 worker.c		background worker that persists usage counters
  *	 redact.c		emit_log_hook that removes tokens from the server log
@@ -149,7 +150,11 @@ extern void apikey_usage_count(const ApikeyVerdict *verdict, inet *client_addr,
 extern int	apikey_usage_flush(void);
 extern uint64 apikey_usage_pending(void);
 extern void apikey_usage_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
+
+/* ownersql.c */
 extern void apikey_run_as_owner(void (*fn) (void *), void *arg);
+extern struct _SPI_plan *apikey_prepare_kept(struct _SPI_plan **plan, const char *sql,
+											 int nargs, Oid *argtypes);
 
 /* worker.c */
 extern void apikey_worker_register(void);

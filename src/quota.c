@@ -43,18 +43,6 @@ typedef struct QuotaDebit
 	TimestampTz refill_at;
 } QuotaDebit;
 
-static SPIPlanPtr
-prepare_kept(const char *sql)
-{
-	Oid			types[1] = {INT8OID};
-	SPIPlanPtr	plan = SPI_prepare(sql, 1, types);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	SPI_keepplan(plan);
-	return plan;
-}
-
 #define REFILL_DUE \
 	"(k.quota_refill IS NOT NULL AND (q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill) " \
 	"OPERATOR(pg_catalog.<=) pg_catalog.now())"
@@ -63,14 +51,14 @@ static void
 debit(void *arg)
 {
 	QuotaDebit *qd = arg;
+	Oid			types[1] = {INT8OID};
 	Datum		values[1];
 	bool		isnull;
 	int			rc;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (debit_plan == NULL)
-		debit_plan = prepare_kept(
+	apikey_prepare_kept(&debit_plan,
 			"UPDATE apikey.quotas q "
 			"SET remaining = (CASE WHEN " REFILL_DUE " THEN k.quota ELSE q.remaining END) "
 			"                OPERATOR(pg_catalog.-) 1, "
@@ -78,12 +66,13 @@ debit(void *arg)
 			"FROM apikey.keys k "
 			"WHERE k.id OPERATOR(pg_catalog.=) q.key_id AND q.key_id OPERATOR(pg_catalog.=) $1 "
 			"  AND (CASE WHEN " REFILL_DUE " THEN k.quota ELSE q.remaining END) OPERATOR(pg_catalog.>) 0 "
-			"RETURNING q.remaining, q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill");
-	if (status_plan == NULL)
-		status_plan = prepare_kept(
+			"RETURNING q.remaining, q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill",
+			1, types);
+	apikey_prepare_kept(&status_plan,
 			"SELECT q.remaining, q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill "
 			"FROM apikey.quotas q JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) q.key_id "
-			"WHERE q.key_id OPERATOR(pg_catalog.=) $1");
+			"WHERE q.key_id OPERATOR(pg_catalog.=) $1",
+			1, types);
 
 	values[0] = Int64GetDatum(qd->key_id);
 	rc = SPI_execute_plan(debit_plan, values, NULL, false, 1);

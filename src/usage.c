@@ -157,32 +157,6 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 	LWLockRelease(apikey_shared->usage_lock);
 }
 
-/*
- * Run fn as the owner of the apikey tables, in a security-restricted
- * operation: how internal writes (usage, quota) reach tables the caller
- * cannot touch.
- */
-void
-apikey_run_as_owner(void (*fn) (void *), void *arg)
-{
-	Oid			save_userid;
-	int			save_sec_context;
-
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(apikey_keystore_owner(),
-						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	PG_TRY();
-	{
-		fn(arg);
-	}
-	PG_FINALLY();
-	{
-		SetUserIdAndSecContext(save_userid, save_sec_context);
-	}
-	PG_END_TRY();
-}
-
 typedef struct SyncUsage
 {
 	const UsageKey *uk;
@@ -195,26 +169,19 @@ write_sync(void *arg)
 	SyncUsage  *su = arg;
 	Datum		values[4];
 	char		nulls[4] = {' ', ' ', ' ', ' '};
+	Oid			insert_types[4] = {INT8OID, TIMESTAMPTZOID, TEXTOID, INETOID};
+	Oid			update_types[1] = {INT8OID};
 	int			rc;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (usage_insert_plan == NULL)
-	{
-		Oid			types[4] = {INT8OID, TIMESTAMPTZOID, TEXTOID, INETOID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare("INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
-						   "VALUES ($1, $2, $3, $4, 1) "
-						   "ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
-						   "(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
-						   "DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) 1",
-						   4, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		usage_insert_plan = plan;
-	}
+	apikey_prepare_kept(&usage_insert_plan,
+						"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
+						"VALUES ($1, $2, $3, $4, 1) "
+						"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
+						"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
+						"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) 1",
+						4, insert_types);
 	values[0] = Int64GetDatum(su->uk->key_id);
 	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
 	values[1] = TimestampTzGetDatum(su->uk->bucket);
@@ -228,21 +195,12 @@ write_sync(void *arg)
 	/* last_used_at, at most once a minute per key to spare the row */
 	if (su->uk->code == APIKEY_VALID)
 	{
-		if (last_used_plan == NULL)
-		{
-			Oid			types[1] = {INT8OID};
-			SPIPlanPtr	plan;
-
-			plan = SPI_prepare("UPDATE apikey.keys SET last_used_at = pg_catalog.now() "
-							   "WHERE id OPERATOR(pg_catalog.=) $1 AND (last_used_at IS NULL "
-							   "OR last_used_at OPERATOR(pg_catalog.<) "
-							   "(pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval))",
-							   1, types);
-			if (plan == NULL)
-				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-			SPI_keepplan(plan);
-			last_used_plan = plan;
-		}
+		apikey_prepare_kept(&last_used_plan,
+							"UPDATE apikey.keys SET last_used_at = pg_catalog.now() "
+							"WHERE id OPERATOR(pg_catalog.=) $1 AND (last_used_at IS NULL "
+							"OR last_used_at OPERATOR(pg_catalog.<) "
+							"(pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval))",
+							1, update_types);
 		rc = SPI_execute_plan(last_used_plan, values, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
