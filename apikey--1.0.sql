@@ -34,9 +34,11 @@ CREATE TABLE apikey.keys (
 	last_used_at timestamptz,
 	rate_limit	integer CONSTRAINT keys_rate_limit_check CHECK (rate_limit OPERATOR(pg_catalog.>) 0),
 	rate_window	interval NOT NULL DEFAULT '1 minute'
-				CONSTRAINT keys_rate_window_check CHECK (rate_window OPERATOR(pg_catalog.>) '0'::interval),
+				CONSTRAINT keys_rate_window_check CHECK (rate_window OPERATOR(pg_catalog.>) '0'::interval
+														 AND rate_window OPERATOR(pg_catalog.<=) '1 year'::interval),
 	quota		bigint CONSTRAINT keys_quota_check CHECK (quota OPERATOR(pg_catalog.>=) 0),
-	quota_refill interval CONSTRAINT keys_quota_refill_check CHECK (quota_refill OPERATOR(pg_catalog.>) '0'::interval),
+	quota_refill interval CONSTRAINT keys_quota_refill_check CHECK (quota_refill OPERATOR(pg_catalog.>) '0'::interval
+																	AND quota_refill OPERATOR(pg_catalog.<=) '10 years'::interval),
 	allowed_cidrs cidr[] CONSTRAINT keys_allowed_cidrs_check
 				CHECK (pg_catalog.cardinality(allowed_cidrs) OPERATOR(pg_catalog.>) 0),
 	CONSTRAINT keys_hash_key UNIQUE (hash)
@@ -258,6 +260,14 @@ CREATE TRIGGER scopes_cascade AFTER DELETE ON apikey.scopes
 -- Administration (SECURITY DEFINER; EXECUTE must be granted explicitly)
 -------------------------------------------------------------------------------
 
+-- A value as quoted in an error message: at most 64 characters.
+CREATE FUNCTION apikey._clip(value text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT CASE WHEN pg_catalog.length(value) OPERATOR(pg_catalog.<=) 64 THEN value
+				ELSE pg_catalog.left(value, 61) OPERATOR(pg_catalog.||) '...' END
+$$;
+
 -- Validate a list of scope grants against the catalog; raise naming the first bad one.
 CREATE FUNCTION apikey._check_scopes(scopes text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -278,12 +288,12 @@ BEGIN
 		ELSIF s OPERATOR(pg_catalog.~~) '%:*' THEN
 			IF NOT EXISTS (SELECT FROM apikey.scopes c
 						   WHERE pg_catalog.starts_with(c.name, pg_catalog.left(s, -1))) THEN
-				RAISE EXCEPTION 'scope pattern "%" matches no scope in apikey.scopes', s
+				RAISE EXCEPTION 'scope pattern "%" matches no scope in apikey.scopes', apikey._clip(s)
 					USING ERRCODE = '22023',
 						  HINT = 'Add a scope under that prefix with INSERT INTO apikey.scopes (name) VALUES (...).';
 			END IF;
 		ELSIF NOT EXISTS (SELECT FROM apikey.scopes c WHERE c.name OPERATOR(pg_catalog.=) s) THEN
-			RAISE EXCEPTION 'scope "%" does not exist', s
+			RAISE EXCEPTION 'scope "%" does not exist', apikey._clip(s)
 				USING ERRCODE = '22023',
 					  HINT = 'Add it with INSERT INTO apikey.scopes (name) VALUES (...), or fix the name.';
 		END IF;
@@ -315,8 +325,9 @@ BEGIN
 		RAISE EXCEPTION 'quota must not be negative, got %', quota
 			USING ERRCODE = '22023', HINT = 'Use NULL for an unlimited quota.';
 	END IF;
-	IF quota_refill IS NOT NULL AND quota_refill OPERATOR(pg_catalog.<=) '0'::interval THEN
-		RAISE EXCEPTION 'quota_refill must be a positive interval, got %', quota_refill
+	IF quota_refill IS NOT NULL AND (quota_refill OPERATOR(pg_catalog.<=) '0'::interval
+									 OR quota_refill OPERATOR(pg_catalog.>) '10 years'::interval) THEN
+		RAISE EXCEPTION 'quota_refill must be a positive interval of at most 10 years, got %', quota_refill
 			USING ERRCODE = '22023', HINT = 'Use NULL for a quota that is never refilled.';
 	END IF;
 	IF quota_refill IS NOT NULL AND quota IS NULL THEN

@@ -21,6 +21,7 @@
 #include "common/sha2.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "utils/array.h"
@@ -156,6 +157,24 @@ hash_bytea(const char *data, size_t len)
 }
 
 /*
+ * A user-supplied value as quoted in an error message: at most 64
+ * characters (cut on a character boundary), so one bad call cannot write a
+ * megabyte into the log.
+ */
+static char *
+clip_for_message(text *t)
+{
+	const char *s = VARDATA_ANY(t);
+	int			len = VARSIZE_ANY_EXHDR(t);
+	int			cut;
+
+	if (pg_mbstrlen_with_len(s, len) <= 64)
+		return text_to_cstring(t);
+	cut = pg_mbcharcliplen(s, len, 61);
+	return psprintf("%.*s...", cut, s);
+}
+
+/*
  * A token argument, or NULL when it is NULL or too long to be a token.  The
  * length test reads the toast header only, so a megabyte of garbage is
  * never detoasted.
@@ -234,7 +253,7 @@ apikey_new_token(PG_FUNCTION_ARGS)
 	if (!apikey_prefix_is_valid(VARDATA_ANY(prefix), plen))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("invalid token prefix \"%s\"", text_to_cstring(prefix)),
+				 errmsg("invalid token prefix \"%s\"", clip_for_message(prefix)),
 				 errhint("A prefix is 1 to 16 characters: a lowercase letter, then lowercase letters, digits or underscores.")));
 	if (!pg_strong_random(secret, sizeof(secret)))
 		ereport(ERROR,
@@ -402,7 +421,7 @@ report_rejection(const ApikeyVerdict *v, text *scope)
 		case APIKEY_SCOPE_DENIED:
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("API key lacks scope \"%s\"", text_to_cstring(scope)),
+					 errmsg("API key lacks scope \"%s\"", clip_for_message(scope)),
 					 errdetail("Verdict: %s.", code)));
 			break;
 		case APIKEY_RATE_LIMITED:
@@ -530,7 +549,7 @@ apikey_require_scope(PG_FUNCTION_ARGS)
 {
 	if (!bound_key_has_scope(fcinfo))
 	{
-		const char *scope = PG_ARGISNULL(0) ? "(null)" : text_to_cstring(PG_GETARG_TEXT_PP(0));
+		const char *scope = PG_ARGISNULL(0) ? "(null)" : clip_for_message(PG_GETARG_TEXT_PP(0));
 
 		if (!apikey_binding_get(NULL, NULL, NULL, NULL))
 			ereport(ERROR,

@@ -1,0 +1,320 @@
+-- Bad input everywhere: every SQL-callable function in schema apikey gets
+-- NULLs, empty strings, huge values and wrong types.  Each answers with a
+-- documented result or an ERROR with a specific SQLSTATE; never a crash, an
+-- internal error, or a partial write.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+\set SHOW_CONTEXT never
+
+INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
+
+-- Tokens the cases refer to by name (never printed).
+CREATE TEMP TABLE tok (name text PRIMARY KEY, id bigint, token text);
+INSERT INTO tok SELECT 'valid', key_id, token FROM apikey.issue('acme', '{orders:read}');
+INSERT INTO tok SELECT 'revoked', key_id, token FROM apikey.issue('acme');
+SELECT apikey.revoke(id) FROM tok WHERE name = 'revoked';
+INSERT INTO tok SELECT 'victim', key_id, token FROM apikey.issue('victim');
+INSERT INTO tok SELECT 'leaked', key_id, token FROM apikey.issue('acme');
+INSERT INTO tok SELECT 'unknown', NULL, token FROM apikey._new_token('ak');
+
+-- Runs q (as a subtransaction) and reports 'ok: <first column>' or
+-- '<SQLSTATE>: <message>'; long texts are cut, keeping their length, and
+-- timestamps (which depend on now()) are masked.
+CREATE FUNCTION regress_hardening_try(q text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+	r text;
+	res text;
+BEGIN
+	BEGIN
+		EXECUTE q INTO r;
+		res := 'ok: ' || coalesce(r, 'NULL');
+	EXCEPTION WHEN OTHERS THEN
+		res := SQLSTATE || ': ' || SQLERRM;
+	END;
+	res := regexp_replace(res, '[A-Z][a-z]{2} [A-Z][a-z]{2} +[0-9]+ [0-9:.]+ [0-9]{4}( [A-Z]+)?', '<timestamp>', 'g');
+	IF length(res) > 110 THEN
+		res := left(res, 80) || '... (' || length(res) || ' chars)';
+	END IF;
+	RETURN res;
+END
+$$;
+
+-- Row counts of every apikey table, as one text value.
+CREATE FUNCTION regress_hardening_counts() RETURNS text
+LANGUAGE sql AS $$
+SELECT format('keys=%s key_scopes=%s revocations=%s quotas=%s scopes=%s usage_log=%s',
+	(SELECT count(*) FROM apikey.keys), (SELECT count(*) FROM apikey.key_scopes),
+	(SELECT count(*) FROM apikey.revocations), (SELECT count(*) FROM apikey.quotas),
+	(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.usage_log))
+$$;
+
+-- The cases: function name, label, statement (returning one printable value).
+CREATE TEMP TABLE cases (n serial PRIMARY KEY, fn name, label text, q text, result text);
+INSERT INTO cases (fn, label, q) VALUES
+-- hash(text): STRICT, any text
+('hash', 'NULL', $$SELECT apikey.hash(NULL)$$),
+('hash', 'empty', $$SELECT encode(apikey.hash(''), 'hex')$$),
+('hash', '1 MB', $$SELECT octet_length(apikey.hash(repeat('a', 1048576)))$$),
+('hash', 'varchar (implicit cast)', $$SELECT apikey.hash('abc'::varchar) = apikey.hash('abc')$$),
+('hash', 'integer (no implicit cast)', $$SELECT apikey.hash(42)$$),
+-- verify(text, text, inet)
+('verify', 'all NULL', $$SELECT apikey.verify(NULL, NULL, NULL)$$),
+('verify', 'empty token', $$SELECT apikey.verify('')$$),
+('verify', '1 MB token', $$SELECT apikey.verify(repeat('a', 1048576))$$),
+('verify', 'valid, 1 MB scope', $$SELECT apikey.verify((SELECT token FROM tok WHERE name = 'valid'), repeat('x', 1048576))$$),
+('verify', 'valid, empty scope', $$SELECT apikey.verify((SELECT token FROM tok WHERE name = 'valid'), '')$$),
+('verify', 'valid, NULL scope, NULL addr', $$SELECT apikey.verify((SELECT token FROM tok WHERE name = 'valid'), NULL, NULL)$$),
+('verify', 'valid, addr 0.0.0.0/0', $$SELECT apikey.verify((SELECT token FROM tok WHERE name = 'valid'), NULL, '0.0.0.0/0')$$),
+('verify', 'valid, cidr (implicit cast)', $$SELECT apikey.verify((SELECT token FROM tok WHERE name = 'valid'), NULL, '10.0.0.0/8'::cidr)$$),
+('verify', 'bad inet literal', $$SELECT apikey.verify('x', NULL, 'not an address')$$),
+('verify', 'varchar token (implicit cast)', $$SELECT apikey.verify((SELECT token FROM tok WHERE name = 'valid')::varchar)$$),
+('verify', 'integer token (no implicit cast)', $$SELECT apikey.verify(42)$$),
+-- check(text, text, inet)
+('check', 'all NULL', $$SELECT (apikey.check(NULL, NULL, NULL)).code$$),
+('check', 'empty token', $$SELECT (apikey.check('')).code$$),
+('check', '1 MB token', $$SELECT (apikey.check(repeat('ak_', 349526))).code$$),
+('check', 'valid, 1 MB scope', $$SELECT (apikey.check((SELECT token FROM tok WHERE name = 'valid'), repeat('x', 1048576))).code$$),
+('check', 'valid, ::/0', $$SELECT (apikey.check((SELECT token FROM tok WHERE name = 'valid'), 'orders:read', '::/0')).code$$),
+('check', 'revoked', $$SELECT (apikey.check((SELECT token FROM tok WHERE name = 'revoked'))).code$$),
+('check', 'unknown', $$SELECT (apikey.check((SELECT token FROM tok WHERE name = 'unknown'))).code$$),
+-- authenticate(text, text, inet, boolean)
+('authenticate', 'all NULL', $$SELECT apikey.authenticate(NULL, NULL, NULL, NULL)$$),
+('authenticate', 'empty token', $$SELECT apikey.authenticate('')$$),
+('authenticate', '1 MB token', $$SELECT apikey.authenticate(repeat('a', 1048576))$$),
+('authenticate', 'valid, NULL session', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid'), NULL, NULL, NULL) = (SELECT id FROM tok WHERE name = 'valid')$$),
+('authenticate', 'valid, 1 MB scope', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid'), repeat('x', 1048576))$$),
+('authenticate', 'valid, empty scope', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid'), '')$$),
+('authenticate', 'revoked', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'revoked'))$$),
+('authenticate', 'unknown', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'unknown'))$$),
+('authenticate', 'session as text ''yes''', $$SELECT apikey.authenticate('x', NULL, NULL, 'yes') IS NULL$$),
+('authenticate', 'session as integer', $$SELECT apikey.authenticate('x', NULL, NULL, 1)$$),
+-- logout(), current_key_id(), current_owner() with nothing bound
+('logout', 'nothing bound', $$SELECT apikey.logout()::text$$),
+('current_key_id', 'nothing bound', $$SELECT apikey.current_key_id()$$),
+('current_owner', 'nothing bound', $$SELECT apikey.current_owner()$$),
+-- has_scope(text), require_scope(text)
+('has_scope', 'NULL, nothing bound', $$SELECT apikey.has_scope(NULL)$$),
+('has_scope', '1 MB, nothing bound', $$SELECT apikey.has_scope(repeat('x', 1048576))$$),
+('has_scope', 'NULL, key bound', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid')) IS NOT NULL AND apikey.has_scope(NULL) IS NOT TRUE$$),
+('has_scope', 'empty, key bound', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid')) IS NOT NULL AND apikey.has_scope('')$$),
+('require_scope', 'NULL, nothing bound', $$SELECT apikey.require_scope(NULL)::text$$),
+('require_scope', 'empty, nothing bound', $$SELECT apikey.require_scope('')::text$$),
+('require_scope', '1 MB, nothing bound', $$SELECT apikey.require_scope(repeat('x', 1048576))::text$$),
+('require_scope', 'NULL, key bound', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid'))::text || apikey.require_scope(NULL)::text$$),
+('require_scope', '1 MB, key bound', $$SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'valid'))::text || apikey.require_scope(repeat('x', 1048576))::text$$),
+-- issue(...)
+('issue', 'owner NULL', $$SELECT count(*) FROM apikey.issue(NULL)$$),
+('issue', 'owner empty', $$SELECT count(*) FROM apikey.issue('')$$),
+('issue', 'owner blanks', $$SELECT count(*) FROM apikey.issue(E' \t\n ')$$),
+('issue', 'owner 1 MB (compressible)', $$SELECT count(*) FROM apikey.issue(repeat('o', 1048576))$$),
+('issue', 'owner 1 MB (incompressible)', $$SELECT count(*) FROM apikey.issue((SELECT string_agg(md5(i::text), '') FROM generate_series(1, 32768) i))$$),
+('issue', 'owner integer (no implicit cast)', $$SELECT count(*) FROM apikey.issue(42)$$),
+('issue', 'scopes NULL', $$SELECT count(*) FROM apikey.issue('acme', NULL)$$),
+('issue', 'scopes {NULL}', $$SELECT count(*) FROM apikey.issue('acme', '{NULL}')$$),
+('issue', 'scopes {""}', $$SELECT count(*) FROM apikey.issue('acme', '{""}')$$),
+('issue', 'scopes 1 MB name', $$SELECT count(*) FROM apikey.issue('acme', ARRAY[repeat('s', 1048576)])$$),
+('issue', 'scopes 10000 duplicates', $$SELECT count(*) FROM apikey.issue('acme', array_fill('orders:read'::text, ARRAY[10000]))$$),
+('issue', 'scopes not an array literal', $$SELECT count(*) FROM apikey.issue('acme', 'orders:read')$$),
+('issue', 'scopes 2-D array', $$SELECT count(*) FROM apikey.issue('acme', '{{orders:read},{orders:write}}')$$),
+('issue', 'name 1 MB', $$SELECT count(*) FROM apikey.issue('acme', name => repeat('n', 1048576))$$),
+('issue', 'expires_at in the past', $$SELECT count(*) FROM apikey.issue('acme', expires_at => now() - interval '1 second')$$),
+('issue', 'expires_at = now()', $$SELECT count(*) FROM apikey.issue('acme', expires_at => now())$$),
+('issue', 'expires_at -infinity', $$SELECT count(*) FROM apikey.issue('acme', expires_at => '-infinity')$$),
+('issue', 'expires_at infinity', $$SELECT (apikey.check(token)).code FROM apikey.issue('acme', expires_at => 'infinity')$$),
+('issue', 'expires_at garbage', $$SELECT count(*) FROM apikey.issue('acme', expires_at => 'soon')$$),
+('issue', 'prefix NULL', $$SELECT count(*) FROM apikey.issue('acme', prefix => NULL)$$),
+('issue', 'prefix empty', $$SELECT count(*) FROM apikey.issue('acme', prefix => '')$$),
+('issue', 'prefix 17 chars', $$SELECT count(*) FROM apikey.issue('acme', prefix => repeat('a', 17))$$),
+('issue', 'prefix 1 MB', $$SELECT count(*) FROM apikey.issue('acme', prefix => repeat('a', 1048576))$$),
+('issue', 'prefix uppercase', $$SELECT count(*) FROM apikey.issue('acme', prefix => 'AK')$$),
+('issue', 'prefix with dash', $$SELECT count(*) FROM apikey.issue('acme', prefix => 'a-k')$$),
+('issue', 'prefix non-ASCII', $$SELECT count(*) FROM apikey.issue('acme', prefix => 'äk')$$),
+('issue', 'prefix 16 chars', $$SELECT (apikey.check(token)).code FROM apikey.issue('acme', prefix => 'abcdefghij_0123_')$$),
+('issue', 'metadata NULL', $$SELECT count(*) FROM apikey.issue('acme', metadata => NULL)$$),
+('issue', 'metadata array', $$SELECT count(*) FROM apikey.issue('acme', metadata => '[]')$$),
+('issue', 'metadata JSON null', $$SELECT count(*) FROM apikey.issue('acme', metadata => 'null')$$),
+('issue', 'metadata invalid JSON', $$SELECT count(*) FROM apikey.issue('acme', metadata => '{')$$),
+('issue', 'metadata 1 MB object', $$SELECT count(*) FROM apikey.issue('acme', metadata => jsonb_build_object('x', repeat('m', 1048576)))$$),
+('issue', 'rate_limit 0', $$SELECT count(*) FROM apikey.issue('acme', rate_limit => 0)$$),
+('issue', 'rate_limit -1', $$SELECT count(*) FROM apikey.issue('acme', rate_limit => -1)$$),
+('issue', 'rate_limit int max', $$SELECT (apikey.check(token)).code FROM apikey.issue('acme', rate_limit => 2147483647)$$),
+('issue', 'rate_limit bigint (no implicit cast)', $$SELECT count(*) FROM apikey.issue('acme', rate_limit => 3000000000)$$),
+('issue', 'rate_window NULL', $$SELECT count(*) FROM apikey.issue('acme', rate_window => NULL)$$),
+('issue', 'rate_window 0', $$SELECT count(*) FROM apikey.issue('acme', rate_window => '0')$$),
+('issue', 'rate_window negative', $$SELECT count(*) FROM apikey.issue('acme', rate_window => '-1 second')$$),
+('issue', 'rate_window 1 year', $$SELECT (apikey.check(token)).code FROM apikey.issue('acme', rate_limit => 1, rate_window => '1 year')$$),
+('issue', 'rate_window 1 year 1 second', $$SELECT count(*) FROM apikey.issue('acme', rate_limit => 1, rate_window => '1 year 1 second')$$),
+('issue', 'rate_window 1 microsecond', $$SELECT (apikey.check(token)).code FROM apikey.issue('acme', rate_limit => 1, rate_window => '1 microsecond')$$),
+('issue', 'rate_window garbage', $$SELECT count(*) FROM apikey.issue('acme', rate_window => 'often')$$),
+('issue', 'quota -1', $$SELECT count(*) FROM apikey.issue('acme', quota => -1)$$),
+('issue', 'quota 0', $$SELECT (apikey.check(token)).code FROM apikey.issue('acme', quota => 0)$$),
+('issue', 'quota bigint max', $$SELECT (apikey.check(token)).remaining FROM apikey.issue('acme', quota => 9223372036854775807)$$),
+('issue', 'quota bigint min', $$SELECT count(*) FROM apikey.issue('acme', quota => -9223372036854775808)$$),
+('issue', 'quota_refill 0', $$SELECT count(*) FROM apikey.issue('acme', quota => 1, quota_refill => '0')$$),
+('issue', 'quota_refill without quota', $$SELECT count(*) FROM apikey.issue('acme', quota_refill => '1 day')$$),
+('issue', 'allowed_cidrs {NULL}', $$SELECT count(*) FROM apikey.issue('acme', allowed_cidrs => '{NULL}')$$),
+('issue', 'allowed_cidrs garbage', $$SELECT count(*) FROM apikey.issue('acme', allowed_cidrs => '{10.0.0.0/33}')$$),
+('issue', 'allowed_cidrs host bits set', $$SELECT count(*) FROM apikey.issue('acme', allowed_cidrs => '{10.0.0.1/8}')$$),
+('issue', 'allowed_cidrs 10000 entries', $$SELECT (apikey.check(token, NULL, '192.0.2.1')).code FROM apikey.issue('acme', allowed_cidrs => (SELECT array_agg(('10.' || i / 256 || '.' || i % 256 || '.0/24')::cidr) FROM generate_series(0, 9999) i))$$),
+-- set_limits(...)
+('set_limits', 'key_id NULL', $$SELECT apikey.set_limits(NULL)::text$$),
+('set_limits', 'key_id 0', $$SELECT apikey.set_limits(0)::text$$),
+('set_limits', 'key_id -1', $$SELECT apikey.set_limits(-1)::text$$),
+('set_limits', 'key_id bigint max', $$SELECT apikey.set_limits(9223372036854775807)::text$$),
+('set_limits', 'key_id bigint min', $$SELECT apikey.set_limits(-9223372036854775808)::text$$),
+('set_limits', 'key_id numeric (no implicit cast)', $$SELECT apikey.set_limits(1.5)::text$$),
+('set_limits', 'key_id text literal', $$SELECT apikey.set_limits('one')::text$$),
+('set_limits', 'rate_limit 0', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), 0)::text$$),
+('set_limits', 'rate_window NULL', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), 5, NULL)::text$$),
+('set_limits', 'quota -1', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), quota => -1)::text$$),
+('set_limits', 'quota_refill without quota', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), quota_refill => '1 day')::text$$),
+('set_limits', 'allowed_cidrs {NULL}', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), allowed_cidrs => '{NULL}')::text$$),
+('set_limits', 'all defaults', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'))::text$$),
+-- revoke(bigint, text)
+('revoke', 'key_id NULL', $$SELECT apikey.revoke(NULL)$$),
+('revoke', 'key_id 0', $$SELECT apikey.revoke(0)$$),
+('revoke', 'key_id -1', $$SELECT apikey.revoke(-1)$$),
+('revoke', 'key_id bigint max', $$SELECT apikey.revoke(9223372036854775807)$$),
+('revoke', 'key_id bigint min', $$SELECT apikey.revoke(-9223372036854775808)$$),
+('revoke', 'key_id numeric (no implicit cast)', $$SELECT apikey.revoke(1.5)$$),
+('revoke', 'key_id text literal', $$SELECT apikey.revoke('one')$$),
+('revoke', 'reason 1 MB', $$SELECT apikey.revoke((SELECT id FROM tok WHERE name = 'revoked'), repeat('r', 1048576))$$),
+-- revoke_token(text, text)
+('revoke_token', 'NULL', $$SELECT apikey.revoke_token(NULL)$$),
+('revoke_token', 'empty', $$SELECT apikey.revoke_token('')$$),
+('revoke_token', '1 MB', $$SELECT apikey.revoke_token(repeat('a', 1048576))$$),
+('revoke_token', 'unknown', $$SELECT apikey.revoke_token((SELECT token FROM tok WHERE name = 'unknown'))$$),
+('revoke_token', 'leaked, 1 MB reason', $$SELECT apikey.revoke_token((SELECT token FROM tok WHERE name = 'leaked'), repeat('r', 1048576))$$),
+('revoke_token', 'leaked again', $$SELECT apikey.revoke_token((SELECT token FROM tok WHERE name = 'leaked'))$$),
+-- rotate(bigint, interval)
+('rotate', 'key_id NULL', $$SELECT count(*) FROM apikey.rotate(NULL)$$),
+('rotate', 'key_id 0', $$SELECT count(*) FROM apikey.rotate(0)$$),
+('rotate', 'key_id bigint max', $$SELECT count(*) FROM apikey.rotate(9223372036854775807)$$),
+('rotate', 'key_id bigint min', $$SELECT count(*) FROM apikey.rotate(-9223372036854775808)$$),
+('rotate', 'grace NULL', $$SELECT count(*) FROM apikey.rotate((SELECT id FROM tok WHERE name = 'victim'), NULL)$$),
+('rotate', 'grace negative', $$SELECT count(*) FROM apikey.rotate((SELECT id FROM tok WHERE name = 'victim'), '-1 second')$$),
+('rotate', 'grace garbage', $$SELECT count(*) FROM apikey.rotate((SELECT id FROM tok WHERE name = 'victim'), 'later')$$),
+('rotate', 'revoked key', $$SELECT count(*) FROM apikey.rotate((SELECT id FROM tok WHERE name = 'revoked'))$$),
+('rotate', 'grace 0', $$SELECT count(*) FROM apikey.rotate((SELECT id FROM tok WHERE name = 'victim'), '0')$$),
+-- revoke_owner(text, text)
+('revoke_owner', 'NULL', $$SELECT apikey.revoke_owner(NULL)$$),
+('revoke_owner', 'empty', $$SELECT apikey.revoke_owner('')$$),
+('revoke_owner', '1 MB', $$SELECT apikey.revoke_owner(repeat('o', 1048577))$$),
+('revoke_owner', 'no such owner', $$SELECT apikey.revoke_owner('nobody')$$),
+-- flush_usage(), _stats(), _live_usage()
+('flush_usage', 'no arguments', $$SELECT apikey.flush_usage()$$),
+('_stats', 'no arguments', $$SELECT (apikey._stats()).shared_memory$$),
+('_live_usage', 'no arguments', $$SELECT count(*) FROM apikey._live_usage()$$),
+-- internal helpers
+('_new_token', 'NULL', $$SELECT apikey._new_token(NULL)$$),
+('_new_token', 'empty', $$SELECT apikey._new_token('')$$),
+('_new_token', '1 MB', $$SELECT apikey._new_token(repeat('a', 1048576))$$),
+('_new_token', 'a', $$SELECT (t).token ~ '^a_[0-9A-Za-z]{49}$' AND (t).hint = 'a_...' || right((t).token, 4) AND octet_length((t).hash) = 32 FROM apikey._new_token('a') t$$),
+('_token_hash', 'NULL', $$SELECT apikey._token_hash(NULL)$$),
+('_token_hash', 'empty', $$SELECT apikey._token_hash('')$$),
+('_token_hash', '1 MB', $$SELECT apikey._token_hash(repeat('a', 1048576))$$),
+('_token_hash', 'valid', $$SELECT apikey._token_hash((SELECT token FROM tok WHERE name = 'valid')) = apikey.hash((SELECT token FROM tok WHERE name = 'valid'))$$),
+('_acting_role', 'no arguments', $$SELECT apikey._acting_role() = current_user$$),
+('_check_scopes', 'NULL', $$SELECT apikey._check_scopes(NULL)::text$$),
+('_check_scopes', 'empty array', $$SELECT apikey._check_scopes('{}')::text$$),
+('_check_scopes', '{NULL}', $$SELECT apikey._check_scopes('{NULL}')::text$$),
+('_check_scopes', '1 MB name', $$SELECT apikey._check_scopes(ARRAY[repeat('s', 1048576)])::text$$),
+('_check_scopes', 'pattern *', $$SELECT apikey._check_scopes('{*, orders:*, *}')::text$$),
+('_check_limits', 'all NULL', $$SELECT apikey._check_limits(NULL, NULL, NULL, NULL)::text$$),
+('_check_limits', 'extremes that are allowed', $$SELECT apikey._check_limits(2147483647, '1 year', 9223372036854775807, '1 year')::text$$),
+('_check_limits', 'window over 1 year', $$SELECT apikey._check_limits(1, '1 year 1 second', NULL, NULL)::text$$),
+('_check_limits', 'negative window', $$SELECT apikey._check_limits(1, '-178000000 years', NULL, NULL)::text$$),
+('_clip', 'NULL', $$SELECT coalesce(apikey._clip(NULL), 'null')$$),
+('_clip', 'empty', $$SELECT '[' || apikey._clip('') || ']'$$),
+('_clip', '1 MB', $$SELECT length(apikey._clip(repeat('x', 1000000)))::text$$),
+('_clip', '1 MB multibyte', $$SELECT length(apikey._clip(repeat('é', 1000000)))::text || right(apikey._clip(repeat('é', 1000000)), 4)$$),
+('_check_cidrs', 'NULL', $$SELECT apikey._check_cidrs(NULL)::text$$),
+('_check_cidrs', 'empty array', $$SELECT apikey._check_cidrs('{}')::text$$),
+('_check_cidrs', '{NULL}', $$SELECT apikey._check_cidrs('{NULL}')::text$$),
+('_check_cidrs', 'everything', $$SELECT apikey._check_cidrs('{0.0.0.0/0, ::/0}')::text$$),
+('_check_cidrs', 'inet with host bits (no implicit cast)', $$SELECT apikey._check_cidrs('{10.0.0.1/8}'::inet[])::text$$),
+('_invalidate', 'called directly', $$SELECT apikey._invalidate()::text$$),
+('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$);
+
+-- Run every case in order, each after the previous one.
+DO $$
+DECLARE
+	c record;
+BEGIN
+	FOR c IN SELECT n, q FROM cases ORDER BY n LOOP
+		UPDATE cases SET result = regress_hardening_try(c.q) WHERE n = c.n;
+		PERFORM apikey.logout();
+	END LOOP;
+END
+$$;
+SELECT n, fn, label, result FROM cases ORDER BY n;
+
+-- Every SQL-callable function in schema apikey has at least one case: a new
+-- function shows up here until it gets one (zero rows).
+SELECT p.oid::regprocedure AS function_without_case
+  FROM pg_proc p
+ WHERE p.pronamespace = 'apikey'::regnamespace
+   AND NOT EXISTS (SELECT FROM cases c WHERE c.fn = p.proname)
+ ORDER BY p.oid::regprocedure::text COLLATE "C";
+
+-- No case produced an internal error or an internal message (zero rows).
+SELECT n, fn, label, result FROM cases
+ WHERE result ~ '^XX' OR result ~* 'cache lookup failed|SPI_|unrecognized|unexpected|TRAP|could not|internal'
+ ORDER BY n;
+
+-- The failing calls of the administrative functions again, each a
+-- top-level statement of its own: the tables are unchanged afterwards.
+SELECT regress_hardening_counts() AS counts_before \gset
+\set VERBOSITY sqlstate
+SELECT q FROM cases
+ WHERE fn IN ('issue', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs')
+   AND result !~ '^ok'
+ ORDER BY n \gexec
+\set VERBOSITY default
+SELECT regress_hardening_counts() = :'counts_before' AS no_partial_write;
+
+-- Edges where more than one answer is right, but some are wrong: each
+-- result must match its pattern (every row true).
+SELECT label, regress_hardening_try(q) ~ expect AS as_documented
+  FROM (VALUES
+	(2, 'issue: an empty allowlist is refused or allows no address',
+	 $$SELECT (apikey.check(token, NULL, '192.0.2.1')).code FROM apikey.issue('acme', allowed_cidrs => '{}')$$,
+	 '^(22023: |ok: address_denied$)'),
+	(3, 'set_limits: an empty allowlist is refused or allows no address',
+	 $$SELECT (apikey.check(t.token, NULL, '192.0.2.1')).code
+	     FROM apikey.issue('acme') t, LATERAL apikey.set_limits(t.key_id, allowed_cidrs => '{}')$$,
+	 '^(22023: |ok: address_denied$)'),
+	(4, 'rate limit 1 per 178000000 years: refused, or the second call is limited',
+	 $$SELECT string_agg((apikey.check(t.token)).code, ',' ORDER BY i)
+	     FROM apikey.issue('acme', rate_limit => 1, rate_window => '178000000 years') t, generate_series(1, 2) i$$,
+	 '^(22023: |ok: valid,rate_limited$)'),
+	(5, 'rate limit 1 per 300000 years: refused, or the second call is limited',
+	 $$SELECT string_agg((apikey.check(t.token)).code, ',' ORDER BY i)
+	     FROM apikey.issue('acme', rate_limit => 1, rate_window => '300000 years') t, generate_series(1, 3) i$$,
+	 '^(22023: |ok: valid,rate_limited,rate_limited$)'),
+	(6, 'rate limit 2 per 1000000 years: refused, or the first two calls are valid',
+	 $$SELECT string_agg((apikey.check(t.token)).code, ',' ORDER BY i)
+	     FROM apikey.issue('acme', rate_limit => 2, rate_window => '1000000 years') t, generate_series(1, 3) i$$,
+	 '^(22023: |ok: valid,valid,rate_limited$)'),
+	(7, 'quota refilled every 300000 years: refused, or verify() answers',
+	 $$SELECT apikey.verify(t.token)::text FROM apikey.issue('acme', quota => 1, quota_refill => '300000 years') t$$,
+	 '^(22023: |ok: true$)'),
+	(8, 'quota refilled every 178000000 years: refused, or verify() answers',
+	 $$SELECT apikey.verify(t.token)::text FROM apikey.issue('acme', quota => 1, quota_refill => '178000000 years') t$$,
+	 '^(22023: |ok: true$)'),
+	(9, 'quota refill pushed past the timestamp range by set_limits: refused, or verify() answers',
+	 $$SELECT apikey.verify(t.token)::text
+	     FROM apikey.issue('acme') t, LATERAL apikey.set_limits(t.key_id, quota => 5, quota_refill => '300000 years')$$,
+	 '^(22023: |ok: true$)'),
+	(10, 'rotate: a grace beyond the timestamp range is refused or accepted, not an internal error',
+	 $$SELECT count(*) FROM apikey.rotate((SELECT key_id FROM apikey.issue('acme')), '178000000 years')$$,
+	 '^(22023: |22008: |ok: 1$)')
+  ) AS e(n, label, q, expect)
+ ORDER BY n;
+
+-- Clean up.
+DROP FUNCTION regress_hardening_try(text);
+DROP FUNCTION regress_hardening_counts();

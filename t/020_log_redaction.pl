@@ -1,0 +1,199 @@
+# Tokens never reach the server log.
+#
+# Every way PostgreSQL writes statement text or values into the log is
+# switched on (log_statement, log_min_duration_statement, the STATEMENT line
+# of log_min_error_statement, bind parameters in DETAIL and in error
+# CONTEXT, auto_explain's query text and verbose plan, plpgsql RAISE and
+# error context, csvlog and jsonlog).  Tokens are then used in SQL text in
+# all those places.  Afterwards no token may appear in any log file, and
+# the hints that replace them must.  A control with apikey.redact_logs =
+# off shows a token does get logged when redaction is off.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = PostgreSQL::Test::Cluster->new('redact');
+$node->init;
+$node->append_conf(
+	'postgresql.conf', qq{
+shared_preload_libraries = 'apikey'
+session_preload_libraries = 'auto_explain'
+auto_explain.log_min_duration = 0
+auto_explain.log_analyze = on
+auto_explain.log_verbose = on
+auto_explain.log_nested_statements = on
+log_statement = 'all'
+log_min_duration_statement = 0
+log_min_error_statement = error
+log_min_messages = notice
+log_error_verbosity = verbose
+log_parameter_max_length = -1
+log_parameter_max_length_on_error = -1
+logging_collector = on
+log_destination = 'stderr,csvlog,jsonlog'
+log_directory = 'log'
+});
+$node->start;
+
+$node->safe_psql('postgres', 'CREATE EXTENSION apikey');
+
+# Tokens used below, by name.  Each is used in one kind of place, so a leak
+# names the path that leaked it.
+my %tok;
+sub issue
+{
+	my ($name, $args) = @_;
+	my $row = $node->safe_psql('postgres',
+		"SELECT key_id || '|' || token FROM apikey.issue($args)");
+	my ($id, $token) = split /\|/, $row;
+	$tok{$name} = $token;
+	return $id;
+}
+
+issue('valid', "'acme'");
+issue('valid_live', "'acme', prefix => 'ak_live'");
+my $rev_id = issue('revoked', "'acme'");
+$node->safe_psql('postgres', "SELECT apikey.revoke($rev_id)");
+issue($_, "'acme'") for qw(div_zero prepared bind bind_error notice warning
+  exception context internal_query glued plan explain);
+my $ctl_id = issue('control', "'acme'");
+for my $name (qw(unknown unknown_auth))
+{
+	$tok{$name} = $node->safe_psql('postgres',
+		"SELECT token FROM apikey._new_token('ak')");
+}
+
+# A string shaped like a token but with a wrong checksum is left alone.
+my $fake = substr($tok{valid}, 0, -6)
+  . (substr($tok{valid}, -6) eq '000000' ? '000001' : '000000');
+
+# Statements with literal tokens, run through psql (simple protocol).
+sub run
+{
+	my ($sql) = @_;
+	my ($ret, $out, $err) = $node->psql('postgres', $sql);
+	return ($ret, $err);
+}
+
+my ($ret, $err);
+($ret, $err) = run(
+	qq{SELECT apikey.verify('$tok{valid}');
+	   SELECT * FROM apikey.check('$tok{valid}', 'orders:read');
+	   SELECT apikey.authenticate('$tok{valid}');
+	   SELECT apikey.verify('$tok{valid_live}'), '$fake' AS fake;});
+is($ret, 0, 'valid token: verify, check, authenticate succeed');
+
+($ret, $err) = run(
+	qq{SELECT apikey.verify('$tok{revoked}');
+	   SELECT * FROM apikey.check('$tok{revoked}');
+	   SELECT apikey.authenticate('$tok{revoked}');});
+like($err, qr/API key has been revoked/, 'revoked token: authenticate raises');
+
+($ret, $err) = run(
+	qq{SELECT apikey.verify('$tok{unknown}');
+	   SELECT * FROM apikey.check('$tok{unknown}');});
+is($ret, 0, 'unknown token: verify and check answer');
+($ret, $err) = run(qq{SELECT apikey.authenticate('$tok{unknown_auth}');});
+like($err, qr/invalid API key/, 'unknown token: authenticate raises');
+
+($ret, $err) = run(qq{SELECT 1/0, '$tok{div_zero}';});
+like($err, qr/division by zero/, 'statement failing for another reason');
+
+($ret, $err) = run(
+	qq{PREPARE p(text) AS SELECT apikey.verify(\$1);
+	   EXECUTE p('$tok{prepared}');});
+is($ret, 0, 'PREPARE / EXECUTE with a token');
+
+# Token inside a plan: EXPLAIN VERBOSE output is not logged, but
+# auto_explain's verbose plan of the same query is.
+($ret, $err) = run(
+	qq{EXPLAIN (VERBOSE) SELECT apikey.verify(x) FROM (VALUES ('$tok{explain}')) v(x);
+	   SELECT count(*) FROM (VALUES ('$tok{plan}'), ('x')) v(x) WHERE apikey.verify(x);});
+is($ret, 0, 'tokens in plans');
+
+($ret, $err) = run(
+	qq{DO \$\$ BEGIN RAISE NOTICE 'notice about %', '$tok{notice}'; END \$\$;
+	   DO \$\$ BEGIN RAISE WARNING 'warning' USING DETAIL = 'key $tok{warning} leaked',
+	                                               HINT = 'revoke $tok{warning}'; END \$\$;});
+is($ret, 0, 'RAISE NOTICE and WARNING with tokens');
+($ret, $err) = run(
+	qq{DO \$\$ BEGIN RAISE EXCEPTION 'bad key %', '$tok{exception}'; END \$\$;});
+like($err, qr/bad key/, 'RAISE EXCEPTION with a token');
+($ret, $err) = run(
+	qq{DO \$\$ BEGIN PERFORM 1/0 FROM (SELECT '$tok{context}'::text) s; END \$\$;});
+like($err, qr/division by zero/, 'error inside plpgsql: token in CONTEXT');
+($ret, $err) = run(
+	qq{DO \$\$ BEGIN EXECUTE 'SELECT ''$tok{internal_query}'' FROM no_such_table'; END \$\$;});
+like($err, qr/no_such_table/, 'error in dynamic SQL: token in QUERY');
+($ret, $err) = run(qq{SELECT 'x$tok{glued}y';});
+is($ret, 0, 'token glued to other text');
+
+# Bind parameters (extended protocol), through pgbench -M extended.
+my $script = $node->basedir . '/bind.sql';
+append_to_file($script, "SELECT apikey.verify(:tok);\n");
+my $script_err = $node->basedir . '/bind_error.sql';
+append_to_file($script_err, "SELECT apikey.authenticate(:tok);\n");
+$node->command_ok(
+	[
+		'pgbench', '-n', '-M', 'extended', '-t', '1', '-f', $script,
+		'-D', "tok=$tok{bind}", '-h', $node->host, '-p', $node->port,
+		'postgres'
+	],
+	'bind parameter: verify');
+$node->safe_psql('postgres', "SELECT apikey.revoke_token('$tok{bind_error}')");
+my ($stdout, $stderr);
+IPC::Run::run(
+	[
+		'pgbench', '-n', '-M', 'extended', '-t', '1', '-f', $script_err,
+		'-D', "tok=$tok{bind_error}", '-h', $node->host, '-p', $node->port,
+		'postgres'
+	],
+	'>', \$stdout, '2>', \$stderr);
+like($stderr, qr/API key has been revoked/,
+	'bind parameter: authenticate of a revoked key raises')
+  or diag $stderr;
+
+# Control: with redaction off (superuser only), the token is logged.
+($ret, $err) = run(
+	qq{SET apikey.redact_logs = off; SELECT apikey.verify('$tok{control}');});
+is($ret, 0, 'control statement ran');
+
+# Let the collector write everything out.
+$node->stop('fast');
+
+my @files = ($node->logfile, glob($node->data_dir . '/log/*'));
+my %kinds = map { (/\.(csv|json|log)$/ ? $1 : 'other') => 1 } @files;
+ok($kinds{csv} && $kinds{json}, 'csvlog and jsonlog files exist');
+my $log = join("\n", map { slurp_file($_) } @files);
+note sprintf('%d log files, %d bytes', scalar(@files), length($log));
+
+for my $name (sort keys %tok)
+{
+	my $t = $tok{$name};
+	my ($prefix) = $t =~ /^(.*)_[0-9A-Za-z]{49}$/;
+	my $hint = $prefix . '_...' . substr($t, -4);
+	my $count = () = $log =~ /\Q$t\E/g;
+	if ($name eq 'control')
+	{
+		ok($count > 0, 'control: with redact_logs = off the token is logged');
+		next;
+	}
+	is($count, 0, "token '$name' appears nowhere in the logs");
+	ok(index($log, $hint) >= 0, "hint of token '$name' is logged instead");
+}
+
+# Tokens made by the extension were logged in every format.
+for my $fmt (qw(csv json))
+{
+	my ($file) = grep { /\.$fmt$/ } @files;
+	my $content = slurp_file($file);
+	like($content, qr/ak_\.\.\.[0-9A-Za-z]{4}/, "$fmt log holds hints");
+}
+
+ok(index($log, $fake) >= 0,
+	'a token-shaped string with a wrong checksum is logged unchanged');
+
+done_testing();

@@ -1,0 +1,194 @@
+# Dump and restore.
+#
+# Keys with scopes, limits, a revocation, a rotation (the old key expired),
+# and usage are dumped with pg_dump -Fc and restored with pg_restore into a
+# fresh database of a new cluster.  Afterwards every apikey table holds
+# exactly the same rows, every token gets the same verdict (valid, revoked,
+# expired) with the same key, owner and scopes, and a newly issued key
+# continues the id sequence after the old maximum.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $conf = qq{
+shared_preload_libraries = 'apikey'
+apikey.database = 'postgres'
+};
+
+my $old = PostgreSQL::Test::Cluster->new('old');
+$old->init;
+$old->append_conf('postgresql.conf', $conf);
+$old->start;
+
+# In a database other than apikey.database usage is written synchronously,
+# so the usage_log rows exist before the dump.
+$old->safe_psql('postgres', 'CREATE DATABASE app');
+$old->safe_psql(
+	'app', q{
+CREATE EXTENSION apikey;
+INSERT INTO apikey.scopes (name, description) VALUES
+	('orders:read', 'read orders'), ('orders:write', NULL), ('billing:read', 'invoices');
+});
+
+my %tok;
+my %id;
+sub issue
+{
+	my ($node, $db, $name, $args) = @_;
+	my ($id, $token) = split /\|/,
+	  $node->safe_psql($db, "SELECT key_id || '|' || token FROM apikey.issue($args)");
+	$tok{$name} = $token;
+	$id{$name} = $id;
+	return $id;
+}
+issue($old, 'app', 'plain', q{'acme', '{orders:read, orders:write}', 'checkout'});
+issue($old, 'app', 'wildcard', q{'acme', '{orders:*, billing:read}', metadata => '{"team": "ops"}'});
+issue($old, 'app', 'all', q{'globex', '{*}', prefix => 'gx_live'});
+issue($old, 'app', 'limited', q{'globex', '{orders:read}', rate_limit => 100, quota => 50,
+	quota_refill => '1 day', allowed_cidrs => '{127.0.0.0/8, ::1/128}'});
+issue($old, 'app', 'expiring', q{'initech', expires_at => now() + interval '30 days'});
+issue($old, 'app', 'revoked', q{'initech', '{billing:read}'});
+issue($old, 'app', 'rotated', q{'initech', '{orders:read}', 'rotated key'});
+$old->safe_psql('app', "SELECT apikey.revoke($id{revoked}, 'leaked in a ticket')");
+# Rotation with no grace: the old key expires at once.
+my ($new_id, $new_token) = split /\|/,
+  $old->safe_psql('app',
+	"SELECT key_id || '|' || token FROM apikey.rotate($id{rotated}, '0 seconds')");
+$tok{rotated_new} = $new_token;
+$id{rotated_new} = $new_id;
+
+# Usage: a few verifications of each kind.
+$old->safe_psql(
+	'app', qq{
+SELECT apikey.verify('$tok{plain}', 'orders:read') FROM generate_series(1, 3);
+SELECT apikey.verify('$tok{wildcard}', 'orders:refund');
+SELECT apikey.verify('$tok{limited}', 'orders:read') FROM generate_series(1, 2);
+SELECT apikey.verify('$tok{revoked}');
+SELECT apikey.verify('$tok{rotated}');
+SELECT apikey.verify('$tok{rotated_new}', 'orders:read');
+SELECT apikey.verify('ak_not_a_token');
+});
+
+# Everything that must survive, as text: whole rows of every table, and the
+# verdict of every token.
+my $tables_sql = q{
+SELECT string_agg(t || ': ' || d, E'\n' ORDER BY t) FROM (
+	SELECT 'keys' AS t, md5(string_agg(k::text, '|' ORDER BY k.id)) AS d FROM apikey.keys k
+	UNION ALL SELECT 'key_scopes', md5(string_agg(s::text, '|' ORDER BY s.key_id, s.scope COLLATE "C")) FROM apikey.key_scopes s
+	UNION ALL SELECT 'scopes', md5(string_agg(c::text, '|' ORDER BY c.name COLLATE "C")) FROM apikey.scopes c
+	UNION ALL SELECT 'revocations', md5(string_agg(r::text, '|' ORDER BY r.key_id)) FROM apikey.revocations r
+	UNION ALL SELECT 'quotas', md5(string_agg(q::text, '|' ORDER BY q.key_id)) FROM apikey.quotas q
+	UNION ALL SELECT 'usage_log', md5(string_agg(u::text, '|' ORDER BY u.key_id, u.bucket, u.code, u.client_addr)) FROM apikey.usage_log u
+	UNION ALL SELECT 'counts', format('keys=%s key_scopes=%s scopes=%s revocations=%s quotas=%s usage_log=%s calls=%s',
+		(SELECT count(*) FROM apikey.keys), (SELECT count(*) FROM apikey.key_scopes),
+		(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.revocations),
+		(SELECT count(*) FROM apikey.quotas), (SELECT count(*) FROM apikey.usage_log),
+		(SELECT sum(calls) FROM apikey.usage_log))
+) x};
+
+sub verdicts
+{
+	my ($node, $db) = @_;
+	my %v;
+	for my $name (sort keys %tok)
+	{
+		# check() debits a quota and counts usage: run it in a transaction
+		# that is rolled back, so the comparison leaves no trace.
+		$v{$name} = $node->safe_psql(
+			$db, qq{
+BEGIN;
+SELECT v.code || ' ' || coalesce(v.key_id::text, '-') || ' ' || coalesce(v.owner, '-') || ' '
+       || coalesce(array_to_string(ARRAY(SELECT s FROM unnest(v.scopes) s ORDER BY s COLLATE "C"), ','), '-')
+       || ' ' || coalesce(v.expires_at::text, '-')
+  FROM apikey.check('$tok{$name}', NULL, '127.0.0.1') v;
+ROLLBACK;});
+	}
+	return \%v;
+}
+
+my $tables_before = $old->safe_psql('app', $tables_sql);
+my $verdicts_before = verdicts($old, 'app');
+my $max_id = $old->safe_psql('app', 'SELECT max(id) FROM apikey.keys');
+note "before the dump:\n$tables_before";
+note "$_: " . ($verdicts_before->{$_} =~ s/^(\S+).*/$1/r) for sort keys %$verdicts_before;
+
+# The verdicts are the interesting ones.
+like($verdicts_before->{plain}, qr/^valid /, 'plain key is valid');
+like($verdicts_before->{limited}, qr/^valid /, 'limited key is valid');
+like($verdicts_before->{revoked}, qr/^revoked /, 'revoked key is revoked');
+like($verdicts_before->{rotated}, qr/^expired /, 'key rotated with no grace has expired');
+like($verdicts_before->{rotated_new}, qr/^valid /, 'its successor is valid');
+
+# Dump, and restore into a fresh database of a new cluster.
+my $dump = $old->basedir . '/app.dump';
+$old->command_ok([ 'pg_dump', '-Fc', '-f', $dump, '-d', $old->connstr('app') ],
+	'pg_dump -Fc');
+
+my $new = PostgreSQL::Test::Cluster->new('new');
+$new->init;
+$new->append_conf('postgresql.conf', $conf);
+$new->start;
+$new->safe_psql('postgres', 'CREATE DATABASE restored');
+my ($stdout, $stderr);
+my $ok = IPC::Run::run(
+	[ 'pg_restore', '--exit-on-error', '-d', $new->connstr('restored'), $dump ],
+	'>', \$stdout, '2>', \$stderr);
+ok($ok, 'pg_restore succeeded');
+is($stderr, '', 'pg_restore printed no warning or error');
+
+my $tables_after = $new->safe_psql('restored', $tables_sql);
+is($tables_after, $tables_before, 'every apikey table holds exactly the same rows');
+is($new->safe_psql('restored', q{SELECT extversion FROM pg_extension WHERE extname = 'apikey'}),
+	$old->safe_psql('app', q{SELECT extversion FROM pg_extension WHERE extname = 'apikey'}),
+	'same extension version');
+
+my $verdicts_after = verdicts($new, 'restored');
+for my $name (sort keys %tok)
+{
+	is($verdicts_after->{$name}, $verdicts_before->{$name},
+		"token '$name': same verdict, key, owner, scopes and expiry");
+}
+
+# The restored key is usable through authenticate() and binds its owner.
+is( $new->safe_psql(
+		'restored', qq{
+BEGIN;
+SELECT apikey.authenticate('$tok{wildcard}', 'orders:refund') = $id{wildcard},
+       apikey.current_owner(), apikey.has_scope('billing:read'), apikey.has_scope('billing:write');
+COMMIT;}),
+	't|acme|t|f',
+	'authenticate() binds a restored key with its scopes');
+
+# Rotation links and revocation details survived.
+is( $new->safe_psql(
+		'restored', qq{
+SELECT (SELECT rotated_from FROM apikey.keys WHERE id = $id{rotated_new}),
+       (SELECT reason FROM apikey.revocations WHERE key_id = $id{revoked})}),
+	"$id{rotated}|leaked in a ticket",
+	'rotated_from and the revocation reason survived');
+
+# A new key continues the id sequence: no duplicate key.
+my ($next_id) = split /\|/,
+  $new->safe_psql('restored',
+	q{SELECT key_id || '|' || token FROM apikey.issue('newco', '{orders:read}')});
+cmp_ok($next_id, '>', $max_id, "a newly issued key gets id $next_id, after the old maximum $max_id");
+my ($rot_id) = split /\|/,
+  $new->safe_psql('restored',
+	"SELECT key_id || '|' || token FROM apikey.rotate($id{plain})");
+cmp_ok($rot_id, '>', $next_id, 'rotate() after restore also gets a fresh id');
+
+# Usage keeps accumulating on the restored rows.
+my ($before_calls) = $new->safe_psql('restored',
+	"SELECT sum(calls) FROM apikey.usage_log WHERE key_id = $id{wildcard}");
+$new->safe_psql('restored', "SELECT apikey.verify('$tok{wildcard}')");
+is( $new->safe_psql(
+		'restored', "SELECT sum(calls) FROM apikey.usage_log WHERE key_id = $id{wildcard}"),
+	$before_calls + 1,
+	'usage of a restored key is added to its restored usage');
+
+$new->stop;
+$old->stop;
+done_testing();
