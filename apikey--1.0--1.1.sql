@@ -41,3 +41,12 @@ SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.ex
   LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id;
 COMMENT ON VIEW apikey.key_status IS 'Every key with its status (active, revoked, expired) and scopes; no hashes';
 REVOKE ALL ON apikey.key_status FROM PUBLIC;
+
+-- This backend's key cache, to see it work (and size apikey.cache_size).
+CREATE FUNCTION apikey.cache_stats(OUT entries bigint, OUT capacity integer, OUT hits bigint,
+								   OUT misses bigint, OUT evictions bigint, OUT invalidations bigint)
+AS 'MODULE_PATHNAME', 'apikey_cache_stats'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION apikey.cache_stats()
+	IS 'This backend''s key cache: entries, capacity (apikey.cache_size), hits, misses (table reads), evictions, invalidations';
+REVOKE ALL ON FUNCTION apikey.cache_stats() FROM PUBLIC;

@@ -638,6 +638,30 @@ apikey_stats(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
+/*
+ * apikey.cache_stats(): this backend's key cache.
+ */
+PG_FUNCTION_INFO_V1(apikey_cache_stats);
+Datum
+apikey_cache_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	ApikeyCacheStats stats;
+	Datum		values[6];
+	bool		nulls[6] = {false, false, false, false, false, false};
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	apikey_keycache_stats(&stats);
+	values[0] = Int64GetDatum(stats.entries);
+	values[1] = Int32GetDatum(apikey_cache_size);
+	values[2] = Int64GetDatum(stats.hits);
+	values[3] = Int64GetDatum(stats.misses);
+	values[4] = Int64GetDatum(stats.evictions);
+	values[5] = Int64GetDatum(stats.invalidations);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
 /* apikey.flush_usage() body, run as the tables' owner. */
 static void
 flush_as_owner(void *arg)

@@ -227,6 +227,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_check_limits', 'extremes that are allowed', $$SELECT apikey._check_limits(2147483647, '1 year', 9223372036854775807, '1 year')::text$$),
 ('_check_limits', 'window over 1 year', $$SELECT apikey._check_limits(1, '1 year 1 second', NULL, NULL)::text$$),
 ('_check_limits', 'negative window', $$SELECT apikey._check_limits(1, '-178000000 years', NULL, NULL)::text$$),
+('cache_stats', 'called (no arguments)', $$SELECT (apikey.cache_stats()).capacity::text$$),
+('cache_stats', 'with cache_size 0', $$SELECT set_config('apikey.cache_size', '0', true) || (apikey.cache_stats()).capacity::text$$),
 ('_clip', 'NULL', $$SELECT coalesce(apikey._clip(NULL), 'null')$$),
 ('_clip', 'empty', $$SELECT '[' || apikey._clip('') || ']'$$),
 ('_clip', '1 MB', $$SELECT length(apikey._clip(repeat('x', 1000000)))::text$$),

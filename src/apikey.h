@@ -107,10 +107,20 @@ extern Oid	apikey_keystore_keys_relid(bool missing_ok);
 extern Oid	apikey_keystore_owner(void);
 
 /* keycache.c */
+typedef struct ApikeyCacheStats
+{
+	int64		entries;
+	int64		hits;
+	int64		misses;			/* lookups that read the tables */
+	int64		evictions;		/* entries pushed out by apikey.cache_size */
+	int64		invalidations;	/* times the cache was emptied by a change */
+} ApikeyCacheStats;
+
 extern const ApikeyKey *apikey_keycache_lookup(const uint8 *hash);
 extern void apikey_keycache_init(void);
 extern void apikey_keycache_invalidate_all(void);
 extern ApikeyKey *apikey_key_copy(const ApikeyKey *key);
+extern void apikey_keycache_stats(ApikeyCacheStats *stats);
 
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,

@@ -36,6 +36,9 @@ static dlist_head keycache_lru = DLIST_STATIC_INIT(keycache_lru);
 static Oid	keycache_relid = InvalidOid;	/* apikey.keys the entries came from */
 static bool keycache_callback_registered = false;
 
+/* this backend's counters, for apikey.cache_stats() */
+static ApikeyCacheStats keycache_stats;
+
 /* Constant-time match of two token hashes (the HTAB's key comparison). */
 static int
 keycache_match(const void *key1, const void *key2, Size keysize)
@@ -80,7 +83,11 @@ static void
 keycache_relcache_callback(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == keycache_relid)
+	{
+		if (keycache != NULL)
+			keycache_stats.invalidations++;
 		keycache_reset();
+	}
 }
 
 /* Register the invalidation callback; called from _PG_init. */
@@ -137,10 +144,12 @@ apikey_keycache_lookup(const uint8 *hash)
 		entry = hash_search(keycache, hash, HASH_FIND, NULL);
 		if (entry != NULL)
 		{
+			keycache_stats.hits++;
 			dlist_move_head(&keycache_lru, &entry->lru);
 			return entry;
 		}
 	}
+	keycache_stats.misses++;
 
 	/* Miss: read the tables.  The chunk is allocated where it will live. */
 	if (apikey_cache_size <= 0)
@@ -172,6 +181,7 @@ apikey_keycache_lookup(const uint8 *hash)
 		dlist_delete(&victim->lru);
 		pfree(victim->chunk);
 		hash_search(keycache, victim->hash, HASH_REMOVE, NULL);
+		keycache_stats.evictions++;
 	}
 
 	entry = hash_search(keycache, hash, HASH_ENTER, &found);
@@ -217,4 +227,12 @@ apikey_key_copy(const ApikeyKey *key)
 		copy->cidrs[i] = REBASE(key->cidrs[i]);
 #undef REBASE
 	return copy;
+}
+
+/* This backend's cache counters and current size. */
+void
+apikey_keycache_stats(ApikeyCacheStats *stats)
+{
+	*stats = keycache_stats;
+	stats->entries = keycache ? hash_get_num_entries(keycache) : 0;
 }

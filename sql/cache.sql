@@ -1,0 +1,81 @@
+-- The per-backend key cache: hits, bounded LRU eviction, no caching of
+-- unknown tokens, and invalidation on every change that alters a verdict.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+
+INSERT INTO apikey.scopes VALUES ('orders:read');
+CREATE TABLE tok AS
+SELECT n, (apikey.issue(owner => 'tenant' || n, scopes => '{orders:read}')).*
+  FROM generate_series(1, 5) n;
+-- a well-formed token that matches no key (its issue was rolled back)
+BEGIN;
+SELECT token AS unknown FROM apikey.issue(owner => 'gone') \gset
+ROLLBACK;
+
+-- A fresh backend: nothing cached yet.
+\c
+SET apikey.cache_size = 3;
+SELECT entries, capacity, hits, misses, evictions FROM apikey.cache_stats();
+
+-- First sight of each key reads the tables; the cache keeps the 3 most
+-- recently used ones.
+SELECT n, apikey.verify(token) FROM tok ORDER BY n;
+SELECT entries, hits, misses, evictions FROM apikey.cache_stats();
+-- keys 3, 4, 5 are cached: three hits, which leave 5 the least recently used
+SELECT apikey.verify(token) FROM tok WHERE n IN (5, 4, 3) ORDER BY n DESC;
+SELECT entries, hits, misses, evictions FROM apikey.cache_stats();
+-- key 1 was evicted: a miss, which evicts the least recently used key, 5
+SELECT apikey.verify(token) FROM tok WHERE n = 1;
+SELECT entries, hits, misses, evictions FROM apikey.cache_stats();
+-- 4 is a hit and 5 a miss: LRU, not insertion order (which would have
+-- evicted 3 and hit both)
+SELECT apikey.verify(token) FROM tok WHERE n = 4;
+SELECT apikey.verify(token) FROM tok WHERE n = 5;
+SELECT entries, hits, misses, evictions FROM apikey.cache_stats();
+
+-- Unknown tokens are never cached: spraying them evicts nothing.
+SELECT count(*) FILTER (WHERE apikey.verify(:'unknown')) AS valid
+  FROM generate_series(1, 50);
+SELECT entries, hits, misses, evictions FROM apikey.cache_stats();
+-- ... and malformed ones never even reach the cache
+SELECT apikey.verify('ak_nope');
+SELECT entries, hits, misses FROM apikey.cache_stats();
+
+-- A change to any key table empties every backend's cache; the next
+-- verification reads the new state.
+SELECT apikey.revoke(key_id) FROM tok WHERE n = 5;
+SELECT entries, invalidations FROM apikey.cache_stats();
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 5));
+DELETE FROM apikey.key_scopes WHERE key_id = (SELECT key_id FROM tok WHERE n = 4);
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 4), 'orders:read');
+UPDATE apikey.keys SET expires_at = now() - interval '1 second'
+ WHERE id = (SELECT key_id FROM tok WHERE n = 1);
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 1));
+SELECT invalidations >= 3 AS invalidated FROM apikey.cache_stats();
+-- TRUNCATE is caught too (statement-level trigger)
+SELECT apikey.verify(token) FROM tok WHERE n = 2;
+TRUNCATE apikey.revocations;
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 5));
+-- bumping last_used_at (the usage writer's job) does not empty the cache
+SELECT entries > 0 AS warm_before, invalidations AS inv FROM apikey.cache_stats() \gset
+UPDATE apikey.keys SET last_used_at = now();
+SELECT entries > 0 AS still_warm, invalidations = :inv AS no_invalidation FROM apikey.cache_stats();
+
+-- cache_size = 0 disables the cache: every call reads the tables
+SET apikey.cache_size = 0;
+SELECT misses AS m0 FROM apikey.cache_stats() \gset
+SELECT apikey.verify(token) FROM tok WHERE n = 2;
+SELECT apikey.verify(token) FROM tok WHERE n = 2;
+SELECT misses - :m0 AS table_reads FROM apikey.cache_stats();
+RESET apikey.cache_size;
+
+-- Only superusers may change the cache size.
+CREATE ROLE regress_cache_user;
+SET ROLE regress_cache_user;
+SET apikey.cache_size = 1;
+SELECT apikey.cache_stats();
+RESET ROLE;
+DROP ROLE regress_cache_user;
+DROP TABLE tok;
