@@ -33,6 +33,9 @@ BEGIN
 	IF NOT (SELECT ref.verify(token, 'orders:read') FROM bench.tokens WHERE name = 'valid') THEN
 		RAISE EXCEPTION 'reference rejects the valid key';
 	END IF;
+	IF NOT (SELECT ref.verify_secdef(token, 'orders:read') FROM bench.tokens WHERE name = 'valid') THEN
+		RAISE EXCEPTION 'reference (security definer) rejects the valid key';
+	END IF;
 	IF (SELECT ref.verify(token, 'orders:read') FROM bench.tokens WHERE name = 'unknown') THEN
 		RAISE EXCEPTION 'reference accepts the unknown key';
 	END IF;

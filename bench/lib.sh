@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # bench/lib.sh: shared helpers for bench/run and bench/rls_scan (sourced, not run).
 #
 # A throwaway cluster lives in a temporary directory that holds the data
@@ -42,9 +43,11 @@ as_pg() {
 # Output is unaligned, tuples only.
 q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
-# Median of the arguments (numbers), printed with one decimal.
+# Median of the numbers in the arguments (each may hold several, space-separated),
+# printed with one decimal.
 median() {
-	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
+	# shellcheck disable=SC2048,SC2086
+	printf '%s\n' $* | sort -g | awk '{ v[NR] = $1 }
 		END { if (NR == 0) { print "nan"; exit }
 			  if (NR % 2) m = v[(NR + 1) / 2]; else m = (v[NR / 2] + v[NR / 2 + 1]) / 2;
 			  printf "%.1f\n", m }'
@@ -70,7 +73,8 @@ cluster_start() {
 	mkdir -p "$BENCH_DIR/scripts"
 	[ "$(id -u)" -eq 0 ] && chown postgres: "$BENCH_DIR"
 	trap cluster_cleanup EXIT
-	trap 'exit 130' INT TERM
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
 
 	log "initdb in $BENCH_DIR/data"
 	as_pg "$PG_BIN/initdb" -D "$BENCH_DIR/data" -A trust -U postgres -E UTF8 --no-locale \

@@ -7,10 +7,14 @@
 -- no token format/checksum check, no usage counting, no rate limits, no
 -- quotas, no address allowlists, no cache invalidation protocol.
 --
+-- ref.verify is the plain function; ref.verify_secdef is the same body as a
+-- SECURITY DEFINER function with a pinned search_path, the usual deployment.
+--
 -- It lives in its own schema with its own copy of the keys; ref.copy_keys()
 -- fills it from apikey.keys (the hashes are the same SHA-256 of the whole
 -- token, so the same tokens verify in both).  Needs pgcrypto.
 
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 
 DROP SCHEMA IF EXISTS ref CASCADE;
@@ -26,15 +30,16 @@ CREATE TABLE ref.keys (
 );
 
 -- true when the token belongs to a live key that holds the scope
+-- (No SET search_path clause: it would save and restore a setting on every
+-- call and make the reference slower than a careful hand-written check.)
 CREATE FUNCTION ref.verify(p_token text, p_scope text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, public
 AS $$
 DECLARE
 	k ref.keys;
 BEGIN
-	SELECT * INTO k FROM ref.keys WHERE hash = digest(p_token, 'sha256');
+	SELECT * INTO k FROM ref.keys WHERE hash = public.digest(p_token, 'sha256');
 	IF NOT FOUND THEN
 		RETURN false;
 	END IF;
@@ -65,4 +70,32 @@ AS $$
 	ON CONFLICT (id) DO NOTHING;
 	ANALYZE ref.keys;
 	SELECT count(*) FROM ref.keys;
+$$;
+
+-- The same check as it is usually deployed: SECURITY DEFINER, so the
+-- application role needs no access to ref.keys, with the pinned search_path
+-- the PostgreSQL documentation asks of such functions.
+CREATE FUNCTION ref.verify_secdef(p_token text, p_scope text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	k ref.keys;
+BEGIN
+	SELECT * INTO k FROM ref.keys WHERE hash = public.digest(p_token, 'sha256');
+	IF NOT FOUND THEN
+		RETURN false;
+	END IF;
+	IF k.revoked_at IS NOT NULL THEN
+		RETURN false;
+	END IF;
+	IF k.expires_at IS NOT NULL AND k.expires_at <= now() THEN
+		RETURN false;
+	END IF;
+	IF p_scope IS NOT NULL AND NOT p_scope = ANY (k.scopes) THEN
+		RETURN false;
+	END IF;
+	RETURN true;
+END
 $$;

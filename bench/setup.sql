@@ -54,7 +54,7 @@ CREATE TABLE bench.orders (
 );
 INSERT INTO bench.orders
 SELECT g, CASE WHEN g % 100 = 0 THEN 'acme' ELSE 'tenant_' || (g % 100) END,
-	   (g * 7919 % 100000) / 100.0, '2024-01-01'::timestamptz + g * interval '1 minute'
+	   (g::bigint * 7919 % 100000) / 100.0, '2024-01-01'::timestamptz + g * interval '1 minute'
   FROM generate_series(1, 1000) g;
 CREATE INDEX ON bench.orders (tenant);
 CREATE TABLE bench.orders_plain (LIKE bench.orders INCLUDING ALL);
