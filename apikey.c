@@ -28,6 +28,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "compat.h"
@@ -125,25 +126,48 @@ _PG_init(void)
 	apikey_worker_register();
 }
 
-/* SHA-256 with PostgreSQL's cryptohash (OpenSSL-backed where built so). */
+/*
+ * SHA-256 with PostgreSQL's cryptohash (OpenSSL-backed where built so).
+ *
+ * Verification hashes on every call, and creating and freeing a context
+ * each time cost more than the hashing itself, so one context is kept for
+ * the backend's life.  It is registered with a resource owner of our own,
+ * not the transaction's, so it survives transaction end.
+ */
 void
 apikey_sha256(const char *data, size_t len, uint8 *out)
 {
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	static pg_cryptohash_ctx *ctx = NULL;
 
-	if (ctx == NULL ||
-		pg_cryptohash_init(ctx) < 0 ||
+	if (ctx == NULL)
+	{
+		static ResourceOwner owner = NULL;
+		ResourceOwner save = CurrentResourceOwner;
+
+		if (owner == NULL)
+			owner = ResourceOwnerCreate(NULL, "apikey sha256");
+		CurrentResourceOwner = owner;
+		PG_TRY();
+		{
+			ctx = pg_cryptohash_create(PG_SHA256);
+		}
+		PG_FINALLY();
+		{
+			CurrentResourceOwner = save;
+		}
+		PG_END_TRY();
+		if (ctx == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory")));
+	}
+
+	if (pg_cryptohash_init(ctx) < 0 ||
 		pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
 		pg_cryptohash_final(ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
-	{
-		const char *why = ctx ? pg_cryptohash_error(ctx) : "out of memory";
-
-		pg_cryptohash_free(ctx);
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not compute SHA-256: %s", why)));
-	}
-	pg_cryptohash_free(ctx);
+				 errmsg("could not compute SHA-256: %s", pg_cryptohash_error(ctx))));
 }
 
 static bytea *

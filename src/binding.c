@@ -329,7 +329,7 @@ binding_recheck(void)
 static void
 binding_ExecutorStart(QueryDesc *queryDesc, int eflags)
 {
-	if (binding_current != NULL && !IsParallelWorker() &&
+	if (binding_current != NULL && !IsInParallelMode() &&
 		(binding_current != binding_checked || binding_checked_lxid != MyProc->lxid) &&
 		IsTransactionState())
 		binding_recheck();

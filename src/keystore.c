@@ -25,6 +25,8 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/parallel.h"
+#include "access/xact.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/stratnum.h"
@@ -205,6 +207,13 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt)
 	Size		size;
 	char	   *p;
 	int			i;
+
+	/* a fresh snapshot cannot be taken in parallel mode */
+	if (IsInParallelMode())
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("API keys cannot be verified during a parallel operation"),
+				 errhint("Do not call apikey.verify(), check() or authenticate() from a function marked PARALLEL SAFE.")));
 
 	catalog_resolve();
 	snapshot = RegisterSnapshot(GetLatestSnapshot());

@@ -120,8 +120,7 @@ address_allowed(const ApikeyKey *key, inet *addr)
 
 /* Checks on a known key, in order; returns the first code that applies. */
 static ApikeyCode
-judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
-	  ApikeyVerdict *verdict)
+judge(const ApikeyKey *key, text *scope, inet *addr, ApikeyVerdict *verdict)
 {
 	if (key->revoked)
 		return APIKEY_REVOKED;
@@ -135,7 +134,9 @@ judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 		return APIKEY_SCOPE_DENIED;
 	if (key->rate_limit > 0)
 	{
-		ApikeyCode	code = apikey_ratelimit_take(key, now, &verdict->retry_after,
+		/* the clock, not the statement's start: a long loop must see time pass */
+		ApikeyCode	code = apikey_ratelimit_take(key, GetCurrentTimestamp(),
+												 &verdict->retry_after,
 												 &verdict->remaining);
 
 		verdict->has_retry_after = (code == APIKEY_RATE_LIMITED);
@@ -165,7 +166,8 @@ judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 void
 apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdict)
 {
-	TimestampTz now = GetCurrentTimestamp();
+	/* the statement's start time is precise enough for minute buckets */
+	TimestampTz now = GetCurrentStatementStartTimestamp();
 	const ApikeyKey *key = NULL;
 	size_t		prefix_len;
 	inet	   *addr = client_addr;
@@ -194,7 +196,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 			if (key->has_quota)
 				key = apikey_key_copy(key);
 			verdict->key = key;
-			verdict->code = judge(key, scope, addr, now, verdict);
+			verdict->code = judge(key, scope, addr, verdict);
 		}
 	}
 
