@@ -50,3 +50,29 @@ LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION apikey.cache_stats()
 	IS 'This backend''s key cache: entries, capacity (apikey.cache_size), hits, misses (table reads), evictions, invalidations';
 REVOKE ALL ON FUNCTION apikey.cache_stats() FROM PUBLIC;
+
+-- Row-level helpers evaluated once per statement, not once per row: a
+-- planner support function rewrites current_key_id(), current_owner() and
+-- has_scope(constant) into init plans over these twins.
+CREATE FUNCTION apikey._current_key_id() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_current_key_id'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._current_key_id() IS 'Internal: current_key_id() as evaluated once per statement';
+CREATE FUNCTION apikey._current_owner() RETURNS text
+AS 'MODULE_PATHNAME', 'apikey_current_owner'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._current_owner() IS 'Internal: current_owner() as evaluated once per statement';
+CREATE FUNCTION apikey._has_scope(scope text) RETURNS boolean
+AS 'MODULE_PATHNAME', 'apikey_has_scope'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._has_scope(text) IS 'Internal: has_scope() as evaluated once per statement';
+GRANT EXECUTE ON FUNCTION apikey._current_key_id(), apikey._current_owner(), apikey._has_scope(text) TO PUBLIC;
+
+CREATE FUNCTION apikey._helper_support(internal) RETURNS internal
+AS 'MODULE_PATHNAME', 'apikey_helper_support'
+LANGUAGE C STRICT;
+COMMENT ON FUNCTION apikey._helper_support(internal) IS 'Internal: planner support that evaluates the row-level helpers once per statement';
+ALTER FUNCTION apikey.current_key_id() SUPPORT apikey._helper_support;
+ALTER FUNCTION apikey.current_owner() SUPPORT apikey._helper_support;
+ALTER FUNCTION apikey.has_scope(text) SUPPORT apikey._helper_support;
+REVOKE ALL ON FUNCTION apikey._helper_support(internal) FROM PUBLIC;

@@ -23,6 +23,7 @@
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "nodes/supportnodes.h"
 #include "port/atomics.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -585,6 +586,21 @@ apikey_require_scope(PG_FUNCTION_ARGS)
 				 errmsg("API key lacks scope \"%s\"", scope)));
 	}
 	PG_RETURN_VOID();
+}
+
+/*
+ * apikey._helper_support(internal): planner support for the helpers, which
+ * evaluates them once per statement instead of once per row.
+ */
+PG_FUNCTION_INFO_V1(apikey_helper_support);
+Datum
+apikey_helper_support(PG_FUNCTION_ARGS)
+{
+	Node	   *req = (Node *) PG_GETARG_POINTER(0);
+
+	if (IsA(req, SupportRequestSimplify))
+		PG_RETURN_POINTER(apikey_binding_simplify((SupportRequestSimplify *) req));
+	PG_RETURN_POINTER(NULL);
 }
 
 /*

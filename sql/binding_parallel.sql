@@ -59,8 +59,13 @@ SET max_parallel_workers_per_gather = 2;
 SET parallel_leader_participation = off;
 SET ROLE regress_parallel_app;
 
--- The policy's quals stay inside the parallel scan.
+-- The helpers are evaluated once, in the leader, as init plans whose
+-- values the workers receive (Params Evaluated); the policy's quals stay
+-- inside the parallel scan.
 EXPLAIN (COSTS OFF) SELECT tenant, id FROM par_orders;
+-- A helper whose argument depends on the row stays a per-row call.
+EXPLAIN (COSTS OFF) SELECT id FROM par_orders
+ WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END);
 
 -- A transaction binding: same rows serially and in parallel.
 BEGIN;
@@ -74,6 +79,12 @@ SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
 -- the helpers themselves, evaluated in workers
 SELECT * FROM parallel_run($$SELECT id FROM par_orders WHERE apikey.current_owner() = 'acme'
 	AND apikey.current_key_id() IS NOT NULL AND apikey.has_scope('orders:read')$$);
+-- ... and called per row inside the workers, where the binding arrives
+-- with the leader's settings
+SELECT * FROM parallel_run($$SELECT id FROM par_orders
+	WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END)$$);
+SELECT * FROM parallel_run($$SELECT id FROM par_orders
+	WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:write' END)$$);
 COMMIT;
 
 -- Without a binding the workers see none either.

@@ -134,6 +134,8 @@ extern void apikey_binding_set(const ApikeyKey *key, bool session);
 extern void apikey_binding_clear(void);
 extern bool apikey_binding_get(int64 *key_id, const char **owner,
 							   char *const **scopes, int *nscopes);
+struct SupportRequestSimplify;
+extern Node *apikey_binding_simplify(struct SupportRequestSimplify *req);
 
 /* shmem.c */
 typedef struct ApikeyShared ApikeyShared;
