@@ -36,6 +36,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -64,6 +65,17 @@ typedef struct KeystoreCatalog
 } KeystoreCatalog;
 
 static KeystoreCatalog catalog;
+static Oid	keys_relid = InvalidOid;	/* apikey.keys, until invalidated */
+
+static void
+keystore_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == keys_relid)
+	{
+		keys_relid = InvalidOid;
+		catalog.keys = InvalidOid;
+	}
+}
 
 static Oid
 relation_oid(Oid nsp, const char *relname)
@@ -94,13 +106,28 @@ attribute_number(Oid relid, const char *attname)
 
 /*
  * The OID of apikey.keys, or InvalidOid when the extension is not installed
- * in this database and missing_ok.  Cheap: two syscache probes.
+ * in this database and missing_ok.  Remembered until apikey.keys (or the
+ * whole relcache) is invalidated, which DROP EXTENSION, a rename and any
+ * DDL on the table all do.
  */
 Oid
 apikey_keystore_keys_relid(bool missing_ok)
 {
-	Oid			nsp = get_namespace_oid("apikey", true);
-	Oid			relid = OidIsValid(nsp) ? get_relname_relid("keys", nsp) : InvalidOid;
+	static bool callback_registered = false;
+	Oid			nsp;
+	Oid			relid;
+
+	if (OidIsValid(keys_relid))
+		return keys_relid;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(keystore_relcache_callback, (Datum) 0);
+		callback_registered = true;
+	}
+	nsp = get_namespace_oid("apikey", true);
+	relid = OidIsValid(nsp) ? get_relname_relid("keys", nsp) : InvalidOid;
+	keys_relid = relid;
 
 	if (!OidIsValid(relid) && !missing_ok)
 		ereport(ERROR,
