@@ -348,5 +348,26 @@ SELECT apikey.revoke(:ks, 'session test');
 SELECT apikey.current_owner(), apikey.current_key_id() IS NULL AS unbound;
 SELECT apikey.current_owner();
 
+-- The helpers in PL/pgSQL expressions and in statements without FROM.
+-- (Those run as "simple expressions", which must not be given init plans:
+-- this once crashed the backend.)
+CREATE TABLE binding_tok AS SELECT :'ta'::text AS token;
+DO $$
+DECLARE
+	tok text;
+	who text;
+BEGIN
+	SELECT token INTO tok FROM binding_tok;
+	PERFORM apikey.authenticate(tok, 'orders:read');
+	IF apikey.current_key_id() IS NULL OR NOT apikey.has_scope('orders:read') THEN
+		RAISE EXCEPTION 'bound nothing';
+	END IF;
+	who := apikey.current_owner();
+	RAISE NOTICE 'bound to %, writes: %', who, apikey.has_scope('orders:write');
+END
+$$;
+DROP TABLE binding_tok;
+EXPLAIN (COSTS OFF) SELECT apikey.current_owner(), apikey.has_scope('orders:read');
+
 DROP FUNCTION auth_error(text, text, inet);
 DROP VIEW bound;

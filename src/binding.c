@@ -444,7 +444,10 @@ apikey_binding_init(void)
  * The rewrite happens only where the planner will turn the sub-select into
  * an init plan: during its expression preprocessing, when it passes us its
  * PlannerInfo.  Elsewhere (root == NULL: defaults, constraints, index
- * expressions) the call is left alone.
+ * expressions) the call is left alone.  So is a statement that reads no
+ * table (SELECT apikey.current_owner()): it evaluates the call once anyway,
+ * and PL/pgSQL runs such statements as "simple expressions" on the
+ * assumption that their plans have no init plans.
  */
 Node *
 apikey_binding_simplify(SupportRequestSimplify *req)
@@ -461,6 +464,15 @@ apikey_binding_simplify(SupportRequestSimplify *req)
 	SubLink    *sublink;
 
 	if (root == NULL || root->parse == NULL || root->parse->commandType == CMD_UTILITY)
+		return NULL;
+
+	/* a statement without FROM has only the planner's placeholder RTE_RESULT */
+	foreach(lc, root->parse->rtable)
+	{
+		if (lfirst_node(RangeTblEntry, lc)->rtekind != RTE_RESULT)
+			break;
+	}
+	if (lc == NULL)
 		return NULL;
 
 	/* only row-invariant arguments: constants and query parameters */
