@@ -7,9 +7,6 @@ DROP EXTENSION IF EXISTS apikey CASCADE;
 CREATE EXTENSION apikey;
 RESET client_min_messages;
 
--- Rate-limit state is in shared memory by key id and ids restart with the
--- extension: keep this file's ids apart from other files'.
-SELECT setval('apikey.keys_id_seq', 1000) > 0 AS ids_moved;
 
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 

@@ -7,9 +7,6 @@ DROP EXTENSION IF EXISTS apikey CASCADE;
 CREATE EXTENSION apikey;
 RESET client_min_messages;
 
--- Rate-limit state is in shared memory by key id and ids restart with the
--- extension: keep this file's ids apart from other files'.
-SELECT setval('apikey.keys_id_seq', 2000) > 0 AS ids_moved;
 
 -- authenticate()'s error, with the interval in its hint masked.
 CREATE OR REPLACE FUNCTION limits_quota_auth_error(tok text, scope text DEFAULT NULL, addr inet DEFAULT NULL)

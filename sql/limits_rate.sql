@@ -7,10 +7,6 @@ DROP EXTENSION IF EXISTS apikey CASCADE;
 CREATE EXTENSION apikey;
 RESET client_min_messages;
 
--- Rate-limit state lives in shared memory keyed by key id, and every file
--- recreates the extension (so ids restart at 1): start this file's ids far
--- from the other files' ids.  (Reuse of an id is tested explicitly below.)
-SELECT setval('apikey.keys_id_seq', 4000) > 0 AS ids_moved;
 
 -- authenticate()'s error, with the interval in its hint masked.
 CREATE OR REPLACE FUNCTION limits_rate_auth_error(tok text, scope text DEFAULT NULL, addr inet DEFAULT NULL)
