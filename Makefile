@@ -22,16 +22,20 @@ PGFILEDESC = "apikey - API keys kept in the database"
 PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
 
-# Regression tests run against a server started with apikey preloaded;
-# see test/run.  One file per feature.
+# Regression and isolation tests run in a throwaway server that pg_regress
+# starts with apikey preloaded (apikey.conf), listening on 127.0.0.1 so that
+# connection addresses are real, and `make installcheck` works
+# from a plain checkout after `make install`.  One file per feature.
 REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
-REGRESS_OPTS = --inputdir=. --load-extension=pgcrypto
+REGRESS_OPTS = --inputdir=. --load-extension=pgcrypto \
+	--temp-config=$(srcdir)/apikey.conf --temp-instance=./tmp_check_regress --host=127.0.0.1
 ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
-ISOLATION_OPTS = --inputdir=.
+ISOLATION_OPTS = --inputdir=. \
+	--temp-config=$(srcdir)/apikey.conf --temp-instance=./tmp_check_iso --host=127.0.0.1
 TAP_TESTS = 1
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-EXTRA_CLEAN = fuzz/fuzz_token fuzz/*.o
+EXTRA_CLEAN = fuzz/fuzz_token fuzz/*.o tmp_check_regress tmp_check_iso
