@@ -117,7 +117,7 @@ _PG_init(void)
 	apikey_binding_init();
 	MarkGUCPrefixReserved("apikey");
 
-	apikey_keycache_init();
+	apikey_keystore_init();
 	apikey_redact_init();
 
 	if (!process_shared_preload_libraries_in_progress)

@@ -56,11 +56,15 @@ extern const char *const apikey_code_names[APIKEY_NUM_CODES];
 /*
  * Everything verification needs to know about one key.  Variable-length
  * parts (owner, scopes, CIDRs) live in one palloc'd chunk owned by the
- * record, so a cache eviction is a single pfree.
+ * record, so a copy is one allocation and an eviction a single pfree.
+ *
+ * A record handed out by the key cache is always the caller's own copy,
+ * never a pointer into the cache: anything that accepts invalidation
+ * messages (a lock, SQL, a catalog lookup) may empty the cache.
  */
 typedef struct ApikeyKey
 {
-	uint8		hash[APIKEY_HASH_LEN];	/* hash table key: SHA-256 of token */
+	uint8		hash[APIKEY_HASH_LEN];	/* SHA-256 of the token */
 	int64		key_id;
 	char	   *owner;
 	int			nscopes;
@@ -75,18 +79,20 @@ typedef struct ApikeyKey
 	inet	  **cidrs;
 	void	   *chunk;			/* owns owner, scopes and cidrs */
 	Size		chunk_size;
-	dlist_node	lru;			/* position in the cache's LRU list */
 } ApikeyKey;
 
 /* The result of one verification. */
 typedef struct ApikeyVerdict
 {
 	ApikeyCode	code;
-	const ApikeyKey *key;		/* NULL for malformed and unknown */
+	const ApikeyKey *key;		/* NULL for malformed and unknown, else
+								 * &key_copy */
 	bool		has_remaining;
 	int64		remaining;
 	bool		has_retry_after;
 	int64		retry_after;	/* microseconds */
+	ApikeyKey	key_copy;		/* the verdict's own copy of the key (last:
+								 * apikey_verify() clears what precedes it) */
 } ApikeyVerdict;
 
 /* GUCs (apikey.c) */
@@ -101,8 +107,10 @@ extern bool apikey_redact_logs;
 extern void apikey_sha256(const char *data, size_t len, uint8 *out);
 
 /* keystore.c */
+extern void apikey_keystore_init(void);
 extern bool apikey_keystore_load(const uint8 *hash, ApikeyKey *key,
-								 MemoryContext chunk_cxt);
+								 MemoryContext chunk_cxt, uint64 *generation);
+extern uint64 apikey_keystore_generation(void);
 extern Oid	apikey_keystore_keys_relid(bool missing_ok);
 extern Oid	apikey_keystore_owner(void);
 
@@ -116,10 +124,8 @@ typedef struct ApikeyCacheStats
 	int64		invalidations;	/* times the cache was emptied by a change */
 } ApikeyCacheStats;
 
-extern const ApikeyKey *apikey_keycache_lookup(const uint8 *hash);
-extern void apikey_keycache_init(void);
+extern bool apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out);
 extern void apikey_keycache_invalidate_all(void);
-extern ApikeyKey *apikey_key_copy(const ApikeyKey *key);
 extern void apikey_keycache_stats(ApikeyCacheStats *stats);
 
 /* verify.c */

@@ -304,7 +304,8 @@ static void
 binding_recheck(void)
 {
 	const Binding *b = binding_current;
-	const ApikeyKey *key = NULL;
+	ApikeyKey	keybuf;
+	const ApikeyKey *key = &keybuf;
 	const char *why = NULL;
 
 	binding_checked = b;
@@ -312,11 +313,11 @@ binding_recheck(void)
 
 	if (!OidIsValid(apikey_keystore_keys_relid(true)))
 		why = "unknown";
-	else if ((key = apikey_keycache_lookup(b->hash)) == NULL || key->key_id != b->key_id)
+	else if (!apikey_keycache_lookup(b->hash, &keybuf) || key->key_id != b->key_id)
 		why = "unknown";
 	else if (key->revoked)
 		why = "revoked";
-	else if (key->has_expiry && key->expires_at <= GetCurrentTransactionStartTimestamp())
+	else if (key->has_expiry && key->expires_at <= GetCurrentTimestamp())
 		why = "expired";
 
 	if (why != NULL)

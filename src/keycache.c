@@ -3,25 +3,37 @@
  * keycache.c
  *	  Per-backend cache of keys, keyed by token hash, with LRU eviction.
  *
- * A hit costs one hash probe: no SPI, no planner, no table access.  The
- * cache holds at most apikey.cache_size keys; the least recently used one is
- * evicted to make room.  A token that matches no key is never cached, so
- * spraying random tokens cannot push real keys out.
+ * A hit costs one hash probe and a copy: no SPI, no planner, no table
+ * access.  The cache holds at most apikey.cache_size keys; the least
+ * recently used one is evicted to make room.  A token that matches no key
+ * is never cached, so spraying random tokens cannot push real keys out.
+ *
+ * Lifetime.  The cache never hands out a pointer into itself: a lookup
+ * fills the caller's own ApikeyKey, whose variable parts are allocated in
+ * the caller's memory context.  Whatever runs after the lookup (a usage
+ * write, a quota debit, a catalog lookup) may accept invalidation messages
+ * and empty the cache without pulling the key out from under the caller.
  *
  * Invalidation.  Statement-level triggers on keys, key_scopes, scopes and
- * revocations call apikey._invalidate(), which queues a relcache
- * invalidation of apikey.keys.  It is sent when the changing transaction
- * commits; every backend processes it at its next transaction start (or
- * next command in its own transaction) and our relcache callback empties
- * the cache.  InvalidOid means "all relations" (sinval overflow) and also
- * empties it.  Invalidations are WAL-logged with the commit, so the same
- * holds on a hot standby.  A revocation therefore takes effect in every
- * transaction that starts after the revoking transaction's COMMIT returns.
+ * revocations queue a relcache invalidation of apikey.keys, sent when the
+ * changing transaction commits.  keystore.c counts those invalidations in
+ * a generation number; a lookup that finds the generation moved empties
+ * the cache first.  Every verification accepts pending invalidation
+ * messages before it looks (verify.c), so a revocation takes effect for
+ * every verification that starts after the revoking COMMIT returns, in
+ * every backend, and on hot standbys, where the invalidations replay from
+ * WAL.
+ *
+ * A record read by a cache miss is cached only if no invalidation arrived
+ * between the loader's snapshot and the end of its read (keystore.c locks
+ * every relation before it takes the snapshot); otherwise it serves this
+ * one verification and is not kept.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "lib/ilist.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
@@ -29,12 +41,19 @@
 #include "apikey.h"
 #include "compat.h"
 
+/* One cached key: the hash table's entry. */
+typedef struct KeyCacheEntry
+{
+	uint8		hash[APIKEY_HASH_LEN];	/* hash table key */
+	dlist_node	lru;			/* position in keycache_lru */
+	ApikeyKey	key;			/* variable parts in keycache_chunks */
+} KeyCacheEntry;
+
 static HTAB *keycache = NULL;
 static MemoryContext keycache_context = NULL;	/* the hash table */
 static MemoryContext keycache_chunks = NULL;	/* entries' variable parts */
 static dlist_head keycache_lru = DLIST_STATIC_INIT(keycache_lru);
-static Oid	keycache_relid = InvalidOid;	/* apikey.keys the entries came from */
-static bool keycache_callback_registered = false;
+static uint64 keycache_generation = 0;	/* keystore generation of the entries */
 
 /* this backend's counters, for apikey.cache_stats() */
 static ApikeyCacheStats keycache_stats;
@@ -56,49 +75,41 @@ keycache_hash(const void *key, Size keysize)
 	return h;
 }
 
-/*
- * Empty the cache.  This runs from the relcache callback, possibly in the
- * middle of a miss while its record is being loaded, so it frees only the
- * chunks of entries already in the cache, never keycache_chunks wholesale.
- */
+/* Copy src into dst, with dst's variable parts allocated in cxt. */
+static void
+key_copy(const ApikeyKey *src, ApikeyKey *dst, MemoryContext cxt)
+{
+	char	   *base = (char *) src->chunk;
+	char	   *nbase = MemoryContextAlloc(cxt, src->chunk_size);
+	int			i;
+
+#define REBASE(ptr) ((void *) (nbase + ((char *) (ptr) - base)))
+	memcpy(dst, src, sizeof(ApikeyKey));
+	memcpy(nbase, base, src->chunk_size);
+	dst->chunk = nbase;
+	dst->owner = REBASE(src->owner);
+	dst->scopes = REBASE(src->scopes);
+	dst->cidrs = REBASE(src->cidrs);
+	for (i = 0; i < src->nscopes; i++)
+		dst->scopes[i] = REBASE(src->scopes[i]);
+	for (i = 0; i < src->ncidrs; i++)
+		dst->cidrs[i] = REBASE(src->cidrs[i]);
+#undef REBASE
+}
+
+/* Empty the cache; the next entry starts a new one. */
 static void
 keycache_reset(void)
 {
-	dlist_mutable_iter iter;
-
-	dlist_foreach_modify(iter, &keycache_lru)
-	{
-		ApikeyKey  *entry = dlist_container(ApikeyKey, lru, iter.cur);
-
-		pfree(entry->chunk);
-	}
+	if (keycache != NULL && hash_get_num_entries(keycache) > 0)
+		keycache_stats.invalidations++;
 	if (keycache_context != NULL)
+	{
 		MemoryContextReset(keycache_context);
+		MemoryContextReset(keycache_chunks);
+	}
 	keycache = NULL;
 	dlist_init(&keycache_lru);
-	keycache_relid = InvalidOid;
-}
-
-static void
-keycache_relcache_callback(Datum arg, Oid relid)
-{
-	if (relid == InvalidOid || relid == keycache_relid)
-	{
-		if (keycache != NULL)
-			keycache_stats.invalidations++;
-		keycache_reset();
-	}
-}
-
-/* Register the invalidation callback; called from _PG_init. */
-void
-apikey_keycache_init(void)
-{
-	if (!keycache_callback_registered)
-	{
-		CacheRegisterRelcacheCallback(keycache_relcache_callback, (Datum) 0);
-		keycache_callback_registered = true;
-	}
 }
 
 static void
@@ -116,7 +127,7 @@ keycache_create(void)
 												ALLOCSET_DEFAULT_SIZES);
 	}
 	ctl.keysize = APIKEY_HASH_LEN;
-	ctl.entrysize = sizeof(ApikeyKey);
+	ctl.entrysize = sizeof(KeyCacheEntry);
 	ctl.hash = keycache_hash;
 	ctl.match = keycache_match;
 	ctl.hcxt = keycache_context;
@@ -125,70 +136,70 @@ keycache_create(void)
 	dlist_init(&keycache_lru);
 }
 
-/*
- * The key whose token hashes to hash, or NULL if there is none.  The result
- * stays valid until the next call or the next invalidation; callers copy
- * what they keep.
- */
-const ApikeyKey *
-apikey_keycache_lookup(const uint8 *hash)
+/* Keep a copy of key, read at keystore generation gen, evicting as needed. */
+static void
+keycache_insert(const ApikeyKey *key, uint64 gen)
 {
-	ApikeyKey  *entry;
-	ApikeyKey	loaded;
+	KeyCacheEntry *entry;
 	bool		found;
 
-	if (apikey_cache_size > 0)
+	if (gen != keycache_generation)
 	{
-		if (keycache == NULL)
-			keycache_create();
-		entry = hash_search(keycache, hash, HASH_FIND, NULL);
-		if (entry != NULL)
-		{
-			keycache_stats.hits++;
-			dlist_move_head(&keycache_lru, &entry->lru);
-			return entry;
-		}
+		keycache_reset();
+		keycache_generation = gen;
 	}
-	keycache_stats.misses++;
-
-	/* Miss: read the tables.  The chunk is allocated where it will live. */
-	if (apikey_cache_size <= 0)
-	{
-		ApikeyKey  *tmp = palloc(sizeof(ApikeyKey));
-
-		return apikey_keystore_load(hash, tmp, CurrentMemoryContext) ? tmp : NULL;
-	}
-
-	if (keycache_relid == InvalidOid)
-		keycache_relid = apikey_keystore_keys_relid(false);
-
-	found = apikey_keystore_load(hash, &loaded, keycache_chunks);
-	if (!found)
-		return NULL;
-
-	/* an invalidation may have arrived while we read: start afresh */
 	if (keycache == NULL)
-	{
 		keycache_create();
-		keycache_relid = apikey_keystore_keys_relid(false);
-	}
 
 	while (hash_get_num_entries(keycache) >= apikey_cache_size)
 	{
-		ApikeyKey  *victim = dlist_container(ApikeyKey, lru,
-											 dlist_tail_node(&keycache_lru));
+		KeyCacheEntry *victim = dlist_container(KeyCacheEntry, lru,
+												dlist_tail_node(&keycache_lru));
 
 		dlist_delete(&victim->lru);
-		pfree(victim->chunk);
+		pfree(victim->key.chunk);
 		hash_search(keycache, victim->hash, HASH_REMOVE, NULL);
 		keycache_stats.evictions++;
 	}
 
-	entry = hash_search(keycache, hash, HASH_ENTER, &found);
+	entry = hash_search(keycache, key->hash, HASH_ENTER, &found);
 	Assert(!found);
-	memcpy(entry, &loaded, sizeof(ApikeyKey));
+	key_copy(key, &entry->key, keycache_chunks);
 	dlist_push_head(&keycache_lru, &entry->lru);
-	return entry;
+}
+
+/*
+ * Find the key whose token hashes to hash.  Returns false if there is none;
+ * otherwise fills *out with a copy owned by the caller (variable parts in
+ * CurrentMemoryContext).
+ */
+bool
+apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out)
+{
+	uint64		gen;
+
+	if (apikey_cache_size > 0 && keycache != NULL)
+	{
+		KeyCacheEntry *entry;
+
+		if (keycache_generation != apikey_keystore_generation())
+			keycache_reset();
+		else if ((entry = hash_search(keycache, hash, HASH_FIND, NULL)) != NULL)
+		{
+			keycache_stats.hits++;
+			dlist_move_head(&keycache_lru, &entry->lru);
+			key_copy(&entry->key, out, CurrentMemoryContext);
+			return true;
+		}
+	}
+	keycache_stats.misses++;
+
+	if (!apikey_keystore_load(hash, out, CurrentMemoryContext, &gen))
+		return false;
+	/* cache it only if nothing was invalidated since the load's snapshot */
+	if (apikey_cache_size > 0 && gen == apikey_keystore_generation())
+		keycache_insert(out, gen);
+	return true;
 }
 
 /* Queue an invalidation of every backend's key cache (trigger body). */
@@ -201,38 +212,12 @@ apikey_keycache_invalidate_all(void)
 		CacheInvalidateRelcacheByRelid(relid);
 }
 
-/*
- * A copy of key in CurrentMemoryContext, independent of the cache.  Used
- * before anything that may accept invalidation messages (and so empty the
- * cache) while the caller still needs the key.
- */
-ApikeyKey *
-apikey_key_copy(const ApikeyKey *key)
-{
-	ApikeyKey  *copy = palloc(sizeof(ApikeyKey));
-	char	   *base = (char *) key->chunk;
-	char	   *nbase = palloc(key->chunk_size);
-	int			i;
-
-#define REBASE(ptr) ((void *) (nbase + ((char *) (ptr) - base)))
-	memcpy(copy, key, sizeof(ApikeyKey));
-	memcpy(nbase, base, key->chunk_size);
-	copy->chunk = nbase;
-	copy->owner = REBASE(key->owner);
-	copy->scopes = REBASE(key->scopes);
-	copy->cidrs = REBASE(key->cidrs);
-	for (i = 0; i < key->nscopes; i++)
-		copy->scopes[i] = REBASE(key->scopes[i]);
-	for (i = 0; i < key->ncidrs; i++)
-		copy->cidrs[i] = REBASE(key->cidrs[i]);
-#undef REBASE
-	return copy;
-}
-
 /* This backend's cache counters and current size. */
 void
 apikey_keycache_stats(ApikeyCacheStats *stats)
 {
+	if (keycache != NULL && keycache_generation != apikey_keystore_generation())
+		keycache_reset();
 	*stats = keycache_stats;
 	stats->entries = keycache ? hash_get_num_entries(keycache) : 0;
 }

@@ -5,10 +5,28 @@
  *
  * This is the cache-miss path.  It goes through the unique index on
  * keys.hash and the primary keys of revocations and key_scopes with
- * systable scans: no SPI, no parser, no planner.  Relation and attribute
- * numbers are looked up by name through the syscache, so the code does not
- * depend on column order, and are re-resolved whenever apikey.keys is
- * invalidated (for example by DROP/CREATE EXTENSION).
+ * systable scans: no SPI, no parser, no planner.
+ *
+ * Finding the tables.  Never by name alone: a schema called "apikey" can be
+ * created in advance, renamed and replaced by anyone with CREATE on the
+ * database.  The extension's own catalog row gives its namespace OID; the
+ * namespace must belong to a superuser; every table must be a member of
+ * the extension and every index must belong to its table.  OIDs and
+ * attribute numbers are resolved once and again after each invalidation
+ * of apikey.keys (DROP/CREATE EXTENSION, DDL, a rename).
+ *
+ * Invalidation generation.  This file owns apikey.keys' OID, and counts
+ * every relcache invalidation of it (and every "invalidate all") in a
+ * generation number that the key cache compares.
+ *
+ * Lock, then snapshot.  A load opens and locks every relation it will read
+ * before it takes its snapshot: lock acquisition is where invalidation
+ * messages arrive, so a revocation that commits before the snapshot is
+ * both seen by the snapshot and already counted, and one that commits
+ * after it is counted later.  The load reports the generation current at
+ * its snapshot; the cache keeps the record only if the generation has not
+ * moved by the time the read is over (a toast fetch, say, can accept
+ * invalidations mid-read).
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -31,8 +49,15 @@
 #include "access/relation.h"
 #include "access/stratnum.h"
 #include "access/table.h"
-#include "catalog/namespace.h"
+#include "catalog/dependency.h"
+#include "catalog/index.h"
+#include "catalog/indexing.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_extension.h"
+#include "catalog/pg_namespace.h"
+#include "commands/extension.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -44,7 +69,7 @@
 
 #include "apikey.h"
 
-/* OIDs and attribute numbers of the objects we read, by name */
+/* OIDs and attribute numbers of the objects we read */
 typedef struct KeystoreCatalog
 {
 	Oid			keys;
@@ -66,27 +91,112 @@ typedef struct KeystoreCatalog
 
 static KeystoreCatalog catalog;
 static Oid	keys_relid = InvalidOid;	/* apikey.keys, until invalidated */
+static uint64 keys_generation = 1;	/* invalidations of apikey.keys seen */
 
 static void
 keystore_relcache_callback(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == keys_relid)
 	{
+		keys_generation++;
 		keys_relid = InvalidOid;
 		catalog.keys = InvalidOid;
 	}
 }
 
+/* Register the invalidation callback; called from _PG_init. */
+void
+apikey_keystore_init(void)
+{
+	CacheRegisterRelcacheCallback(keystore_relcache_callback, (Datum) 0);
+}
+
+/* How many invalidations of apikey.keys this backend has processed. */
+uint64
+apikey_keystore_generation(void)
+{
+	return keys_generation;
+}
+
+static void
+report_damaged(const char *what)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("apikey %s is missing or does not belong to the extension", what),
+			 errhint("Reinstall the extension with DROP EXTENSION apikey; CREATE EXTENSION apikey.")));
+}
+
+/* The schema the apikey extension was installed in, from its catalog row. */
 static Oid
-relation_oid(Oid nsp, const char *relname)
+extension_namespace(Oid extoid)
+{
+	Relation	rel;
+	ScanKeyData skey;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			nsp = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&skey, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
+				ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &skey);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		nsp = ((Form_pg_extension) GETSTRUCT(tup))->extnamespace;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return nsp;
+}
+
+/*
+ * Refuse a schema that a non-superuser owns: its owner could rename it and
+ * put look-alike tables under its name, where apikey's SQL functions would
+ * write keys and revocations.
+ */
+static void
+check_namespace_owner(Oid nsp)
+{
+	HeapTuple	tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(nsp));
+	Oid			owner;
+	char	   *name;
+
+	if (!HeapTupleIsValid(tup))
+		report_damaged("schema");
+	owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
+	name = pstrdup(NameStr(((Form_pg_namespace) GETSTRUCT(tup))->nspname));
+	ReleaseSysCache(tup);
+	if (!superuser_arg(owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("schema \"%s\" of extension \"apikey\" is owned by role \"%s\", which is not a superuser",
+						name, GetUserNameFromId(owner, false)),
+				 errdetail("Its owner could replace the tables apikey relies on."),
+				 errhint("Check the schema's contents, then ALTER SCHEMA %s OWNER TO a superuser.",
+						 quote_identifier(name))));
+}
+
+/* A table of the extension in nsp, by name, checked to be a member. */
+static Oid
+member_table(Oid extoid, Oid nsp, const char *relname)
 {
 	Oid			relid = get_relname_relid(relname, nsp);
 
-	if (!OidIsValid(relid))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("apikey relation \"apikey.%s\" is missing", relname),
-				 errhint("Reinstall the extension with DROP EXTENSION apikey; CREATE EXTENSION apikey.")));
+	if (!OidIsValid(relid) || get_rel_relkind(relid) != RELKIND_RELATION ||
+		getExtensionOfObject(RelationRelationId, relid) != extoid)
+		report_damaged(psprintf("table \"%s\"", relname));
+	return relid;
+}
+
+/* An index in nsp, by name, checked to be an index of table. */
+static Oid
+table_index(Oid table, Oid nsp, const char *relname)
+{
+	Oid			relid = get_relname_relid(relname, nsp);
+
+	if (!OidIsValid(relid) || get_rel_relkind(relid) != RELKIND_INDEX ||
+		IndexGetRelation(relid, true) != table)
+		report_damaged(psprintf("index \"%s\"", relname));
 	return relid;
 }
 
@@ -96,45 +206,41 @@ attribute_number(Oid relid, const char *attname)
 	AttrNumber	attnum = get_attnum(relid, attname);
 
 	if (attnum == InvalidAttrNumber)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("apikey column \"%s\" of \"%s\" is missing",
-						attname, get_rel_name(relid)),
-				 errhint("Reinstall the extension with DROP EXTENSION apikey; CREATE EXTENSION apikey.")));
+		report_damaged(psprintf("column \"%s\" of \"%s\"", attname, get_rel_name(relid)));
 	return attnum;
 }
 
 /*
  * The OID of apikey.keys, or InvalidOid when the extension is not installed
- * in this database and missing_ok.  Remembered until apikey.keys (or the
- * whole relcache) is invalidated, which DROP EXTENSION, a rename and any
- * DDL on the table all do.
+ * in this database and missing_ok.  Found through the extension's own
+ * catalog row and remembered until apikey.keys (or the whole relcache) is
+ * invalidated, which DROP EXTENSION, a rename and any DDL on it all do.
  */
 Oid
 apikey_keystore_keys_relid(bool missing_ok)
 {
-	static bool callback_registered = false;
+	Oid			extoid;
 	Oid			nsp;
-	Oid			relid;
 
 	if (OidIsValid(keys_relid))
 		return keys_relid;
 
-	if (!callback_registered)
+	extoid = get_extension_oid("apikey", true);
+	if (!OidIsValid(extoid))
 	{
-		CacheRegisterRelcacheCallback(keystore_relcache_callback, (Datum) 0);
-		callback_registered = true;
-	}
-	nsp = get_namespace_oid("apikey", true);
-	relid = OidIsValid(nsp) ? get_relname_relid("keys", nsp) : InvalidOid;
-	keys_relid = relid;
-
-	if (!OidIsValid(relid) && !missing_ok)
+		if (missing_ok)
+			return InvalidOid;
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("extension \"apikey\" is not installed in this database"),
 				 errhint("Run CREATE EXTENSION apikey.")));
-	return relid;
+	}
+	nsp = extension_namespace(extoid);
+	if (!OidIsValid(nsp))
+		report_damaged("schema");
+	check_namespace_owner(nsp);
+	keys_relid = member_table(extoid, nsp, "keys");
+	return keys_relid;
 }
 
 /* Resolve every OID and attribute number, if apikey.keys changed. */
@@ -142,18 +248,20 @@ static void
 catalog_resolve(void)
 {
 	Oid			keys = apikey_keystore_keys_relid(false);
+	Oid			extoid;
 	Oid			nsp;
 
 	if (keys == catalog.keys)
 		return;
 
+	extoid = getExtensionOfObject(RelationRelationId, keys);
 	nsp = get_rel_namespace(keys);
 	catalog.keys = InvalidOid;
-	catalog.keys_hash_key = relation_oid(nsp, "keys_hash_key");
-	catalog.revocations = relation_oid(nsp, "revocations");
-	catalog.revocations_pkey = relation_oid(nsp, "revocations_pkey");
-	catalog.key_scopes = relation_oid(nsp, "key_scopes");
-	catalog.key_scopes_pkey = relation_oid(nsp, "key_scopes_pkey");
+	catalog.keys_hash_key = table_index(keys, nsp, "keys_hash_key");
+	catalog.revocations = member_table(extoid, nsp, "revocations");
+	catalog.revocations_pkey = table_index(catalog.revocations, nsp, "revocations_pkey");
+	catalog.key_scopes = member_table(extoid, nsp, "key_scopes");
+	catalog.key_scopes_pkey = table_index(catalog.key_scopes, nsp, "key_scopes_pkey");
 	catalog.att_id = attribute_number(keys, "id");
 	catalog.att_hash = attribute_number(keys, "hash");
 	catalog.att_owner = attribute_number(keys, "owner");
@@ -196,7 +304,7 @@ interval_usecs(const Interval *iv)
 static bool
 revoked(int64 key_id, Snapshot snapshot)
 {
-	Relation	rel = table_open(catalog.revocations, AccessShareLock);
+	Relation	rel = table_open(catalog.revocations, NoLock);
 	ScanKeyData skey;
 	SysScanDesc scan;
 	bool		found;
@@ -205,18 +313,40 @@ revoked(int64 key_id, Snapshot snapshot)
 	scan = systable_beginscan(rel, catalog.revocations_pkey, true, snapshot, 1, &skey);
 	found = HeapTupleIsValid(systable_getnext(scan));
 	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
+	table_close(rel, NoLock);
 	return found;
+}
+
+/*
+ * Lock every relation a load reads, until the end of the transaction, and
+ * resolve them again if an invalidation arrived while locking.
+ */
+static void
+lock_catalog(void)
+{
+	do
+	{
+		catalog_resolve();
+		LockRelationOid(catalog.keys, AccessShareLock);
+		LockRelationOid(catalog.keys_hash_key, AccessShareLock);
+		LockRelationOid(catalog.revocations, AccessShareLock);
+		LockRelationOid(catalog.revocations_pkey, AccessShareLock);
+		LockRelationOid(catalog.key_scopes, AccessShareLock);
+		LockRelationOid(catalog.key_scopes_pkey, AccessShareLock);
+	} while (!OidIsValid(catalog.keys));
 }
 
 /*
  * Look up the key whose token hashes to hash.  Returns false if there is
  * none.  On success fills *key; its variable-length parts are allocated in
- * chunk_cxt as one chunk (key->chunk).  Scratch allocations go to
+ * chunk_cxt as one chunk (key->chunk).  *generation is the invalidation
+ * generation the record was read at: it is current only while
+ * apikey_keystore_generation() still returns it.  Scratch allocations go to
  * CurrentMemoryContext.
  */
 bool
-apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt)
+apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
+					 uint64 *generation)
 {
 	Snapshot	snapshot;
 	Relation	rel;
@@ -242,14 +372,16 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt)
 				 errmsg("API keys cannot be verified during a parallel operation"),
 				 errhint("Do not call apikey.verify(), check() or authenticate() from a function marked PARALLEL SAFE.")));
 
-	catalog_resolve();
+	/* lock, then snapshot: see the file header */
+	lock_catalog();
+	*generation = keys_generation;
 	snapshot = RegisterSnapshot(GetLatestSnapshot());
 
 	hash_datum = palloc(VARHDRSZ + APIKEY_HASH_LEN);
 	SET_VARSIZE(hash_datum, VARHDRSZ + APIKEY_HASH_LEN);
 	memcpy(VARDATA(hash_datum), hash, APIKEY_HASH_LEN);
 
-	rel = table_open(catalog.keys, AccessShareLock);
+	rel = table_open(catalog.keys, NoLock);
 	ScanKeyInit(&skey, catalog.att_hash, BTEqualStrategyNumber, F_BYTEAEQ, PointerGetDatum(hash_datum));
 	scan = systable_beginscan(rel, catalog.keys_hash_key, true, snapshot, 1, &skey);
 	tup = systable_getnext(scan);
@@ -280,7 +412,7 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt)
 			cidr_array = DatumGetArrayTypePCopy(d);
 	}
 	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
+	table_close(rel, NoLock);
 
 	if (found)
 	{
@@ -290,7 +422,7 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt)
 		key->revoked = revoked(key->key_id, snapshot);
 
 		/* scopes: key_scopes_pkey is (key_id, scope) */
-		rel = table_open(catalog.key_scopes, AccessShareLock);
+		rel = table_open(catalog.key_scopes, NoLock);
 		ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(key->key_id));
 		scan = systable_beginscan(rel, catalog.key_scopes_pkey, true, snapshot, 1, &skey);
 		while (HeapTupleIsValid(tup = systable_getnext(scan)))
@@ -300,7 +432,7 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt)
 				scope_list = lappend(scope_list, TextDatumGetCString(d));
 		}
 		systable_endscan(scan);
-		table_close(rel, AccessShareLock);
+		table_close(rel, NoLock);
 
 		if (cidr_array != NULL)
 			deconstruct_array(cidr_array, CIDROID, -1, false, TYPALIGN_INT,

@@ -8,7 +8,7 @@
  *	 malformed		  not a well-formed token (length, prefix, charset, CRC)
  *	 unknown		  no key has this token's hash
  *	 revoked		  the key has a row in apikey.revocations
- *	 expired		  expires_at <= now() (the transaction's start time)
+ *	 expired		  expires_at <= the time of the call (clock_timestamp())
  *	 address_denied	  the key has allowed_cidrs and the client is outside
  *	 scope_denied	  a scope was asked for and the key does not hold it
  *	 rate_limit_unavailable / rate_limited
@@ -17,6 +17,12 @@
  *
  * A malformed token is rejected before any table or cache is read.  For
  * malformed and unknown the verdict says nothing about any key.
+ *
+ * Before it looks a key up, every verification accepts the invalidation
+ * messages already sent, so a revocation or suspension committed before
+ * the call began is seen even inside a transaction that began earlier.
+ * The verdict owns its copy of the key (verdict->key_copy), so nothing that
+ * runs after the lookup can free it.
  *
  *-------------------------------------------------------------------------
  */
@@ -28,6 +34,7 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/inet.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -120,11 +127,12 @@ address_allowed(const ApikeyKey *key, inet *addr)
 
 /* Checks on a known key, in order; returns the first code that applies. */
 static ApikeyCode
-judge(const ApikeyKey *key, text *scope, inet *addr, ApikeyVerdict *verdict)
+judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
+	  ApikeyVerdict *verdict)
 {
 	if (key->revoked)
 		return APIKEY_REVOKED;
-	if (key->has_expiry && key->expires_at <= GetCurrentTransactionStartTimestamp())
+	if (key->has_expiry && key->expires_at <= now)
 		return APIKEY_EXPIRED;
 	if (key->ncidrs > 0 && !address_allowed(key, addr))
 		return APIKEY_ADDRESS_DENIED;
@@ -134,8 +142,7 @@ judge(const ApikeyKey *key, text *scope, inet *addr, ApikeyVerdict *verdict)
 		return APIKEY_SCOPE_DENIED;
 	if (key->rate_limit > 0)
 	{
-		/* the clock, not the statement's start: a long loop must see time pass */
-		ApikeyCode	code = apikey_ratelimit_take(key, GetCurrentTimestamp(),
+		ApikeyCode	code = apikey_ratelimit_take(key, now,
 												 &verdict->retry_after,
 												 &verdict->remaining);
 
@@ -166,13 +173,12 @@ judge(const ApikeyKey *key, text *scope, inet *addr, ApikeyVerdict *verdict)
 void
 apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdict)
 {
-	/* the statement's start time is precise enough for minute buckets */
-	TimestampTz now = GetCurrentStatementStartTimestamp();
-	const ApikeyKey *key = NULL;
+	/* the clock, not the transaction's start: a long one must see time pass */
+	TimestampTz now = GetCurrentTimestamp();
 	size_t		prefix_len;
 	inet	   *addr = client_addr;
 
-	memset(verdict, 0, sizeof(*verdict));
+	memset(verdict, 0, offsetof(ApikeyVerdict, key_copy));
 	verdict->code = APIKEY_MALFORMED;
 
 	if (token != NULL &&
@@ -182,21 +188,17 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 		uint8		hash[APIKEY_HASH_LEN];
 
 		apikey_sha256(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), hash);
-		key = apikey_keycache_lookup(hash);
-		if (key == NULL)
+		AcceptInvalidationMessages();
+		if (!apikey_keycache_lookup(hash, &verdict->key_copy))
 			verdict->code = APIKEY_UNKNOWN;
 		else
 		{
+			const ApikeyKey *key = &verdict->key_copy;
+
 			if (addr == NULL && key->ncidrs > 0)
 				addr = connection_addr();
-			/*
-			 * A quota debit runs SQL, which may process invalidations and
-			 * empty the cache under us: work on a private copy then.
-			 */
-			if (key->has_quota)
-				key = apikey_key_copy(key);
 			verdict->key = key;
-			verdict->code = judge(key, scope, addr, verdict);
+			verdict->code = judge(key, scope, addr, now, verdict);
 		}
 	}
 
