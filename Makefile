@@ -38,4 +38,7 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# PGXS tracks no header dependencies: every object depends on every header.
+$(OBJS): $(wildcard src/*.h)
+
 EXTRA_CLEAN = fuzz/fuzz_token fuzz/*.o tmp_check_regress tmp_check_iso

@@ -4,6 +4,42 @@
 \echo Use "CREATE EXTENSION apikey" to load this file. \quit
 
 -------------------------------------------------------------------------------
+-- The schema.  CREATE EXTENSION uses a schema named apikey if one exists.
+-- Refuse one that anyone but a superuser could have filled or could later
+-- rename and replace: apikey's functions find their tables by this name.
+-------------------------------------------------------------------------------
+
+DO $$
+DECLARE
+	nsp pg_catalog.pg_namespace;
+BEGIN
+	SELECT * INTO nsp FROM pg_catalog.pg_namespace n
+	 WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace;
+	IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) nsp.nspowner) THEN
+		RAISE EXCEPTION 'schema "%" already exists and is owned by role "%", which is not a superuser',
+			nsp.nspname, nsp.nspowner::pg_catalog.regrole
+			USING ERRCODE = '42501',
+				  HINT = 'Its owner could rename it and put look-alike tables in its place. Drop the schema (or make a superuser its owner after checking it), then run CREATE EXTENSION apikey again.';
+	END IF;
+	IF EXISTS (SELECT FROM pg_catalog.aclexplode(nsp.nspacl) a
+				WHERE a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+				  AND a.grantee OPERATOR(pg_catalog.<>) nsp.nspowner) THEN
+		RAISE EXCEPTION 'schema "%" already exists and other roles may create objects in it', nsp.nspname
+			USING ERRCODE = '42501',
+				  HINT = 'REVOKE CREATE ON SCHEMA from every role but its owner, or drop the schema, then run CREATE EXTENSION apikey again.';
+	END IF;
+	IF EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace OPERATOR(pg_catalog.=) nsp.oid)
+	   OR EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) nsp.oid)
+	   OR EXISTS (SELECT FROM pg_catalog.pg_type t WHERE t.typnamespace OPERATOR(pg_catalog.=) nsp.oid)
+	   OR EXISTS (SELECT FROM pg_catalog.pg_operator o WHERE o.oprnamespace OPERATOR(pg_catalog.=) nsp.oid) THEN
+		RAISE EXCEPTION 'schema "%" already exists and is not empty', nsp.nspname
+			USING ERRCODE = '42P06',
+				  HINT = 'Install apikey into a schema of its own: drop or rename the existing one first.';
+	END IF;
+END
+$$;
+
+-------------------------------------------------------------------------------
 -- Tables.  Every one is extension configuration, so pg_dump keeps its rows.
 -------------------------------------------------------------------------------
 

@@ -299,6 +299,44 @@ apikey_new_token(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
+/* A bytea argument that must be a SHA-256 (internal callers only). */
+static const uint8 *
+hash_arg(FunctionCallInfo fcinfo, int argno)
+{
+	bytea	   *b;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("a key hash must not be NULL")));
+	b = PG_GETARG_BYTEA_PP(argno);
+
+	if (VARSIZE_ANY_EXHDR(b) != APIKEY_HASH_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a key hash is %d bytes, got %d",
+						APIKEY_HASH_LEN, (int) VARSIZE_ANY_EXHDR(b))));
+	return (const uint8 *) VARDATA_ANY(b);
+}
+
+/*
+ * apikey._rate_state_copy(from_id bigint, from_hash bytea, to_id bigint,
+ *						   to_hash bytea) RETURNS void: rotate()'s new key
+ * starts from the old key's rate-limit bucket.
+ */
+PG_FUNCTION_INFO_V1(apikey_rate_state_copy);
+Datum
+apikey_rate_state_copy(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("key ids must not be NULL")));
+	apikey_ratelimit_copy(PG_GETARG_INT64(0), hash_arg(fcinfo, 1),
+						  PG_GETARG_INT64(2), hash_arg(fcinfo, 3));
+	PG_RETURN_VOID();
+}
+
 /*
  * apikey._acting_role() RETURNS name: the role the session acts as (its
  * login role or SET ROLE), ignoring SECURITY DEFINER functions in between.

@@ -105,7 +105,9 @@ SELECT 1 / 0;
 COMMIT;
 SELECT sum(calls) = :calls_before + 2 AS unchanged FROM apikey.usage_log;
 
--- Counting works for a caller that cannot read or write usage_log.
+-- Counting works for a caller that cannot read or write usage_log.  Its
+-- client_addr claim is ignored (it is not a member of apikey_proxy): the
+-- failure is recorded under the connection's address.
 CREATE ROLE regress_core_usage_log_app;
 SET ROLE regress_core_usage_log_app;
 SELECT apikey.verify(:'t1') AS valid, apikey.verify(:'t_unknown', NULL, '198.51.100.1') AS unknown;

@@ -187,7 +187,10 @@ SELECT key_id AS k_rev, token AS t_rev FROM apikey.issue('acme') \gset
 SELECT apikey.revoke(:k_rev);
 SELECT token AS t_unknown FROM apikey._new_token('ak') \gset
 
--- The public functions, called by the attacker with the hijacked path.
+-- The public functions, called by the attacker with the hijacked path.  The
+-- attacker is not a member of apikey_proxy, so the client_addr it claims is
+-- ignored and its connection's address (loopback, allowed for t_cidr)
+-- decides; security_trusted_proxy.sql tests that rule on its own.
 SET ROLE regress_hardening_priv_attacker;
 SET search_path = regress_hardening_attacker, pg_catalog;
 SELECT apikey.verify(:'t_plain') AS plain, apikey.verify(:'t_plain', 'orders:read') AS plain_scope,

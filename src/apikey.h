@@ -33,6 +33,9 @@
 
 #define APIKEY_HASH_LEN		32	/* SHA-256 */
 
+/* members of this role may pass the end client's address (client_addr) */
+#define APIKEY_PROXY_ROLE	"apikey_proxy"
+
 /* Verdict codes.  Keep apikey_code_names[] (verify.c) in the same order. */
 typedef enum ApikeyCode
 {
@@ -72,6 +75,14 @@ typedef struct ApikeyKey
 	bool		has_expiry;
 	TimestampTz expires_at;
 	bool		revoked;
+	/*
+	 * The budget the key's rate limit and quota draw on: its own, or during
+	 * a rotation's grace period the new key's (keys.budget_key_id), so that
+	 * old and new token together never get more than one key's allowance.
+	 * rate_limit, rate_window and has_quota are the budget key's.
+	 */
+	int64		budget_id;
+	uint8		budget_hash_prefix[8];	/* first bytes of the budget key's hash */
 	int32		rate_limit;		/* 0 = none */
 	int64		rate_window;	/* microseconds */
 	bool		has_quota;
@@ -153,6 +164,8 @@ extern void apikey_stats_flushed(uint64 calls, bool ok);
 /* ratelimit.c */
 extern Size apikey_ratelimit_shmem_size(void);
 extern void apikey_ratelimit_shmem_startup(void);
+extern void apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash,
+								  int64 to_id, const uint8 *to_hash);
 extern ApikeyCode apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 										int64 *retry_after, int64 *remaining);
 

@@ -73,6 +73,7 @@
 typedef struct KeystoreCatalog
 {
 	Oid			keys;
+	Oid			keys_pkey;
 	Oid			keys_hash_key;
 	Oid			revocations;
 	Oid			revocations_pkey;
@@ -86,6 +87,7 @@ typedef struct KeystoreCatalog
 	AttrNumber	att_rate_window;
 	AttrNumber	att_quota;
 	AttrNumber	att_allowed_cidrs;
+	AttrNumber	att_budget_key_id;
 	AttrNumber	att_scope;
 } KeystoreCatalog;
 
@@ -104,11 +106,19 @@ keystore_relcache_callback(Datum arg, Oid relid)
 	}
 }
 
-/* Register the invalidation callback; called from _PG_init. */
+/* A schema changed (owner, name): find and check everything again. */
+static void
+keystore_namespace_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	keystore_relcache_callback(arg, InvalidOid);
+}
+
+/* Register the invalidation callbacks; called from _PG_init. */
 void
 apikey_keystore_init(void)
 {
 	CacheRegisterRelcacheCallback(keystore_relcache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(NAMESPACEOID, keystore_namespace_callback, (Datum) 0);
 }
 
 /* How many invalidations of apikey.keys this backend has processed. */
@@ -257,6 +267,7 @@ catalog_resolve(void)
 	extoid = getExtensionOfObject(RelationRelationId, keys);
 	nsp = get_rel_namespace(keys);
 	catalog.keys = InvalidOid;
+	catalog.keys_pkey = table_index(keys, nsp, "keys_pkey");
 	catalog.keys_hash_key = table_index(keys, nsp, "keys_hash_key");
 	catalog.revocations = member_table(extoid, nsp, "revocations");
 	catalog.revocations_pkey = table_index(catalog.revocations, nsp, "revocations_pkey");
@@ -270,6 +281,7 @@ catalog_resolve(void)
 	catalog.att_rate_window = attribute_number(keys, "rate_window");
 	catalog.att_quota = attribute_number(keys, "quota");
 	catalog.att_allowed_cidrs = attribute_number(keys, "allowed_cidrs");
+	catalog.att_budget_key_id = attribute_number(keys, "budget_key_id");
 	catalog.att_scope = attribute_number(catalog.key_scopes, "scope");
 	catalog.keys = keys;
 }
@@ -300,6 +312,52 @@ interval_usecs(const Interval *iv)
 		(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
 }
 
+/* A key's rate limit and quota settings, from its keys row. */
+static void
+read_limits(HeapTuple tup, TupleDesc desc, ApikeyKey *key)
+{
+	bool		isnull;
+	Datum		d;
+
+	d = heap_getattr(tup, catalog.att_rate_limit, desc, &isnull);
+	key->rate_limit = isnull ? 0 : DatumGetInt32(d);
+	d = heap_getattr(tup, catalog.att_rate_window, desc, &isnull);
+	key->rate_window = isnull ? USECS_PER_MINUTE : interval_usecs(DatumGetIntervalP(d));
+	(void) heap_getattr(tup, catalog.att_quota, desc, &isnull);
+	key->has_quota = !isnull;
+	key->budget_id = key->key_id;
+	memcpy(key->budget_hash_prefix, key->hash, sizeof(key->budget_hash_prefix));
+}
+
+/*
+ * Make key draw on the budget of key budget_id (a rotation's new key): its
+ * limits, its bucket, its quota row.  If that key is gone, key keeps its own.
+ */
+static void
+read_budget(Relation keys, int64 budget_id, Snapshot snapshot, ApikeyKey *key)
+{
+	ScanKeyData skey;
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	ScanKeyInit(&skey, catalog.att_id, BTEqualStrategyNumber, F_INT8EQ,
+				Int64GetDatum(budget_id));
+	scan = systable_beginscan(keys, catalog.keys_pkey, true, snapshot, 1, &skey);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		TupleDesc	desc = RelationGetDescr(keys);
+		bool		isnull;
+		bytea	   *hash;
+
+		hash = DatumGetByteaPP(heap_getattr(tup, catalog.att_hash, desc, &isnull));
+		read_limits(tup, desc, key);
+		key->budget_id = budget_id;
+		memcpy(key->budget_hash_prefix, VARDATA_ANY(hash), sizeof(key->budget_hash_prefix));
+	}
+	systable_endscan(scan);
+}
+
 /* Is there a revocation for key_id?  (revocations.key_id is attribute 1) */
 static bool
 revoked(int64 key_id, Snapshot snapshot)
@@ -328,6 +386,7 @@ lock_catalog(void)
 	{
 		catalog_resolve();
 		LockRelationOid(catalog.keys, AccessShareLock);
+		LockRelationOid(catalog.keys_pkey, AccessShareLock);
 		LockRelationOid(catalog.keys_hash_key, AccessShareLock);
 		LockRelationOid(catalog.revocations, AccessShareLock);
 		LockRelationOid(catalog.revocations_pkey, AccessShareLock);
@@ -364,6 +423,7 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	Size		size;
 	char	   *p;
 	int			i;
+	int64		budget_id = 0;
 
 	/* a fresh snapshot cannot be taken in parallel mode */
 	if (IsInParallelMode())
@@ -399,19 +459,18 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 		key->has_expiry = !isnull;
 		key->expires_at = isnull ? 0 : DatumGetTimestampTz(d);
 
-		d = heap_getattr(tup, catalog.att_rate_limit, desc, &isnull);
-		key->rate_limit = isnull ? 0 : DatumGetInt32(d);
-		d = heap_getattr(tup, catalog.att_rate_window, desc, &isnull);
-		key->rate_window = isnull ? USECS_PER_MINUTE : interval_usecs(DatumGetIntervalP(d));
-
-		(void) heap_getattr(tup, catalog.att_quota, desc, &isnull);
-		key->has_quota = !isnull;
+		read_limits(tup, desc, key);
+		d = heap_getattr(tup, catalog.att_budget_key_id, desc, &isnull);
+		if (!isnull)
+			budget_id = DatumGetInt64(d);
 
 		d = heap_getattr(tup, catalog.att_allowed_cidrs, desc, &isnull);
 		if (!isnull)
 			cidr_array = DatumGetArrayTypePCopy(d);
 	}
 	systable_endscan(scan);
+	if (found && budget_id != 0 && budget_id != key->key_id)
+		read_budget(rel, budget_id, snapshot, key);
 	table_close(rel, NoLock);
 
 	if (found)

@@ -16,6 +16,9 @@
  * With quota_refill set, a debit at least quota_refill after the last
  * refill first resets remaining to quota.
  *
+ * A key in a rotation's grace period debits the new key's row
+ * (ApikeyKey.budget_id): rotating never doubles an allowance.
+ *
  * A debit is a write: in a read-only transaction or on a hot standby it
  * cannot be enforced, and the verification fails with quota_unavailable.
  *
@@ -120,7 +123,7 @@ apikey_quota_debit(const ApikeyKey *key, int64 *remaining, int64 *retry_after)
 		return APIKEY_QUOTA_UNAVAILABLE;
 
 	memset(&qd, 0, sizeof(qd));
-	qd.key_id = key->key_id;
+	qd.key_id = key->budget_id;
 	apikey_run_as_owner(debit, &qd);
 
 	*remaining = qd.remaining;

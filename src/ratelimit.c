@@ -18,8 +18,9 @@
  * The take is atomic: the entry's spinlock covers read-test-update, so
  * concurrent backends never both take the last token.  When the key's limit
  * or window changes (set_limits), its bucket starts full again.  State is per
- * server, keyed by (database, key id); it is not persisted, so a restart
- * gives every key a full bucket.
+ * server, keyed by (database, budget key id); it is not persisted, so a
+ * restart gives every key a full bucket.  A key in a rotation's grace period
+ * takes from the new key's bucket (ApikeyKey.budget_id).
  *
  *-------------------------------------------------------------------------
  */
@@ -91,6 +92,55 @@ evict_idle(double now)
 	}
 }
 
+static void
+rate_key_init(RateKey *rk, int64 key_id, const uint8 *hash_prefix)
+{
+	memset(rk, 0, sizeof(*rk));
+	rk->dboid = MyDatabaseId;
+	rk->key_id = key_id;
+	memcpy(rk->hash_prefix, hash_prefix, sizeof(rk->hash_prefix));
+}
+
+/*
+ * Give key to_id the bucket state of key from_id (rotation: the new key
+ * starts where the old one stands, so rotating never refills a bucket).
+ * Nothing to do when from_id has no bucket, or without shared memory.  The
+ * old bucket is left as it is: if the rotating transaction rolls back, the
+ * old key has lost nothing.
+ */
+void
+apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash, int64 to_id,
+					  const uint8 *to_hash)
+{
+	RateKey		from;
+	RateKey		to;
+	RateEntry  *src;
+	RateEntry  *dst;
+	bool		found;
+
+	if (apikey_shared == NULL || rate_htab == NULL)
+		return;
+	rate_key_init(&from, from_id, from_hash);
+	rate_key_init(&to, to_id, to_hash);
+
+	LWLockAcquire(apikey_shared->rate_lock, LW_EXCLUSIVE);
+	src = hash_search(rate_htab, &from, HASH_FIND, NULL);
+	if (src != NULL &&
+		(hash_get_num_entries(rate_htab) < apikey_rate_limit_max_keys ||
+		 hash_search(rate_htab, &to, HASH_FIND, NULL) != NULL))
+	{
+		dst = hash_search(rate_htab, &to, HASH_ENTER, &found);
+		if (!found)
+			SpinLockInit(&dst->mutex);
+		SpinLockAcquire(&src->mutex);
+		dst->tat = src->tat;
+		dst->rate_limit = src->rate_limit;
+		dst->rate_window = src->rate_window;
+		SpinLockRelease(&src->mutex);
+	}
+	LWLockRelease(apikey_shared->rate_lock);
+}
+
 /*
  * Take one request from key's bucket at time now.  Returns APIKEY_VALID
  * (with *remaining requests left in the burst), APIKEY_RATE_LIMITED (with
@@ -112,10 +162,7 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 	if (apikey_shared == NULL || rate_htab == NULL)
 		return APIKEY_RATE_LIMIT_UNAVAILABLE;
 
-	memset(&rk, 0, sizeof(rk));
-	rk.dboid = MyDatabaseId;
-	rk.key_id = key->key_id;
-	memcpy(rk.hash_prefix, key->hash, sizeof(rk.hash_prefix));
+	rate_key_init(&rk, key->budget_id, key->budget_hash_prefix);
 
 	LWLockAcquire(apikey_shared->rate_lock, LW_SHARED);
 	entry = hash_search(rate_htab, &rk, HASH_FIND, NULL);

@@ -32,6 +32,7 @@
 #include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/inet.h"
 #include "utils/inval.h"
@@ -79,6 +80,20 @@ apikey_scope_granted(char *const *scopes, int nscopes, const char *want,
 			return true;
 	}
 	return false;
+}
+
+/*
+ * May the current role assert the client's address?  Only members of
+ * apikey_proxy (and superusers): anyone else holding a stolen token and a
+ * SQL connection could otherwise claim an allowed address, or make apikey
+ * store one usage counter per address it invents.
+ */
+static bool
+may_assert_address(void)
+{
+	Oid			proxy = get_role_oid(APIKEY_PROXY_ROLE, true);
+
+	return OidIsValid(proxy) ? has_privs_of_role(GetUserId(), proxy) : superuser();
 }
 
 /* The connecting client's address, or NULL (Unix socket): computed once. */
@@ -166,9 +181,11 @@ judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 }
 
 /*
- * Verify token (may be NULL) for scope (may be NULL) from client_addr (may
- * be NULL: then the connection's address is used), count the call, and
- * fill *verdict.  Never raises for bad input: bad input is a verdict.
+ * Verify token (may be NULL) for scope (may be NULL) from client_addr, count
+ * the call, and fill *verdict.  client_addr counts only from a role that may
+ * assert it (may_assert_address); otherwise, or when it is NULL, the
+ * connection's address is used.  Never raises for bad input: bad input is a
+ * verdict.
  */
 void
 apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdict)
@@ -176,8 +193,10 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	/* the clock, not the transaction's start: a long one must see time pass */
 	TimestampTz now = GetCurrentTimestamp();
 	size_t		prefix_len;
-	inet	   *addr = client_addr;
+	inet	   *addr = NULL;
 
+	if (client_addr != NULL && may_assert_address())
+		addr = client_addr;
 	memset(verdict, 0, offsetof(ApikeyVerdict, key_copy));
 	verdict->code = APIKEY_MALFORMED;
 
