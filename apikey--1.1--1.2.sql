@@ -133,7 +133,10 @@ COMMENT ON FUNCTION apikey.rotate(bigint, interval)
 
 -------------------------------------------------------------------------------
 -- Cache invalidation also under logical replication and
--- session_replication_role = replica, which skip ordinary triggers.
+-- session_replication_role = replica, which skip ordinary triggers.  The
+-- statement triggers fire always; logical replication's apply worker fires
+-- no statement triggers at all (only row triggers, and TRUNCATE's), so
+-- row triggers that fire only in replica mode cover what it applies.
 -------------------------------------------------------------------------------
 
 DROP TRIGGER keys_invalidate ON apikey.keys;
@@ -146,3 +149,22 @@ ALTER TABLE apikey.keys ENABLE ALWAYS TRIGGER keys_invalidate;
 ALTER TABLE apikey.key_scopes ENABLE ALWAYS TRIGGER key_scopes_invalidate;
 ALTER TABLE apikey.revocations ENABLE ALWAYS TRIGGER revocations_invalidate;
 ALTER TABLE apikey.scopes ENABLE ALWAYS TRIGGER scopes_invalidate;
+
+CREATE TRIGGER keys_invalidate_applied
+	AFTER UPDATE OF id, owner, hash, expires_at, rate_limit, rate_window, quota, quota_refill,
+					allowed_cidrs, budget_key_id
+	   OR DELETE ON apikey.keys
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER key_scopes_invalidate_applied
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.key_scopes
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER revocations_invalidate_applied
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.revocations
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER scopes_invalidate_applied
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.scopes
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.keys ENABLE REPLICA TRIGGER keys_invalidate_applied;
+ALTER TABLE apikey.key_scopes ENABLE REPLICA TRIGGER key_scopes_invalidate_applied;
+ALTER TABLE apikey.revocations ENABLE REPLICA TRIGGER revocations_invalidate_applied;
+ALTER TABLE apikey.scopes ENABLE REPLICA TRIGGER scopes_invalidate_applied;

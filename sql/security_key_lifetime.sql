@@ -5,9 +5,10 @@
 -- The synchronous usage write (this database is not apikey.database) runs
 -- SQL after the lookup; its command-counter increment processes this
 -- transaction's pending invalidations, and the relcache callback empties
--- the cache.  Before the fix the caller then read the freed entry: with
--- thousands of cached keys the freed blocks go back to the system and the
--- backend crashed (on an assert-enabled server, always).
+-- the cache.  Before the fix the caller then read the freed entry: on an
+-- assert-enabled server, which overwrites freed memory, the backend
+-- crashed at once; on a production build it read whatever was left there
+-- (with thousands of cached keys, freed blocks can go back to the system).
 --
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS apikey CASCADE;
@@ -21,12 +22,7 @@ CREATE TEMP TABLE filler AS
 SELECT i.key_id, i.token
   FROM generate_series(1, 3000) g,
 	   LATERAL apikey.issue(owner => 'filler' || g, scopes => '{orders:read}') i;
--- A new backend, so that its memory allocator starts from its defaults and
--- the cache's larger blocks are mapped and unmapped on their own: a read of
--- freed cache memory then faults instead of finding stale data.
-CREATE TABLE filler_tokens AS SELECT * FROM filler;
-\c
-SELECT count(*) FILTER (WHERE apikey.verify(token)) AS filler_valid FROM filler_tokens;
+SELECT count(*) FILTER (WHERE apikey.verify(token)) AS filler_valid FROM filler;
 
 SELECT key_id AS k, token AS t FROM apikey.issue(owner => 'acme', scopes => '{orders:read,orders:write}') \gset
 SELECT apikey.verify(:'t') AS cached;
@@ -52,7 +48,7 @@ SELECT hits = :hits_before + 1 AS was_a_hit, invalidations = :inv_before + 1 AS 
   FROM apikey.cache_stats();
 
 -- authenticate() binds what it looked up, after the same reset
-SELECT count(*) FILTER (WHERE apikey.verify(token)) AS filler_valid_again FROM filler_tokens;
+SELECT count(*) FILTER (WHERE apikey.verify(token)) AS filler_valid_again FROM filler;
 SELECT apikey.verify(:'t') AS cached_again;
 SELECT hits AS hits_before, invalidations AS inv_before FROM apikey.cache_stats() \gset
 BEGIN;
@@ -74,4 +70,3 @@ SELECT (v).code, (v).key_id = :kq AS same_key, (v).owner, (v).scopes, (v).remain
 SELECT hits = :hits_before + 1 AS was_a_hit FROM apikey.cache_stats();
 
 DROP TABLE poke;
-DROP TABLE filler_tokens;

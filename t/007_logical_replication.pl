@@ -1,0 +1,79 @@
+# Logical replication: a revocation (or a scope change) published by one
+# server and applied by another's apply worker empties the subscriber's
+# warm key caches.  The apply worker runs with session_replication_role =
+# replica, which skips ordinary triggers: before 1.2 the invalidation
+# triggers were ordinary, and a replicated revocation left the key valid in
+# every subscriber backend that had it cached.  The apply worker fires row
+# triggers only, so replica-mode row triggers send the invalidation.
+#
+# Tokens stay in a table on the server: no token appears in a query text.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $pub = PostgreSQL::Test::Cluster->new('publisher');
+$pub->init(allows_streaming => 'logical');
+$pub->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'\n");
+$pub->start;
+
+my $sub = PostgreSQL::Test::Cluster->new('subscriber');
+$sub->init;
+$sub->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'\n");
+$sub->start;
+
+$pub->safe_psql(
+	'postgres', q{
+CREATE EXTENSION apikey;
+INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
+CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
+INSERT INTO tok SELECT 'rev', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
+INSERT INTO tok SELECT 'scp', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
+CREATE PUBLICATION keys FOR TABLE apikey.scopes, apikey.keys, apikey.key_scopes, apikey.revocations, tok;
+});
+
+my $connstr = $pub->connstr . ' dbname=postgres';
+$sub->safe_psql(
+	'postgres', qq{
+CREATE EXTENSION apikey;
+CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
+CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
+CREATE SUBSCRIPTION keys CONNECTION '$connstr' PUBLICATION keys;
+});
+$sub->wait_for_subscription_sync($pub, 'keys');
+
+is( $sub->safe_psql('postgres', q{
+SELECT (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'revocations_invalidate%') || ' ' ||
+       (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'key_scopes_invalidate%')}),
+	'revocations_invalidate=A revocations_invalidate_applied=R key_scopes_invalidate=A key_scopes_invalidate_applied=R',
+	'the invalidation triggers fire in replica mode too');
+
+# Warm a subscriber session's cache.
+my $session = $sub->background_psql('postgres');
+is($session->query_safe(q{SELECT code FROM apikey.check(tok('rev'))}), 'valid',
+	'subscriber: key valid (now cached)');
+is($session->query_safe(q{SELECT code FROM apikey.check(tok('scp'), 'orders:write')}), 'scope_denied',
+	'subscriber: scope not granted (key cached)');
+is($session->query_safe(q{SELECT hits FROM apikey.cache_stats()}), '0', 'no hit yet');
+is($session->query_safe(q{SELECT code FROM apikey.check(tok('rev'))}), 'valid',
+	'subscriber: still valid, from the cache');
+is($session->query_safe(q{SELECT hits FROM apikey.cache_stats()}), '1', 'that was a cache hit');
+
+# Revoke and grant on the publisher; the apply worker applies both.
+$pub->safe_psql('postgres', q{
+SELECT apikey.revoke((SELECT key_id FROM tok WHERE name = 'rev'), 'leaked');
+INSERT INTO apikey.key_scopes (key_id, scope) SELECT key_id, 'orders:write' FROM tok WHERE name = 'scp';
+});
+$pub->wait_for_catchup('keys');
+
+is($session->query_safe(q{SELECT code FROM apikey.check(tok('rev'))}), 'revoked',
+	'subscriber session: revoked once applied, despite its warm cache');
+is($session->query_safe(q{SELECT code FROM apikey.check(tok('scp'), 'orders:write')}), 'valid',
+	'subscriber session: the replicated grant is seen');
+$session->quit;
+
+$sub->stop;
+$pub->stop;
+done_testing();
