@@ -270,12 +270,15 @@ SELECT p.oid::regprocedure AS function,
  WHERE p.pronamespace = 'apikey'::regnamespace
  ORDER BY p.oid::regprocedure::text COLLATE "C";
 
--- Every other function, called by the attacker, fails with 42501.
+-- Every other function, called by the attacker, fails with 42501 (the
+-- planner support function, whose internal argument SQL cannot produce, is
+-- refused before privileges are checked; how, depends on the minor release).
 SET ROLE regress_hardening_priv_attacker;
 SELECT p.oid::regprocedure AS function,
-       regress_hardening_try(format('SELECT %s(%s)', p.oid::regproc,
+       regexp_replace(regress_hardening_try(format('SELECT %s(%s)', p.oid::regproc,
            (SELECT string_agg('NULL::' || format_type(t, NULL), ', ' ORDER BY i)
-              FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i)))) AS result
+              FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i)))),
+           '^(42846|0A000): .*internal$', 'refused: SQL cannot pass a planner argument') AS result
   FROM pg_proc p
  WHERE p.pronamespace = 'apikey'::regnamespace
    AND NOT has_function_privilege(p.oid, 'EXECUTE')
