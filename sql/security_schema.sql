@@ -13,6 +13,8 @@ DROP EXTENSION IF EXISTS apikey CASCADE;
 DROP SCHEMA IF EXISTS apikey CASCADE;
 RESET client_min_messages;
 
+-- the errors come from the install script; where it stood is no matter
+\set SHOW_CONTEXT never
 CREATE ROLE regress_squatter;
 SELECT current_database() AS db \gset
 GRANT CREATE ON DATABASE :"db" TO regress_squatter;
