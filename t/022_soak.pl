@@ -204,13 +204,12 @@ cmp_ok($tx{$_}, '>', 0, "$_ ran") for sort keys %scripts;
 my ($total_tx) = $out =~ /number of transactions actually processed: (\d+)/;
 note "pgbench: $total_tx transactions in total, per-script counts add up to "
   . sum_values(\%tx) . "; verification calls by its count: $pgbench_calls, counted by the scripts: $script_calls";
-# pgbench's per-script counts can miss a few of the transactions its total
-# includes; each missed one made at most one call.
-my $missed_tx = $total_tx - sum_values(\%tx);
-cmp_ok($script_calls, '>=', $pgbench_calls,
-	'the scripts made at least the calls pgbench\'s per-script counts imply');
-cmp_ok($script_calls - $pgbench_calls, '<=', $missed_tx,
-	"and at most one more per transaction missing from them ($missed_tx)");
+# pgbench's per-script counts and its total can disagree by a few
+# transactions (the per-script counts miss some on 15 and count one more on
+# 18); each of those made at most one call.
+my $slack = abs($total_tx - sum_values(\%tx));
+cmp_ok(abs($script_calls - $pgbench_calls), '<=', $slack,
+	"the scripts made the calls pgbench's per-script counts imply, within the $slack transactions its counts disagree on");
 
 my ($dropped, $counted, $revoked, $rotated) = split /\|/,
   $node->safe_psql('postgres',
