@@ -3,14 +3,18 @@
  * redact.c
  *	  Keep tokens out of the server log.
  *
- * PostgreSQL logs statement text in several places: log_statement,
+ * Redact by shape, not by validity.  The checksum is public, so a near
+ * miss (truncated, mistyped, wrong prefix) rebuilds the real token; we hide
+ * every span shaped like a token body (rules in token.h), valid or not, and
+ * show at most its last four characters, as the stored hint does.
+ *
+ * The log.  PostgreSQL logs statement text in several places: log_statement,
  * log_min_duration_statement, the STATEMENT line of log_min_error_statement,
  * bind parameters in a DETAIL, auto_explain's query text, and error
  * messages.  Our emit_log_hook sees every report before it is written and
- * replaces each well-formed token (one whose CRC-32 checksum matches) in the
- * message, detail, hint, context and internal query, and in the statement
- * text, by its hint, e.g. ak_...x9Qz.  Only checksum-valid strings are
- * touched, so ordinary text is never rewritten.
+ * replaces each token-shaped span in the message, detail, hint, context and
+ * internal query, and in the statement text, by "..." and four characters:
+ * a valid token ak_<body> becomes its hint, ak_...x9Qz.
  *
  *-------------------------------------------------------------------------
  */
@@ -26,37 +30,36 @@
 static emit_log_hook_type prev_emit_log_hook = NULL;
 static char *redacted_query = NULL;
 
-/* A copy of s with every token replaced by its hint, or NULL if none. */
+/*
+ * A copy of s with every token-shaped span replaced by "..." and its tail
+ * (ak_...x9Qz), or NULL if s has none.
+ */
 static char *
 redact_string(const char *s)
 {
 	size_t		len;
 	size_t		pos = 0;
-	size_t		start;
-	size_t		tlen;
+	ApikeyShape shape;
 	StringInfoData buf;
 	bool		any = false;
 
 	if (s == NULL)
 		return NULL;
 	len = strlen(s);
-	if (len < APIKEY_TOKEN_MINLEN)
+	if (len < APIKEY_SHAPE_MIN_CHARS)
 		return NULL;
 
-	while ((tlen = apikey_token_scan(s + pos, len - pos, &start)) > 0)
+	while (apikey_shape_scan(s, len, pos, &shape))
 	{
-		char		hint[APIKEY_HINT_MAXLEN];
-		size_t		plen = tlen - APIKEY_BODY_CHARS - 1;
-
 		if (!any)
 		{
 			initStringInfo(&buf);
 			any = true;
 		}
-		appendBinaryStringInfo(&buf, s + pos, start);
-		apikey_token_hint(s + pos + start, tlen, plen, hint);
-		appendStringInfoString(&buf, hint);
-		pos += start + tlen;
+		appendBinaryStringInfo(&buf, s + pos, shape.start - pos);
+		appendStringInfoString(&buf, "...");
+		appendBinaryStringInfo(&buf, s + shape.tail, APIKEY_HINT_TAIL);
+		pos = shape.start + shape.len;
 	}
 	if (!any)
 		return NULL;
