@@ -173,5 +173,6 @@ extern void apikey_worker_register(void);
 
 /* redact.c */
 extern void apikey_redact_init(void);
+extern void apikey_redact_require_early_load(void);
 
 #endif							/* APIKEY_H */
