@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * redact.c
- *	  Keep tokens out of the server log.
+ *	  Keep tokens out of the server log and out of pg_stat_statements.
  *
  * Redact by shape, not by validity.  The checksum is public, so a near
  * miss (truncated, mistyped, wrong prefix) rebuilds the real token; we hide
@@ -16,6 +16,17 @@
  * internal query, and in the statement text, by "..." and four characters:
  * a valid token ak_<body> becomes its hint, ak_...x9Qz.
  *
+ * pg_stat_statements.  It replaces the constants of plannable statements by
+ * $1, but stores utility statements (DO, CALL, COPY, EXPLAIN, CREATE TABLE
+ * AS, DECLARE, ...) verbatim.  Our ProcessUtility hook hands the next hook
+ * a copy of the query string with every token-shaped span overwritten in
+ * place, so pstmt->stmt_location and stmt_len still hold.
+ *
+ * Hook order.  The library loaded last runs its hooks first, so apikey must
+ * be listed last in shared_preload_libraries for pg_stat_statements,
+ * pgaudit, auto_explain and other log hooks to see redacted text; we warn at
+ * server start when it is not.
+ *
  * Loaded too late.  log_statement writes a statement before running it.
  * Without shared_preload_libraries (or session_preload_libraries) the
  * library, and so this hook, is loaded by the first statement that calls
@@ -29,13 +40,16 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "tcop/tcopprot.h"
+#include "tcop/utility.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/varlena.h"
 
 #include "apikey.h"
 #include "token.h"
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
+static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 static char *redacted_query = NULL;
 
 /* log_statement had written the statement that loaded us (see below) */
@@ -122,6 +136,109 @@ redact_emit_log_hook(ErrorData *edata)
 }
 
 /*
+ * A copy of queryString with every token-shaped span of one statement's
+ * text overwritten: "...", then '*', then the span's tail (ak_...***x9Qz);
+ * NULL if that text has none.  Same length, so offsets into the string
+ * (stmt_location, error positions) still hold.  The statement's text is
+ * cut as pg_stat_statements cuts it (location -1: the whole string; length
+ * 0: to the end).  Only that is scanned: scanning the whole string for each
+ * statement of a long multi-statement query would cost quadratic time.
+ */
+static char *
+mask_statement(const char *queryString, int location, int len)
+{
+	size_t		start = (location >= 0) ? location : 0;
+	size_t		end;
+	size_t		pos = start;
+	ApikeyShape shape;
+	char	   *copy = NULL;
+
+	if (location >= 0 && len > 0)
+		end = start + len;
+	else
+		end = start + strlen(queryString + start);
+
+	while (apikey_shape_scan(queryString, end, pos, &shape))
+	{
+		char	   *span;
+
+		if (copy == NULL)
+			copy = pstrdup(queryString);
+		span = copy + shape.start;
+		memset(span, '*', shape.len);
+		memcpy(span, "...", 3);
+		memcpy(span + shape.len - APIKEY_HINT_TAIL, queryString + shape.tail,
+			   APIKEY_HINT_TAIL);
+		pos = shape.start + shape.len;
+	}
+	return copy;
+}
+
+/*
+ * Pass the next hook (pg_stat_statements, when apikey is listed after it)
+ * the query string with the statement's tokens masked.
+ *
+ * Safe because no utility command re-parses queryString to execute it:
+ * they run the parse tree in pstmt, and use the string for error positions
+ * and for display only.  What we checked in PostgreSQL 15's source:
+ *
+ * - tcop/utility.c: standard_ProcessUtility and ProcessUtilitySlow put it
+ *	 in pstate->p_sourcetext, or pass it on with stmt_location/stmt_len
+ *	 (CREATE SCHEMA's subcommands come back through this hook).
+ * - commands/functioncmds.c: DO runs codeblock->source_text, which comes
+ *	 from the parse tree; CALL runs stmt->funcexpr, analysed already.
+ * - commands/copy.c, copyto.c: COPY (query) analyses the raw query taken
+ *	 from the parse tree; the string becomes the QueryDesc's sourceText.
+ * - commands/explain.c: EXPLAIN rewrites and plans stmt->query; the string
+ *	 is sourceText and error positions.
+ * - commands/createas.c: CREATE TABLE AS plans stmt->query; the same.
+ * - commands/prepare.c: PREPARE keeps a copy as the cached plan's
+ *	 query_string (pg_prepared_statements); a replan re-analyses the saved
+ *	 raw parse tree, the string serving error positions.
+ * - commands/portalcmds.c: DECLARE plans cstmt->query and keeps a copy as
+ *	 the cursor's sourceText (pg_cursors).
+ * - commands/view.c, parser/parse_utilcmd.c: CREATE VIEW, CREATE TABLE,
+ *	 CREATE INDEX and rules analyse parse trees; the string gives positions.
+ * - The only raw_parser()/pg_parse_query() calls under commands/ parse text
+ *	 that PostgreSQL generates (ALTER TABLE's rebuilt indexes, IMPORT FOREIGN
+ *	 SCHEMA, extension scripts), never queryString.
+ *
+ * So a masked copy changes what is displayed, which is the point, and
+ * nothing else.  Hooks chain from the library loaded last: ours must run
+ * before pg_stat_statements', so apikey is listed last in
+ * shared_preload_libraries (check_listed_last warns otherwise).
+ *
+ * The copy is not freed: commands may keep pointers to it for as long as
+ * the caller's memory context lives, which frees it.
+ */
+static void
+redact_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
+#if PG_VERSION_NUM >= 140000
+					  bool readOnlyTree,
+#endif
+					  ProcessUtilityContext context, ParamListInfo params,
+					  QueryEnvironment *queryEnv, DestReceiver *dest,
+					  QueryCompletion *qc)
+{
+	char	   *masked = mask_statement(queryString, pstmt->stmt_location,
+										pstmt->stmt_len);
+
+	if (masked != NULL)
+		queryString = masked;
+
+#if PG_VERSION_NUM >= 140000
+#define UTILITY_ARGS pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc
+#else
+#define UTILITY_ARGS pstmt, queryString, context, params, queryEnv, dest, qc
+#endif
+	if (prev_ProcessUtility)
+		prev_ProcessUtility(UTILITY_ARGS);
+	else
+		standard_ProcessUtility(UTILITY_ARGS);
+#undef UTILITY_ARGS
+}
+
+/*
  * Refuse to verify tokens in a backend that loaded apikey after
  * log_statement had logged the loading statement.
  *
@@ -168,12 +285,45 @@ note_late_load(void)
 		MemoryContextStrdup(TopMemoryContext, GetConfigOption("log_statement", false, false));
 }
 
-/* Install the hook; called from _PG_init. */
+/*
+ * Warn at server start when a library is listed after apikey in
+ * shared_preload_libraries: its hooks run before ours and see tokens.
+ */
+static void
+check_listed_last(void)
+{
+	char	   *rawstring;
+	List	   *elemlist;
+	const char *last;
+	const char *base;
+
+	if (!process_shared_preload_libraries_in_progress || IsUnderPostmaster)
+		return;
+	rawstring = pstrdup(shared_preload_libraries_string);
+	if (!SplitDirectoriesString(rawstring, ',', &elemlist) || elemlist == NIL)
+		return;
+	last = (const char *) llast(elemlist);
+	base = last_dir_separator(last);
+	base = base ? base + 1 : last;
+	if (strcmp(base, "apikey") == 0 || strcmp(base, "apikey" DLSUFFIX) == 0)
+		return;
+	ereport(WARNING,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("apikey is not the last library in shared_preload_libraries"),
+			 errdetail("Hooks of libraries listed after apikey, such as \"%s\", see statements and log messages before apikey redacts their tokens.",
+					   last),
+			 errhint("List apikey last in shared_preload_libraries.")));
+}
+
+/* Install the hooks; called from _PG_init. */
 void
 apikey_redact_init(void)
 {
 	note_late_load();
+	check_listed_last();
 
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = redact_emit_log_hook;
+	prev_ProcessUtility = ProcessUtility_hook;
+	ProcessUtility_hook = redact_ProcessUtility;
 }
