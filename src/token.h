@@ -21,12 +21,14 @@
  *
  * Runs are maximal and taken left to right; a run that qualifies alone is
  * never joined to its neighbour.  The prefix and its "_" are not part of
- * the span: they are not secret and stay readable.  Why 32: a shorter run
- * of a body leaves at least 12 secret characters (71 bits) unknown and the
- * checksum gone, so nothing can be rebuilt, offline or by guessing against
- * the server.  The price is that other long base62 strings (an MD5 or SHA
- * digest in hex) are hidden too.  Not covered: a body broken by two or more
- * stray bytes into pieces that are each shorter than 32.
+ * the span: they are not secret and stay readable.  Why 32: a piece of a
+ * body shorter than that leaves at least 12 of the 43 secret characters
+ * (71 bits) unknown, too many to guess, offline or against the server.
+ * With one stray byte, at least 17 body characters stay hidden however the
+ * text around it runs (fuzz/ checks this, and that every 32-run is
+ * hidden).  The price is that other long base62 strings (an MD5 or SHA
+ * digest in hex) are hidden too.  Not covered: a body broken by two or
+ * more stray bytes into pieces that are each shorter than 32.
  *
  * A span may show APIKEY_HINT_TAIL characters and no more, as the stored
  * hint does: the last four of the token when the span holds the body of a
