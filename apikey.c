@@ -9,6 +9,8 @@
  * issued, verified, cached and bound to transactions as usual, usage is
  * written synchronously in the caller's transaction, and a key with a rate
  * limit is refused with rate_limit_unavailable, never allowed unlimited.
+ * Only if log_statement had already logged the statement that loaded the
+ * library does that backend refuse to verify tokens (src/redact.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -383,6 +385,7 @@ apikey_check(PG_FUNCTION_ARGS)
 	Datum		values[8];
 	bool		nulls[8];
 
+	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), text_arg_or_null(fcinfo, 1),
 				  inet_arg_or_null(fcinfo, 2), &v);
 
@@ -438,6 +441,7 @@ apikey_verify_token(PG_FUNCTION_ARGS)
 {
 	ApikeyVerdict v;
 
+	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), text_arg_or_null(fcinfo, 1),
 				  inet_arg_or_null(fcinfo, 2), &v);
 	PG_RETURN_BOOL(v.code == APIKEY_VALID);
@@ -532,6 +536,7 @@ apikey_authenticate(PG_FUNCTION_ARGS)
 	text	   *scope = text_arg_or_null(fcinfo, 1);
 	bool		session = !PG_ARGISNULL(3) && PG_GETARG_BOOL(3);
 
+	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), scope, inet_arg_or_null(fcinfo, 2), &v);
 	if (v.code != APIKEY_VALID)
 		report_rejection(&v, scope);

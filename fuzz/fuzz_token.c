@@ -21,6 +21,17 @@
  *				guarantee, not a probability); the hint has the documented
  *				shape and is not itself a token; the token embedded between
  *				two slices of the input is found by scan() at its offset.
+ *	 shape		apikey_shape_scan() over the raw input and around the
+ *				derived token: every span lies inside the text, starts and
+ *				ends on a run of base62 with at most one stray byte inside,
+ *				never overlaps the previous one, and is the same when asked
+ *				twice; every run of APIKEY_SHAPE_MIN_CHARS base62 and every
+ *				valid token's body is covered; the redacted text has no
+ *				span that does not contain a hint's tail.  Near misses of
+ *				the derived token (truncated, one byte changed to anything,
+ *				wrong or uppercased prefix) keep their body covered; with a
+ *				stray byte, at least APIKEY_BODY_CHARS - APIKEY_SHAPE_MIN_CHARS
+ *				of the other body characters are.
  *
  * Output buffers are malloc'd at exactly the documented size, so
  * AddressSanitizer reports any write past them.
@@ -217,6 +228,156 @@ scan_all(const char *text, size_t len, size_t want_off, size_t want_len)
 	return seen;
 }
 
+static bool
+is62(char c)
+{
+	return digit_value(c) >= 0;
+}
+
+/*
+ * Every span apikey_shape_scan() reports in text[from..len), checked one by
+ * one.  Marks the bytes they cover in covered[] (len bytes, or NULL) and
+ * returns the number of spans.
+ */
+static int
+shape_all(const char *text, size_t len, size_t from, uint8_t *covered)
+{
+	size_t		pos = from;
+	ApikeyShape sh;
+	int			n = 0;
+
+	while (apikey_shape_scan(text, len, pos, &sh))
+	{
+		ApikeyShape again;
+		size_t		end = sh.start + sh.len;
+		size_t		stray = 0;
+		size_t		i;
+
+		/* inside the input, after the previous span, the tail inside it */
+		CHECK(sh.start >= pos && sh.start < len);
+		CHECK(sh.len >= APIKEY_SHAPE_MIN_CHARS && end <= len);
+		CHECK(sh.tail >= sh.start && sh.tail + APIKEY_HINT_TAIL <= end);
+
+		/* deterministic */
+		CHECK(apikey_shape_scan(text, len, pos, &again));
+		CHECK(again.start == sh.start && again.len == sh.len &&
+			  again.tail == sh.tail && again.valid == sh.valid);
+
+		/* maximal runs of base62, with at most one stray byte inside */
+		CHECK(is62(text[sh.start]) && is62(text[end - 1]));
+		CHECK(sh.start == pos || !is62(text[sh.start - 1]));
+		CHECK(end == len || !is62(text[end]));
+		for (i = sh.start; i < end; i++)
+			if (!is62(text[i]))
+				stray++;
+		CHECK(stray <= 1);
+
+		/* valid: a token's body starts the span, and its tail is shown */
+		if (sh.valid)
+		{
+			CHECK(stray == 0 && sh.len >= APIKEY_BODY_CHARS);
+			CHECK(sh.start >= 2 && text[sh.start - 1] == '_');
+			CHECK(sh.tail == sh.start + APIKEY_BODY_CHARS - APIKEY_HINT_TAIL);
+		}
+		else
+			CHECK(sh.tail == end - APIKEY_HINT_TAIL);
+
+		if (covered)
+			memset(covered + sh.start, 1, sh.len);
+		pos = end;
+		n++;
+	}
+	return n;
+}
+
+/*
+ * The shape properties of text: spans checked, long runs and valid tokens
+ * covered, and the redacted text (spans replaced by "..." and their tail,
+ * as redact.c does) holding no span that does not include such a tail.
+ */
+static void
+check_shapes(const char *text, size_t len)
+{
+	uint8_t    *covered = calloc(len + 1, 1);
+	char	   *out = malloc(len + 1);
+	uint8_t    *is_tail = calloc(len + 1, 1);
+	size_t		olen = 0;
+	size_t		pos = 0;
+	size_t		i;
+	size_t		start;
+	size_t		tlen;
+	ApikeyShape sh;
+
+	shape_all(text, len, 0, covered);
+
+	/* every run of APIKEY_SHAPE_MIN_CHARS base62 is covered */
+	for (i = 0; i < len;)
+	{
+		size_t		j = i;
+
+		while (j < len && is62(text[j]))
+			j++;
+		if (j - i >= APIKEY_SHAPE_MIN_CHARS)
+			for (size_t k = i; k < j; k++)
+				CHECK(covered[k]);
+		i = (j > i) ? j : i + 1;
+	}
+
+	/* every valid token's body (secret and checksum) is covered */
+	while ((tlen = apikey_token_scan(text + pos, len - pos, &start)) > 0)
+	{
+		for (i = pos + start + tlen - APIKEY_BODY_CHARS; i < pos + start + tlen; i++)
+			CHECK(covered[i]);
+		pos += start + tlen;
+	}
+
+	/* redact; "..." + tail is never longer than the span it replaces */
+	pos = 0;
+	while (apikey_shape_scan(text, len, pos, &sh))
+	{
+		memcpy(out + olen, text + pos, sh.start - pos);
+		olen += sh.start - pos;
+		memcpy(out + olen, "...", 3);
+		olen += 3;
+		memcpy(out + olen, text + sh.tail, APIKEY_HINT_TAIL);
+		memset(is_tail + olen, 1, APIKEY_HINT_TAIL);
+		olen += APIKEY_HINT_TAIL;
+		pos = sh.start + sh.len;
+	}
+	memcpy(out + olen, text + pos, len - pos);
+	olen += len - pos;
+	CHECK(olen <= len);
+
+	pos = 0;
+	while (apikey_shape_scan(out, olen, pos, &sh))
+	{
+		bool		has_tail = false;
+
+		for (i = sh.start; i < sh.start + sh.len; i++)
+			has_tail |= is_tail[i];
+		CHECK(has_tail);
+		pos = sh.start + sh.len;
+	}
+
+	free(covered);
+	free(out);
+	free(is_tail);
+}
+
+/* Bytes of text[from..to) that some span covers, except text[skip]. */
+static size_t
+count_covered(const char *text, size_t len, size_t from, size_t to, size_t skip)
+{
+	uint8_t    *covered = calloc(len + 1, 1);
+	size_t		n = 0;
+
+	shape_all(text, len, 0, covered);
+	for (size_t i = from; i < to; i++)
+		n += (i != skip) && covered[i];
+	free(covered);
+	return n;
+}
+
 /* The input as a candidate token and as free text. */
 static void
 fuzz_raw(const uint8_t *data, size_t size)
@@ -233,6 +394,8 @@ fuzz_raw(const uint8_t *data, size_t size)
 		CHECK(r == APIKEY_PARSE_BAD_LENGTH);
 
 	(void) scan_all((const char *) data, size, (size_t) -1, 0);
+	check_shapes((const char *) data, size);
+	(void) shape_all((const char *) data, size, size ? data[size - 1] % (size + 1) : 0, NULL);
 
 	CHECK(apikey_prefix_is_valid((const char *) data, Min(size, 20)) ==
 		  ref_prefix_valid(data, Min(size, 20)));
@@ -269,6 +432,57 @@ fuzz_base62(Reader *rd)
 	CHECK(decode62(out, nchars, back, nbytes));
 	CHECK(memcmp(in, back, nbytes) == 0);
 	free(out);
+}
+
+/*
+ * Near misses of the token text[at..at+len) (prefix plen): the text is
+ * changed in place and restored.
+ */
+static void
+check_near_misses(char *text, size_t tlen, size_t at, size_t len, size_t plen,
+				  Reader *rd)
+{
+	size_t		body = at + plen + 1;
+	size_t		body_end = at + len;
+	size_t		p;
+	char		orig;
+	ApikeyShape sh;
+
+	/* the valid token: its body starts a valid span, whole */
+	CHECK(count_covered(text, tlen, body, body_end, SIZE_MAX) == APIKEY_BODY_CHARS);
+	CHECK(apikey_shape_scan(text, tlen, body, &sh) && sh.start == body && sh.valid);
+
+	/* wrong prefix (uppercased first letter): the body is still covered */
+	orig = text[at];
+	text[at] = (char) (orig - 'a' + 'A');
+	CHECK(count_covered(text, tlen, body, body_end, SIZE_MAX) == APIKEY_BODY_CHARS);
+	text[at] = orig;
+
+	/* one body byte changed to anything */
+	p = body + take(rd) % APIKEY_BODY_CHARS;
+	orig = text[p];
+	text[p] = (char) take(rd);
+	if (text[p] == orig)
+		text[p] = '#';
+	if (is62(text[p]))
+		CHECK(count_covered(text, tlen, body, body_end, SIZE_MAX) == APIKEY_BODY_CHARS);
+	else
+		CHECK(count_covered(text, tlen, body, body_end, p) >=
+			  APIKEY_BODY_CHARS - APIKEY_SHAPE_MIN_CHARS);
+	text[p] = orig;
+
+	/* truncated to at least APIKEY_SHAPE_MIN_CHARS of body, then the input */
+	{
+		size_t		keep = APIKEY_SHAPE_MIN_CHARS +
+			take(rd) % (APIKEY_BODY_CHARS - APIKEY_SHAPE_MIN_CHARS);
+		size_t		cut = body_end - (body + keep);
+		char	   *t = malloc(tlen - cut);
+
+		memcpy(t, text, body + keep);
+		memcpy(t + body + keep, text + body_end, tlen - body_end);
+		CHECK(count_covered(t, tlen - cut, body, body + keep, SIZE_MAX) == keep);
+		free(t);
+	}
 }
 
 /* A token built from fuzzer-chosen prefix and secret, and its near misses. */
@@ -373,6 +587,8 @@ fuzz_derived(Reader *rd, const uint8_t *data, size_t size)
 		memcpy(text + split, tok, len);
 		memcpy(text + split + len, data + split, size - split);
 		CHECK(scan_all(text, tlen, split, len));
+		check_shapes(text, tlen);
+		check_near_misses(text, tlen, split, len, plen, rd);
 		free(text);
 	}
 

@@ -102,6 +102,20 @@ main(int argc, char **argv)
 	n = snprintf(buf, sizeof(buf), "q%s", tok);
 	put("miss-prefix-too-long", buf, n);
 
+	/* near misses the redactor hides by shape */
+	len = make_token("ak", 12, tok);
+	tok[3 + 20] = '#';
+	n = snprintf(buf, sizeof(buf), "SELECT apikey.verify('%s');", tok);
+	put("miss-stray-byte", buf, n);
+	len = make_token("ak", 13, tok);
+	n = snprintf(buf, sizeof(buf), "ERROR:  bad key %.*s\nDETAIL:  %.*s",
+				 3 + APIKEY_SHAPE_MIN_CHARS, tok, (int) len - 1, tok);
+	put("miss-truncated-short", buf, n);
+	len = make_token("ak", 14, tok);
+	n = snprintf(buf, sizeof(buf), "x%.*s\n%sy", 3 + 16, tok, tok + 3 + 16);
+	put("miss-line-break", buf, n);
+	put("text-hex-digest", "md5 = 'd41d8cd98f00b204e9800998ecf8427e'", 40);
+
 	/* garbage */
 	put("garbage-empty", "", 0);
 	put("garbage-underscores", "________________________________________________________", 56);

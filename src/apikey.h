@@ -16,7 +16,7 @@
  *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
  *	 usage.c		usage counters: shared memory, or synchronous fallback
  *	 worker.c		background worker that persists usage counters
- *	 redact.c		emit_log_hook that removes tokens from the server log
+ *	 redact.c		hooks that keep tokens out of the log and pg_stat_statements
  *
  *-------------------------------------------------------------------------
  */
@@ -192,5 +192,6 @@ extern void apikey_worker_register(void);
 
 /* redact.c */
 extern void apikey_redact_init(void);
+extern void apikey_redact_require_early_load(void);
 
 #endif							/* APIKEY_H */

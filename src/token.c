@@ -6,9 +6,10 @@
  * A token is <prefix>_<secret><checksum>.  The checksum is the standard
  * CRC-32 (pg_crc.h's TRADITIONAL_CRC32, the one zlib computes) of every
  * character before it, written as six base62 digits.  It lets us reject a
- * typo, a truncated paste or random garbage without touching a table, and
- * lets the log redactor recognise tokens in free text with a false-positive
- * rate of 2^-32 per candidate.
+ * typo, a truncated paste or random garbage without touching a table.  It
+ * is public, so it is no secret either: the log redactor hides everything
+ * shaped like a token (apikey_shape_scan, rules in token.h), and uses the
+ * checksum only to show a valid token's stored hint.
  *
  * Nothing in this file allocates memory or raises errors, so the libFuzzer
  * harness (fuzz/fuzz_token.c) can drive it without a server.
@@ -247,4 +248,90 @@ apikey_token_scan(const char *text, size_t len, size_t *start)
 		}
 	}
 	return 0;
+}
+
+/* End of the run of base62 characters that starts at text[pos]. */
+static size_t
+run_end(const char *text, size_t len, size_t pos)
+{
+	while (pos < len && is_base62((unsigned char) text[pos]))
+		pos++;
+	return pos;
+}
+
+/*
+ * Does the run starting at r0 begin with the body of a checksum-valid
+ * token?  Its prefix and "_" come before r0 and may lie before the part of
+ * the text being scanned: they are only read.
+ */
+static bool
+run_starts_valid_token(const char *text, size_t len, size_t r0)
+{
+	size_t		end = r0 + APIKEY_BODY_CHARS;
+	size_t		u = r0 - 1;
+	size_t		s;
+
+	if (r0 < 2 || end > len || text[u] != '_')
+		return false;
+	for (s = (u > APIKEY_PREFIX_MAXLEN) ? u - APIKEY_PREFIX_MAXLEN : 0; s < u; s++)
+	{
+		size_t		plen;
+
+		if (apikey_token_parse(text + s, end - s, &plen) == APIKEY_PARSE_OK)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Find the first token-shaped span (see token.h) in text[from..len).
+ * Returns false if there is none.  Runs are measured from "from", so a
+ * caller that resumes at the end of the previous span never gets an
+ * overlapping one.  Linear: every run is measured at most twice.
+ */
+bool
+apikey_shape_scan(const char *text, size_t len, size_t from, ApikeyShape *shape)
+{
+	size_t		pos = from;
+
+	while (pos < len)
+	{
+		size_t		r0 = pos;
+		size_t		r1;
+
+		if (!is_base62((unsigned char) text[pos]))
+		{
+			pos++;
+			continue;
+		}
+		r1 = run_end(text, len, r0);
+
+		if (r1 - r0 >= APIKEY_SHAPE_MIN_CHARS)
+		{
+			shape->start = r0;
+			shape->len = r1 - r0;
+			shape->valid = run_starts_valid_token(text, len, r0);
+			shape->tail = shape->valid ?
+				r0 + APIKEY_BODY_CHARS - APIKEY_HINT_TAIL : r1 - APIKEY_HINT_TAIL;
+			return true;
+		}
+
+		/* one stray byte, then a run that is also too short alone? */
+		if (r1 + 1 < len && is_base62((unsigned char) text[r1 + 1]))
+		{
+			size_t		r2 = run_end(text, len, r1 + 1);
+
+			if (r2 - (r1 + 1) < APIKEY_SHAPE_MIN_CHARS &&
+				(r1 - r0) + (r2 - r1 - 1) >= APIKEY_SHAPE_MIN_CHARS)
+			{
+				shape->start = r0;
+				shape->len = r2 - r0;
+				shape->valid = false;
+				shape->tail = r2 - APIKEY_HINT_TAIL;
+				return true;
+			}
+		}
+		pos = r1;
+	}
+	return false;
 }

@@ -14,6 +14,9 @@ use Test::More;
 
 my $node = PostgreSQL::Test::Cluster->new('nopreload');
 $node->init;
+# Loaded lazily while log_statement logs, apikey refuses to verify
+# (t/007_late_load_refused.pl); without logging, lazy loading is harmless.
+$node->append_conf('postgresql.conf', 'log_statement = none');
 $node->start;
 
 is($node->safe_psql('postgres', 'SHOW shared_preload_libraries'), '', 'apikey is not preloaded');

@@ -8,6 +8,13 @@
 # all those places.  Afterwards no token may appear in any log file, and
 # the hints that replace them must.  A control with apikey.redact_logs =
 # off shows a token does get logged when redaction is off.
+#
+# Redaction goes by shape, not by checksum: the checksum is public, so a
+# near miss (truncated, one character mistyped or stray, uppercased or wrong
+# prefix, glued to other text) gives the real token back.  Near misses of
+# real keys are used in statement text, DETAIL, bind parameters and error
+# messages; neither they nor any 12 characters in a row of their key's body
+# may appear in any log file.
 use strict;
 use warnings;
 
@@ -66,7 +73,7 @@ for my $name (qw(unknown unknown_auth))
 		"SELECT token FROM apikey._new_token('ak')");
 }
 
-# A string shaped like a token but with a wrong checksum is left alone.
+# A string shaped like a token but with a wrong checksum: hidden too.
 my $fake = substr($tok{valid}, 0, -6)
   . (substr($tok{valid}, -6) eq '000000' ? '000001' : '000000');
 
@@ -131,6 +138,50 @@ like($err, qr/no_such_table/, 'error in dynamic SQL: token in QUERY');
 ($ret, $err) = run(qq{SELECT 'x$tok{glued}y';});
 is($ret, 0, 'token glued to other text');
 
+# Near misses of real keys, one key per place, so a leak names the place.
+my %near;
+issue("near_$_", "'acme'") for qw(statement detail bind bind_error error);
+$near{$_} = delete $tok{"near_$_"} for qw(statement detail bind bind_error error);
+
+# The near misses of a token, by kind.
+sub near_misses
+{
+	my ($t) = @_;
+	my $body = substr($t, -49);
+	my $prefix = substr($t, 0, -49);    # "ak_"
+	my $other = substr($body, 10, 1) eq 'A' ? 'B' : 'A';
+	return (
+		truncated => substr($t, 0, -1),
+		truncated_short => $prefix . substr($body, 0, 35),
+		typo => $prefix . substr($body, 0, 10) . $other . substr($body, 11),
+		stray => $prefix . substr($body, 0, 20) . '-' . substr($body, 21),
+		uppercase => uc($prefix) . $body,
+		wrong_prefix => 'zz_' . $body,
+		separator => 'ak-' . $body,
+		glued => 'x' . substr($t, 0, -1) . 'y');
+}
+
+{
+	my %nm = near_misses($near{statement});
+	($ret, $err) = run(join("\n",
+		map { "SELECT '$nm{$_}' AS $_, apikey.verify('$nm{$_}');" } sort keys %nm));
+	is($ret, 0, 'near misses in statement text');
+
+	%nm = near_misses($near{detail});
+	($ret, $err) = run(join("\n",
+		map { "DO \$\$ BEGIN RAISE WARNING 'near miss' USING DETAIL = 'key $nm{$_}', HINT = 'revoke $nm{$_}'; END \$\$;" }
+		  sort keys %nm));
+	is($ret, 0, 'near misses in DETAIL and HINT');
+
+	%nm = near_misses($near{error});
+	for my $kind (sort keys %nm)
+	{
+		($ret, $err) = run(qq{SELECT '$nm{$kind}'::int;});
+		like($err, qr/invalid input syntax for type integer/,
+			"near miss ($kind) in an error message");
+	}
+}
+
 # Bind parameters (extended protocol), through pgbench -M extended.
 my $script = $node->basedir . '/bind.sql';
 append_to_file($script, "SELECT apikey.verify(:tok);\n");
@@ -155,6 +206,34 @@ IPC::Run::run(
 like($stderr, qr/API key has been revoked/,
 	'bind parameter: authenticate of a revoked key raises')
   or diag $stderr;
+
+# Near misses as bind parameters: logged with the statement, and with an
+# error (log_parameter_max_length_on_error).
+{
+	my %nm = near_misses($near{bind});
+	my %nm_err = near_misses($near{bind_error});
+	my $script_int = $node->basedir . '/bind_int.sql';
+	append_to_file($script_int, "SELECT :tok::int;\n");
+	for my $kind (sort keys %nm)
+	{
+		$node->command_ok(
+			[
+				'pgbench', '-n', '-M', 'extended', '-t', '1', '-f', $script,
+				'-D', "tok=$nm{$kind}", '-h', $node->host, '-p', $node->port,
+				'postgres'
+			],
+			"near miss ($kind) as a bind parameter");
+		IPC::Run::run(
+			[
+				'pgbench', '-n', '-M', 'extended', '-t', '1', '-f', $script_int,
+				'-D', "tok=$nm_err{$kind}", '-h', $node->host, '-p', $node->port,
+				'postgres'
+			],
+			'>', \$stdout, '2>', \$stderr);
+		like($stderr, qr/invalid input syntax for type integer/,
+			"near miss ($kind) as a bind parameter of a failing statement");
+	}
+}
 
 # Control: with redaction off (superuser only), the token is logged.
 ($ret, $err) = run(
@@ -193,7 +272,22 @@ for my $fmt (qw(csv json))
 	like($content, qr/ak_\.\.\.[0-9A-Za-z]{4}/, "$fmt log holds hints");
 }
 
-ok(index($log, $fake) >= 0,
-	'a token-shaped string with a wrong checksum is logged unchanged');
+is(index($log, $fake), -1,
+	'a token-shaped string with a wrong checksum is not logged either');
+
+for my $place (sort keys %near)
+{
+	my %nm = near_misses($near{$place});
+	for my $kind (sort keys %nm)
+	{
+		my $count = () = $log =~ /\Q$nm{$kind}\E/g;
+		is($count, 0, "near miss ($kind) in $place appears nowhere in the logs");
+	}
+	my $body = substr($near{$place}, -49);
+	my @seen = grep { index($log, substr($body, $_, 12)) >= 0 } 0 .. 49 - 12;
+	is(scalar(@seen), 0,
+		"no 12 characters in a row of the key behind the near misses in $place are logged"
+	) or diag "at body offsets @seen";
+}
 
 done_testing();
