@@ -1,7 +1,7 @@
 --
 -- binding_recheck: a session binding is checked again in each later
--- transaction, and a check that fails with an error is no check: the next
--- statement checks again.
+-- transaction before the helpers use it, and a check that fails with an
+-- error is no check: the next statement checks again.
 --
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS apikey CASCADE;
@@ -9,6 +9,32 @@ CREATE EXTENSION apikey;
 RESET client_min_messages;
 
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
+SELECT key_id AS ks, token AS ts FROM apikey.issue(owner => 'stark', scopes => '{orders:read}') \gset
+
+--
+-- The first helper call of a transaction checks the binding, whatever the
+-- statement: here PL/pgSQL simple expressions, which never pass through
+-- ExecutorStart.  A scope granted meanwhile is followed; once the key is
+-- revoked the binding ends, and stays ended.
+--
+SELECT apikey.authenticate(:'ts', session => true) = :ks AS bound_session;
+INSERT INTO apikey.key_scopes VALUES (:ks, 'orders:write');
+DO $$
+BEGIN
+	RAISE NOTICE 'writes: %', apikey.has_scope('orders:write');
+	PERFORM apikey.require_scope('orders:write');
+END
+$$;
+SELECT apikey.revoke(:ks, 'recheck test');
+DO $$
+BEGIN
+	RAISE NOTICE 'reads: %, owner: %', apikey.has_scope('orders:read'),
+		coalesce(apikey.current_owner(), '(none)');
+END
+$$;
+SELECT apikey.current_owner(), apikey.current_key_id() IS NULL AS unbound;
+SELECT apikey.require_scope('orders:read');
+\echo :SQLSTATE
 
 --
 -- A check whose lookup raises, and whose error is caught, has not checked

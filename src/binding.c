@@ -38,22 +38,36 @@
  * Kinds.  A binding is a transaction binding (written with GUC_ACTION_LOCAL,
  * so it ends with its transaction) or a session binding (GUC_ACTION_SET,
  * authenticate(..., session => true)).  The kind is part of the value, and
- * every later write of a binding - a refresh or an end - uses the
+ * every later write of a binding - a refresh, an end, a mark - uses the
  * action of its kind: a re-check never turns a transaction binding into a
  * session binding, which behind a transaction-mode pooler the next client
  * would inherit.
  *
  * Re-checks.  A session binding outlives the transaction that made it, so
- * at the first query of every later transaction (ExecutorStart) it is
- * checked again against the key cache: if the key has been revoked, has
- * expired or is gone, the binding ends (with a WARNING); if its owner or
- * scopes changed, the binding is refreshed.  A binding counts as checked in
- * a transaction only once its check has succeeded: a check that raises (a
- * lock timeout, say) and is caught by a savepoint leaves it unchecked, and
- * the next query checks again.  The transaction a binding was last checked
- * in is kept with its value, so a binding brought back by ROLLBACK TO
- * SAVEPOINT is known as checked or not; a transaction binding was verified
- * by authenticate() in its own transaction and is not checked again.
+ * before the helpers use it in a later transaction it is checked again
+ * against the key cache: if the key has been revoked, has expired (by the
+ * clock at the check) or is gone, the binding ends (with a WARNING); if its
+ * owner or scopes changed, the binding is refreshed.  The check runs at the
+ * first ExecutorStart of the transaction and, for statements that reach
+ * the helpers without one (DO, CALL, PL/pgSQL simple expressions, COPY FROM
+ * defaults and triggers, fast-path calls), at the first helper call.  A
+ * binding counts as checked in a transaction only once its check has
+ * succeeded: a check that raises (a lock timeout, say) and is caught by a
+ * savepoint leaves it unchecked, and the next use checks again.  A
+ * transaction binding was verified by authenticate() in its own
+ * transaction and is not checked again.
+ *
+ * Parallel query.  Workers cannot check a binding (loading a key needs a
+ * fresh snapshot, refused in parallel mode), and neither can the leader
+ * once it is in parallel mode.  So the value also records the transaction
+ * (the leader's local transaction id) in which it was last checked, and
+ * before the leader starts a plan that may launch workers it writes that
+ * mark if it is missing.  Settings cannot change in parallel mode, so the
+ * workers see the value the leader checked.  A helper in a worker trusts a
+ * binding only if its mark is the leader's current transaction; a helper
+ * in parallel mode in the leader only if the leader checked it in this
+ * transaction.  Anything else (a parallel index build, say, evaluating a
+ * helper through a function wrongly marked IMMUTABLE) raises instead.
  *
  * The value encodes kind, checked-in transaction, key id, token hash, owner
  * and scopes, each string length-prefixed:
@@ -78,6 +92,7 @@
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
@@ -98,7 +113,7 @@ typedef struct Binding
 {
 	char		kind;			/* BINDING_TRANSACTION or BINDING_SESSION */
 	LocalTransactionId marked_lxid; /* the value says: checked in this
-									 * transaction */
+									 * transaction (the leader's, for workers) */
 	LocalTransactionId checked_lxid;	/* this backend checked it in this
 										 * transaction */
 	int64		key_id;
@@ -348,6 +363,8 @@ binding_recheck(void)
 	bool		found = false;
 	const char *why = NULL;
 
+	/* a revocation committed since this transaction began counts */
+	AcceptInvalidationMessages();
 	if (OidIsValid(apikey_keystore_keys_relid(true)))
 		found = apikey_keycache_lookup(b->hash, &key);
 
@@ -376,12 +393,53 @@ binding_recheck(void)
 		pfree(key.chunk);
 }
 
-/* The bound key, if any. */
+/* Raise: the binding may not be used here, and cannot be checked here. */
+static void
+binding_unverifiable(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("the API key bound to this session cannot be checked during a parallel operation"),
+			 errdetail("A session binding is checked again in each transaction before it is used, and keys cannot be read in parallel mode."),
+			 errhint("Bind the key to the transaction with apikey.authenticate(token) before the parallel operation, or run it without parallel workers.")));
+}
+
+/*
+ * The binding the helpers may use now, or NULL.  One not yet checked in
+ * this transaction is checked first (which may end or refresh it).  In
+ * parallel mode no check is possible: a worker trusts only a binding its
+ * leader marked as checked in the leader's current transaction, the
+ * leader only one it checked itself; anything else raises.
+ */
+static const Binding *
+binding_verified(void)
+{
+	Binding    *b = binding_current;
+
+	if (b == NULL)
+		return NULL;
+	if (IsParallelWorker())
+	{
+		PGPROC	   *leader = MyProc->lockGroupLeader;
+
+		if (leader == NULL || b->marked_lxid != proc_lxid(leader))
+			binding_unverifiable();
+		return b;
+	}
+	if (b->checked_lxid == proc_lxid(MyProc))
+		return b;
+	if (IsInParallelMode())
+		binding_unverifiable();
+	binding_recheck();
+	return binding_current;
+}
+
+/* The bound key, if any, checked in this transaction. */
 bool
 apikey_binding_get(int64 *key_id, const char **owner, char *const **scopes,
 				   int *nscopes)
 {
-	const Binding *b = binding_current;
+	const Binding *b = binding_verified();
 
 	if (b == NULL)
 		return false;
@@ -396,14 +454,24 @@ apikey_binding_get(int64 *key_id, const char **owner, char *const **scopes,
 	return true;
 }
 
-/* Before a query runs, check a binding not yet checked in this transaction. */
+/*
+ * Before a query runs, check the binding (so that a revoked session
+ * binding ends at the first query of a transaction, helpers or not), and
+ * before a plan that may launch workers, make sure the value the workers
+ * will receive carries this transaction's mark.
+ */
 static void
 binding_ExecutorStart(QueryDesc *queryDesc, int eflags)
 {
-	if (binding_current != NULL && !IsInParallelMode() &&
-		binding_current->checked_lxid != proc_lxid(MyProc) &&
-		IsTransactionState())
-		binding_recheck();
+	if (binding_current != NULL && !IsInParallelMode() && IsTransactionState())
+	{
+		const Binding *b = binding_verified();
+
+		if (b != NULL && queryDesc->plannedstmt->parallelModeNeeded &&
+			b->marked_lxid != proc_lxid(MyProc))
+			binding_write(b->kind, b->key_id, b->hash, b->owner, b->scopes,
+						  b->nscopes);
+	}
 
 	if (prev_ExecutorStart)
 		prev_ExecutorStart(queryDesc, eflags);
