@@ -13,8 +13,11 @@ RESET client_min_messages;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 SELECT key_id AS ka, token AS ta FROM apikey.issue(owner => 'acme', scopes => '{orders:read}') \gset
 SELECT key_id AS kb, token AS tb FROM apikey.issue(owner => 'globex', scopes => '{orders:*}') \gset
--- what the attacker would like the binding to say: globex's key, all scopes
-SELECT :kb || '/6:globex/8:orders:*' AS forged \gset
+-- what the attacker would like the binding to say: globex's key, all scopes,
+-- a session binding checked in the current transaction; well-formed, with
+-- the key's real hash, so only the check hook stands in the way
+SELECT 's:1:' || id || ':' || encode(hash, 'hex') || '/6:globex/8:orders:*' AS forged
+  FROM apikey.keys WHERE id = :kb \gset
 
 CREATE ROLE regress_forgery_attacker;
 CREATE ROLE regress_forgery_other;
@@ -177,7 +180,7 @@ REVOKE SET ON PARAMETER apikey.binding FROM regress_forgery_granted;
 -- function SET clauses); only reading the binding is allowed to it.
 --
 SELECT apikey.authenticate(:'ta', session => true) = :ka AS a_session;
-SELECT current_setting('apikey.binding') ~ ('^' || :ka || ':[0-9a-f]{64}/4:acme/11:orders:read$') AS superuser_reads;
+SELECT current_setting('apikey.binding') ~ ('^s:[0-9]+:' || :ka || ':[0-9a-f]{64}/4:acme/11:orders:read$') AS superuser_reads;
 SET apikey.binding = :'forged';
 SELECT set_config('apikey.binding', :'forged', false);
 BEGIN;

@@ -97,6 +97,10 @@ SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
 SELECT apikey.authenticate(:'tb', session => true) = :kb AS b_session;
 SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
 SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
+-- A session binding is checked again in each transaction; the leader marks
+-- it as checked before the workers start, and only then do they trust it.
+SELECT * FROM parallel_run($$SELECT id FROM par_orders
+	WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END)$$);
 BEGIN;
 SELECT apikey.authenticate(:'ta') = :ka AS a;
 SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
@@ -113,6 +117,16 @@ SELECT apikey.logout();
 SELECT count(*) FROM par_orders;
 SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
 
+-- A revoked session binding ends in the leader before any worker starts.
+SELECT apikey.authenticate(:'tb', session => true) = :kb AS b_session;
+RESET ROLE;
+SELECT apikey.revoke(:kb, 'parallel test');
+SET ROLE regress_parallel_app;
+SELECT * FROM parallel_run($$SELECT id FROM par_orders
+	WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END)$$);
+SELECT * FROM parallel_run($$SELECT id FROM par_orders
+	WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END)$$);
+
 RESET ROLE;
 RESET force_parallel_mode;
 RESET parallel_leader_participation;
@@ -120,6 +134,34 @@ RESET max_parallel_workers_per_gather;
 RESET min_parallel_table_scan_size;
 RESET parallel_tuple_cost;
 RESET parallel_setup_cost;
+
+-- A parallel index build evaluates index expressions in parallel mode, in
+-- the leader and in workers started outside the executor: there a session
+-- binding not checked in this transaction cannot be checked, so a helper
+-- reached there (through a function wrongly marked IMMUTABLE) raises
+-- rather than trust it.  A transaction binding is usable.
+CREATE TABLE par_tags (id int NOT NULL);
+INSERT INTO par_tags SELECT generate_series(1, 3000);
+ALTER TABLE par_tags SET (parallel_workers = 2);
+CREATE FUNCTION owner_tag(id int) RETURNS text
+	LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+	AS $$ BEGIN RETURN apikey.current_owner() || ':' || id; END $$;
+SET max_parallel_maintenance_workers = 2;
+SET maintenance_work_mem = '256MB';
+SELECT apikey.authenticate(:'ta', session => true) = :ka AS a_session;
+\set VERBOSITY terse
+CREATE INDEX par_tags_owner ON par_tags (owner_tag(id));
+\set VERBOSITY default
+BEGIN;
+SELECT apikey.authenticate(:'ta') = :ka AS a;
+CREATE INDEX par_tags_owner ON par_tags (owner_tag(id));
+COMMIT;
+SELECT apikey.logout();
+RESET maintenance_work_mem;
+RESET max_parallel_maintenance_workers;
+DROP TABLE par_tags;
+DROP FUNCTION owner_tag(int);
+
 DROP FUNCTION parallel_run(text);
 DROP TABLE par_orders;
 DROP ROLE regress_parallel_app;

@@ -35,16 +35,43 @@
  *	   by a superuser (or a role explicitly granted SET on the parameter)
  *	   can still clear a binding, never forge one.
  *
- * A session binding outlives the transaction that made it, so at the first
- * query of every later transaction (ExecutorStart) it is checked again
- * against the key cache: if the key has been revoked, has expired or is
- * gone, the binding ends (with a WARNING); if its owner or scopes changed,
- * the binding is refreshed.  A revocation thus reaches session bindings at
- * the same moment it reaches authenticate().
+ * Kinds.  A binding is a transaction binding (written with GUC_ACTION_LOCAL,
+ * so it ends with its transaction) or a session binding (GUC_ACTION_SET,
+ * authenticate(..., session => true)).  The kind is part of the value, and
+ * every later write of a binding - a refresh, an end, a mark - uses the
+ * action of its kind: a re-check never turns a transaction binding into a
+ * session binding, which behind a transaction-mode pooler the next client
+ * would inherit.
  *
- * The value encodes key id, token hash, owner and scopes, each string
- * length-prefixed:
- *	 "<key_id>:<sha256 hex>/<len>:<owner>/<len>:<scope>/<len>:<scope>..."
+ * Re-checks.  A session binding outlives the transaction that made it, so
+ * before the helpers use it in a later transaction it is checked again
+ * against the key cache: if the key has been revoked, has expired (by the
+ * clock at the check) or is gone, the binding ends (with a WARNING); if its
+ * owner or scopes changed, the binding is refreshed.  The check runs at the
+ * first ExecutorStart of the transaction and, for statements that reach
+ * the helpers without one (DO, CALL, PL/pgSQL simple expressions, COPY FROM
+ * defaults and triggers, fast-path calls), at the first helper call.  A
+ * binding counts as checked in a transaction only once its check has
+ * succeeded: a check that raises (a lock timeout, say) and is caught by a
+ * savepoint leaves it unchecked, and the next use checks again.  A
+ * transaction binding was verified by authenticate() in its own
+ * transaction and is not checked again.
+ *
+ * Parallel query.  Workers cannot check a binding (loading a key needs a
+ * fresh snapshot, refused in parallel mode), and neither can the leader
+ * once it is in parallel mode.  So the value also records the transaction
+ * (the leader's local transaction id) in which it was last checked, and
+ * before the leader starts a plan that may launch workers it writes that
+ * mark if it is missing.  Settings cannot change in parallel mode, so the
+ * workers see the value the leader checked.  A helper in a worker trusts a
+ * binding only if its mark is the leader's current transaction; a helper
+ * in parallel mode in the leader only if the leader checked it in this
+ * transaction.  Anything else (a parallel index build, say, evaluating a
+ * helper through a function wrongly marked IMMUTABLE) raises instead.
+ *
+ * The value encodes kind, checked-in transaction, key id, token hash, owner
+ * and scopes, each string length-prefixed:
+ *	 "<t|s>:<lxid>:<key_id>:<sha256 hex>/<len>:<owner>/<len>:<scope>..."
  *
  *-------------------------------------------------------------------------
  */
@@ -65,13 +92,30 @@
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/timestamp.h"
 
 #include "apikey.h"
 
-/* The parsed binding: one malloc'd block, as GUC "extra" must be. */
+/* A binding's kind: which GucAction writes it, so how long it lasts */
+#define BINDING_TRANSACTION	't'
+#define BINDING_SESSION		's'
+
+/*
+ * The parsed binding: one malloc'd block, as GUC "extra" must be.  The GUC
+ * machinery keeps an extra for as long as its value is in force or saved on
+ * the stack (a savepoint, a SET LOCAL over a session value), and gives it
+ * back unchanged when the value is restored; so checked_lxid, the only
+ * field ever changed after parsing, belongs to that value.
+ */
 typedef struct Binding
 {
+	char		kind;			/* BINDING_TRANSACTION or BINDING_SESSION */
+	LocalTransactionId marked_lxid; /* the value says: checked in this
+									 * transaction (the leader's, for workers) */
+	LocalTransactionId checked_lxid;	/* this backend checked it in this
+										 * transaction */
 	int64		key_id;
 	uint8		hash[APIKEY_HASH_LEN];	/* SHA-256 of the token */
 	char	   *owner;
@@ -86,15 +130,18 @@ typedef struct Binding
 #define binding_malloc(size) malloc(size)
 #endif
 
+/* the current top-level transaction's local id; PGPROC's field moved in 17 */
+#if PG_VERSION_NUM >= 170000
+#define proc_lxid(proc) ((proc)->vxid.lxid)
+#else
+#define proc_lxid(proc) ((proc)->lxid)
+#endif
+
 static char *binding_string = NULL;
-static const Binding *binding_current = NULL;
+static Binding *binding_current = NULL;
 static bool binding_in_progress = false;
 static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 static ExecutorStart_hook_type prev_ExecutorStart = NULL;
-
-/* the binding last checked against the key cache, and in which transaction */
-static const Binding *binding_checked = NULL;
-static LocalTransactionId binding_checked_lxid = InvalidLocalTransactionId;
 
 /* Read "<len>:<bytes>" at *p; false if it does not fit. */
 static bool
@@ -115,7 +162,7 @@ parse_field(const char **p, const char **start, size_t *len)
 	return true;
 }
 
-/* Parse the GUC string into a Binding allocated with guc_malloc. */
+/* Parse the GUC string into a Binding allocated with binding_malloc. */
 static Binding *
 binding_parse(const char *value)
 {
@@ -125,6 +172,8 @@ binding_parse(const char *value)
 	int			nfields = 0;
 	size_t		strbytes = 0;
 	char	   *end;
+	char		kind;
+	unsigned long lxid;
 	int64		key_id;
 	Binding    *b;
 	char	   *dst;
@@ -132,9 +181,17 @@ binding_parse(const char *value)
 
 	uint8		hash[APIKEY_HASH_LEN];
 
+	kind = value[0];
+	if ((kind != BINDING_TRANSACTION && kind != BINDING_SESSION) || value[1] != ':')
+		return NULL;
 	errno = 0;
-	key_id = strtoll(value, &end, 10);
-	if (errno != 0 || end == value || *end != ':' ||
+	lxid = strtoul(value + 2, &end, 10);
+	if (errno != 0 || end == value + 2 || *end != ':' || lxid > PG_UINT32_MAX)
+		return NULL;
+	p = end + 1;
+	errno = 0;
+	key_id = strtoll(p, &end, 10);
+	if (errno != 0 || end == p || *end != ':' ||
 		strlen(end + 1) < APIKEY_HASH_LEN * 2 ||
 		hex_decode(end + 1, APIKEY_HASH_LEN * 2, (char *) hash) != APIKEY_HASH_LEN)
 		return NULL;
@@ -153,9 +210,12 @@ binding_parse(const char *value)
 		return NULL;
 
 	b = binding_malloc(offsetof(Binding, scopes) +
-				   sizeof(char *) * (nfields - 1) + strbytes);
+					   sizeof(char *) * (nfields - 1) + strbytes);
 	if (b == NULL)
 		return NULL;
+	b->kind = kind;
+	b->marked_lxid = (LocalTransactionId) lxid;
+	b->checked_lxid = (LocalTransactionId) lxid;
 	b->key_id = key_id;
 	memcpy(b->hash, hash, APIKEY_HASH_LEN);
 	b->nscopes = nfields - 1;
@@ -208,7 +268,7 @@ binding_check_hook(char **newval, void **extra, GucSource source)
 static void
 binding_assign_hook(const char *newval, void *extra)
 {
-	binding_current = (const Binding *) extra;
+	binding_current = (Binding *) extra;
 }
 
 /* Set apikey.binding to value, as authenticate()/logout() only may. */
@@ -228,30 +288,43 @@ binding_apply(const char *value, GucAction action)
 	PG_END_TRY();
 }
 
-/* Bind key to the current transaction, or to the session. */
-void
-apikey_binding_set(const ApikeyKey *key, bool session)
+/* The action that writes a binding of this kind: the kind never changes. */
+static GucAction
+binding_action(char kind)
+{
+	return kind == BINDING_SESSION ? GUC_ACTION_SET : GUC_ACTION_LOCAL;
+}
+
+/*
+ * Bind a key of the given kind, marked as checked in this transaction.
+ * The arguments may point into the current binding: they are read before
+ * it is replaced.
+ */
+static void
+binding_write(char kind, int64 key_id, const uint8 *hash, const char *owner,
+			  char *const *scopes, int nscopes)
 {
 	StringInfoData buf;
 	char		hex[APIKEY_HASH_LEN * 2 + 1];
 	int			i;
 
-	hex[hex_encode((const char *) key->hash, APIKEY_HASH_LEN, hex)] = '\0';
+	hex[hex_encode((const char *) hash, APIKEY_HASH_LEN, hex)] = '\0';
 	initStringInfo(&buf);
-	appendStringInfo(&buf, INT64_FORMAT ":%s/%zu:%s", key->key_id, hex,
-					 strlen(key->owner), key->owner);
-	for (i = 0; i < key->nscopes; i++)
-		appendStringInfo(&buf, "/%zu:%s", strlen(key->scopes[i]), key->scopes[i]);
+	appendStringInfo(&buf, "%c:%u:" INT64_FORMAT ":%s/%zu:%s", kind,
+					 proc_lxid(MyProc), key_id, hex, strlen(owner), owner);
+	for (i = 0; i < nscopes; i++)
+		appendStringInfo(&buf, "/%zu:%s", strlen(scopes[i]), scopes[i]);
 
-	if (session)
-		binding_apply(buf.data, GUC_ACTION_SET);
-	else
-		binding_apply(buf.data, GUC_ACTION_LOCAL);
+	binding_apply(buf.data, binding_action(kind));
 	pfree(buf.data);
+}
 
-	/* just verified: no need to check it again in this transaction */
-	binding_checked = binding_current;
-	binding_checked_lxid = MyProc->lxid;
+/* Bind key to the current transaction, or to the session. */
+void
+apikey_binding_set(const ApikeyKey *key, bool session)
+{
+	binding_write(session ? BINDING_SESSION : BINDING_TRANSACTION,
+				  key->key_id, key->hash, key->owner, key->scopes, key->nscopes);
 }
 
 /* End every binding: the transaction's and the session's. */
@@ -259,26 +332,6 @@ void
 apikey_binding_clear(void)
 {
 	binding_apply("", GUC_ACTION_SET);
-}
-
-/* The bound key, if any. */
-bool
-apikey_binding_get(int64 *key_id, const char **owner, char *const **scopes,
-				   int *nscopes)
-{
-	const Binding *b = binding_current;
-
-	if (b == NULL)
-		return false;
-	if (key_id)
-		*key_id = b->key_id;
-	if (owner)
-		*owner = b->owner;
-	if (scopes)
-		*scopes = b->scopes;
-	if (nscopes)
-		*nscopes = b->nscopes;
-	return true;
 }
 
 /* Do two keys' owners and scopes differ? */
@@ -296,28 +349,30 @@ binding_differs(const Binding *b, const ApikeyKey *key)
 }
 
 /*
- * Check a binding made in an earlier transaction (a session binding)
- * against the key as it is now: end it if the key no longer verifies,
- * refresh it if its owner or scopes changed.
+ * Check the current binding against the key as it is now: end it if the
+ * key no longer verifies, refresh it if its owner or scopes changed, and
+ * only then - never before the lookup, which may raise - count it as
+ * checked in this transaction.  Ending or refreshing writes with the
+ * binding's own kind.
  */
 static void
 binding_recheck(void)
 {
-	const Binding *b = binding_current;
-	ApikeyKey	keybuf;
-	const ApikeyKey *key = &keybuf;
+	Binding    *b = binding_current;
+	ApikeyKey	key;
+	bool		found = false;
 	const char *why = NULL;
 
-	binding_checked = b;
-	binding_checked_lxid = MyProc->lxid;
+	/* a revocation committed since this transaction began counts */
+	AcceptInvalidationMessages();
+	if (OidIsValid(apikey_keystore_keys_relid(true)))
+		found = apikey_keycache_lookup(b->hash, &key);
 
-	if (!OidIsValid(apikey_keystore_keys_relid(true)))
+	if (!found || key.key_id != b->key_id)
 		why = "unknown";
-	else if (!apikey_keycache_lookup(b->hash, &keybuf) || key->key_id != b->key_id)
-		why = "unknown";
-	else if (key->revoked)
+	else if (key.revoked)
 		why = "revoked";
-	else if (key->has_expiry && key->expires_at <= GetCurrentTimestamp())
+	else if (key.has_expiry && key.expires_at <= GetCurrentTimestamp())
 		why = "expired";
 
 	if (why != NULL)
@@ -326,21 +381,97 @@ binding_recheck(void)
 				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
 				 errmsg("the API key bound to this session is no longer valid; the binding has ended"),
 				 errdetail("Verdict: %s.", why)));
-		apikey_binding_clear();
+		binding_apply("", binding_action(b->kind));
 	}
-	else if (binding_differs(b, key))
-		apikey_binding_set(key, true);
-	binding_checked = binding_current;
+	else if (binding_differs(b, &key))
+		binding_write(b->kind, key.key_id, key.hash, key.owner, key.scopes,
+					  key.nscopes);
+	else
+		b->checked_lxid = proc_lxid(MyProc);
+
+	if (found)
+		pfree(key.chunk);
 }
 
-/* Before a query runs in a new transaction, recheck a session binding. */
+/* Raise: the binding may not be used here, and cannot be checked here. */
+static void
+binding_unverifiable(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("the API key bound to this session cannot be checked during a parallel operation"),
+			 errdetail("A session binding is checked again in each transaction before it is used, and keys cannot be read in parallel mode."),
+			 errhint("Bind the key to the transaction with apikey.authenticate(token) before the parallel operation, or run it without parallel workers.")));
+}
+
+/*
+ * The binding the helpers may use now, or NULL.  One not yet checked in
+ * this transaction is checked first (which may end or refresh it).  In
+ * parallel mode no check is possible: a worker trusts only a binding its
+ * leader marked as checked in the leader's current transaction, the
+ * leader only one it checked itself; anything else raises.
+ */
+static const Binding *
+binding_verified(void)
+{
+	Binding    *b = binding_current;
+
+	if (b == NULL)
+		return NULL;
+	if (IsParallelWorker())
+	{
+		PGPROC	   *leader = MyProc->lockGroupLeader;
+
+		if (leader == NULL || b->marked_lxid != proc_lxid(leader))
+			binding_unverifiable();
+		return b;
+	}
+	if (b->checked_lxid == proc_lxid(MyProc))
+		return b;
+	if (IsInParallelMode())
+		binding_unverifiable();
+	binding_recheck();
+	return binding_current;
+}
+
+/* The bound key, if any, checked in this transaction. */
+bool
+apikey_binding_get(int64 *key_id, const char **owner, char *const **scopes,
+				   int *nscopes)
+{
+	const Binding *b = binding_verified();
+
+	if (b == NULL)
+		return false;
+	if (key_id)
+		*key_id = b->key_id;
+	if (owner)
+		*owner = b->owner;
+	if (scopes)
+		*scopes = b->scopes;
+	if (nscopes)
+		*nscopes = b->nscopes;
+	return true;
+}
+
+/*
+ * Before a query runs, check the binding (so that a revoked session
+ * binding ends at the first query of a transaction, helpers or not), and
+ * before a plan that may launch workers, make sure the value the workers
+ * will receive carries this transaction's mark.
+ */
 static void
 binding_ExecutorStart(QueryDesc *queryDesc, int eflags)
 {
-	if (binding_current != NULL && !IsInParallelMode() &&
-		(binding_current != binding_checked || binding_checked_lxid != MyProc->lxid) &&
-		IsTransactionState())
-		binding_recheck();
+	if (binding_current != NULL && !IsInParallelMode() && IsTransactionState())
+	{
+		const Binding *b = binding_verified();
+
+		if (b != NULL && queryDesc->plannedstmt->parallelModeNeeded &&
+			b->marked_lxid != proc_lxid(MyProc))
+			binding_write(b->kind, b->key_id, b->hash, b->owner, b->scopes,
+						  b->nscopes);
+	}
 
 	if (prev_ExecutorStart)
 		prev_ExecutorStart(queryDesc, eflags);

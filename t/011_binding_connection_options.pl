@@ -30,8 +30,11 @@ $node->safe_psql(
 });
 my $key_id = $node->safe_psql('postgres',
 	"SELECT key_id FROM apikey.issue(owner => 'acme', scopes => '{orders:read}')");
-# a well-formed binding for that real key: what a forger would send
-my $forged = "$key_id/4:acme/11:orders:read";
+# a well-formed session binding for that real key, with its real hash: what
+# a forger would send
+my $hash = $node->safe_psql('postgres',
+	"SELECT encode(hash, 'hex') FROM apikey.keys WHERE id = $key_id");
+my $forged = "s:1:$key_id:$hash/4:acme/11:orders:read";
 
 my $check_sql =
   "SELECT coalesce(apikey.current_owner(), 'unbound') || ' ' || apikey.has_scope('orders:read')";
