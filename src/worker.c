@@ -9,10 +9,20 @@
  * backends in other databases write their usage synchronously instead.  It
  * does not run on a hot standby (start time RecoveryFinished).
  *
- * On SIGTERM (clean shutdown) it waits, up to a few seconds, for client
- * backends to exit, since they are told to stop at the same moment and may
- * still count a last call, and then flushes once more.  After a crash the
- * shared counters are gone: at most one interval of calls is lost.
+ * ALTER DATABASE ... SET, which the database's owner may run, applies to
+ * the writer's connection too.  So after connecting it pins what a flush
+ * relies on: read-write, READ COMMITTED, search_path pg_catalog, no
+ * statement or idle timeouts, no exit on error, session_replication_role
+ * origin, no JIT, and a lock_timeout of its own, so that a lock someone
+ * holds makes a flush fail and be retried at the next round, never hang.
+ *
+ * On SIGTERM it waits, up to a few seconds, for client backends to exit
+ * (at a clean shutdown they are told to stop at the same moment and may
+ * still count a last call), then flushes once more.  It exits with status
+ * 1 either way: after pg_terminate_backend() the postmaster starts it again
+ * after bgw_restart_time, and at shutdown nothing is restarted.  After a
+ * crash the shared counters are gone: at most one interval of calls is
+ * lost.
  *
  *-------------------------------------------------------------------------
  */
@@ -35,6 +45,9 @@
 #include "apikey.h"
 #include "compat.h"
 
+/* How long a flush waits for a lock before it gives up until next round. */
+#define WRITER_LOCK_TIMEOUT		"10s"
+
 PGDLLEXPORT void apikey_worker_main(Datum main_arg);
 
 /* Register the worker; called from _PG_init while preloading. */
@@ -52,6 +65,36 @@ apikey_worker_register(void)
 	snprintf(worker.bgw_name, BGW_MAXLEN, "apikey usage writer");
 	snprintf(worker.bgw_type, BGW_MAXLEN, "apikey usage writer");
 	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * Override the settings the database (or its owner) may have given this
+ * connection, where they could stop or stall a flush.
+ */
+static void
+pin_settings(void)
+{
+	static const char *const settings[][2] = {
+		{"default_transaction_read_only", "off"},
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_deferrable", "off"},
+		{"search_path", "pg_catalog, pg_temp"},
+		{"session_replication_role", "origin"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", WRITER_LOCK_TIMEOUT},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"idle_session_timeout", "0"},
+		{"transaction_timeout", "0"},	/* PostgreSQL 17 */
+		{"exit_on_error", "off"},
+		{"jit", "off"},			/* compiling a flush costs more than running it */
+	};
+	int			i;
+
+	for (i = 0; i < lengthof(settings); i++)
+	{
+		if (GetConfigOption(settings[i][0], true, false) != NULL)
+			SetConfigOption(settings[i][0], settings[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+	}
 }
 
 /*
@@ -86,11 +129,16 @@ flush_once(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
-/* Wait until no client backend is left, or max_ms has passed. */
+/*
+ * Wait until no client backend is left, or max_ms has passed, or for a
+ * second none has left (then this is no shutdown: pg_terminate_backend()).
+ */
 static void
 wait_for_client_backends(int max_ms)
 {
 	int			waited;
+	int			last = -1;
+	int			unchanged_ms = 0;
 
 	for (waited = 0; waited < max_ms; waited += 10)
 	{
@@ -109,6 +157,11 @@ wait_for_client_backends(int max_ms)
 		}
 		if (clients == 0)
 			break;
+		if (clients != last)
+			unchanged_ms = 0;
+		else if ((unchanged_ms += 10) >= 1000)
+			break;
+		last = clients;
 		pg_usleep(10 * 1000L);
 	}
 	pgstat_clear_backend_activity_snapshot();
@@ -122,6 +175,7 @@ apikey_worker_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(apikey_database, NULL, 0);
+	pin_settings();
 	ereport(LOG,
 			(errmsg("apikey usage writer started for database \"%s\"",
 					apikey_database)));
@@ -143,8 +197,8 @@ apikey_worker_main(Datum main_arg)
 		flush_once();
 	}
 
-	/* clean shutdown: write what is left once clients are gone */
+	/* write what is left once clients are gone; status 1: restart me */
 	wait_for_client_backends(5000);
 	flush_once();
-	proc_exit(0);
+	proc_exit(1);
 }
