@@ -7,16 +7,25 @@
  * With shared memory, in the database named by apikey.database (and in
  * every database on a hot standby), a call is one increment of a shared
  * counter: no write, no WAL, and nothing the caller's ROLLBACK can undo.
- * The background worker (worker.c) persists the counters into
- * apikey.usage_log.  When the table is full the count is dropped and the
- * drop itself is counted in apikey.stats; verification never waits for
- * room.
+ * Only the usage writer (worker.c) persists these counters, in a top-level
+ * transaction of its own; what it wrote comes off the counters when that
+ * transaction commits.  apikey.flush_usage() there asks the writer to flush
+ * and waits, so the caller's transaction holds nothing.  When the table is
+ * full the count is dropped and the drop itself is counted in
+ * apikey.stats; verification never waits for room.
  *
- * Elsewhere (no shared_preload_libraries, or another database) the call is
- * written synchronously, in the caller's transaction, with an upsert run as
- * the extension's owner, and a successful call sets keys.last_used_at (at
- * most once a minute per key).  In a read-only transaction nothing is
- * written.
+ * Elsewhere (no shared_preload_libraries, or another database) a call
+ * appends one row to apikey.usage_pending in the caller's transaction, as
+ * the extension's owner.  That table has no index and nobody updates its
+ * rows, so a verifier never waits for, deadlocks with, or fails to
+ * serialize against another session.  apikey.flush_usage() (and the
+ * writer, in its database) folds pending rows into usage_log and
+ * keys.last_used_at; apikey.key_usage adds pending rows in, so totals stay
+ * exact before a fold.  In a read-only transaction nothing is written.
+ *
+ * Every write to usage_log goes through one statement (write_usage) that
+ * also moves last_used_at forward, skipping key rows that someone has
+ * locked.
  *
  *-------------------------------------------------------------------------
  */
@@ -37,7 +46,9 @@
 #include "storage/spin.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
+#include "utils/guc.h"
 #include "utils/inet.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -71,10 +82,11 @@ typedef struct UsageSnap
 } UsageSnap;
 
 static HTAB *usage_htab = NULL;
-static SPIPlanPtr usage_insert_plan = NULL;
-static SPIPlanPtr last_used_plan = NULL;
+static SPIPlanPtr pending_insert_plan = NULL;
+static SPIPlanPtr legacy_insert_plan = NULL;
+static SPIPlanPtr legacy_last_used_plan = NULL;
 
-/* calls written by this transaction's flush, subtracted at commit */
+/* calls written by the writer's flush, subtracted at commit */
 static UsageSnap *flush_pending = NULL;
 static int	flush_pending_n = 0;
 static uint64 flush_pending_calls = 0;
@@ -102,23 +114,30 @@ apikey_usage_shmem_startup(void)
 							   &info, HASH_ELEM | HASH_BLOBS);
 }
 
-/* Does this backend count in shared memory, or write synchronously? */
-static bool
-count_in_shmem(void)
+/* The OID of apikey.database, looked up once per backend. */
+static Oid
+writer_database(void)
 {
 	static Oid	worker_db = InvalidOid;
 	static bool resolved = false;
 
-	if (apikey_shared == NULL || usage_htab == NULL)
-		return false;
-	if (RecoveryInProgress())
-		return true;
 	if (!resolved)
 	{
 		worker_db = get_database_oid(apikey_database, true);
 		resolved = true;
 	}
-	return MyDatabaseId == worker_db;
+	return worker_db;
+}
+
+/* Does this backend count in shared memory, or append pending rows? */
+bool
+apikey_usage_in_shmem(void)
+{
+	if (apikey_shared == NULL || usage_htab == NULL)
+		return false;
+	if (RecoveryInProgress())
+		return true;
+	return MyDatabaseId == writer_database();
 }
 
 static void
@@ -157,14 +176,76 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 	LWLockRelease(apikey_shared->usage_lock);
 }
 
+/* Rebuild an inet datum from a usage key, or NULL. */
+static inet *
+usage_addr(const UsageKey *uk)
+{
+	inet	   *res;
+
+	if (uk->family == 0)
+		return NULL;
+	res = palloc0(sizeof(inet));
+	ip_family(res) = uk->family;
+	ip_bits(res) = uk->bits;
+	memcpy(ip_addr(res), uk->addr, ip_addrsize(res));
+	SET_INET_VARSIZE(res);
+	return res;
+}
+
+/* apikey.usage_pending, or InvalidOid before the 1.2 update. */
+static Oid
+pending_relid(void)
+{
+	Oid			keys = apikey_keystore_keys_relid(true);
+
+	if (!OidIsValid(keys))
+		return InvalidOid;
+	return get_relname_relid("usage_pending", get_rel_namespace(keys));
+}
+
 typedef struct SyncUsage
 {
 	const UsageKey *uk;
 	inet	   *addr;
+	TimestampTz now;
 } SyncUsage;
 
+/* Append one pending row: an insert into a table without indexes. */
 static void
-write_sync(void *arg)
+write_pending(void *arg)
+{
+	SyncUsage  *su = arg;
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	Oid			types[5] = {INT8OID, TIMESTAMPTZOID, TEXTOID, INETOID, TIMESTAMPTZOID};
+	int			rc;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	apikey_prepare_kept(&pending_insert_plan,
+						"INSERT INTO apikey.usage_pending (key_id, bucket, code, client_addr, used_at) "
+						"VALUES ($1, $2, $3, $4, $5)",
+						5, types);
+	values[0] = Int64GetDatum(su->uk->key_id);
+	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
+	values[1] = TimestampTzGetDatum(su->uk->bucket);
+	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
+	values[3] = PointerGetDatum(su->addr);
+	nulls[3] = su->addr == NULL ? 'n' : ' ';
+	values[4] = TimestampTzGetDatum(su->now);
+	rc = SPI_execute_plan(pending_insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
+	SPI_finish();
+}
+
+/*
+ * The synchronous write of the SQL before 1.2, which has no usage_pending:
+ * an upsert into usage_log and last_used_at at most once a minute, as
+ * those versions did, until ALTER EXTENSION apikey UPDATE.
+ */
+static void
+write_legacy(void *arg)
 {
 	SyncUsage  *su = arg;
 	Datum		values[4];
@@ -175,7 +256,7 @@ write_sync(void *arg)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	apikey_prepare_kept(&usage_insert_plan,
+	apikey_prepare_kept(&legacy_insert_plan,
 						"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
 						"VALUES ($1, $2, $3, $4, 1) "
 						"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
@@ -188,20 +269,18 @@ write_sync(void *arg)
 	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
 	values[3] = PointerGetDatum(su->addr);
 	nulls[3] = su->addr == NULL ? 'n' : ' ';
-	rc = SPI_execute_plan(usage_insert_plan, values, nulls, false, 0);
+	rc = SPI_execute_plan(legacy_insert_plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
-
-	/* last_used_at, at most once a minute per key to spare the row */
 	if (su->uk->code == APIKEY_VALID)
 	{
-		apikey_prepare_kept(&last_used_plan,
+		apikey_prepare_kept(&legacy_last_used_plan,
 							"UPDATE apikey.keys SET last_used_at = pg_catalog.now() "
 							"WHERE id OPERATOR(pg_catalog.=) $1 AND (last_used_at IS NULL "
 							"OR last_used_at OPERATOR(pg_catalog.<) "
 							"(pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval))",
 							1, update_types);
-		rc = SPI_execute_plan(last_used_plan, values, NULL, false, 0);
+		rc = SPI_execute_plan(legacy_last_used_plan, values, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
 	}
@@ -233,34 +312,113 @@ apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
 		memcpy(uk.addr, ip_addr(addr), ip_addrsize(addr));
 	}
 
-	if (count_in_shmem())
+	if (apikey_usage_in_shmem())
 		count_shmem(&uk, now);
 	else if (!XactReadOnly && !RecoveryInProgress() && !IsInParallelMode() &&
 			 OidIsValid(apikey_keystore_keys_relid(true)))
 	{
-		SyncUsage	su = {&uk, addr};
+		SyncUsage	su = {&uk, addr, now};
 
-		apikey_run_as_owner(write_sync, &su);
+		apikey_run_as_owner(OidIsValid(pending_relid()) ? write_pending : write_legacy,
+							&su);
 	}
 }
 
-/* Rebuild an inet datum from a usage key, or NULL. */
-static inet *
-usage_addr(const UsageKey *uk)
-{
-	inet	   *res;
+/*
+ * The one statement that writes usage.  The CTE src(k, b, c, a, n, l) —
+ * key id, minute, code, address, calls, latest valid call (NULL for
+ * failures) — comes first, from arrays or from pending rows.  last_used_at
+ * moves forward, skipping key rows locked by someone else (it is
+ * informational: never worth a wait).
+ */
+#define WRITE_USAGE \
+	"used AS (UPDATE apikey.keys k SET last_used_at = x.l " \
+	"           FROM (SELECT kk.id, m.l " \
+	"                   FROM (SELECT s.k, pg_catalog.max(s.l) AS l FROM src s " \
+	"                          WHERE s.l IS NOT NULL GROUP BY s.k) m " \
+	"                   JOIN apikey.keys kk ON kk.id OPERATOR(pg_catalog.=) m.k " \
+	"                  WHERE kk.last_used_at IS NULL OR kk.last_used_at OPERATOR(pg_catalog.<) m.l " \
+	"                    FOR NO KEY UPDATE OF kk SKIP LOCKED) x " \
+	"          WHERE k.id OPERATOR(pg_catalog.=) x.id) " \
+	"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) " \
+	"SELECT s.k, s.b, s.c, s.a, pg_catalog.sum(s.n) FROM src s GROUP BY 1, 2, 3, 4 " \
+	"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, " \
+	"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) " \
+	"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls"
 
-	if (uk->family == 0)
-		return NULL;
-	res = palloc0(sizeof(inet));
-	ip_family(res) = uk->family;
-	ip_bits(res) = uk->bits;
-	memcpy(ip_addr(res), uk->addr, ip_addrsize(res));
-	SET_INET_VARSIZE(res);
-	return res;
+/* src from six arrays: $1 key ids ... $6 latest valid calls */
+#define ARRAY_SOURCE \
+	"WITH src AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), " \
+	"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), " \
+	"pg_catalog.unnest($6)) AS s(k, b, c, a, n, l)), "
+
+/* src from every committed pending row no other folder holds, deleted */
+#define PENDING_SOURCE \
+	"WITH picked AS (SELECT p.ctid AS t FROM apikey.usage_pending p FOR UPDATE SKIP LOCKED), " \
+	"taken AS (DELETE FROM apikey.usage_pending p USING picked " \
+	"           WHERE p.ctid OPERATOR(pg_catalog.=) picked.t " \
+	"          RETURNING p.key_id, p.bucket, p.code, p.client_addr, p.used_at), " \
+	"src AS (SELECT t.key_id AS k, t.bucket AS b, t.code AS c, t.client_addr AS a, " \
+	"               pg_catalog.count(*) AS n, pg_catalog.max(t.used_at) " \
+	"               FILTER (WHERE t.code OPERATOR(pg_catalog.=) 'valid') AS l " \
+	"          FROM taken t GROUP BY 1, 2, 3, 4), "
+
+/* Write snaps to usage_log and last_used_at; returns usage_log rows written. */
+static int
+write_snaps(const UsageSnap *snaps, int n)
+{
+	Datum	   *key_ids = palloc(sizeof(Datum) * n);
+	Datum	   *buckets = palloc(sizeof(Datum) * n);
+	Datum	   *codes = palloc(sizeof(Datum) * n);
+	Datum	   *addrs = palloc(sizeof(Datum) * n);
+	Datum	   *calls = palloc(sizeof(Datum) * n);
+	Datum	   *last_ats = palloc(sizeof(Datum) * n);
+	bool	   *key_nulls = palloc(sizeof(bool) * n);
+	bool	   *addr_nulls = palloc(sizeof(bool) * n);
+	bool	   *last_nulls = palloc(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	Datum		values[6];
+	Oid			types[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
+	INETARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	int			rc;
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		inet	   *a = usage_addr(&snaps[i].key);
+
+		key_ids[i] = Int64GetDatum(snaps[i].key.key_id);
+		key_nulls[i] = (snaps[i].key.key_id == 0);
+		buckets[i] = TimestampTzGetDatum(snaps[i].key.bucket);
+		codes[i] = CStringGetTextDatum(apikey_code_names[snaps[i].key.code]);
+		addrs[i] = PointerGetDatum(a);
+		addr_nulls[i] = (a == NULL);
+		calls[i] = Int64GetDatum(snaps[i].calls);
+		last_ats[i] = TimestampTzGetDatum(snaps[i].last_at);
+		last_nulls[i] = (snaps[i].key.code != APIKEY_VALID || snaps[i].key.key_id == 0);
+	}
+	values[0] = PointerGetDatum(construct_md_array(key_ids, key_nulls, 1, dims, lbs,
+												   INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(buckets, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+	values[2] = PointerGetDatum(construct_array(codes, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_md_array(addrs, addr_nulls, 1, dims, lbs,
+												   INETOID, -1, false, TYPALIGN_INT));
+	values[4] = PointerGetDatum(construct_array(calls, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[5] = PointerGetDatum(construct_md_array(last_ats, last_nulls, 1, dims, lbs,
+												   TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rc = SPI_execute_with_args(ARRAY_SOURCE WRITE_USAGE, 6, types, values, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage flush failed: %s", SPI_result_code_string(rc));
+	rc = (int) SPI_processed;
+	SPI_finish();
+	return rc;
 }
 
-/* Copy this database's entries; returns how many, array in *out. */
+/* Copy this database's entries that hold counts; returns how many. */
 static int
 usage_snapshot(UsageSnap **out)
 {
@@ -312,130 +470,43 @@ usage_subtract(const UsageSnap *snaps, int n)
 }
 
 /*
- * Write this database's pending counters into apikey.usage_log and bump
- * keys.last_used_at, in the caller's transaction.  What was written comes
- * off the counters when that transaction commits; if it aborts the
- * counters stay for the next attempt, so nothing is lost or counted twice.
- * Returns the number of usage rows written.
+ * Write this database's shared counters into apikey.usage_log and bump
+ * keys.last_used_at.  Only the usage writer calls this, once per
+ * transaction of its own: what was written comes off the counters when
+ * that transaction commits; if it aborts the counters stay for the next
+ * attempt, so nothing is lost or counted twice.  Returns the number of
+ * usage rows written.
  */
 int
-apikey_usage_flush(void)
+apikey_usage_flush_shared(void)
 {
 	UsageSnap  *snaps;
 	int			n;
-	int			i;
-	Datum	   *key_ids;
-	Datum	   *buckets;
-	Datum	   *codes;
-	Datum	   *addrs;
-	Datum	   *calls;
-	Datum	   *last_ats;
-	bool	   *key_nulls;
-	bool	   *addr_nulls;
-	int			dims[1];
-	int			lbs[1] = {1};
-	Datum		values[6];
-	Oid			types[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
-	INETARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	int			rows;
 	uint64		total = 0;
-	int			rc;
+	int			i;
 
-	if (apikey_shared == NULL || usage_htab == NULL)
+	if (apikey_shared == NULL || usage_htab == NULL || flush_pending != NULL)
 		return 0;
-	if (flush_pending != NULL)
-		return 0;				/* one flush per transaction */
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(usage_xact_callback, NULL);
 		xact_callback_registered = true;
 	}
-	if (RecoveryInProgress())
-		ereport(ERROR,
-				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
-				 errmsg("cannot flush usage during recovery"),
-				 errdetail("Usage counted on a standby is shown by apikey.live_usage and is not persisted.")));
-
-	/*
-	 * One flush at a time per database, from reading the counters until the
-	 * subtraction at commit: otherwise two flushers (the worker and
-	 * flush_usage(), say) would both write the same calls.  The lock is a
-	 * transaction-level advisory lock in a field4 space (3) that the SQL
-	 * advisory-lock functions never use.
-	 */
-	{
-		LOCKTAG		tag;
-
-		SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x61706b79, 0x75736167, 3);
-		(void) LockAcquire(&tag, ExclusiveLock, false, false);
-	}
 
 	n = usage_snapshot(&snaps);
 	if (n == 0)
 		return 0;
-
-	key_ids = palloc(sizeof(Datum) * n);
-	buckets = palloc(sizeof(Datum) * n);
-	codes = palloc(sizeof(Datum) * n);
-	addrs = palloc(sizeof(Datum) * n);
-	calls = palloc(sizeof(Datum) * n);
-	last_ats = palloc(sizeof(Datum) * n);
-	key_nulls = palloc(sizeof(bool) * n);
-	addr_nulls = palloc(sizeof(bool) * n);
 	for (i = 0; i < n; i++)
-	{
-		inet	   *a = usage_addr(&snaps[i].key);
-
-		key_ids[i] = Int64GetDatum(snaps[i].key.key_id);
-		key_nulls[i] = (snaps[i].key.key_id == 0);
-		buckets[i] = TimestampTzGetDatum(snaps[i].key.bucket);
-		codes[i] = CStringGetTextDatum(apikey_code_names[snaps[i].key.code]);
-		addrs[i] = PointerGetDatum(a);
-		addr_nulls[i] = (a == NULL);
-		calls[i] = Int64GetDatum(snaps[i].calls);
-		last_ats[i] = TimestampTzGetDatum(snaps[i].key.code == APIKEY_VALID ?
-										  snaps[i].last_at : 0);
 		total += snaps[i].calls;
-	}
-	dims[0] = n;
-	values[0] = PointerGetDatum(construct_md_array(key_ids, key_nulls, 1, dims, lbs,
-												   INT8OID, 8, true, TYPALIGN_DOUBLE));
-	values[1] = PointerGetDatum(construct_array(buckets, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-	values[2] = PointerGetDatum(construct_array(codes, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[3] = PointerGetDatum(construct_md_array(addrs, addr_nulls, 1, dims, lbs,
-												   INETOID, -1, false, TYPALIGN_INT));
-	values[4] = PointerGetDatum(construct_array(calls, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
-	values[5] = PointerGetDatum(construct_array(last_ats, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	rc = SPI_execute_with_args(
-		"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
-		"SELECT k, b, c, a, n FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-		"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) AS t(k, b, c, a, n) "
-		"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
-		"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
-		"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls",
-		5, types, values, NULL, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "usage flush failed: %s", SPI_result_code_string(rc));
-	rc = SPI_execute_with_args(
-		"UPDATE apikey.keys k SET last_used_at = t.last_at "
-		"FROM (SELECT i AS key_id, pg_catalog.max(l) AS last_at "
-		"      FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($6)) AS u(i, l) "
-		"      WHERE i IS NOT NULL AND l OPERATOR(pg_catalog.>) '2000-01-01' GROUP BY i) t "
-		"WHERE k.id OPERATOR(pg_catalog.=) t.key_id "
-		"  AND (k.last_used_at IS NULL OR k.last_used_at OPERATOR(pg_catalog.<) t.last_at)",
-		6, types, values, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
-	SPI_finish();
+	rows = write_snaps(snaps, n);
 
 	/* subtract when, and only if, this transaction commits */
 	flush_pending = MemoryContextAlloc(TopMemoryContext, sizeof(UsageSnap) * n);
 	memcpy(flush_pending, snaps, sizeof(UsageSnap) * n);
 	flush_pending_n = n;
 	flush_pending_calls = total;
-	return n;
+	return rows;
 }
 
 /*
@@ -457,6 +528,44 @@ usage_xact_callback(XactEvent event, void *arg)
 	pfree(flush_pending);
 	flush_pending = NULL;
 	flush_pending_n = 0;
+}
+
+/*
+ * Fold committed rows of apikey.usage_pending into usage_log and
+ * last_used_at, in the caller's transaction (as the tables' owner).  It is
+ * all MVCC: if that transaction or a subtransaction around this rolls
+ * back, the pending rows are there again.  One folder at a time per
+ * database, under a transaction-level advisory lock in a field4 space (3)
+ * that the SQL advisory-lock functions never use; it is only tried, never
+ * waited for, so a folder left idle in its transaction stops nobody.
+ * JIT is off for it: compiling the statement costs more than running it.
+ * Returns usage rows written, or -1 when another session is folding.
+ */
+int
+apikey_usage_fold_pending(void)
+{
+	LOCKTAG		tag;
+	int			save_nestlevel;
+	int			rc;
+
+	if (!OidIsValid(pending_relid()))
+		return 0;
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x61706b79, 0x75736167, 3);
+	if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+		return -1;
+
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rc = SPI_execute(PENDING_SOURCE WRITE_USAGE, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage fold failed: %s", SPI_result_code_string(rc));
+	rc = (int) SPI_processed;
+	SPI_finish();
+	AtEOXact_GUC(true, save_nestlevel);
+	return rc;
 }
 
 /* Number of entries pending in shared memory (all databases). */
