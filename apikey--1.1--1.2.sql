@@ -7,7 +7,7 @@
 -- security model).  Sections are added below, one per concern.
 
 -------------------------------------------------------------------------------
--- Usage accounting never waits (review findings 9, 14).
+-- Usage accounting never waits and stays bounded (review findings 8, 9, 14).
 -- Away from the usage writer, a verification appends one row here, in its
 -- own transaction: no index, no unique key, no row anyone updates, so a
 -- verifier never waits for another session, never deadlocks and never
@@ -27,7 +27,7 @@ COMMENT ON TABLE apikey.usage_pending IS 'One row per verification not yet folde
 COMMENT ON COLUMN apikey.usage_pending.key_id IS 'The key; NULL for tokens that match no key';
 COMMENT ON COLUMN apikey.usage_pending.bucket IS 'Start of the minute';
 COMMENT ON COLUMN apikey.usage_pending.code IS 'Verdict code';
-COMMENT ON COLUMN apikey.usage_pending.client_addr IS 'Client address of a failure; NULL for successes';
+COMMENT ON COLUMN apikey.usage_pending.client_addr IS 'Client address of a known key''s failure; NULL otherwise';
 COMMENT ON COLUMN apikey.usage_pending.used_at IS 'Time of the verification (for keys.last_used_at)';
 SELECT pg_catalog.pg_extension_config_dump('apikey.usage_pending', '');
 REVOKE ALL ON apikey.usage_pending FROM PUBLIC;
@@ -36,6 +36,8 @@ COMMENT ON FUNCTION apikey.flush_usage()
 	IS 'Write this database''s pending usage to apikey.usage_log now (in apikey.database: have the usage writer do it, and wait); returns rows written';
 COMMENT ON COLUMN apikey.keys.last_used_at
 	IS 'Last successful verification, written when usage is flushed (by the usage writer, or apikey.flush_usage())';
+COMMENT ON COLUMN apikey.usage_log.client_addr
+	IS 'Client address of a known key''s failure, for at most 16 addresses per key and minute; NULL for successes, tokens that match no key, and further addresses';
 
 CREATE OR REPLACE VIEW apikey.key_usage AS
 SELECT u.key_id, k.owner, k.name AS key_name, u.bucket,

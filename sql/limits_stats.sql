@@ -77,9 +77,9 @@ SELECT (SELECT count(*) FROM apikey.usage_log) AS usage_log_rows,
 SELECT apikey.flush_usage() > 0 AS flushed;
 SELECT count(*) AS pending_left FROM apikey.usage_pending;
 
--- Failures keep the client address (the connection's when none was given:
--- loopback here), successes are counted without one; tokens that match no
--- key have no key id.
+-- A known key's failures keep the client address (the connection's when
+-- none was given: loopback here); successes, and tokens that match no key,
+-- are counted without one, the latter with no key id.
 SELECT key_id = :kv AS is_kv, key_id IS NULL AS no_key, code,
        CASE WHEN client_addr IS NULL THEN 'none'
             WHEN client_addr = '192.0.2.1' THEN '192.0.2.1'

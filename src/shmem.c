@@ -64,6 +64,9 @@ shmem_startup(void)
 		pg_atomic_init_u64(&apikey_shared->flush_errors, 0);
 		pg_atomic_init_u64(&apikey_shared->flushed_calls, 0);
 		pg_atomic_init_u64(&apikey_shared->last_flush, 0);
+		apikey_shared->usage_failure_entries = 0;
+		apikey_shared->usage_swept_at[0] = 0;
+		apikey_shared->usage_swept_at[1] = 0;
 		SpinLockInit(&apikey_shared->writer_mutex);
 		apikey_shared->writer_pid = 0;
 		apikey_shared->writer_latch = NULL;

@@ -4,10 +4,11 @@
  *	  apikey's shared memory: one struct of counters, two hash tables.
  *
  * Locking protocol
- *	 usage_lock	protects the usage hash table's membership: shared to find
- *				an entry and bump it, exclusive to insert or remove entries.
- *				An entry's counters are bumped under its own spinlock, so
- *				many backends can count at once under the shared lock.
+ *	 usage_lock	protects the usage hash table's membership and
+ *				usage_failure_entries: shared to find an entry and bump it,
+ *				exclusive to insert, remove or evict entries.  An entry's
+ *				counters are bumped under its own spinlock, so many backends
+ *				can count at once under the shared lock.
  *	 rate_lock	the same for the rate-limit hash table; an entry's bucket
  *				state is read and updated under its spinlock, which makes
  *				take-a-token atomic across backends.
@@ -22,6 +23,7 @@
 #ifndef APIKEY_SHMEM_H
 #define APIKEY_SHMEM_H
 
+#include "datatype/timestamp.h"
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
@@ -34,6 +36,9 @@ struct ApikeyShared
 {
 	LWLock	   *usage_lock;
 	LWLock	   *rate_lock;
+	int			usage_failure_entries;	/* usage entries not for valid calls */
+	TimestampTz usage_swept_at[2];	/* last sweep that could free nothing:
+									 * [0] for any entry, [1] for failures */
 	pg_atomic_uint64 calls[APIKEY_NUM_CODES];	/* every verification */
 	pg_atomic_uint64 usage_dropped; /* counts lost to a full usage table */
 	pg_atomic_uint64 flushes;	/* successful flushes */

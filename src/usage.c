@@ -2,7 +2,16 @@
  *
  * usage.c
  *	  Count every verification, per (key, minute, code), plus the client
- *	  address for failures.
+ *	  address for a known key's failures.
+ *
+ * What a caller makes us store is bounded, whatever it passes:
+ *	 - a token that matches no key (malformed, unknown) is counted per code
+ *	   and minute, never per address;
+ *	 - a key's failures keep their client address for at most
+ *	   APIKEY_USAGE_MAX_ADDRS distinct addresses per key and minute; further
+ *	   failures of that key are counted with the address NULL;
+ *	 - in shared memory, entries for failures may fill at most half of
+ *	   apikey.usage_max_entries, so valid calls always have room.
  *
  * With shared memory, in the database named by apikey.database (and in
  * every database on a hot standby), a call is one increment of a shared
@@ -10,9 +19,13 @@
  * Only the usage writer (worker.c) persists these counters, in a top-level
  * transaction of its own; what it wrote comes off the counters when that
  * transaction commits.  apikey.flush_usage() there asks the writer to flush
- * and waits, so the caller's transaction holds nothing.  When the table is
- * full the count is dropped and the drop itself is counted in
- * apikey.stats; verification never waits for room.
+ * and waits, so the caller's transaction holds nothing.  When the table has
+ * no room:
+ *	 - entries that nobody will ever flush (every entry on a standby; after
+ *	   promotion, other databases' entries) are evicted oldest first: a
+ *	   rolling window, informational, shown by apikey.live_usage;
+ *	 - otherwise the count is dropped and the drop counted in apikey.stats.
+ *	 Verification never waits for room.
  *
  * Elsewhere (no shared_preload_libraries, or another database) a call
  * appends one row to apikey.usage_pending in the caller's transaction, as
@@ -24,8 +37,8 @@
  * exact before a fold.  In a read-only transaction nothing is written.
  *
  * Every write to usage_log goes through one statement (write_usage) that
- * also moves last_used_at forward, skipping key rows that someone has
- * locked.
+ * applies the address bound against what usage_log already holds, and
+ * moves last_used_at forward skipping key rows that someone has locked.
  *
  *-------------------------------------------------------------------------
  */
@@ -54,10 +67,22 @@
 
 #include "shmem.h"
 
+/* Distinct client addresses recorded per key and minute. */
+#define APIKEY_USAGE_MAX_ADDRS	16
+
+/* The code of an address tally entry: one past the verdict codes. */
+#define USAGE_TALLY			APIKEY_NUM_CODES
+
+/* Entries for failures (tallies included) may take this much of the table. */
+#define FAILURE_SHARE(max)	((max) / 2)
+
+/* A sweep that freed nothing is not repeated for this long (microseconds). */
+#define SWEEP_PAUSE			USECS_PER_SEC
+
 typedef struct UsageKey
 {
 	Oid			dboid;
-	int32		code;
+	int32		code;			/* verdict code, or USAGE_TALLY */
 	int64		key_id;			/* 0 = no key */
 	TimestampTz bucket;			/* start of the minute */
 	uint8		family;			/* 0 = no address */
@@ -65,6 +90,12 @@ typedef struct UsageKey
 	uint8		addr[16];
 } UsageKey;
 
+/*
+ * A counter.  A tally entry (code USAGE_TALLY, no address) counts instead
+ * how many address entries its key has been given this minute.  An address
+ * entry that the writer empties stays, at zero, until its minute is over,
+ * so that the address keeps its place among its key's few.
+ */
 typedef struct UsageEntry
 {
 	UsageKey	key;
@@ -140,6 +171,186 @@ apikey_usage_in_shmem(void)
 	return MyDatabaseId == writer_database();
 }
 
+static inline bool
+is_failure(const UsageKey *uk)
+{
+	return uk->code != APIKEY_VALID;
+}
+
+/* Is this bucket at least a whole minute older than ref's? */
+static inline bool
+bucket_is_stale(TimestampTz bucket, TimestampTz ref)
+{
+	return bucket < ref - ref % USECS_PER_MINUTE - USECS_PER_MINUTE;
+}
+
+/* Would need more entries fit?  Call with usage_lock held. */
+static bool
+has_room(bool failure, int need)
+{
+	if (hash_get_num_entries(usage_htab) + need > apikey_usage_max_entries)
+		return false;
+	return !failure ||
+		apikey_shared->usage_failure_entries + need <= FAILURE_SHARE(apikey_usage_max_entries);
+}
+
+/* Insert a zeroed entry, or NULL; usage_lock held exclusively. */
+static UsageEntry *
+enter_entry(const UsageKey *uk)
+{
+	UsageEntry *entry;
+	bool		found;
+
+	entry = hash_search(usage_htab, uk, HASH_ENTER_NULL, &found);
+	if (entry != NULL && !found)
+	{
+		SpinLockInit(&entry->mutex);
+		entry->calls = 0;
+		entry->last_at = 0;
+		if (is_failure(uk))
+			apikey_shared->usage_failure_entries++;
+	}
+	return entry;
+}
+
+/* Remove an entry (uk may point into it); usage_lock held exclusively. */
+static void
+remove_entry(const UsageKey *uk)
+{
+	bool		failure = is_failure(uk);
+
+	if (hash_search(usage_htab, uk, HASH_REMOVE, NULL) != NULL && failure)
+		apikey_shared->usage_failure_entries--;
+}
+
+static int
+snap_by_last_at(const void *a, const void *b)
+{
+	TimestampTz ta = ((const UsageSnap *) a)->last_at;
+	TimestampTz tb = ((const UsageSnap *) b)->last_at;
+
+	return (ta > tb) - (ta < tb);
+}
+
+/*
+ * Make room for need more entries (of failures, if failure), with
+ * usage_lock held exclusively.  First whatever holds no count goes: empty
+ * entries and tallies of past minutes.  Then, if still short, the oldest
+ * sixteenth of the entries nobody will ever flush: every entry during
+ * recovery (worker_db invalid), and after promotion those of databases
+ * other than worker_db.  Entries the writer will flush are never evicted.
+ */
+static bool
+make_room(bool failure, int need, TimestampTz now, Oid worker_db)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *entry;
+	bool		only_failures;
+	UsageSnap  *cand;
+	int			ncand = 0;
+	int			nevict;
+	int			i;
+
+	if (has_room(failure, need))
+		return true;
+	only_failures = failure &&
+		apikey_shared->usage_failure_entries + need > FAILURE_SHARE(apikey_usage_max_entries);
+	if (now >= apikey_shared->usage_swept_at[only_failures] &&
+		now - apikey_shared->usage_swept_at[only_failures] < SWEEP_PAUSE)
+		return false;
+
+	hash_seq_init(&status, usage_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.code == USAGE_TALLY ?
+			bucket_is_stale(entry->key.bucket, now) : entry->calls == 0)
+			remove_entry(&entry->key);
+	}
+	if (has_room(failure, need))
+		return true;
+
+	cand = palloc(sizeof(UsageSnap) * Max(hash_get_num_entries(usage_htab), 1));
+	hash_seq_init(&status, usage_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.code == USAGE_TALLY ||
+			(OidIsValid(worker_db) && entry->key.dboid == worker_db) ||
+			(only_failures && !is_failure(&entry->key)))
+			continue;
+		cand[ncand].key = entry->key;
+		cand[ncand].calls = entry->calls;
+		cand[ncand].last_at = entry->last_at;
+		ncand++;
+	}
+	if (ncand == 0)
+	{
+		/* nothing to evict: do not scan again for every count */
+		apikey_shared->usage_swept_at[only_failures] = now;
+		if (!only_failures)
+			apikey_shared->usage_swept_at[1] = now;
+		pfree(cand);
+		return false;
+	}
+	qsort(cand, ncand, sizeof(UsageSnap), snap_by_last_at);
+	nevict = Min(Max(need, ncand / 16), ncand);
+	for (i = 0; i < nevict; i++)
+		remove_entry(&cand[i].key);
+	pfree(cand);
+	return has_room(failure, need);
+}
+
+/*
+ * Find the entry to count uk in, creating it if there is room; with
+ * usage_lock held exclusively.  A failure with an address gets an address
+ * entry only while its key has had fewer than APIKEY_USAGE_MAX_ADDRS this
+ * minute; otherwise (or without room for one) it is counted without the
+ * address.  NULL: no room at all, the count is dropped.
+ */
+static UsageEntry *
+find_or_admit(const UsageKey *uk, TimestampTz now, Oid worker_db)
+{
+	UsageKey	bare = *uk;
+	UsageEntry *entry;
+
+	entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
+	if (entry != NULL)
+		return entry;
+
+	if (uk->family != 0)
+	{
+		UsageKey	tk;
+		UsageEntry *tally;
+
+		memset(&tk, 0, sizeof(tk));
+		tk.dboid = uk->dboid;
+		tk.code = USAGE_TALLY;
+		tk.key_id = uk->key_id;
+		tk.bucket = uk->bucket;
+		tally = hash_search(usage_htab, &tk, HASH_FIND, NULL);
+		if ((tally == NULL || tally->calls < APIKEY_USAGE_MAX_ADDRS) &&
+			make_room(true, tally == NULL ? 2 : 1, now, worker_db) &&
+			(tally = enter_entry(&tk)) != NULL &&
+			(entry = enter_entry(uk)) != NULL)
+		{
+			tally->calls++;
+			return entry;
+		}
+		bare.family = 0;
+		bare.bits = 0;
+		memset(bare.addr, 0, sizeof(bare.addr));
+		entry = hash_search(usage_htab, &bare, HASH_FIND, NULL);
+		if (entry != NULL)
+			return entry;
+	}
+	if (!make_room(is_failure(&bare), 1, now, worker_db))
+		return NULL;
+	return enter_entry(&bare);
+}
+
+/*
+ * Count uk in shared memory.  Whose entries could be evicted is decided
+ * before taking the lock: no catalog access under it.
+ */
 static void
 count_shmem(const UsageKey *uk, TimestampTz now)
 {
@@ -149,23 +360,17 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 	entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
 	if (entry == NULL)
 	{
-		bool		found;
+		Oid			worker_db;
 
 		LWLockRelease(apikey_shared->usage_lock);
+		worker_db = RecoveryInProgress() ? InvalidOid : writer_database();
 		LWLockAcquire(apikey_shared->usage_lock, LW_EXCLUSIVE);
-		entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
+		entry = find_or_admit(uk, now, worker_db);
 		if (entry == NULL)
 		{
-			if (hash_get_num_entries(usage_htab) >= apikey_usage_max_entries)
-			{
-				LWLockRelease(apikey_shared->usage_lock);
-				pg_atomic_fetch_add_u64(&apikey_shared->usage_dropped, 1);
-				return;
-			}
-			entry = hash_search(usage_htab, uk, HASH_ENTER, &found);
-			SpinLockInit(&entry->mutex);
-			entry->calls = 0;
-			entry->last_at = 0;
+			LWLockRelease(apikey_shared->usage_lock);
+			pg_atomic_fetch_add_u64(&apikey_shared->usage_dropped, 1);
+			return;
 		}
 	}
 	SpinLockAcquire(&entry->mutex);
@@ -289,7 +494,8 @@ write_legacy(void *arg)
 
 /*
  * Count one verification.  addr is the client address to record with a
- * failure (may be NULL); successes are counted without it.
+ * known key's failure (may be NULL); successes and tokens that match no
+ * key are counted without it.
  */
 void
 apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
@@ -303,7 +509,7 @@ apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
 	uk.code = verdict->code;
 	uk.key_id = verdict->key ? verdict->key->key_id : 0;
 	uk.bucket = now - now % USECS_PER_MINUTE;
-	if (verdict->code == APIKEY_VALID)
+	if (verdict->code == APIKEY_VALID || uk.key_id == 0)
 		addr = NULL;
 	if (addr != NULL)
 	{
@@ -327,11 +533,23 @@ apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
 /*
  * The one statement that writes usage.  The CTE src(k, b, c, a, n, l) —
  * key id, minute, code, address, calls, latest valid call (NULL for
- * failures) — comes first, from arrays or from pending rows.  last_used_at
- * moves forward, skipping key rows locked by someone else (it is
- * informational: never worth a wait).
+ * failures) — comes first, from arrays or from pending rows.  An address
+ * new to usage_log for its key and minute is kept only while the key has
+ * at most APIKEY_USAGE_MAX_ADDRS there (the busiest first); the others are
+ * written with the address NULL.  last_used_at moves forward, skipping key
+ * rows locked by someone else (it is informational: never worth a wait).
  */
 #define WRITE_USAGE \
+	"fresh AS (SELECT d.k, d.b, d.a, " \
+	"                 pg_catalog.row_number() OVER (PARTITION BY d.k, d.b ORDER BY d.n DESC, d.a) " \
+	"                 OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(DISTINCT l.client_addr) " \
+	"                   FROM apikey.usage_log l WHERE l.key_id OPERATOR(pg_catalog.=) d.k " \
+	"                    AND l.bucket OPERATOR(pg_catalog.=) d.b) AS pos " \
+	"            FROM (SELECT s.k, s.b, s.a, pg_catalog.sum(s.n) AS n FROM src s " \
+	"                   WHERE s.k IS NOT NULL AND s.a IS NOT NULL GROUP BY 1, 2, 3) d " \
+	"           WHERE NOT EXISTS (SELECT FROM apikey.usage_log l " \
+	"                  WHERE l.key_id OPERATOR(pg_catalog.=) d.k AND l.bucket OPERATOR(pg_catalog.=) d.b " \
+	"                    AND l.client_addr OPERATOR(pg_catalog.=) d.a)), " \
 	"used AS (UPDATE apikey.keys k SET last_used_at = x.l " \
 	"           FROM (SELECT kk.id, m.l " \
 	"                   FROM (SELECT s.k, pg_catalog.max(s.l) AS l FROM src s " \
@@ -341,7 +559,15 @@ apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
 	"                    FOR NO KEY UPDATE OF kk SKIP LOCKED) x " \
 	"          WHERE k.id OPERATOR(pg_catalog.=) x.id) " \
 	"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) " \
-	"SELECT s.k, s.b, s.c, s.a, pg_catalog.sum(s.n) FROM src s GROUP BY 1, 2, 3, 4 " \
+	"SELECT r.k, r.b, r.c, r.a, pg_catalog.sum(r.n) " \
+	"  FROM (SELECT s.k, s.b, s.c, s.n, " \
+	"               CASE WHEN s.k IS NULL OR s.a IS NULL THEN NULL " \
+	"                    WHEN EXISTS (SELECT FROM fresh f WHERE f.k OPERATOR(pg_catalog.=) s.k " \
+	"                           AND f.b OPERATOR(pg_catalog.=) s.b AND f.a OPERATOR(pg_catalog.=) s.a " \
+	"                           AND f.pos OPERATOR(pg_catalog.>) " CppAsString2(APIKEY_USAGE_MAX_ADDRS) ") " \
+	"                    THEN NULL ELSE s.a END AS a " \
+	"          FROM src s) r " \
+	" GROUP BY 1, 2, 3, 4 " \
 	"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, " \
 	"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) " \
 	"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls"
@@ -434,7 +660,8 @@ usage_snapshot(UsageSnap **out)
 	hash_seq_init(&status, usage_htab);
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
-		if (entry->key.dboid != MyDatabaseId || n >= cap)
+		if (entry->key.dboid != MyDatabaseId || entry->key.code == USAGE_TALLY ||
+			n >= cap)
 			continue;
 		snaps[n].key = entry->key;
 		SpinLockAcquire(&entry->mutex);
@@ -449,10 +676,15 @@ usage_snapshot(UsageSnap **out)
 	return n;
 }
 
-/* Take flushed calls off the counters and drop entries that reach zero. */
+/*
+ * Take flushed calls off the counters.  An entry that reaches zero goes,
+ * except an address entry of a minute not yet over, which keeps its
+ * address's place among its key's few.
+ */
 static void
 usage_subtract(const UsageSnap *snaps, int n)
 {
+	TimestampTz now = GetCurrentTimestamp();
 	int			i;
 
 	LWLockAcquire(apikey_shared->usage_lock, LW_EXCLUSIVE);
@@ -463,8 +695,9 @@ usage_subtract(const UsageSnap *snaps, int n)
 		if (entry == NULL)
 			continue;
 		entry->calls -= snaps[i].calls;
-		if (entry->calls <= 0)
-			hash_search(usage_htab, &snaps[i].key, HASH_REMOVE, NULL);
+		if (entry->calls <= 0 &&
+			(entry->key.family == 0 || bucket_is_stale(entry->key.bucket, now)))
+			remove_entry(&snaps[i].key);
 	}
 	LWLockRelease(apikey_shared->usage_lock);
 }
@@ -568,18 +801,25 @@ apikey_usage_fold_pending(void)
 	return rc;
 }
 
-/* Number of entries pending in shared memory (all databases). */
+/* Number of entries in shared memory holding counts (all databases). */
 uint64
 apikey_usage_pending(void)
 {
-	long		n;
+	HASH_SEQ_STATUS status;
+	UsageEntry *entry;
+	uint64		n = 0;
 
 	if (apikey_shared == NULL || usage_htab == NULL)
 		return 0;
 	LWLockAcquire(apikey_shared->usage_lock, LW_SHARED);
-	n = hash_get_num_entries(usage_htab);
+	hash_seq_init(&status, usage_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.code != USAGE_TALLY && entry->calls > 0)
+			n++;
+	}
 	LWLockRelease(apikey_shared->usage_lock);
-	return (uint64) n;
+	return n;
 }
 
 /* Rows for apikey.live_usage: this database's unflushed counters. */
