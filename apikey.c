@@ -7,16 +7,18 @@
  *
  * Without shared_preload_libraries the extension still works: keys are
  * issued, verified, cached and bound to transactions as usual, usage is
- * written synchronously in the caller's transaction, and a key with a rate
- * limit is refused with rate_limit_unavailable, never allowed unlimited.
- * Only if log_statement had already logged the statement that loaded the
- * library does that backend refuse to verify tokens (src/redact.c).
+ * appended to apikey.usage_pending in the caller's transaction (folded into
+ * usage_log by apikey.flush_usage()), and a key with a rate limit is
+ * refused with rate_limit_unavailable, never allowed unlimited.  Only if
+ * log_statement had already logged the statement that loaded the library
+ * does that backend refuse to verify tokens (src/redact.c).
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/detoast.h"
+#include "access/xlog.h"
 #include "access/htup_details.h"
 #include "commands/trigger.h"
 #include "common/cryptohash.h"
@@ -745,15 +747,19 @@ apikey_cache_stats(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
-/* apikey.flush_usage() body, run as the tables' owner. */
+/* apikey.flush_usage() away from the writer: fold pending rows as owner. */
 static void
-flush_as_owner(void *arg)
+fold_as_owner(void *arg)
 {
-	*(int *) arg = apikey_usage_flush();
+	*(int *) arg = apikey_usage_fold_pending();
 }
 
 /*
  * apikey.flush_usage() RETURNS integer
+ *
+ * Where the usage writer serves, it is asked to flush and waited for, so
+ * this transaction holds nothing of the flush; elsewhere the pending rows
+ * are folded here, without waiting for another session that is folding.
  */
 PG_FUNCTION_INFO_V1(apikey_flush_usage);
 Datum
@@ -761,6 +767,24 @@ apikey_flush_usage(PG_FUNCTION_ARGS)
 {
 	int			rows = 0;
 
-	apikey_run_as_owner(flush_as_owner, &rows);
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("cannot flush usage during recovery"),
+				 errdetail("Usage counted on a standby is shown by apikey.live_usage and is not persisted."),
+				 errhint("Call apikey.flush_usage() on the primary.")));
+	if (apikey_usage_in_shmem())
+		rows = apikey_worker_request_flush();
+	else
+	{
+		apikey_run_as_owner(fold_as_owner, &rows);
+		if (rows < 0)
+		{
+			ereport(NOTICE,
+					(errmsg("another session is flushing the usage of this database"),
+					 errhint("Its rows are written when its transaction commits.")));
+			rows = 0;
+		}
+	}
 	PG_RETURN_INT32(rows);
 }

@@ -205,7 +205,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('revoke_owner', '1 MB', $$SELECT apikey.revoke_owner(repeat('o', 1048577))$$),
 ('revoke_owner', 'no such owner', $$SELECT apikey.revoke_owner('nobody')$$),
 -- flush_usage(), _stats(), _live_usage()
-('flush_usage', 'no arguments', $$SELECT apikey.flush_usage()$$),
+('flush_usage', 'no arguments', $$SELECT apikey.flush_usage() >= 0$$),
 ('_stats', 'no arguments', $$SELECT (apikey._stats()).shared_memory$$),
 ('_live_usage', 'no arguments', $$SELECT count(*) FROM apikey._live_usage()$$),
 -- internal helpers

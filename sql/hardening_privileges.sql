@@ -257,7 +257,7 @@ SELECT (SELECT count(*) FROM apikey.keys WHERE id IN (:k_new, :k_rot)) AS admin_
        (SELECT count(*) FROM apikey.revocations WHERE key_id IN (:k_new, :k_rot)) AS admin_revocations,
        (SELECT owner FROM apikey.keys WHERE id = :k_new) AS owner_kept,
        (SELECT created_by FROM apikey.keys WHERE id = :k_new) AS created_by,
-       (SELECT count(*) FROM apikey.usage_log) > 0 AS usage_written,
+       (SELECT count(*) FROM apikey.usage_pending) > 0 AS usage_written,
        (SELECT remaining FROM apikey.quotas WHERE key_id = :k_quota) AS quota_left;
 
 -------------------------------------------------------------------------------

@@ -88,5 +88,6 @@ SELECT code FROM apikey.check(:'ta3', NULL, '198.51.100.7');
 SELECT code FROM apikey.check(:'ta3', NULL, '198.51.101.7');
 
 -- Usage records the refused address; a success is counted without one.
+SELECT apikey.flush_usage() > 0 AS flushed;
 SELECT code, client_addr, sum(calls) AS calls
   FROM apikey.usage_log WHERE key_id = :a3 GROUP BY code, client_addr ORDER BY code, client_addr;

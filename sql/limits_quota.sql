@@ -159,7 +159,8 @@ SELECT key_id AS q2r, token AS tq2r FROM apikey.rotate(:q2) \gset
 SELECT remaining FROM apikey.quotas WHERE key_id = :q2r;
 SELECT code, remaining FROM apikey.check(:'tq2r');
 
--- Usage of quota verdicts (written synchronously in this database).
+-- Usage of quota verdicts (pending rows in this database, folded by a flush).
+SELECT apikey.flush_usage() > 0 AS flushed;
 SELECT code, sum(calls) AS calls FROM apikey.usage_log WHERE key_id = :q2 GROUP BY code ORDER BY code;
 
 DROP ROLE regress_limits_quota_app;

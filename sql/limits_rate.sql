@@ -117,7 +117,8 @@ SELECT array_agg(code ORDER BY g) AS codes
 
 -- Every call is counted: in this database usage is written synchronously,
 -- in the caller's transaction (so the refusals raised inside the helper's
--- exception block rolled back with it).
+-- exception block rolled back with it), and folded into usage_log by a flush.
+SELECT apikey.flush_usage() > 0 AS flushed;
 SELECT key_id = :k3 AS is_k3, code, client_addr IS NOT NULL AS has_addr, sum(calls) AS calls
   FROM apikey.usage_log WHERE key_id IN (:k3, :kdef)
  GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;

@@ -1,8 +1,9 @@
 -- Monitoring: apikey.stats counts every verification per verdict code in
 -- shared memory (this server runs with shared_preload_libraries = apikey);
 -- in this database, which is not apikey.database, usage is written
--- synchronously to apikey.usage_log; apikey.key_usage sums it per key and
--- minute.  The counters are server-wide, so the checks below use deltas.
+-- synchronously, as rows of apikey.usage_pending that flush_usage() folds
+-- into apikey.usage_log; apikey.key_usage sums both per key and minute.
+-- The counters are server-wide, so the checks below use deltas.
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS apikey CASCADE;
 CREATE EXTENSION apikey;
@@ -65,10 +66,20 @@ SELECT rate_limited - :rl0 AS rate_limited_delta,
        rate_limited = (calls ->> 'rate_limited')::bigint AS rate_limited_matches_calls
   FROM apikey.stats;
 
--- The same calls are in usage_log, written at once in the caller's
--- transaction: failures with the client address (the connection's when
--- none was given: loopback here), successes without one; tokens that match
--- no key with no key id.
+-- In this database the same calls are pending rows, appended in the
+-- caller's transaction: key_usage counts them at once, usage_log not yet.
+-- Nothing is in shared memory for this database: live_usage is empty.
+SELECT (SELECT count(*) FROM apikey.usage_log) AS usage_log_rows,
+       (SELECT sum(calls) FROM apikey.key_usage WHERE key_id = :kv) AS kv_calls,
+       (SELECT count(*) FROM apikey.live_usage) AS live_rows;
+
+-- flush_usage() folds them into usage_log and last_used_at.
+SELECT apikey.flush_usage() > 0 AS flushed;
+SELECT count(*) AS pending_left FROM apikey.usage_pending;
+
+-- A known key's failures keep the client address (the connection's when
+-- none was given: loopback here); successes, and tokens that match no key,
+-- are counted without one, the latter with no key id.
 SELECT key_id = :kv AS is_kv, key_id IS NULL AS no_key, code,
        CASE WHEN client_addr IS NULL THEN 'none'
             WHEN client_addr = '192.0.2.1' THEN '192.0.2.1'
@@ -84,9 +95,7 @@ SELECT bool_and(bucket = date_trunc('minute', bucket)) AS minute_buckets,
 SELECT id = :kv AS is_kv, last_used_at IS NOT NULL AS used, last_used_at <= now() AS not_in_future
   FROM apikey.keys WHERE id IN (:kv, :ka, :kr) ORDER BY id;
 
--- Nothing is pending in shared memory for this database, so live_usage is
--- empty and flush_usage() writes nothing.
-SELECT count(*) AS live_rows FROM apikey.live_usage;
+-- Folded once: a second flush has nothing to write.
 SELECT apikey.flush_usage() AS rows_flushed;
 
 -- key_usage: per key and minute; a deleted key's calls stay, without owner.
@@ -100,7 +109,7 @@ SELECT sum(calls) AS key_usage_total, (SELECT sum(calls) FROM apikey.usage_log) 
 
 -- Verification works in a READ ONLY transaction (PostgREST runs GETs so):
 -- it is counted in apikey.stats even though this database cannot write
--- its usage row there.
+-- its pending row there.
 SELECT calls AS calls1 FROM apikey.stats \gset
 BEGIN READ ONLY;
 SELECT code FROM apikey.check(:'tv');
@@ -123,5 +132,6 @@ SELECT apikey.flush_usage();
 -- but it can verify, and its calls are counted
 SELECT code FROM apikey.check(:'tv');
 RESET ROLE;
+SELECT apikey.flush_usage() AS rows_flushed;
 SELECT sum(calls) AS valid_calls_kv FROM apikey.usage_log WHERE key_id = :kv AND code = 'valid';
 DROP ROLE regress_limits_stats_nobody;

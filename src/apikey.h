@@ -14,7 +14,7 @@
  *	 ratelimit.c	per-key rate limits enforced in shared memory
  *	 quota.c		per-key quotas debited in the caller's transaction
  *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
- *	 usage.c		usage counters: shared memory, or synchronous fallback
+ *	 usage.c		usage counters: shared memory, or pending rows; usage_log writes
  *	 worker.c		background worker that persists usage counters
  *	 redact.c		hooks that keep tokens out of the log and pg_stat_statements
  *
@@ -178,7 +178,9 @@ extern Size apikey_usage_shmem_size(void);
 extern void apikey_usage_shmem_startup(void);
 extern void apikey_usage_count(const ApikeyVerdict *verdict, inet *client_addr,
 							   TimestampTz now);
-extern int	apikey_usage_flush(void);
+extern bool apikey_usage_in_shmem(void);
+extern int	apikey_usage_flush_shared(void);
+extern int	apikey_usage_fold_pending(void);
 extern uint64 apikey_usage_pending(void);
 extern void apikey_usage_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
 
@@ -189,6 +191,7 @@ extern struct _SPI_plan *apikey_prepare_kept(struct _SPI_plan **plan, const char
 
 /* worker.c */
 extern void apikey_worker_register(void);
+extern int	apikey_worker_request_flush(void);
 
 /* redact.c */
 extern void apikey_redact_init(void);

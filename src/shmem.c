@@ -5,8 +5,9 @@
  *
  * Shared memory exists only when apikey is in shared_preload_libraries.
  * Without it apikey_shared stays NULL and every module falls back: usage
- * is written synchronously, and a key with a rate limit is refused with
- * rate_limit_unavailable (a limit that cannot be enforced never allows).
+ * is appended to apikey.usage_pending in the caller's transaction, and a
+ * key with a rate limit is refused with rate_limit_unavailable (a limit
+ * that cannot be enforced never allows).
  *
  *-------------------------------------------------------------------------
  */
@@ -63,6 +64,17 @@ shmem_startup(void)
 		pg_atomic_init_u64(&apikey_shared->flush_errors, 0);
 		pg_atomic_init_u64(&apikey_shared->flushed_calls, 0);
 		pg_atomic_init_u64(&apikey_shared->last_flush, 0);
+		apikey_shared->usage_failure_entries = 0;
+		apikey_shared->usage_swept_at[0] = 0;
+		apikey_shared->usage_swept_at[1] = 0;
+		SpinLockInit(&apikey_shared->writer_mutex);
+		apikey_shared->writer_pid = 0;
+		apikey_shared->writer_latch = NULL;
+		apikey_shared->flush_requested = 0;
+		apikey_shared->flush_served = 0;
+		apikey_shared->flush_ok = true;
+		apikey_shared->flush_rows = 0;
+		ConditionVariableInit(&apikey_shared->flush_cv);
 	}
 	apikey_usage_shmem_startup();
 	apikey_ratelimit_shmem_startup();

@@ -2,21 +2,43 @@
  *
  * usage.c
  *	  Count every verification, per (key, minute, code), plus the client
- *	  address for failures.
+ *	  address for a known key's failures.
+ *
+ * What a caller makes us store is bounded, whatever it passes:
+ *	 - a token that matches no key (malformed, unknown) is counted per code
+ *	   and minute, never per address;
+ *	 - a key's failures keep their client address for at most
+ *	   APIKEY_USAGE_MAX_ADDRS distinct addresses per key and minute; further
+ *	   failures of that key are counted with the address NULL;
+ *	 - in shared memory, entries for failures may fill at most half of
+ *	   apikey.usage_max_entries, so valid calls always have room.
  *
  * With shared memory, in the database named by apikey.database (and in
  * every database on a hot standby), a call is one increment of a shared
  * counter: no write, no WAL, and nothing the caller's ROLLBACK can undo.
- * The background worker (worker.c) persists the counters into
- * apikey.usage_log.  When the table is full the count is dropped and the
- * drop itself is counted in apikey.stats; verification never waits for
- * room.
+ * Only the usage writer (worker.c) persists these counters, in a top-level
+ * transaction of its own; what it wrote comes off the counters when that
+ * transaction commits.  apikey.flush_usage() there asks the writer to flush
+ * and waits, so the caller's transaction holds nothing.  When the table has
+ * no room:
+ *	 - entries that nobody will ever flush (every entry on a standby; after
+ *	   promotion, other databases' entries) are evicted oldest first: a
+ *	   rolling window, informational, shown by apikey.live_usage;
+ *	 - otherwise the count is dropped and the drop counted in apikey.stats.
+ *	 Verification never waits for room.
  *
- * Elsewhere (no shared_preload_libraries, or another database) the call is
- * written synchronously, in the caller's transaction, with an upsert run as
- * the extension's owner, and a successful call sets keys.last_used_at (at
- * most once a minute per key).  In a read-only transaction nothing is
- * written.
+ * Elsewhere (no shared_preload_libraries, or another database) a call
+ * appends one row to apikey.usage_pending in the caller's transaction, as
+ * the extension's owner.  That table has no index and nobody updates its
+ * rows, so a verifier never waits for, deadlocks with, or fails to
+ * serialize against another session.  apikey.flush_usage() (and the
+ * writer, in its database) folds pending rows into usage_log and
+ * keys.last_used_at; apikey.key_usage adds pending rows in, so totals stay
+ * exact before a fold.  In a read-only transaction nothing is written.
+ *
+ * Every write to usage_log goes through one statement (write_usage) that
+ * applies the address bound against what usage_log already holds, and
+ * moves last_used_at forward skipping key rows that someone has locked.
  *
  *-------------------------------------------------------------------------
  */
@@ -37,16 +59,30 @@
 #include "storage/spin.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
+#include "utils/guc.h"
 #include "utils/inet.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "shmem.h"
 
+/* Distinct client addresses recorded per key and minute. */
+#define APIKEY_USAGE_MAX_ADDRS	16
+
+/* The code of an address tally entry: one past the verdict codes. */
+#define USAGE_TALLY			APIKEY_NUM_CODES
+
+/* Entries for failures (tallies included) may take this much of the table. */
+#define FAILURE_SHARE(max)	((max) / 2)
+
+/* A sweep that freed nothing is not repeated for this long (microseconds). */
+#define SWEEP_PAUSE			USECS_PER_SEC
+
 typedef struct UsageKey
 {
 	Oid			dboid;
-	int32		code;
+	int32		code;			/* verdict code, or USAGE_TALLY */
 	int64		key_id;			/* 0 = no key */
 	TimestampTz bucket;			/* start of the minute */
 	uint8		family;			/* 0 = no address */
@@ -54,6 +90,12 @@ typedef struct UsageKey
 	uint8		addr[16];
 } UsageKey;
 
+/*
+ * A counter.  A tally entry (code USAGE_TALLY, no address) counts instead
+ * how many address entries its key has been given this minute.  An address
+ * entry that the writer empties stays, at zero, until its minute is over,
+ * so that the address keeps its place among its key's few.
+ */
 typedef struct UsageEntry
 {
 	UsageKey	key;
@@ -71,10 +113,11 @@ typedef struct UsageSnap
 } UsageSnap;
 
 static HTAB *usage_htab = NULL;
-static SPIPlanPtr usage_insert_plan = NULL;
-static SPIPlanPtr last_used_plan = NULL;
+static SPIPlanPtr pending_insert_plan = NULL;
+static SPIPlanPtr legacy_insert_plan = NULL;
+static SPIPlanPtr legacy_last_used_plan = NULL;
 
-/* calls written by this transaction's flush, subtracted at commit */
+/* calls written by the writer's flush, subtracted at commit */
 static UsageSnap *flush_pending = NULL;
 static int	flush_pending_n = 0;
 static uint64 flush_pending_calls = 0;
@@ -102,25 +145,212 @@ apikey_usage_shmem_startup(void)
 							   &info, HASH_ELEM | HASH_BLOBS);
 }
 
-/* Does this backend count in shared memory, or write synchronously? */
-static bool
-count_in_shmem(void)
+/* The OID of apikey.database, looked up once per backend. */
+static Oid
+writer_database(void)
 {
 	static Oid	worker_db = InvalidOid;
 	static bool resolved = false;
 
-	if (apikey_shared == NULL || usage_htab == NULL)
-		return false;
-	if (RecoveryInProgress())
-		return true;
 	if (!resolved)
 	{
 		worker_db = get_database_oid(apikey_database, true);
 		resolved = true;
 	}
-	return MyDatabaseId == worker_db;
+	return worker_db;
 }
 
+/* Does this backend count in shared memory, or append pending rows? */
+bool
+apikey_usage_in_shmem(void)
+{
+	if (apikey_shared == NULL || usage_htab == NULL)
+		return false;
+	if (RecoveryInProgress())
+		return true;
+	return MyDatabaseId == writer_database();
+}
+
+static inline bool
+is_failure(const UsageKey *uk)
+{
+	return uk->code != APIKEY_VALID;
+}
+
+/* Is this bucket at least a whole minute older than ref's? */
+static inline bool
+bucket_is_stale(TimestampTz bucket, TimestampTz ref)
+{
+	return bucket < ref - ref % USECS_PER_MINUTE - USECS_PER_MINUTE;
+}
+
+/* Would need more entries fit?  Call with usage_lock held. */
+static bool
+has_room(bool failure, int need)
+{
+	if (hash_get_num_entries(usage_htab) + need > apikey_usage_max_entries)
+		return false;
+	return !failure ||
+		apikey_shared->usage_failure_entries + need <= FAILURE_SHARE(apikey_usage_max_entries);
+}
+
+/* Insert a zeroed entry, or NULL; usage_lock held exclusively. */
+static UsageEntry *
+enter_entry(const UsageKey *uk)
+{
+	UsageEntry *entry;
+	bool		found;
+
+	entry = hash_search(usage_htab, uk, HASH_ENTER_NULL, &found);
+	if (entry != NULL && !found)
+	{
+		SpinLockInit(&entry->mutex);
+		entry->calls = 0;
+		entry->last_at = 0;
+		if (is_failure(uk))
+			apikey_shared->usage_failure_entries++;
+	}
+	return entry;
+}
+
+/* Remove an entry (uk may point into it); usage_lock held exclusively. */
+static void
+remove_entry(const UsageKey *uk)
+{
+	bool		failure = is_failure(uk);
+
+	if (hash_search(usage_htab, uk, HASH_REMOVE, NULL) != NULL && failure)
+		apikey_shared->usage_failure_entries--;
+}
+
+static int
+snap_by_last_at(const void *a, const void *b)
+{
+	TimestampTz ta = ((const UsageSnap *) a)->last_at;
+	TimestampTz tb = ((const UsageSnap *) b)->last_at;
+
+	return (ta > tb) - (ta < tb);
+}
+
+/*
+ * Make room for need more entries (of failures, if failure), with
+ * usage_lock held exclusively.  First whatever holds no count goes: empty
+ * entries and tallies of past minutes.  Then, if still short, the oldest
+ * sixteenth of the entries nobody will ever flush: every entry during
+ * recovery (worker_db invalid), and after promotion those of databases
+ * other than worker_db.  Entries the writer will flush are never evicted.
+ */
+static bool
+make_room(bool failure, int need, TimestampTz now, Oid worker_db)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *entry;
+	bool		only_failures;
+	UsageSnap  *cand;
+	int			ncand = 0;
+	int			nevict;
+	int			i;
+
+	if (has_room(failure, need))
+		return true;
+	only_failures = failure &&
+		apikey_shared->usage_failure_entries + need > FAILURE_SHARE(apikey_usage_max_entries);
+	if (now >= apikey_shared->usage_swept_at[only_failures] &&
+		now - apikey_shared->usage_swept_at[only_failures] < SWEEP_PAUSE)
+		return false;
+
+	hash_seq_init(&status, usage_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.code == USAGE_TALLY ?
+			bucket_is_stale(entry->key.bucket, now) : entry->calls == 0)
+			remove_entry(&entry->key);
+	}
+	if (has_room(failure, need))
+		return true;
+
+	cand = palloc(sizeof(UsageSnap) * Max(hash_get_num_entries(usage_htab), 1));
+	hash_seq_init(&status, usage_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.code == USAGE_TALLY ||
+			(OidIsValid(worker_db) && entry->key.dboid == worker_db) ||
+			(only_failures && !is_failure(&entry->key)))
+			continue;
+		cand[ncand].key = entry->key;
+		cand[ncand].calls = entry->calls;
+		cand[ncand].last_at = entry->last_at;
+		ncand++;
+	}
+	if (ncand == 0)
+	{
+		/* nothing to evict: do not scan again for every count */
+		apikey_shared->usage_swept_at[only_failures] = now;
+		if (!only_failures)
+			apikey_shared->usage_swept_at[1] = now;
+		pfree(cand);
+		return false;
+	}
+	qsort(cand, ncand, sizeof(UsageSnap), snap_by_last_at);
+	nevict = Min(Max(need, ncand / 16), ncand);
+	for (i = 0; i < nevict; i++)
+		remove_entry(&cand[i].key);
+	pfree(cand);
+	return has_room(failure, need);
+}
+
+/*
+ * Find the entry to count uk in, creating it if there is room; with
+ * usage_lock held exclusively.  A failure with an address gets an address
+ * entry only while its key has had fewer than APIKEY_USAGE_MAX_ADDRS this
+ * minute; otherwise (or without room for one) it is counted without the
+ * address.  NULL: no room at all, the count is dropped.
+ */
+static UsageEntry *
+find_or_admit(const UsageKey *uk, TimestampTz now, Oid worker_db)
+{
+	UsageKey	bare = *uk;
+	UsageEntry *entry;
+
+	entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
+	if (entry != NULL)
+		return entry;
+
+	if (uk->family != 0)
+	{
+		UsageKey	tk;
+		UsageEntry *tally;
+
+		memset(&tk, 0, sizeof(tk));
+		tk.dboid = uk->dboid;
+		tk.code = USAGE_TALLY;
+		tk.key_id = uk->key_id;
+		tk.bucket = uk->bucket;
+		tally = hash_search(usage_htab, &tk, HASH_FIND, NULL);
+		if ((tally == NULL || tally->calls < APIKEY_USAGE_MAX_ADDRS) &&
+			make_room(true, tally == NULL ? 2 : 1, now, worker_db) &&
+			(tally = enter_entry(&tk)) != NULL &&
+			(entry = enter_entry(uk)) != NULL)
+		{
+			tally->calls++;
+			return entry;
+		}
+		bare.family = 0;
+		bare.bits = 0;
+		memset(bare.addr, 0, sizeof(bare.addr));
+		entry = hash_search(usage_htab, &bare, HASH_FIND, NULL);
+		if (entry != NULL)
+			return entry;
+	}
+	if (!make_room(is_failure(&bare), 1, now, worker_db))
+		return NULL;
+	return enter_entry(&bare);
+}
+
+/*
+ * Count uk in shared memory.  Whose entries could be evicted is decided
+ * before taking the lock: no catalog access under it.
+ */
 static void
 count_shmem(const UsageKey *uk, TimestampTz now)
 {
@@ -130,23 +360,17 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 	entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
 	if (entry == NULL)
 	{
-		bool		found;
+		Oid			worker_db;
 
 		LWLockRelease(apikey_shared->usage_lock);
+		worker_db = RecoveryInProgress() ? InvalidOid : writer_database();
 		LWLockAcquire(apikey_shared->usage_lock, LW_EXCLUSIVE);
-		entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
+		entry = find_or_admit(uk, now, worker_db);
 		if (entry == NULL)
 		{
-			if (hash_get_num_entries(usage_htab) >= apikey_usage_max_entries)
-			{
-				LWLockRelease(apikey_shared->usage_lock);
-				pg_atomic_fetch_add_u64(&apikey_shared->usage_dropped, 1);
-				return;
-			}
-			entry = hash_search(usage_htab, uk, HASH_ENTER, &found);
-			SpinLockInit(&entry->mutex);
-			entry->calls = 0;
-			entry->last_at = 0;
+			LWLockRelease(apikey_shared->usage_lock);
+			pg_atomic_fetch_add_u64(&apikey_shared->usage_dropped, 1);
+			return;
 		}
 	}
 	SpinLockAcquire(&entry->mutex);
@@ -155,93 +379,6 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 		entry->last_at = now;
 	SpinLockRelease(&entry->mutex);
 	LWLockRelease(apikey_shared->usage_lock);
-}
-
-typedef struct SyncUsage
-{
-	const UsageKey *uk;
-	inet	   *addr;
-} SyncUsage;
-
-static void
-write_sync(void *arg)
-{
-	SyncUsage  *su = arg;
-	Datum		values[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
-	Oid			insert_types[4] = {INT8OID, TIMESTAMPTZOID, TEXTOID, INETOID};
-	Oid			update_types[1] = {INT8OID};
-	int			rc;
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	apikey_prepare_kept(&usage_insert_plan,
-						"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
-						"VALUES ($1, $2, $3, $4, 1) "
-						"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
-						"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
-						"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) 1",
-						4, insert_types);
-	values[0] = Int64GetDatum(su->uk->key_id);
-	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
-	values[1] = TimestampTzGetDatum(su->uk->bucket);
-	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
-	values[3] = PointerGetDatum(su->addr);
-	nulls[3] = su->addr == NULL ? 'n' : ' ';
-	rc = SPI_execute_plan(usage_insert_plan, values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
-
-	/* last_used_at, at most once a minute per key to spare the row */
-	if (su->uk->code == APIKEY_VALID)
-	{
-		apikey_prepare_kept(&last_used_plan,
-							"UPDATE apikey.keys SET last_used_at = pg_catalog.now() "
-							"WHERE id OPERATOR(pg_catalog.=) $1 AND (last_used_at IS NULL "
-							"OR last_used_at OPERATOR(pg_catalog.<) "
-							"(pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval))",
-							1, update_types);
-		rc = SPI_execute_plan(last_used_plan, values, NULL, false, 0);
-		if (rc != SPI_OK_UPDATE)
-			elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
-	}
-	SPI_finish();
-}
-
-/*
- * Count one verification.  addr is the client address to record with a
- * failure (may be NULL); successes are counted without it.
- */
-void
-apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
-{
-	UsageKey	uk;
-
-	apikey_stats_count(verdict->code);
-
-	memset(&uk, 0, sizeof(uk));
-	uk.dboid = MyDatabaseId;
-	uk.code = verdict->code;
-	uk.key_id = verdict->key ? verdict->key->key_id : 0;
-	uk.bucket = now - now % USECS_PER_MINUTE;
-	if (verdict->code == APIKEY_VALID)
-		addr = NULL;
-	if (addr != NULL)
-	{
-		uk.family = ip_family(addr);
-		uk.bits = ip_bits(addr);
-		memcpy(uk.addr, ip_addr(addr), ip_addrsize(addr));
-	}
-
-	if (count_in_shmem())
-		count_shmem(&uk, now);
-	else if (!XactReadOnly && !RecoveryInProgress() && !IsInParallelMode() &&
-			 OidIsValid(apikey_keystore_keys_relid(true)))
-	{
-		SyncUsage	su = {&uk, addr};
-
-		apikey_run_as_owner(write_sync, &su);
-	}
 }
 
 /* Rebuild an inet datum from a usage key, or NULL. */
@@ -260,7 +397,254 @@ usage_addr(const UsageKey *uk)
 	return res;
 }
 
-/* Copy this database's entries; returns how many, array in *out. */
+/* apikey.usage_pending, or InvalidOid before the 1.2 update. */
+static Oid
+pending_relid(void)
+{
+	Oid			keys = apikey_keystore_keys_relid(true);
+
+	if (!OidIsValid(keys))
+		return InvalidOid;
+	return get_relname_relid("usage_pending", get_rel_namespace(keys));
+}
+
+typedef struct SyncUsage
+{
+	const UsageKey *uk;
+	inet	   *addr;
+	TimestampTz now;
+} SyncUsage;
+
+/* Append one pending row: an insert into a table without indexes. */
+static void
+write_pending(void *arg)
+{
+	SyncUsage  *su = arg;
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	Oid			types[5] = {INT8OID, TIMESTAMPTZOID, TEXTOID, INETOID, TIMESTAMPTZOID};
+	int			rc;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	apikey_prepare_kept(&pending_insert_plan,
+						"INSERT INTO apikey.usage_pending (key_id, bucket, code, client_addr, used_at) "
+						"VALUES ($1, $2, $3, $4, $5)",
+						5, types);
+	values[0] = Int64GetDatum(su->uk->key_id);
+	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
+	values[1] = TimestampTzGetDatum(su->uk->bucket);
+	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
+	values[3] = PointerGetDatum(su->addr);
+	nulls[3] = su->addr == NULL ? 'n' : ' ';
+	values[4] = TimestampTzGetDatum(su->now);
+	rc = SPI_execute_plan(pending_insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
+	SPI_finish();
+}
+
+/*
+ * The synchronous write of the SQL before 1.2, which has no usage_pending:
+ * an upsert into usage_log and last_used_at at most once a minute, as
+ * those versions did, until ALTER EXTENSION apikey UPDATE.
+ */
+static void
+write_legacy(void *arg)
+{
+	SyncUsage  *su = arg;
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	Oid			insert_types[4] = {INT8OID, TIMESTAMPTZOID, TEXTOID, INETOID};
+	Oid			update_types[1] = {INT8OID};
+	int			rc;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	apikey_prepare_kept(&legacy_insert_plan,
+						"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
+						"VALUES ($1, $2, $3, $4, 1) "
+						"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
+						"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
+						"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) 1",
+						4, insert_types);
+	values[0] = Int64GetDatum(su->uk->key_id);
+	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
+	values[1] = TimestampTzGetDatum(su->uk->bucket);
+	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
+	values[3] = PointerGetDatum(su->addr);
+	nulls[3] = su->addr == NULL ? 'n' : ' ';
+	rc = SPI_execute_plan(legacy_insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
+	if (su->uk->code == APIKEY_VALID)
+	{
+		apikey_prepare_kept(&legacy_last_used_plan,
+							"UPDATE apikey.keys SET last_used_at = pg_catalog.now() "
+							"WHERE id OPERATOR(pg_catalog.=) $1 AND (last_used_at IS NULL "
+							"OR last_used_at OPERATOR(pg_catalog.<) "
+							"(pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval))",
+							1, update_types);
+		rc = SPI_execute_plan(legacy_last_used_plan, values, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
+	}
+	SPI_finish();
+}
+
+/*
+ * Count one verification.  addr is the client address to record with a
+ * known key's failure (may be NULL); successes and tokens that match no
+ * key are counted without it.
+ */
+void
+apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
+{
+	UsageKey	uk;
+
+	apikey_stats_count(verdict->code);
+
+	memset(&uk, 0, sizeof(uk));
+	uk.dboid = MyDatabaseId;
+	uk.code = verdict->code;
+	uk.key_id = verdict->key ? verdict->key->key_id : 0;
+	uk.bucket = now - now % USECS_PER_MINUTE;
+	if (verdict->code == APIKEY_VALID || uk.key_id == 0)
+		addr = NULL;
+	if (addr != NULL)
+	{
+		uk.family = ip_family(addr);
+		uk.bits = ip_bits(addr);
+		memcpy(uk.addr, ip_addr(addr), ip_addrsize(addr));
+	}
+
+	if (apikey_usage_in_shmem())
+		count_shmem(&uk, now);
+	else if (!XactReadOnly && !RecoveryInProgress() && !IsInParallelMode() &&
+			 OidIsValid(apikey_keystore_keys_relid(true)))
+	{
+		SyncUsage	su = {&uk, addr, now};
+
+		apikey_run_as_owner(OidIsValid(pending_relid()) ? write_pending : write_legacy,
+							&su);
+	}
+}
+
+/*
+ * The one statement that writes usage.  The CTE src(k, b, c, a, n, l) —
+ * key id, minute, code, address, calls, latest valid call (NULL for
+ * failures) — comes first, from arrays or from pending rows.  An address
+ * new to usage_log for its key and minute is kept only while the key has
+ * at most APIKEY_USAGE_MAX_ADDRS there (the busiest first); the others are
+ * written with the address NULL.  last_used_at moves forward, skipping key
+ * rows locked by someone else (it is informational: never worth a wait).
+ */
+#define WRITE_USAGE \
+	"fresh AS (SELECT d.k, d.b, d.a, " \
+	"                 pg_catalog.row_number() OVER (PARTITION BY d.k, d.b ORDER BY d.n DESC, d.a) " \
+	"                 OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(DISTINCT l.client_addr) " \
+	"                   FROM apikey.usage_log l WHERE l.key_id OPERATOR(pg_catalog.=) d.k " \
+	"                    AND l.bucket OPERATOR(pg_catalog.=) d.b) AS pos " \
+	"            FROM (SELECT s.k, s.b, s.a, pg_catalog.sum(s.n) AS n FROM src s " \
+	"                   WHERE s.k IS NOT NULL AND s.a IS NOT NULL GROUP BY 1, 2, 3) d " \
+	"           WHERE NOT EXISTS (SELECT FROM apikey.usage_log l " \
+	"                  WHERE l.key_id OPERATOR(pg_catalog.=) d.k AND l.bucket OPERATOR(pg_catalog.=) d.b " \
+	"                    AND l.client_addr OPERATOR(pg_catalog.=) d.a)), " \
+	"used AS (UPDATE apikey.keys k SET last_used_at = x.l " \
+	"           FROM (SELECT kk.id, m.l " \
+	"                   FROM (SELECT s.k, pg_catalog.max(s.l) AS l FROM src s " \
+	"                          WHERE s.l IS NOT NULL GROUP BY s.k) m " \
+	"                   JOIN apikey.keys kk ON kk.id OPERATOR(pg_catalog.=) m.k " \
+	"                  WHERE kk.last_used_at IS NULL OR kk.last_used_at OPERATOR(pg_catalog.<) m.l " \
+	"                    FOR NO KEY UPDATE OF kk SKIP LOCKED) x " \
+	"          WHERE k.id OPERATOR(pg_catalog.=) x.id) " \
+	"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) " \
+	"SELECT r.k, r.b, r.c, r.a, pg_catalog.sum(r.n) " \
+	"  FROM (SELECT s.k, s.b, s.c, s.n, " \
+	"               CASE WHEN s.k IS NULL OR s.a IS NULL THEN NULL " \
+	"                    WHEN EXISTS (SELECT FROM fresh f WHERE f.k OPERATOR(pg_catalog.=) s.k " \
+	"                           AND f.b OPERATOR(pg_catalog.=) s.b AND f.a OPERATOR(pg_catalog.=) s.a " \
+	"                           AND f.pos OPERATOR(pg_catalog.>) " CppAsString2(APIKEY_USAGE_MAX_ADDRS) ") " \
+	"                    THEN NULL ELSE s.a END AS a " \
+	"          FROM src s) r " \
+	" GROUP BY 1, 2, 3, 4 " \
+	"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, " \
+	"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) " \
+	"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls"
+
+/* src from six arrays: $1 key ids ... $6 latest valid calls */
+#define ARRAY_SOURCE \
+	"WITH src AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), " \
+	"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), " \
+	"pg_catalog.unnest($6)) AS s(k, b, c, a, n, l)), "
+
+/* src from every committed pending row no other folder holds, deleted */
+#define PENDING_SOURCE \
+	"WITH picked AS (SELECT p.ctid AS t FROM apikey.usage_pending p FOR UPDATE SKIP LOCKED), " \
+	"taken AS (DELETE FROM apikey.usage_pending p USING picked " \
+	"           WHERE p.ctid OPERATOR(pg_catalog.=) picked.t " \
+	"          RETURNING p.key_id, p.bucket, p.code, p.client_addr, p.used_at), " \
+	"src AS (SELECT t.key_id AS k, t.bucket AS b, t.code AS c, t.client_addr AS a, " \
+	"               pg_catalog.count(*) AS n, pg_catalog.max(t.used_at) " \
+	"               FILTER (WHERE t.code OPERATOR(pg_catalog.=) 'valid') AS l " \
+	"          FROM taken t GROUP BY 1, 2, 3, 4), "
+
+/* Write snaps to usage_log and last_used_at; returns usage_log rows written. */
+static int
+write_snaps(const UsageSnap *snaps, int n)
+{
+	Datum	   *key_ids = palloc(sizeof(Datum) * n);
+	Datum	   *buckets = palloc(sizeof(Datum) * n);
+	Datum	   *codes = palloc(sizeof(Datum) * n);
+	Datum	   *addrs = palloc(sizeof(Datum) * n);
+	Datum	   *calls = palloc(sizeof(Datum) * n);
+	Datum	   *last_ats = palloc(sizeof(Datum) * n);
+	bool	   *key_nulls = palloc(sizeof(bool) * n);
+	bool	   *addr_nulls = palloc(sizeof(bool) * n);
+	bool	   *last_nulls = palloc(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	Datum		values[6];
+	Oid			types[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
+	INETARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	int			rc;
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		inet	   *a = usage_addr(&snaps[i].key);
+
+		key_ids[i] = Int64GetDatum(snaps[i].key.key_id);
+		key_nulls[i] = (snaps[i].key.key_id == 0);
+		buckets[i] = TimestampTzGetDatum(snaps[i].key.bucket);
+		codes[i] = CStringGetTextDatum(apikey_code_names[snaps[i].key.code]);
+		addrs[i] = PointerGetDatum(a);
+		addr_nulls[i] = (a == NULL);
+		calls[i] = Int64GetDatum(snaps[i].calls);
+		last_ats[i] = TimestampTzGetDatum(snaps[i].last_at);
+		last_nulls[i] = (snaps[i].key.code != APIKEY_VALID || snaps[i].key.key_id == 0);
+	}
+	values[0] = PointerGetDatum(construct_md_array(key_ids, key_nulls, 1, dims, lbs,
+												   INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(buckets, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+	values[2] = PointerGetDatum(construct_array(codes, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_md_array(addrs, addr_nulls, 1, dims, lbs,
+												   INETOID, -1, false, TYPALIGN_INT));
+	values[4] = PointerGetDatum(construct_array(calls, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[5] = PointerGetDatum(construct_md_array(last_ats, last_nulls, 1, dims, lbs,
+												   TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rc = SPI_execute_with_args(ARRAY_SOURCE WRITE_USAGE, 6, types, values, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage flush failed: %s", SPI_result_code_string(rc));
+	rc = (int) SPI_processed;
+	SPI_finish();
+	return rc;
+}
+
+/* Copy this database's entries that hold counts; returns how many. */
 static int
 usage_snapshot(UsageSnap **out)
 {
@@ -276,7 +660,8 @@ usage_snapshot(UsageSnap **out)
 	hash_seq_init(&status, usage_htab);
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
-		if (entry->key.dboid != MyDatabaseId || n >= cap)
+		if (entry->key.dboid != MyDatabaseId || entry->key.code == USAGE_TALLY ||
+			n >= cap)
 			continue;
 		snaps[n].key = entry->key;
 		SpinLockAcquire(&entry->mutex);
@@ -291,10 +676,15 @@ usage_snapshot(UsageSnap **out)
 	return n;
 }
 
-/* Take flushed calls off the counters and drop entries that reach zero. */
+/*
+ * Take flushed calls off the counters.  An entry that reaches zero goes,
+ * except an address entry of a minute not yet over, which keeps its
+ * address's place among its key's few.
+ */
 static void
 usage_subtract(const UsageSnap *snaps, int n)
 {
+	TimestampTz now = GetCurrentTimestamp();
 	int			i;
 
 	LWLockAcquire(apikey_shared->usage_lock, LW_EXCLUSIVE);
@@ -305,137 +695,51 @@ usage_subtract(const UsageSnap *snaps, int n)
 		if (entry == NULL)
 			continue;
 		entry->calls -= snaps[i].calls;
-		if (entry->calls <= 0)
-			hash_search(usage_htab, &snaps[i].key, HASH_REMOVE, NULL);
+		if (entry->calls <= 0 &&
+			(entry->key.family == 0 || bucket_is_stale(entry->key.bucket, now)))
+			remove_entry(&snaps[i].key);
 	}
 	LWLockRelease(apikey_shared->usage_lock);
 }
 
 /*
- * Write this database's pending counters into apikey.usage_log and bump
- * keys.last_used_at, in the caller's transaction.  What was written comes
- * off the counters when that transaction commits; if it aborts the
- * counters stay for the next attempt, so nothing is lost or counted twice.
- * Returns the number of usage rows written.
+ * Write this database's shared counters into apikey.usage_log and bump
+ * keys.last_used_at.  Only the usage writer calls this, once per
+ * transaction of its own: what was written comes off the counters when
+ * that transaction commits; if it aborts the counters stay for the next
+ * attempt, so nothing is lost or counted twice.  Returns the number of
+ * usage rows written.
  */
 int
-apikey_usage_flush(void)
+apikey_usage_flush_shared(void)
 {
 	UsageSnap  *snaps;
 	int			n;
-	int			i;
-	Datum	   *key_ids;
-	Datum	   *buckets;
-	Datum	   *codes;
-	Datum	   *addrs;
-	Datum	   *calls;
-	Datum	   *last_ats;
-	bool	   *key_nulls;
-	bool	   *addr_nulls;
-	int			dims[1];
-	int			lbs[1] = {1};
-	Datum		values[6];
-	Oid			types[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
-	INETARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	int			rows;
 	uint64		total = 0;
-	int			rc;
+	int			i;
 
-	if (apikey_shared == NULL || usage_htab == NULL)
+	if (apikey_shared == NULL || usage_htab == NULL || flush_pending != NULL)
 		return 0;
-	if (flush_pending != NULL)
-		return 0;				/* one flush per transaction */
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(usage_xact_callback, NULL);
 		xact_callback_registered = true;
 	}
-	if (RecoveryInProgress())
-		ereport(ERROR,
-				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
-				 errmsg("cannot flush usage during recovery"),
-				 errdetail("Usage counted on a standby is shown by apikey.live_usage and is not persisted.")));
-
-	/*
-	 * One flush at a time per database, from reading the counters until the
-	 * subtraction at commit: otherwise two flushers (the worker and
-	 * flush_usage(), say) would both write the same calls.  The lock is a
-	 * transaction-level advisory lock in a field4 space (3) that the SQL
-	 * advisory-lock functions never use.
-	 */
-	{
-		LOCKTAG		tag;
-
-		SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x61706b79, 0x75736167, 3);
-		(void) LockAcquire(&tag, ExclusiveLock, false, false);
-	}
 
 	n = usage_snapshot(&snaps);
 	if (n == 0)
 		return 0;
-
-	key_ids = palloc(sizeof(Datum) * n);
-	buckets = palloc(sizeof(Datum) * n);
-	codes = palloc(sizeof(Datum) * n);
-	addrs = palloc(sizeof(Datum) * n);
-	calls = palloc(sizeof(Datum) * n);
-	last_ats = palloc(sizeof(Datum) * n);
-	key_nulls = palloc(sizeof(bool) * n);
-	addr_nulls = palloc(sizeof(bool) * n);
 	for (i = 0; i < n; i++)
-	{
-		inet	   *a = usage_addr(&snaps[i].key);
-
-		key_ids[i] = Int64GetDatum(snaps[i].key.key_id);
-		key_nulls[i] = (snaps[i].key.key_id == 0);
-		buckets[i] = TimestampTzGetDatum(snaps[i].key.bucket);
-		codes[i] = CStringGetTextDatum(apikey_code_names[snaps[i].key.code]);
-		addrs[i] = PointerGetDatum(a);
-		addr_nulls[i] = (a == NULL);
-		calls[i] = Int64GetDatum(snaps[i].calls);
-		last_ats[i] = TimestampTzGetDatum(snaps[i].key.code == APIKEY_VALID ?
-										  snaps[i].last_at : 0);
 		total += snaps[i].calls;
-	}
-	dims[0] = n;
-	values[0] = PointerGetDatum(construct_md_array(key_ids, key_nulls, 1, dims, lbs,
-												   INT8OID, 8, true, TYPALIGN_DOUBLE));
-	values[1] = PointerGetDatum(construct_array(buckets, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-	values[2] = PointerGetDatum(construct_array(codes, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[3] = PointerGetDatum(construct_md_array(addrs, addr_nulls, 1, dims, lbs,
-												   INETOID, -1, false, TYPALIGN_INT));
-	values[4] = PointerGetDatum(construct_array(calls, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
-	values[5] = PointerGetDatum(construct_array(last_ats, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	rc = SPI_execute_with_args(
-		"INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls) "
-		"SELECT k, b, c, a, n FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-		"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) AS t(k, b, c, a, n) "
-		"ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, "
-		"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
-		"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls",
-		5, types, values, NULL, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "usage flush failed: %s", SPI_result_code_string(rc));
-	rc = SPI_execute_with_args(
-		"UPDATE apikey.keys k SET last_used_at = t.last_at "
-		"FROM (SELECT i AS key_id, pg_catalog.max(l) AS last_at "
-		"      FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($6)) AS u(i, l) "
-		"      WHERE i IS NOT NULL AND l OPERATOR(pg_catalog.>) '2000-01-01' GROUP BY i) t "
-		"WHERE k.id OPERATOR(pg_catalog.=) t.key_id "
-		"  AND (k.last_used_at IS NULL OR k.last_used_at OPERATOR(pg_catalog.<) t.last_at)",
-		6, types, values, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "last_used_at update failed: %s", SPI_result_code_string(rc));
-	SPI_finish();
+	rows = write_snaps(snaps, n);
 
 	/* subtract when, and only if, this transaction commits */
 	flush_pending = MemoryContextAlloc(TopMemoryContext, sizeof(UsageSnap) * n);
 	memcpy(flush_pending, snaps, sizeof(UsageSnap) * n);
 	flush_pending_n = n;
 	flush_pending_calls = total;
-	return n;
+	return rows;
 }
 
 /*
@@ -459,18 +763,63 @@ usage_xact_callback(XactEvent event, void *arg)
 	flush_pending_n = 0;
 }
 
-/* Number of entries pending in shared memory (all databases). */
+/*
+ * Fold committed rows of apikey.usage_pending into usage_log and
+ * last_used_at, in the caller's transaction (as the tables' owner).  It is
+ * all MVCC: if that transaction or a subtransaction around this rolls
+ * back, the pending rows are there again.  One folder at a time per
+ * database, under a transaction-level advisory lock in a field4 space (3)
+ * that the SQL advisory-lock functions never use; it is only tried, never
+ * waited for, so a folder left idle in its transaction stops nobody.
+ * JIT is off for it: compiling the statement costs more than running it.
+ * Returns usage rows written, or -1 when another session is folding.
+ */
+int
+apikey_usage_fold_pending(void)
+{
+	LOCKTAG		tag;
+	int			save_nestlevel;
+	int			rc;
+
+	if (!OidIsValid(pending_relid()))
+		return 0;
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x61706b79, 0x75736167, 3);
+	if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+		return -1;
+
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rc = SPI_execute(PENDING_SOURCE WRITE_USAGE, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "usage fold failed: %s", SPI_result_code_string(rc));
+	rc = (int) SPI_processed;
+	SPI_finish();
+	AtEOXact_GUC(true, save_nestlevel);
+	return rc;
+}
+
+/* Number of entries in shared memory holding counts (all databases). */
 uint64
 apikey_usage_pending(void)
 {
-	long		n;
+	HASH_SEQ_STATUS status;
+	UsageEntry *entry;
+	uint64		n = 0;
 
 	if (apikey_shared == NULL || usage_htab == NULL)
 		return 0;
 	LWLockAcquire(apikey_shared->usage_lock, LW_SHARED);
-	n = hash_get_num_entries(usage_htab);
+	hash_seq_init(&status, usage_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.code != USAGE_TALLY && entry->calls > 0)
+			n++;
+	}
 	LWLockRelease(apikey_shared->usage_lock);
-	return (uint64) n;
+	return n;
 }
 
 /* Rows for apikey.live_usage: this database's unflushed counters. */

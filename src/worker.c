@@ -2,17 +2,34 @@
  *
  * worker.c
  *	  The usage writer: a background worker that persists the shared usage
- *	  counters into apikey.usage_log every apikey.usage_flush_interval.
+ *	  counters, and folds pending rows, into apikey.usage_log every
+ *	  apikey.usage_flush_interval and whenever apikey.flush_usage() asks.
  *
  * It connects to the one database named by apikey.database (as pg_cron
  * does with cron.database_name) and only flushes that database's counters;
- * backends in other databases write their usage synchronously instead.  It
- * does not run on a hot standby (start time RecoveryFinished).
+ * backends in other databases append pending rows instead.  It does not run
+ * on a hot standby (start time RecoveryFinished).
  *
- * On SIGTERM (clean shutdown) it waits, up to a few seconds, for client
- * backends to exit, since they are told to stop at the same moment and may
- * still count a last call, and then flushes once more.  After a crash the
- * shared counters are gone: at most one interval of calls is lost.
+ * ALTER DATABASE ... SET, which the database's owner may run, applies to
+ * the writer's connection too.  So after connecting it pins what a flush
+ * relies on: read-write, READ COMMITTED, search_path pg_catalog, no
+ * statement or idle timeouts, no exit on error, session_replication_role
+ * origin, and a lock_timeout of its own, so that a lock someone holds makes
+ * a flush fail and be retried at the next round, never hang.
+ *
+ * flush_usage() in that database does not flush itself: it bumps
+ * flush_requested, sets the writer's latch and sleeps on flush_cv until a
+ * flush that began after its request has ended.  Its transaction takes no
+ * counts and holds no lock, so rolling it (or a savepoint) back loses
+ * nothing and leaving it open stops nobody.
+ *
+ * On SIGTERM it flushes at once, then waits, up to a few seconds, for
+ * client backends to exit (at a clean shutdown they are told to stop at the
+ * same moment and may still count a last call), then flushes once more.
+ * It exits with status 1 either way: after pg_terminate_backend() the
+ * postmaster starts it again after bgw_restart_time, and at shutdown
+ * nothing is restarted.  After a crash the shared counters are gone: at
+ * most one interval of calls is lost.
  *
  *-------------------------------------------------------------------------
  */
@@ -32,8 +49,11 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
-#include "apikey.h"
 #include "compat.h"
+#include "shmem.h"
+
+/* How long a flush waits for a lock before it gives up until next round. */
+#define WRITER_LOCK_TIMEOUT		"10s"
 
 PGDLLEXPORT void apikey_worker_main(Datum main_arg);
 
@@ -55,14 +75,47 @@ apikey_worker_register(void)
 }
 
 /*
- * One flush in its own transaction.  An error is reported and swallowed:
- * the counters stay in shared memory and the next round tries again.
+ * Override the settings the database (or its owner) may have given this
+ * connection, where they could stop or stall a flush.
  */
 static void
-flush_once(void)
+pin_settings(void)
+{
+	static const char *const settings[][2] = {
+		{"default_transaction_read_only", "off"},
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_deferrable", "off"},
+		{"search_path", "pg_catalog, pg_temp"},
+		{"session_replication_role", "origin"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", WRITER_LOCK_TIMEOUT},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"idle_session_timeout", "0"},
+		{"transaction_timeout", "0"},	/* PostgreSQL 17 */
+		{"exit_on_error", "off"},
+		{"jit", "off"},			/* compiling a flush costs more than running it */
+	};
+	int			i;
+
+	for (i = 0; i < lengthof(settings); i++)
+	{
+		if (GetConfigOption(settings[i][0], true, false) != NULL)
+			SetConfigOption(settings[i][0], settings[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+	}
+}
+
+/*
+ * One flush in its own transaction: the shared counters, then the pending
+ * rows.  An error is reported and swallowed: the counters and rows stay
+ * and the next round tries again.  Returns whether it succeeded.
+ */
+static bool
+flush_once(int *rows)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
+	volatile bool ok = true;
 
+	*rows = 0;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -70,7 +123,14 @@ flush_once(void)
 	PG_TRY();
 	{
 		if (OidIsValid(apikey_keystore_keys_relid(true)))
-			(void) apikey_usage_flush();
+		{
+			int			folded;
+
+			*rows = apikey_usage_flush_shared();
+			folded = apikey_usage_fold_pending();
+			if (folded > 0)
+				*rows += folded;
+		}
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 	}
@@ -81,16 +141,63 @@ flush_once(void)
 		FlushErrorState();
 		AbortCurrentTransaction();
 		apikey_stats_flushed(0, false);
+		*rows = 0;
+		ok = false;
 	}
 	PG_END_TRY();
 	pgstat_report_activity(STATE_IDLE, NULL);
+	return ok;
 }
 
-/* Wait until no client backend is left, or max_ms has passed. */
+/*
+ * Flush, and tell everyone waiting for a flush requested before this one
+ * began how it went.
+ */
+static void
+flush_round(void)
+{
+	uint64		requested;
+	int			rows;
+	bool		ok;
+
+	SpinLockAcquire(&apikey_shared->writer_mutex);
+	requested = apikey_shared->flush_requested;
+	SpinLockRelease(&apikey_shared->writer_mutex);
+
+	ok = flush_once(&rows);
+
+	SpinLockAcquire(&apikey_shared->writer_mutex);
+	if (requested > apikey_shared->flush_served)
+		apikey_shared->flush_served = requested;
+	apikey_shared->flush_ok = ok;
+	apikey_shared->flush_rows = rows;
+	SpinLockRelease(&apikey_shared->writer_mutex);
+	ConditionVariableBroadcast(&apikey_shared->flush_cv);
+}
+
+/* Has flush_usage() asked for a flush not yet served? */
+static bool
+flush_wanted(void)
+{
+	bool		wanted;
+
+	SpinLockAcquire(&apikey_shared->writer_mutex);
+	wanted = apikey_shared->flush_requested > apikey_shared->flush_served;
+	SpinLockRelease(&apikey_shared->writer_mutex);
+	return wanted;
+}
+
+/*
+ * Wait until no client backend is left, or max_ms has passed, or for a
+ * second none has left (then this is no shutdown: pg_terminate_backend()).
+ * Requests for a flush are served meanwhile.
+ */
 static void
 wait_for_client_backends(int max_ms)
 {
 	int			waited;
+	int			last = -1;
+	int			unchanged_ms = 0;
 
 	for (waited = 0; waited < max_ms; waited += 10)
 	{
@@ -109,9 +216,27 @@ wait_for_client_backends(int max_ms)
 		}
 		if (clients == 0)
 			break;
+		if (clients != last)
+			unchanged_ms = 0;
+		else if ((unchanged_ms += 10) >= 1000)
+			break;
+		last = clients;
+		if (flush_wanted())
+			flush_round();
 		pg_usleep(10 * 1000L);
 	}
 	pgstat_clear_backend_activity_snapshot();
+}
+
+/* before_shmem_exit: no writer any more; wake whoever waits for one. */
+static void
+writer_gone(int code, Datum arg)
+{
+	SpinLockAcquire(&apikey_shared->writer_mutex);
+	apikey_shared->writer_pid = 0;
+	apikey_shared->writer_latch = NULL;
+	SpinLockRelease(&apikey_shared->writer_mutex);
+	ConditionVariableBroadcast(&apikey_shared->flush_cv);
 }
 
 void
@@ -122,6 +247,13 @@ apikey_worker_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(apikey_database, NULL, 0);
+	pin_settings();
+
+	before_shmem_exit(writer_gone, (Datum) 0);
+	SpinLockAcquire(&apikey_shared->writer_mutex);
+	apikey_shared->writer_pid = MyProcPid;
+	apikey_shared->writer_latch = MyLatch;
+	SpinLockRelease(&apikey_shared->writer_mutex);
 	ereport(LOG,
 			(errmsg("apikey usage writer started for database \"%s\"",
 					apikey_database)));
@@ -140,11 +272,73 @@ apikey_worker_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-		flush_once();
+		flush_round();
 	}
 
-	/* clean shutdown: write what is left once clients are gone */
+	/* write what there is now, and again once clients are gone */
+	flush_round();
 	wait_for_client_backends(5000);
-	flush_once();
-	proc_exit(0);
+	flush_round();
+	proc_exit(1);
+}
+
+/*
+ * flush_usage() in apikey.database: have the writer flush, and wait for
+ * it.  Returns the usage rows that flush wrote.
+ */
+int
+apikey_worker_request_flush(void)
+{
+	uint64		mine = 0;
+	Latch	   *latch = NULL;
+	bool		served = false;
+	bool		gone = false;
+	bool		ok = true;
+	int			rows = 0;
+
+	SpinLockAcquire(&apikey_shared->writer_mutex);
+	if (apikey_shared->writer_pid != 0)
+	{
+		mine = ++apikey_shared->flush_requested;
+		latch = apikey_shared->writer_latch;
+	}
+	else
+		gone = true;
+	SpinLockRelease(&apikey_shared->writer_mutex);
+	if (gone)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the apikey usage writer is not running"),
+				 errdetail("Usage of database \"%s\" is flushed by the usage writer only.",
+						   apikey_database),
+				 errhint("It is restarted within seconds; if not, look for its errors in the server log (and check max_worker_processes).")));
+	SetLatch(latch);
+
+	ConditionVariablePrepareToSleep(&apikey_shared->flush_cv);
+	for (;;)
+	{
+		SpinLockAcquire(&apikey_shared->writer_mutex);
+		served = apikey_shared->flush_served >= mine;
+		gone = apikey_shared->writer_pid == 0;
+		ok = apikey_shared->flush_ok;
+		rows = apikey_shared->flush_rows;
+		SpinLockRelease(&apikey_shared->writer_mutex);
+		if (served || gone)
+			break;
+		(void) ConditionVariableTimedSleep(&apikey_shared->flush_cv, 1000,
+										   PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+
+	if (!served)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the apikey usage writer stopped before flushing"),
+				 errhint("The counts are kept; call apikey.flush_usage() again once the writer is back.")));
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the apikey usage writer could not flush"),
+				 errhint("The counts are kept for the next flush; the writer's error is in the server log.")));
+	return rows;
 }

@@ -100,8 +100,8 @@ ok( $node->poll_query_until(
 $open->query_safe('ROLLBACK');
 $open->quit;
 
-# 5. A flush in a transaction that rolls back writes nothing and loses
-#    nothing: the counters stay for the next flush.
+# 5. flush_usage() has the writer flush, in a transaction of its own: the
+#    caller's transaction rolling back neither loses nor repeats anything.
 $node->safe_psql('postgres',
 	q{SELECT apikey.check(tok('good')) FROM generate_series(1, 5)});
 $node->safe_psql('postgres', q{

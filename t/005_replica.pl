@@ -20,6 +20,7 @@ $primary->append_conf(
 shared_preload_libraries = 'apikey'
 apikey.database = 'postgres'
 apikey.usage_flush_interval = '100ms'
+apikey.usage_max_entries = 100
 });
 $primary->start;
 
@@ -154,6 +155,52 @@ is( $standby->safe_psql(
 ok(!$standby->log_contains(qr/apikey usage writer started/), 'and never started there');
 ok(!$standby->log_contains(qr/cannot execute \w+ in a read-only transaction|usage flush failed|last_used_at update failed/),
 	'no write was attempted on the standby');
+
+# The rolling window.  Another database with 148 keys, and a key for
+# apikey.database; the standby restarts so that its shared memory holds
+# nothing else.
+$primary->safe_psql('postgres', 'CREATE DATABASE side');
+$primary->safe_psql(
+	'side', q{
+CREATE EXTENSION apikey;
+CREATE TABLE tok AS
+SELECT g, key_id, token FROM generate_series(1, 148) g, LATERAL apikey.issue(owner => 'acme', name => 'side' || g);
+});
+$primary->safe_psql('postgres',
+	q{INSERT INTO tok SELECT 'after', key_id, token FROM apikey.issue(owner => 'acme')});
+$primary->wait_for_catchup($standby);
+$standby->restart;
+
+# 148 distinct keys in a table of 100 entries, one statement each (so each
+# is newer than the last).  A full table evicts its oldest sixteenth.
+$standby->safe_psql('side',
+	join '', map { "SELECT apikey.verify(token) FROM tok WHERE g = $_;\n" } 1 .. 148);
+is( $standby->safe_psql(
+		'side', q{
+SELECT s.entries_pending || ' ' || s.entries_dropped || ' ' || (s.calls->>'valid')
+  FROM apikey.stats s}),
+	'100 0 148', 'standby: 148 keys counted, the 100 entries full, none dropped');
+is( $standby->safe_psql(
+		'side', q{
+SELECT string_agg(t.g::text, ' ' ORDER BY t.g)
+  FROM apikey.live_usage u JOIN tok t USING (key_id) WHERE t.g IN (1, 2, 147, 148)}),
+	'147 148', 'the window keeps the newest keys; the oldest made room');
+
+# Promotion: the usage writer starts.  The other database's entries will
+# never be flushed; they must not keep apikey.database's counts out.
+$standby->promote;
+ok($standby->poll_query_until('postgres', 'SELECT NOT pg_is_in_recovery()'), 'standby promoted');
+ok( $standby->poll_query_until(
+		'postgres',
+		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),
+	'the usage writer runs on the promoted server');
+$standby->safe_psql('postgres', q{SELECT apikey.check(tok('after')) FROM generate_series(1, 3)});
+$standby->safe_psql('postgres', 'SELECT apikey.flush_usage()');
+is( $standby->safe_psql(
+		'postgres', q{SELECT coalesce(sum(calls), 0) FROM apikey.usage_log WHERE key_id = kid('after')}),
+	'3', 'after promotion, calls in apikey.database are counted and flushed');
+is($standby->safe_psql('postgres', 'SELECT entries_dropped FROM apikey.stats'), '0',
+	'none dropped');
 
 $standby->stop;
 $primary->stop;

@@ -1,5 +1,6 @@
 # Without shared_preload_libraries: keys are issued, verified and bound as
-# usual; usage is written synchronously in the caller's transaction; there
+# usual; usage is appended to apikey.usage_pending in the caller's
+# transaction and folded into usage_log by apikey.flush_usage(); there
 # is no shared memory (apikey.stats says so) and no usage writer; quotas
 # work (they live in a table); a key with a rate limit cannot be enforced
 # and is refused with rate_limit_unavailable, never allowed unlimited.
@@ -65,26 +66,37 @@ is( $node->safe_psql(
 		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),
 	'0', 'no usage writer');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM apikey.live_usage'), '0', 'live_usage is empty');
-is($node->safe_psql('postgres', 'SELECT apikey.flush_usage()'), '0', 'flush_usage() has nothing to do');
 
-# Usage is written synchronously: in usage_log as soon as the call commits,
-# and rolled back with the caller's transaction.
+# Usage is written synchronously, as pending rows: key_usage counts them as
+# soon as the call commits, and they roll back with the caller's
+# transaction.
+my $usage_query = q{
+SELECT string_agg(coalesce(t.name, '-') || ':' || u.calls, ' ' ORDER BY t.name)
+  FROM (SELECT key_id, sum(calls) AS calls FROM apikey.key_usage GROUP BY 1) u
+  LEFT JOIN tok t USING (key_id)};
+is($node->safe_psql('postgres', $usage_query), 'good:2 rev:1', 'key_usage has the calls at once');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM apikey.usage_log'), '0', 'usage_log not yet');
+is( $node->safe_psql(
+		'postgres', q{
+BEGIN;
+SELECT code FROM apikey.check(tok('good'));
+SELECT sum(calls) FROM apikey.key_usage WHERE key_id = kid('good');
+ROLLBACK;
+SELECT sum(calls) FROM apikey.key_usage WHERE key_id = kid('good');
+}),
+	"valid\n3\n2",
+	'written in the caller\'s transaction, and rolled back with it');
+
+# flush_usage() folds them into usage_log and last_used_at.
+$node->safe_psql('postgres', 'SELECT apikey.flush_usage()');
 is( $node->safe_psql(
 		'postgres', q{
 SELECT string_agg(coalesce(t.name, '-') || ':' || u.code || ':' || u.calls, ' ' ORDER BY t.name, u.code)
   FROM (SELECT key_id, code, sum(calls) AS calls FROM apikey.usage_log GROUP BY 1, 2) u
   LEFT JOIN tok t USING (key_id)}),
-	'good:valid:2 rev:revoked:1', 'usage_log has the calls at once');
-is( $node->safe_psql(
-		'postgres', q{
-BEGIN;
-SELECT code FROM apikey.check(tok('good'));
-SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('good');
-ROLLBACK;
-SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('good');
-}),
-	"valid\n3\n2",
-	'written in the caller\'s transaction, and rolled back with it');
+	'good:valid:2 rev:revoked:1', 'flush_usage() wrote them to usage_log');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM apikey.usage_pending'), '0', 'none left pending');
+is($node->safe_psql('postgres', 'SELECT apikey.flush_usage()'), '0', 'a second flush has nothing to do');
 is( $node->safe_psql(
 		'postgres',
 		q{SELECT string_agg(tok.name || ':' || (last_used_at IS NOT NULL), ' ' ORDER BY tok.name)
@@ -107,8 +119,8 @@ like($err, qr/DETAIL:  Verdict: rate_limit_unavailable\./, 'with the verdict in 
 like($err, qr/HINT:  .*shared_preload_libraries/, 'and a hint to preload apikey');
 is( $node->safe_psql(
 		'postgres',
-		q{SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('limited') AND code = 'rate_limit_unavailable'}),
-	'2', 'the refusals are counted in usage_log');
+		q{SELECT sum(failed_calls) FROM apikey.key_usage WHERE key_id = kid('limited')}),
+	'2', 'the refusals are counted');
 # Once the limit is removed the key works.
 $node->safe_psql('postgres', q{SELECT apikey.set_limits(kid('limited'), rate_limit => NULL)});
 is($node->safe_psql('postgres', q{SELECT code FROM apikey.check(tok('limited'))}), 'valid',
