@@ -16,7 +16,7 @@ use Test::More;
 my $node = PostgreSQL::Test::Cluster->new('nopreload');
 $node->init;
 # Loaded lazily while log_statement logs, apikey refuses to verify
-# (t/008_late_load_refused.pl); without logging, lazy loading is harmless.
+# (t/025_late_load_refused.pl); without logging, lazy loading is harmless.
 $node->append_conf('postgresql.conf', 'log_statement = none');
 $node->start;
 
