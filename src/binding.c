@@ -97,6 +97,7 @@
 #include "utils/timestamp.h"
 
 #include "apikey.h"
+#include "compat.h"
 
 /* A binding's kind: which GucAction writes it, so how long it lasts */
 #define BINDING_TRANSACTION	't'
@@ -123,19 +124,6 @@ typedef struct Binding
 	char	   *scopes[FLEXIBLE_ARRAY_MEMBER];	/* then the strings */
 } Binding;
 
-/* GUC "extra" data: malloc() until 15, guc_malloc() (a memory context) since 16 */
-#if PG_VERSION_NUM >= 160000
-#define binding_malloc(size) guc_malloc(LOG, (size))
-#else
-#define binding_malloc(size) malloc(size)
-#endif
-
-/* the current top-level transaction's local id; PGPROC's field moved in 17 */
-#if PG_VERSION_NUM >= 170000
-#define proc_lxid(proc) ((proc)->vxid.lxid)
-#else
-#define proc_lxid(proc) ((proc)->lxid)
-#endif
 
 static char *binding_string = NULL;
 static Binding *binding_current = NULL;
@@ -162,7 +150,7 @@ parse_field(const char **p, const char **start, size_t *len)
 	return true;
 }
 
-/* Parse the GUC string into a Binding allocated with binding_malloc. */
+/* Parse the GUC string into a Binding allocated with apikey_guc_malloc. */
 static Binding *
 binding_parse(const char *value)
 {
@@ -209,7 +197,7 @@ binding_parse(const char *value)
 	if (nfields < 1)
 		return NULL;
 
-	b = binding_malloc(offsetof(Binding, scopes) +
+	b = apikey_guc_malloc(offsetof(Binding, scopes) +
 					   sizeof(char *) * (nfields - 1) + strbytes);
 	if (b == NULL)
 		return NULL;
@@ -499,9 +487,7 @@ resets_binding(Node *parsetree)
  */
 static void
 binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
-#if PG_VERSION_NUM >= 140000
 					   bool readOnlyTree,
-#endif
 					   ProcessUtilityContext context, ParamListInfo params,
 					   QueryEnvironment *queryEnv, DestReceiver *dest,
 					   QueryCompletion *qc)
@@ -514,29 +500,18 @@ binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 				 errmsg("parameter \"apikey.binding\" can only be set by apikey.authenticate()"),
 				 errhint("Call apikey.logout() to end the binding.")));
 
-#if PG_VERSION_NUM >= 140000
-#define UTILITY_ARGS pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc
-#else
-#define UTILITY_ARGS pstmt, queryString, context, params, queryEnv, dest, qc
-#endif
 	if (prev_ProcessUtility)
-		prev_ProcessUtility(UTILITY_ARGS);
+		prev_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+							queryEnv, dest, qc);
 	else
-		standard_ProcessUtility(UTILITY_ARGS);
-#undef UTILITY_ARGS
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+								queryEnv, dest, qc);
 
 	if (IsA(parsetree, DiscardStmt) &&
 		((DiscardStmt *) parsetree)->target == DISCARD_ALL &&
 		binding_current != NULL)
 		apikey_binding_clear();
 }
-
-/* PostgreSQL 16+ can refuse RESET (and set_config(..., NULL)) itself */
-#ifdef GUC_NO_RESET
-#define BINDING_NO_RESET GUC_NO_RESET
-#else
-#define BINDING_NO_RESET 0
-#endif
 
 /* Define apikey.binding and install the hooks that guard it. */
 void
@@ -549,7 +524,7 @@ apikey_binding_init(void)
 							   "",
 							   PGC_SUSET,
 							   GUC_NO_SHOW_ALL | GUC_NO_RESET_ALL | GUC_NOT_IN_SAMPLE |
-							   GUC_DISALLOW_IN_FILE | GUC_SUPERUSER_ONLY | BINDING_NO_RESET,
+							   GUC_DISALLOW_IN_FILE | GUC_SUPERUSER_ONLY | APIKEY_GUC_NO_RESET,
 							   binding_check_hook,
 							   binding_assign_hook,
 							   NULL);

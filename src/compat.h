@@ -1,58 +1,20 @@
 /*-------------------------------------------------------------------------
  *
  * compat.h
- *	  Differences between PostgreSQL 13 and 17, in one place.
+ *	  Every difference between the PostgreSQL releases apikey supports (15
+ *	  and later; built and tested on 15 and 18), in one place.  No other
+ *	  file tests PG_VERSION_NUM.
  *
  *-------------------------------------------------------------------------
  */
 #ifndef APIKEY_COMPAT_H
 #define APIKEY_COMPAT_H
 
-#include "funcapi.h"
+#include "storage/proc.h"
 #include "utils/guc.h"
 
-/* MarkGUCPrefixReserved() is new in 15; older releases only warn */
 #if PG_VERSION_NUM < 150000
-#define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
-#endif
-
-/* InitMaterializedSRF() is new in 15 */
-#if PG_VERSION_NUM < 150000
-static inline void
-InitMaterializedSRF(FunctionCallInfo fcinfo, bits32 flags)
-{
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	MemoryContext oldcxt;
-	TupleDesc	tupdesc;
-
-	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo) ||
-		!(rsinfo->allowedModes & SFRM_Materialize))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("materialize mode required, but it is not allowed in this context")));
-	oldcxt = MemoryContextSwitchTo(rsinfo->econtext->ecxt_per_query_memory);
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-	rsinfo->returnMode = SFRM_Materialize;
-	rsinfo->setResult = tuplestore_begin_heap(true, false, work_mem);
-	rsinfo->setDesc = CreateTupleDescCopy(tupdesc);
-	MemoryContextSwitchTo(oldcxt);
-}
-#endif
-
-/* timingsafe_bcmp() is in src/port since 15 */
-#if PG_VERSION_NUM < 150000
-static inline int
-timingsafe_bcmp(const void *b1, const void *b2, size_t n)
-{
-	const unsigned char *p1 = b1;
-	const unsigned char *p2 = b2;
-	int			ret = 0;
-
-	for (; n > 0; n--)
-		ret |= *p1++ ^ *p2++;
-	return (ret != 0);
-}
+#error "apikey needs PostgreSQL 15 or later"
 #endif
 
 /* Reading backend status entries by position was renamed in 16 */
@@ -60,6 +22,31 @@ timingsafe_bcmp(const void *b1, const void *b2, size_t n)
 #define apikey_local_beentry(i) pgstat_get_local_beentry_by_index(i)
 #else
 #define apikey_local_beentry(i) pgstat_fetch_stat_local_beentry(i)
+#endif
+
+/* GUC "extra" data: malloc() in 15, guc_malloc() (a memory context) since 16 */
+#if PG_VERSION_NUM >= 160000
+#define apikey_guc_malloc(size) guc_malloc(LOG, (size))
+#else
+#define apikey_guc_malloc(size) malloc(size)
+#endif
+
+/*
+ * 16 added GUC_NO_RESET, which also refuses RESET and set_config(NULL)
+ * that bypass check hooks; on 15 binding.c's ProcessUtility hook refuses
+ * RESET and set_config(NULL) stays a documented superuser-only gap.
+ */
+#if PG_VERSION_NUM >= 160000
+#define APIKEY_GUC_NO_RESET GUC_NO_RESET
+#else
+#define APIKEY_GUC_NO_RESET 0
+#endif
+
+/* A backend's local transaction id: PGPROC's field moved into vxid in 17 */
+#if PG_VERSION_NUM >= 170000
+#define proc_lxid(proc) ((proc)->vxid.lxid)
+#else
+#define proc_lxid(proc) ((proc)->lxid)
 #endif
 
 #endif							/* APIKEY_COMPAT_H */

@@ -213,9 +213,7 @@ mask_statement(const char *queryString, int location, int len)
  */
 static void
 redact_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
-#if PG_VERSION_NUM >= 140000
 					  bool readOnlyTree,
-#endif
 					  ProcessUtilityContext context, ParamListInfo params,
 					  QueryEnvironment *queryEnv, DestReceiver *dest,
 					  QueryCompletion *qc)
@@ -226,16 +224,12 @@ redact_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 	if (masked != NULL)
 		queryString = masked;
 
-#if PG_VERSION_NUM >= 140000
-#define UTILITY_ARGS pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc
-#else
-#define UTILITY_ARGS pstmt, queryString, context, params, queryEnv, dest, qc
-#endif
 	if (prev_ProcessUtility)
-		prev_ProcessUtility(UTILITY_ARGS);
+		prev_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+							queryEnv, dest, qc);
 	else
-		standard_ProcessUtility(UTILITY_ARGS);
-#undef UTILITY_ARGS
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+								queryEnv, dest, qc);
 }
 
 /*
