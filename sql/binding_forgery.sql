@@ -64,10 +64,12 @@ SET SESSION AUTHORIZATION regress_forgery_attacker;
 SELECT apikey.authenticate(:'ta', session => true) = :ka AS a_session;
 SELECT * FROM bound, visible;
 
--- It cannot read the raw binding.
+-- It cannot read the raw binding (42501; the wording changed in 16).
+\set VERBOSITY sqlstate
 SHOW apikey.binding;
 SELECT current_setting('apikey.binding');
 SELECT current_setting('apikey.binding', true);
+\set VERBOSITY default
 SELECT count(*) AS visible_in_pg_settings FROM pg_settings WHERE name = 'apikey.binding';
 
 -- SET, SET LOCAL, set_config(), RESET, SET TO DEFAULT: all refused.
@@ -99,9 +101,11 @@ SELECT * FROM bound, visible;
 CREATE FUNCTION regress_forgery_evil.become_globex() RETURNS text
 	LANGUAGE sql SECURITY DEFINER SET apikey.binding = :'forged'
 	AS 'SELECT apikey.current_owner()';
+\set VERBOSITY sqlstate
 CREATE FUNCTION regress_forgery_evil.keep_binding() RETURNS text
 	LANGUAGE sql SECURITY DEFINER SET apikey.binding FROM CURRENT
 	AS 'SELECT apikey.current_owner()';
+\set VERBOSITY default
 CREATE FUNCTION regress_forgery_evil.set_inside(v text) RETURNS text
 	LANGUAGE plpgsql SECURITY DEFINER
 	AS $$ BEGIN PERFORM set_config('apikey.binding', v, false); RETURN apikey.current_owner(); END $$;
@@ -168,7 +172,8 @@ SELECT apikey.authenticate(:'ta', session => true) = :ka AS a_session;
 SELECT try('SET apikey.binding TO DEFAULT') AS set_default;
 SELECT * FROM bound, visible;
 SELECT apikey.authenticate(:'ta', session => true) = :ka AS a_session;
-SELECT try('SELECT set_config(''apikey.binding'', NULL, false)') AS set_config_null;
+-- refused on every release: 42501 on 15 (no privilege), 0A000 on 16+ (GUC_NO_RESET)
+SELECT try('SELECT set_config(''apikey.binding'', NULL, false)') IN ('refused 42501', 'refused 0A000') AS set_config_null_refused;
 SELECT * FROM bound, visible;
 SELECT try(format('ALTER ROLE regress_forgery_granted SET apikey.binding = %L', :'forged')) AS alter_role;
 SELECT apikey.logout();
@@ -210,8 +215,10 @@ SELECT apikey.authenticate(:'ta', session => true) = :ka AS a_session;
 -- Known limit on PostgreSQL 15: set_config(..., NULL) resets without any
 -- hook apikey can use, so a superuser can clear (never forge) a binding
 -- this way.  16+ refuses it with GUC_NO_RESET.  The README says so.
-SELECT try('SELECT set_config(''apikey.binding'', NULL, false)') AS set_config_null;
-SELECT * FROM bound;
+SELECT try('SELECT set_config(''apikey.binding'', NULL, false)') =
+	CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'refused 0A000' ELSE 'accepted' END
+	AS set_config_null_as_documented;
+SELECT (owner IS NULL) = (current_setting('server_version_num')::int < 160000) AS cleared_only_on_15 FROM bound;
 SELECT apikey.logout();
 BEGIN;
 SELECT apikey.authenticate(:'ta') = :ka AS a;

@@ -47,10 +47,32 @@ BEGIN
 		gather := gather -> 'Plans' -> 0;
 	END LOOP;
 	workers_launched := (gather ->> 'Workers Launched')::int > 0;
-	rows_from_workers := (gather ->> 'Actual Rows')::bigint;
+	rows_from_workers := (gather ->> 'Actual Rows')::numeric::bigint;	-- 18 prints 1000.00
 END
 $$;
 GRANT EXECUTE ON FUNCTION parallel_run(text) TO regress_parallel_app;
+
+-- A plan as text, in PostgreSQL 18's notation on every release: 15 prints
+-- init plans as "InitPlan 1 (returns $0)" read as $0, 17 and later as
+-- "InitPlan 1" read as (InitPlan 1).col1, without "Params Evaluated".
+CREATE FUNCTION plan_text(q text) RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+	line text;
+BEGIN
+	FOR line IN EXECUTE 'EXPLAIN (COSTS OFF) ' || q LOOP
+		CONTINUE WHEN line ~ '^\s*Params Evaluated:';
+		line := regexp_replace(line, 'InitPlan (\d+) \(returns \$\d+\)', 'InitPlan \1');
+		line := replace(replace(line, '$0', '(InitPlan 1).col1'), '$1', '(InitPlan 2).col1');
+		RETURN NEXT line;
+	END LOOP;
+END
+$$;
+GRANT EXECUTE ON FUNCTION plan_text(text) TO regress_parallel_app;
+
+-- debug_parallel_query was force_parallel_mode until 16
+SELECT CASE WHEN current_setting('server_version_num')::int >= 160000
+			THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END AS force_parallel \gset
 
 SET parallel_setup_cost = 0;
 SET parallel_tuple_cost = 0;
@@ -60,12 +82,12 @@ SET parallel_leader_participation = off;
 SET ROLE regress_parallel_app;
 
 -- The helpers are evaluated once, in the leader, as init plans whose
--- values the workers receive (Params Evaluated); the policy's quals stay
--- inside the parallel scan.
-EXPLAIN (COSTS OFF) SELECT tenant, id FROM par_orders;
+-- values the workers receive; the policy's quals stay inside the parallel
+-- scan.
+SELECT * FROM plan_text('SELECT tenant, id FROM par_orders');
 -- A helper whose argument depends on the row stays a per-row call.
-EXPLAIN (COSTS OFF) SELECT id FROM par_orders
- WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END);
+SELECT * FROM plan_text($$SELECT id FROM par_orders
+ WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END)$$);
 
 -- A transaction binding: same rows serially and in parallel.
 BEGIN;
@@ -73,7 +95,7 @@ SELECT apikey.authenticate(:'ta') = :ka AS a;
 SET LOCAL max_parallel_workers_per_gather = 0;
 SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
 SET LOCAL max_parallel_workers_per_gather = 2;
-SET LOCAL force_parallel_mode = on;
+SET LOCAL :force_parallel = on;
 SELECT tenant, count(*), sum(amount) FROM par_orders GROUP BY tenant;
 SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
 -- the helpers themselves, evaluated in workers
@@ -88,7 +110,7 @@ SELECT * FROM parallel_run($$SELECT id FROM par_orders
 COMMIT;
 
 -- Without a binding the workers see none either.
-SET force_parallel_mode = on;
+SET :force_parallel = on;
 SELECT count(*) FROM par_orders;
 SELECT * FROM parallel_run('SELECT tenant, id FROM par_orders');
 
@@ -128,7 +150,7 @@ SELECT * FROM parallel_run($$SELECT id FROM par_orders
 	WHERE apikey.has_scope(CASE WHEN id > 0 THEN 'orders:read' END)$$);
 
 RESET ROLE;
-RESET force_parallel_mode;
+RESET :force_parallel;
 RESET parallel_leader_participation;
 RESET max_parallel_workers_per_gather;
 RESET min_parallel_table_scan_size;
@@ -163,5 +185,6 @@ DROP TABLE par_tags;
 DROP FUNCTION owner_tag(int);
 
 DROP FUNCTION parallel_run(text);
+DROP FUNCTION plan_text(text);
 DROP TABLE par_orders;
 DROP ROLE regress_parallel_app;
