@@ -216,3 +216,66 @@ SELECT u.key_id, k.owner, k.name AS key_name, u.bucket,
   LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) u.key_id
  GROUP BY u.key_id, k.owner, k.name, u.bucket;
 COMMENT ON VIEW apikey.key_usage IS 'Calls per key and minute: usage_log, plus pending rows and live counters not yet flushed';
+
+-------------------------------------------------------------------------------
+-- Every object explains itself: comments for what 1.0 and 1.1 left without
+-- one (sql/catalog_comments.sql fails on any object added without one).
+-------------------------------------------------------------------------------
+
+COMMENT ON FUNCTION apikey._check_cidrs(cidr[]) IS 'Internal: validate an address allowlist (issue, set_limits)';
+COMMENT ON FUNCTION apikey._check_limits(integer, interval, bigint, interval) IS 'Internal: validate rate limit and quota settings (issue, set_limits)';
+COMMENT ON FUNCTION apikey._check_scopes(text[]) IS 'Internal: validate scope grants against apikey.scopes; returns them without duplicates';
+COMMENT ON FUNCTION apikey._clip(text) IS 'Internal: a value as quoted in an error message, at most 64 characters';
+COMMENT ON FUNCTION apikey._live_usage() IS 'Internal: usage counted in shared memory and not yet written (behind apikey.live_usage)';
+COMMENT ON FUNCTION apikey._scope_deleted() IS 'Internal: trigger removing the grants of a scope deleted from apikey.scopes';
+COMMENT ON FUNCTION apikey._stats() IS 'Internal: the live counters behind apikey.stats';
+COMMENT ON SEQUENCE apikey.keys_id_seq IS 'Key ids (apikey.keys.id); dumped with the extension so ids continue after a restore';
+
+COMMENT ON COLUMN apikey.key_scopes.key_id IS 'The key';
+COMMENT ON COLUMN apikey.key_scopes.scope IS 'A scope name, a prefix:* pattern or *';
+COMMENT ON COLUMN apikey.quotas.key_id IS 'The key whose quota this is (for a rotated key in grace: the new key)';
+COMMENT ON COLUMN apikey.quotas.remaining IS 'Successful verifications left until the next refill';
+COMMENT ON COLUMN apikey.quotas.refilled_at IS 'When remaining was last reset to the key''s quota';
+COMMENT ON COLUMN apikey.revocations.key_id IS 'The revoked key';
+COMMENT ON COLUMN apikey.revocations.revoked_at IS 'When it was revoked';
+COMMENT ON COLUMN apikey.revocations.revoked_by IS 'Role that revoked it (acting in the session)';
+COMMENT ON COLUMN apikey.revocations.reason IS 'Free text, e.g. leaked in a CI log';
+
+COMMENT ON COLUMN apikey.key_status.key_id IS 'Key id';
+COMMENT ON COLUMN apikey.key_status.owner IS 'Owner';
+COMMENT ON COLUMN apikey.key_status.name IS 'Label for humans';
+COMMENT ON COLUMN apikey.key_status.hint IS 'Non-secret display form of the token';
+COMMENT ON COLUMN apikey.key_status.created_at IS 'When the key was issued';
+COMMENT ON COLUMN apikey.key_status.created_by IS 'Role that issued it';
+COMMENT ON COLUMN apikey.key_status.expires_at IS 'When it stops verifying; NULL = never';
+COMMENT ON COLUMN apikey.key_status.last_used_at IS 'Last successful verification, as persisted';
+COMMENT ON COLUMN apikey.key_status.rotated_from IS 'The key this one replaced';
+COMMENT ON COLUMN apikey.key_status.status IS 'active, revoked or expired';
+COMMENT ON COLUMN apikey.key_status.revoked_at IS 'When it was revoked';
+COMMENT ON COLUMN apikey.key_status.revoked_reason IS 'Why it was revoked';
+COMMENT ON COLUMN apikey.key_status.scopes IS 'Scopes granted, sorted';
+
+COMMENT ON COLUMN apikey.key_usage.key_id IS 'The key; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.key_usage.owner IS 'The key''s owner';
+COMMENT ON COLUMN apikey.key_usage.key_name IS 'The key''s name';
+COMMENT ON COLUMN apikey.key_usage.bucket IS 'Start of the minute';
+COMMENT ON COLUMN apikey.key_usage.calls IS 'Verifications, every verdict';
+COMMENT ON COLUMN apikey.key_usage.valid_calls IS 'Verifications with verdict valid';
+COMMENT ON COLUMN apikey.key_usage.failed_calls IS 'Verifications with any other verdict';
+COMMENT ON COLUMN apikey.key_usage.rate_limited_calls IS 'Verifications refused by the rate limit';
+
+COMMENT ON COLUMN apikey.live_usage.key_id IS 'The key; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.live_usage.bucket IS 'Start of the minute';
+COMMENT ON COLUMN apikey.live_usage.code IS 'Verdict code';
+COMMENT ON COLUMN apikey.live_usage.client_addr IS 'Client address of failures (at most 16 per key and minute); NULL otherwise';
+COMMENT ON COLUMN apikey.live_usage.calls IS 'Verifications not yet written to usage_log';
+
+COMMENT ON COLUMN apikey.stats.shared_memory IS 'Whether apikey is preloaded (the other columns are NULL otherwise)';
+COMMENT ON COLUMN apikey.stats.calls IS 'Verifications per verdict code since the server started (jsonb)';
+COMMENT ON COLUMN apikey.stats.rate_limited IS 'Verifications refused by a rate limit since start';
+COMMENT ON COLUMN apikey.stats.flushes IS 'Successful flushes of the usage writer';
+COMMENT ON COLUMN apikey.stats.flush_errors IS 'Failed flushes (the counts were kept for the next one)';
+COMMENT ON COLUMN apikey.stats.flushed_calls IS 'Verifications written to usage_log';
+COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memory not yet written (all databases)';
+COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
+COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
