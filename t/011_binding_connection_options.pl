@@ -256,8 +256,22 @@ $node->restart;
 		$stderr,
 		qr/apikey\.binding/,
 		'preloaded, stale ALTER ROLE setting: refused with a warning');
-	$node->safe_psql('postgres',
+	# PostgreSQL 16 and later refuse RESET of this one setting
+	# (GUC_NO_RESET), even in ALTER ROLE; RESET ALL removes the stale entry.
+	my ($rret, $rout, $rerr) = $node->psql('postgres',
 		'ALTER ROLE regress_conn_user RESET apikey.binding');
+	if ($node->safe_psql('postgres', 'SHOW server_version_num') >= 160000)
+	{
+		like($rerr, qr/cannot be reset/, 'preloaded, 16+: RESET of the stale setting is refused');
+		$node->safe_psql('postgres', 'ALTER ROLE regress_conn_user RESET ALL');
+	}
+	else
+	{
+		is($rret, 0, 'preloaded, 15: RESET removes the stale setting');
+	}
+	is($node->safe_psql('postgres', q{
+SELECT count(*) FROM pg_db_role_setting WHERE setrole = 'regress_conn_user'::regrole}),
+		'0', 'preloaded: the stale setting is gone');
 }
 
 $node->stop;
