@@ -63,6 +63,13 @@ apikey_worker_register(void)
 {
 	BackgroundWorker worker;
 
+	/*
+	 * Not while pg_upgrade runs the server: its connection to
+	 * apikey.database would make pg_upgrade's DROP DATABASE of it fail.
+	 */
+	if (IsBinaryUpgrade)
+		return;
+
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;

@@ -24,7 +24,10 @@ $old->init;
 $old->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'\n");
 $old->start;
 my $new = PostgreSQL::Test::Cluster->new('new');
-$new->init;
+# 18's initdb turns data checksums on by default; pg_upgrade needs the
+# old cluster's setting
+my ($new_major) = $new->config_data('--version') =~ /(\d+)/;
+$new->init(extra => $new_major >= 18 ? ['--no-data-checksums'] : []);
 $new->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'\n");
 
 my $old_version = $old->safe_psql('postgres', 'SHOW server_version_num');
