@@ -6,8 +6,10 @@
  * Module map (one file per concern):
  *	 apikey.c		front door: module magic, _PG_init, GUCs, SQL entry points
  *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
- *	 keystore.c		reading apikey.keys & co. through their indexes (no SPI)
- *	 keycache.c		per-backend LRU cache of keys, relcache invalidation
+ *	 keystore.c		finding apikey's tables through the extension, reading a
+ *					key through their indexes (no SPI); owns apikey.keys' OID
+ *					and the generation count of its invalidations
+ *	 keycache.c		per-backend LRU cache of keys; hands out copies only
  *	 verify.c		the verification rules that produce a verdict
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 shmem.c		shared memory set-up and live statistics
@@ -17,6 +19,7 @@
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log writes
  *	 worker.c		background worker that persists usage counters
  *	 redact.c		hooks that keep tokens out of the log and pg_stat_statements
+ *	 compat.h		every difference between PostgreSQL releases (15 and later)
  *
  *-------------------------------------------------------------------------
  */
