@@ -415,6 +415,18 @@ typedef struct SyncUsage
 	TimestampTz now;
 } SyncUsage;
 
+/* The key, minute, code and address of one call, as SPI parameters $1-$4. */
+static void
+sync_usage_params(const SyncUsage *su, Datum *values, char *nulls)
+{
+	values[0] = Int64GetDatum(su->uk->key_id);
+	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
+	values[1] = TimestampTzGetDatum(su->uk->bucket);
+	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
+	values[3] = PointerGetDatum(su->addr);
+	nulls[3] = su->addr == NULL ? 'n' : ' ';
+}
+
 /* Append one pending row: an insert into a table without indexes. */
 static void
 write_pending(void *arg)
@@ -431,12 +443,7 @@ write_pending(void *arg)
 						"INSERT INTO apikey.usage_pending (key_id, bucket, code, client_addr, used_at) "
 						"VALUES ($1, $2, $3, $4, $5)",
 						5, types);
-	values[0] = Int64GetDatum(su->uk->key_id);
-	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
-	values[1] = TimestampTzGetDatum(su->uk->bucket);
-	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
-	values[3] = PointerGetDatum(su->addr);
-	nulls[3] = su->addr == NULL ? 'n' : ' ';
+	sync_usage_params(su, values, nulls);
 	values[4] = TimestampTzGetDatum(su->now);
 	rc = SPI_execute_plan(pending_insert_plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
@@ -468,12 +475,7 @@ write_legacy(void *arg)
 						"(COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet))) "
 						"DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) 1",
 						4, insert_types);
-	values[0] = Int64GetDatum(su->uk->key_id);
-	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
-	values[1] = TimestampTzGetDatum(su->uk->bucket);
-	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
-	values[3] = PointerGetDatum(su->addr);
-	nulls[3] = su->addr == NULL ? 'n' : ' ';
+	sync_usage_params(su, values, nulls);
 	rc = SPI_execute_plan(legacy_insert_plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "usage insert failed: %s", SPI_result_code_string(rc));
