@@ -3,6 +3,7 @@ MODULE_big = apikey
 OBJS = \
 	apikey.o \
 	src/binding.o \
+	src/hash.o \
 	src/keycache.o \
 	src/keystore.o \
 	src/ownersql.o \
@@ -10,8 +11,11 @@ OBJS = \
 	src/ratelimit.o \
 	src/redact.o \
 	src/shmem.o \
+	src/stats.o \
+	src/support.o \
 	src/token.o \
 	src/usage.o \
+	src/verdict.o \
 	src/verify.o \
 	src/worker.o
 

@@ -37,152 +37,36 @@
 #include "utils/timestamp.h"
 
 #include "compat.h"
-#include "shmem.h"
+#include "apikey.h"
 #include "token.h"
 
 PG_MODULE_MAGIC;
 
-/* GUC variables */
-int			apikey_cache_size = 10000;
-int			apikey_usage_flush_interval = 1000;
-char	   *apikey_database = NULL;
-int			apikey_usage_max_entries = 10000;
-int			apikey_rate_limit_max_keys = 10000;
-bool		apikey_redact_logs = true;
-
 void		_PG_init(void);
 
-static void
-define_gucs(void)
-{
-	/* apikey.cache_size */
-	DefineCustomIntVariable("apikey.cache_size",
-							"Maximum number of keys each backend keeps in its key cache.",
-							"0 disables the cache: every verification reads the tables.",
-							&apikey_cache_size,
-							10000, 0, INT_MAX / 2,
-							PGC_SUSET, 0,
-							NULL, NULL, NULL);
-
-	/* apikey.usage_flush_interval */
-	DefineCustomIntVariable("apikey.usage_flush_interval",
-							"How often the background worker writes usage counters to apikey.usage_log.",
-							NULL,
-							&apikey_usage_flush_interval,
-							1000, 10, 3600 * 1000,
-							PGC_SIGHUP, GUC_UNIT_MS,
-							NULL, NULL, NULL);
-
-	/* apikey.redact_logs */
-	DefineCustomBoolVariable("apikey.redact_logs",
-							 "Replace API tokens in server log messages by their non-secret hint.",
-							 NULL,
-							 &apikey_redact_logs,
-							 true,
-							 PGC_SUSET, 0,
-							 NULL, NULL, NULL);
-
-	/* the rest size shared memory: they exist only when preloaded */
-	if (!process_shared_preload_libraries_in_progress)
-		return;
-
-	/* apikey.database */
-	DefineCustomStringVariable("apikey.database",
-							   "Database the usage writer connects to.",
-							   "In other databases usage is written synchronously.",
-							   &apikey_database,
-							   "postgres",
-							   PGC_POSTMASTER, 0,
-							   NULL, NULL, NULL);
-
-	/* apikey.usage_max_entries */
-	DefineCustomIntVariable("apikey.usage_max_entries",
-							"Maximum number of (key, minute, code, address) usage counters in shared memory.",
-							"When full, further counts are dropped and counted in apikey.stats.",
-							&apikey_usage_max_entries,
-							10000, 100, INT_MAX / 2,
-							PGC_POSTMASTER, 0,
-							NULL, NULL, NULL);
-
-	/* apikey.rate_limit_max_keys */
-	DefineCustomIntVariable("apikey.rate_limit_max_keys",
-							"Maximum number of rate-limited keys tracked at once in shared memory.",
-							"When full of active keys, further rate-limited keys fail with rate_limit_unavailable.",
-							&apikey_rate_limit_max_keys,
-							10000, 100, INT_MAX / 2,
-							PGC_POSTMASTER, 0,
-							NULL, NULL, NULL);
-}
-
+/*
+ * Each module defines its own settings and hooks; those that size shared
+ * memory exist only when preloaded.
+ */
 void
 _PG_init(void)
 {
-	define_gucs();
-	apikey_binding_init();
-	MarkGUCPrefixReserved("apikey");
+	/* every backend */
+	apikey_keycache_init();		/* apikey.cache_size */
+	apikey_binding_init();		/* apikey.binding and its guards */
+	apikey_redact_init();		/* apikey.redact_logs, log and utility hooks */
+	apikey_worker_init();		/* apikey.usage_flush_interval */
+	apikey_keystore_init();		/* invalidation callbacks */
 
-	apikey_keystore_init();
-	apikey_redact_init();
+	/* only while shared_preload_libraries loads */
+	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
+	apikey_ratelimit_init();	/* apikey.rate_limit_max_keys */
+	MarkGUCPrefixReserved("apikey");
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
-
 	apikey_shmem_init();
 	apikey_worker_register();
-}
-
-/*
- * SHA-256 with PostgreSQL's cryptohash (OpenSSL-backed where built so).
- *
- * Verification hashes on every call, and creating and freeing a context
- * each time cost more than the hashing itself, so one context is kept for
- * the backend's life.  It is registered with a resource owner of our own,
- * not the transaction's, so it survives transaction end.
- */
-void
-apikey_sha256(const char *data, size_t len, uint8 *out)
-{
-	static pg_cryptohash_ctx *ctx = NULL;
-
-	if (ctx == NULL)
-	{
-		static ResourceOwner owner = NULL;
-		ResourceOwner save = CurrentResourceOwner;
-
-		if (owner == NULL)
-			owner = ResourceOwnerCreate(NULL, "apikey sha256");
-		CurrentResourceOwner = owner;
-		PG_TRY();
-		{
-			ctx = pg_cryptohash_create(PG_SHA256);
-		}
-		PG_FINALLY();
-		{
-			CurrentResourceOwner = save;
-		}
-		PG_END_TRY();
-		if (ctx == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory")));
-	}
-
-	if (pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
-		pg_cryptohash_final(ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not compute SHA-256: %s", pg_cryptohash_error(ctx))));
-}
-
-static bytea *
-hash_bytea(const char *data, size_t len)
-{
-	bytea	   *result = palloc(VARHDRSZ + APIKEY_HASH_LEN);
-
-	SET_VARSIZE(result, VARHDRSZ + APIKEY_HASH_LEN);
-	apikey_sha256(data, len, (uint8 *) VARDATA(result));
-	return result;
 }
 
 /*
@@ -239,7 +123,7 @@ apikey_hash(PG_FUNCTION_ARGS)
 {
 	text	   *t = PG_GETARG_TEXT_PP(0);
 
-	PG_RETURN_BYTEA_P(hash_bytea(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
+	PG_RETURN_BYTEA_P(apikey_sha256_bytea(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
 }
 
 /*
@@ -259,7 +143,7 @@ apikey_token_hash(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("token is malformed"),
 				 errhint("Pass the whole token as issued, e.g. ak_ followed by 49 letters and digits.")));
-	PG_RETURN_BYTEA_P(hash_bytea(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
+	PG_RETURN_BYTEA_P(apikey_sha256_bytea(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
 }
 
 /*
@@ -297,7 +181,7 @@ apikey_new_token(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	values[0] = PointerGetDatum(cstring_to_text_with_len(token, len));
-	values[1] = PointerGetDatum(hash_bytea(token, len));
+	values[1] = PointerGetDatum(apikey_sha256_bytea(token, len));
 	values[2] = CStringGetTextDatum(hint);
 	explicit_bzero(token, sizeof(token));
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
@@ -355,15 +239,6 @@ apikey_acting_role(PG_FUNCTION_ARGS)
 }
 
 static Datum
-interval_datum(int64 usecs)
-{
-	Interval   *iv = palloc0(sizeof(Interval));
-
-	iv->time = usecs;
-	return IntervalPGetDatum(iv);
-}
-
-static Datum
 scopes_datum(const ApikeyKey *key)
 {
 	Datum	   *elems = palloc(sizeof(Datum) * Max(key->nscopes, 1));
@@ -405,7 +280,7 @@ apikey_check(PG_FUNCTION_ARGS)
 	memset(nulls, true, sizeof(nulls));
 	values[0] = BoolGetDatum(v.code == APIKEY_VALID);
 	nulls[0] = false;
-	values[1] = CStringGetTextDatum(apikey_code_names[v.code]);
+	values[1] = CStringGetTextDatum(apikey_verdict_name(v.code));
 	nulls[1] = false;
 	if (v.key != NULL)
 	{
@@ -428,7 +303,7 @@ apikey_check(PG_FUNCTION_ARGS)
 	}
 	if (v.has_retry_after)
 	{
-		values[7] = interval_datum(v.retry_after);
+		values[7] = apikey_interval_datum(v.retry_after);
 		nulls[7] = false;
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
@@ -449,83 +324,6 @@ apikey_verify_token(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(v.code == APIKEY_VALID);
 }
 
-/* Raise the error authenticate() reports for a failed verdict. */
-static void
-report_rejection(const ApikeyVerdict *v, text *scope)
-{
-	const char *code = apikey_code_names[v->code];
-	char	   *retry = NULL;
-
-	if (v->has_retry_after)
-		retry = DatumGetCString(DirectFunctionCall1(interval_out,
-													interval_datum(v->retry_after)));
-
-	switch (v->code)
-	{
-		case APIKEY_MALFORMED:
-		case APIKEY_UNKNOWN:
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
-					 errmsg("invalid API key"),
-					 errdetail("Verdict: %s.", code)));
-			break;
-		case APIKEY_REVOKED:
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
-					 errmsg("API key has been revoked"),
-					 errdetail("Verdict: %s.", code)));
-			break;
-		case APIKEY_EXPIRED:
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
-					 errmsg("API key has expired"),
-					 errdetail("Verdict: %s.", code)));
-			break;
-		case APIKEY_ADDRESS_DENIED:
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
-					 errmsg("API key may not be used from this client address"),
-					 errdetail("Verdict: %s.", code)));
-			break;
-		case APIKEY_SCOPE_DENIED:
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("API key lacks scope \"%s\"", clip_for_message(scope)),
-					 errdetail("Verdict: %s.", code)));
-			break;
-		case APIKEY_RATE_LIMITED:
-			ereport(ERROR,
-					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-					 errmsg("API key rate limit exceeded"),
-					 errdetail("Verdict: %s.", code),
-					 errhint("Retry after %s.", retry)));
-			break;
-		case APIKEY_QUOTA_EXHAUSTED:
-			ereport(ERROR,
-					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-					 errmsg("API key quota exhausted"),
-					 errdetail("Verdict: %s.", code),
-					 retry ? errhint("The quota is refilled in %s.", retry) : 0));
-			break;
-		case APIKEY_RATE_LIMIT_UNAVAILABLE:
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("API key has a rate limit that cannot be enforced"),
-					 errdetail("Verdict: %s.", code),
-					 errhint("Add apikey to shared_preload_libraries and restart, or raise apikey.rate_limit_max_keys.")));
-			break;
-		case APIKEY_QUOTA_UNAVAILABLE:
-			ereport(ERROR,
-					(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
-					 errmsg("API key quota cannot be debited in a read-only transaction"),
-					 errdetail("Verdict: %s.", code),
-					 errhint("Authenticate keys that have a quota in a read-write transaction on the primary.")));
-			break;
-		case APIKEY_VALID:
-			break;
-	}
-}
-
 /*
  * apikey.authenticate(token text, scope text, client_addr inet,
  *					   session boolean) RETURNS bigint
@@ -541,7 +339,8 @@ apikey_authenticate(PG_FUNCTION_ARGS)
 	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), scope, inet_arg_or_null(fcinfo, 2), &v);
 	if (v.code != APIKEY_VALID)
-		report_rejection(&v, scope);
+		apikey_verdict_report(&v, v.code == APIKEY_SCOPE_DENIED ?
+							  clip_for_message(scope) : NULL);
 	apikey_binding_set(v.key, session);
 	PG_RETURN_INT64(v.key->key_id);
 }
@@ -644,7 +443,7 @@ apikey_helper_support(PG_FUNCTION_ARGS)
 	Node	   *req = (Node *) PG_GETARG_POINTER(0);
 
 	if (IsA(req, SupportRequestSimplify))
-		PG_RETURN_POINTER(apikey_binding_simplify((SupportRequestSimplify *) req));
+		PG_RETURN_POINTER(apikey_support_simplify((SupportRequestSimplify *) req));
 	PG_RETURN_POINTER(NULL);
 }
 
@@ -688,37 +487,35 @@ apikey_stats(PG_FUNCTION_ARGS)
 	Datum		values[9];
 	bool		nulls[9];
 	StringInfoData buf;
+	ApikeyStats st;
 	int			i;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	memset(nulls, false, sizeof(nulls));
-	values[0] = BoolGetDatum(apikey_shared != NULL);
-	if (apikey_shared == NULL)
+	values[0] = BoolGetDatum(apikey_stats_read(&st));
+	if (!DatumGetBool(values[0]))
 	{
 		for (i = 1; i < 9; i++)
 			nulls[i] = true;
 	}
 	else
 	{
-		uint64		last = pg_atomic_read_u64(&apikey_shared->last_flush);
-
 		initStringInfo(&buf);
 		appendStringInfoChar(&buf, '{');
 		for (i = 0; i < APIKEY_NUM_CODES; i++)
 			appendStringInfo(&buf, "%s\"%s\": " UINT64_FORMAT, i ? ", " : "",
-							 apikey_code_names[i],
-							 pg_atomic_read_u64(&apikey_shared->calls[i]));
+							 apikey_verdict_name(i), st.calls[i]);
 		appendStringInfoChar(&buf, '}');
 		values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
-		values[2] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->calls[APIKEY_RATE_LIMITED]));
-		values[3] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->flushes));
-		values[4] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->flush_errors));
-		values[5] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->flushed_calls));
+		values[2] = Int64GetDatum(st.calls[APIKEY_RATE_LIMITED]);
+		values[3] = Int64GetDatum(st.flushes);
+		values[4] = Int64GetDatum(st.flush_errors);
+		values[5] = Int64GetDatum(st.flushed_calls);
 		values[6] = Int64GetDatum(apikey_usage_pending());
-		values[7] = Int64GetDatum(pg_atomic_read_u64(&apikey_shared->usage_dropped));
-		values[8] = TimestampTzGetDatum((TimestampTz) last);
-		nulls[8] = (last == 0);
+		values[7] = Int64GetDatum(st.usage_dropped);
+		values[8] = TimestampTzGetDatum(st.last_flush);
+		nulls[8] = (st.last_flush == 0);
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
@@ -739,7 +536,7 @@ apikey_cache_stats(PG_FUNCTION_ARGS)
 		elog(ERROR, "return type must be a row type");
 	apikey_keycache_stats(&stats);
 	values[0] = Int64GetDatum(stats.entries);
-	values[1] = Int32GetDatum(apikey_cache_size);
+	values[1] = Int32GetDatum(stats.capacity);
 	values[2] = Int64GetDatum(stats.hits);
 	values[3] = Int64GetDatum(stats.misses);
 	values[4] = Int64GetDatum(stats.evictions);

@@ -3,22 +3,35 @@
  * apikey.h
  *	  Declarations shared by the apikey modules.
  *
- * Module map (one file per concern):
- *	 apikey.c		front door: module magic, _PG_init, GUCs, SQL entry points
- *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
+ * Module map (one file per concern).  A module uses only modules listed
+ * below it, so dependencies point one way (scripts/check-deps checks it):
+ *
+ *	 apikey.c		front door: module magic, _PG_init (a table of contents),
+ *					every SQL-callable function
+ *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
+ *	 worker.c		background worker that persists usage counters;
+ *					apikey.usage_flush_interval
+ *	 binding.c		the key bound to the transaction, for row-level policies
+ *	 verify.c		the verification rules that produce a verdict
+ *	 usage.c		usage counters: shared memory, or pending rows; usage_log
+ *					writes; apikey.database, apikey.usage_max_entries
+ *	 quota.c		per-key quotas debited in the caller's transaction
+ *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
+ *	 keycache.c		per-backend LRU cache of keys; hands out copies only;
+ *					apikey.cache_size
  *	 keystore.c		finding apikey's tables through the extension, reading a
  *					key through their indexes (no SPI); owns apikey.keys' OID
  *					and the generation count of its invalidations
- *	 keycache.c		per-backend LRU cache of keys; hands out copies only
- *	 verify.c		the verification rules that produce a verdict
- *	 binding.c		the key bound to the transaction, for row-level policies
- *	 shmem.c		shared memory set-up and live statistics
- *	 ratelimit.c	per-key rate limits enforced in shared memory
- *	 quota.c		per-key quotas debited in the caller's transaction
- *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
- *	 usage.c		usage counters: shared memory, or pending rows; usage_log writes
- *	 worker.c		background worker that persists usage counters
- *	 redact.c		hooks that keep tokens out of the log and pg_stat_statements
+ *	 ratelimit.c	per-key rate limits enforced in shared memory;
+ *					apikey.rate_limit_max_keys
+ *	 redact.c		hooks that keep tokens out of the log and
+ *					pg_stat_statements; apikey.redact_logs
+ *	 stats.c		live statistics, counted per backend
+ *	 support.c		planner support for the row-level helpers
+ *	 verdict.c		the verdict codes: name, SQLSTATE, message (one table)
+ *	 hash.c			SHA-256
+ *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
+ *					(no server calls: fuzzed on its own)
  *	 compat.h		every difference between PostgreSQL releases (15 and later)
  *
  *-------------------------------------------------------------------------
@@ -39,7 +52,7 @@
 /* members of this role may pass the end client's address (client_addr) */
 #define APIKEY_PROXY_ROLE	"apikey_proxy"
 
-/* Verdict codes.  Keep apikey_code_names[] (verify.c) in the same order. */
+/* Verdict codes.  Their names, SQLSTATEs and messages: verdict.c. */
 typedef enum ApikeyCode
 {
 	APIKEY_VALID = 0,
@@ -56,8 +69,6 @@ typedef enum ApikeyCode
 } ApikeyCode;
 
 #define APIKEY_NUM_CODES	(APIKEY_QUOTA_UNAVAILABLE + 1)
-
-extern const char *const apikey_code_names[APIKEY_NUM_CODES];
 
 /*
  * Everything verification needs to know about one key.  Variable-length
@@ -109,16 +120,36 @@ typedef struct ApikeyVerdict
 								 * apikey_verify() clears what precedes it) */
 } ApikeyVerdict;
 
-/* GUCs (apikey.c) */
-extern int	apikey_cache_size;
-extern int	apikey_usage_flush_interval;
-extern char *apikey_database;
-extern int	apikey_usage_max_entries;
-extern int	apikey_rate_limit_max_keys;
-extern bool apikey_redact_logs;
-
-/* apikey.c */
+/* hash.c */
 extern void apikey_sha256(const char *data, size_t len, uint8 *out);
+extern bytea *apikey_sha256_bytea(const char *data, size_t len);
+
+/* verdict.c */
+extern const char *apikey_verdict_name(ApikeyCode code);
+extern void apikey_verdict_report(const ApikeyVerdict *v, const char *scope);
+extern Datum apikey_interval_datum(int64 usecs);
+
+/* stats.c */
+typedef struct ApikeyStats
+{
+	uint64		calls[APIKEY_NUM_CODES];	/* every verification, by code */
+	uint64		usage_dropped;	/* usage counts lost to a full table */
+	uint64		flushes;		/* successful flushes */
+	uint64		flush_errors;	/* failed flushes (counts kept) */
+	uint64		flushed_calls;	/* calls written to usage_log */
+	TimestampTz last_flush;		/* last successful flush, 0 = never */
+} ApikeyStats;
+
+extern Size apikey_stats_shmem_size(void);
+extern void apikey_stats_shmem_startup(void);
+extern void apikey_stats_count(ApikeyCode code);
+extern void apikey_stats_dropped(uint64 calls);
+extern void apikey_stats_flushed(uint64 calls, bool ok);
+extern bool apikey_stats_read(ApikeyStats *out);
+
+/* support.c */
+struct SupportRequestSimplify;
+extern Node *apikey_support_simplify(struct SupportRequestSimplify *req);
 
 /* keystore.c */
 extern void apikey_keystore_init(void);
@@ -136,8 +167,10 @@ typedef struct ApikeyCacheStats
 	int64		misses;			/* lookups that read the tables */
 	int64		evictions;		/* entries pushed out by apikey.cache_size */
 	int64		invalidations;	/* times the cache was emptied by a change */
+	int			capacity;		/* apikey.cache_size */
 } ApikeyCacheStats;
 
+extern void apikey_keycache_init(void);
 extern bool apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out);
 extern void apikey_keycache_invalidate_all(void);
 extern void apikey_keycache_stats(ApikeyCacheStats *stats);
@@ -154,19 +187,16 @@ extern void apikey_binding_set(const ApikeyKey *key, bool session);
 extern void apikey_binding_clear(void);
 extern bool apikey_binding_get(int64 *key_id, const char **owner,
 							   char *const **scopes, int *nscopes);
-struct SupportRequestSimplify;
-extern Node *apikey_binding_simplify(struct SupportRequestSimplify *req);
+
+struct LWLock;
 
 /* shmem.c */
-typedef struct ApikeyShared ApikeyShared;
-extern ApikeyShared *apikey_shared;
 extern void apikey_shmem_init(void);
-extern void apikey_stats_count(ApikeyCode code);
-extern void apikey_stats_flushed(uint64 calls, bool ok);
 
 /* ratelimit.c */
+extern void apikey_ratelimit_init(void);
 extern Size apikey_ratelimit_shmem_size(void);
-extern void apikey_ratelimit_shmem_startup(void);
+extern void apikey_ratelimit_shmem_startup(struct LWLock *lock);
 extern void apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash,
 								  int64 to_id, const uint8 *to_hash);
 extern ApikeyCode apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
@@ -177,8 +207,10 @@ extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
 									 int64 *retry_after);
 
 /* usage.c */
+extern char *apikey_usage_database;
+extern void apikey_usage_init(void);
 extern Size apikey_usage_shmem_size(void);
-extern void apikey_usage_shmem_startup(void);
+extern void apikey_usage_shmem_startup(struct LWLock *lock);
 extern void apikey_usage_count(const ApikeyVerdict *verdict, inet *client_addr,
 							   TimestampTz now);
 extern bool apikey_usage_in_shmem(void);
@@ -193,6 +225,9 @@ extern struct _SPI_plan *apikey_prepare_kept(struct _SPI_plan **plan, const char
 											 int nargs, Oid *argtypes);
 
 /* worker.c */
+extern void apikey_worker_init(void);
+extern Size apikey_worker_shmem_size(void);
+extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
 extern int	apikey_worker_request_flush(void);
 

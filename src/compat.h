@@ -49,4 +49,15 @@
 #define proc_lxid(proc) ((proc)->lxid)
 #endif
 
+/*
+ * This backend's index among the server's processes, from 0 (-1 before it
+ * has one): 17 replaced the 1-based BackendId by the 0-based ProcNumber.
+ */
+#if PG_VERSION_NUM >= 170000
+#define apikey_my_proc_number() ((int) MyProcNumber)
+#else
+#include "storage/backendid.h"
+#define apikey_my_proc_number() ((int) MyBackendId - 1)
+#endif
+
 #endif							/* APIKEY_COMPAT_H */

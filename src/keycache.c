@@ -34,6 +34,7 @@
 #include "postgres.h"
 
 #include "lib/ilist.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
@@ -48,6 +49,9 @@ typedef struct KeyCacheEntry
 	dlist_node	lru;			/* position in keycache_lru */
 	ApikeyKey	key;			/* variable parts in keycache_chunks */
 } KeyCacheEntry;
+
+/* GUC: apikey.cache_size */
+static int	cache_size = 10000;
 
 static HTAB *keycache = NULL;
 static MemoryContext keycache_context = NULL;	/* the hash table */
@@ -131,7 +135,7 @@ keycache_create(void)
 	ctl.hash = keycache_hash;
 	ctl.match = keycache_match;
 	ctl.hcxt = keycache_context;
-	keycache = hash_create("apikey key cache", Min(apikey_cache_size, 1024) + 1,
+	keycache = hash_create("apikey key cache", Min(cache_size, 1024) + 1,
 						   &ctl, HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 	dlist_init(&keycache_lru);
 }
@@ -151,7 +155,7 @@ keycache_insert(const ApikeyKey *key, uint64 gen)
 	if (keycache == NULL)
 		keycache_create();
 
-	while (hash_get_num_entries(keycache) >= apikey_cache_size)
+	while (hash_get_num_entries(keycache) >= cache_size)
 	{
 		KeyCacheEntry *victim = dlist_container(KeyCacheEntry, lru,
 												dlist_tail_node(&keycache_lru));
@@ -178,7 +182,7 @@ apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out)
 {
 	uint64		gen;
 
-	if (apikey_cache_size > 0 && keycache != NULL)
+	if (cache_size > 0 && keycache != NULL)
 	{
 		KeyCacheEntry *entry;
 
@@ -197,7 +201,7 @@ apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out)
 	if (!apikey_keystore_load(hash, out, CurrentMemoryContext, &gen))
 		return false;
 	/* cache it only if nothing was invalidated since the load's snapshot */
-	if (apikey_cache_size > 0 && gen == apikey_keystore_generation())
+	if (cache_size > 0 && gen == apikey_keystore_generation())
 		keycache_insert(out, gen);
 	return true;
 }
@@ -220,4 +224,18 @@ apikey_keycache_stats(ApikeyCacheStats *stats)
 		keycache_reset();
 	*stats = keycache_stats;
 	stats->entries = keycache ? hash_get_num_entries(keycache) : 0;
+	stats->capacity = cache_size;
+}
+
+/* Define apikey.cache_size. */
+void
+apikey_keycache_init(void)
+{
+	DefineCustomIntVariable("apikey.cache_size",
+							"Maximum number of keys each backend keeps in its key cache.",
+							"0 disables the cache: every verification reads the tables.",
+							&cache_size,
+							10000, 0, INT_MAX / 2,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
 }

@@ -29,11 +29,13 @@
 #include <math.h>
 
 #include "miscadmin.h"
+#include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "utils/guc.h"
 #include "storage/spin.h"
 #include "utils/hsearch.h"
 
-#include "shmem.h"
+#include "apikey.h"
 
 /*
  * The token hash is part of the key, so a key id reused after DROP/CREATE
@@ -55,25 +57,54 @@ typedef struct RateEntry
 	int64		rate_window;
 } RateEntry;
 
+/*
+ * The shared rate-limit table.  Locking: rate_lock protects its
+ * membership: shared to find an entry, exclusive to insert or remove one
+ * (an exclusive lock alone suffices to read an entry's state).  An entry's
+ * bucket state is read and updated under its spinlock, with rate_lock held
+ * at least shared, which makes take-a-token atomic across backends.
+ */
+static LWLock *rate_lock = NULL;
 static HTAB *rate_htab = NULL;
+
+/* GUC: apikey.rate_limit_max_keys */
+static int	rate_limit_max_keys = 10000;
+
+/* The setting that sizes shared memory; only defined when preloading. */
+void
+apikey_ratelimit_init(void)
+{
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	DefineCustomIntVariable("apikey.rate_limit_max_keys",
+							"Maximum number of rate-limited keys tracked at once in shared memory.",
+							"When full of active keys, further rate-limited keys fail with rate_limit_unavailable.",
+							&rate_limit_max_keys,
+							10000, 100, INT_MAX / 2,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+}
 
 Size
 apikey_ratelimit_shmem_size(void)
 {
-	return hash_estimate_size(apikey_rate_limit_max_keys, sizeof(RateEntry));
+	return hash_estimate_size(rate_limit_max_keys, sizeof(RateEntry));
 }
 
 /* Called from shmem_startup with AddinShmemInitLock held. */
 void
-apikey_ratelimit_shmem_startup(void)
+apikey_ratelimit_shmem_startup(LWLock *lock)
 {
 	HASHCTL		info;
+
+	rate_lock = lock;
 
 	info.keysize = sizeof(RateKey);
 	info.entrysize = sizeof(RateEntry);
 	rate_htab = ShmemInitHash("apikey rate limits",
-							  apikey_rate_limit_max_keys,
-							  apikey_rate_limit_max_keys,
+							  rate_limit_max_keys,
+							  rate_limit_max_keys,
 							  &info, HASH_ELEM | HASH_BLOBS);
 }
 
@@ -118,15 +149,15 @@ apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash, int64 to_id,
 	RateEntry  *dst;
 	bool		found;
 
-	if (apikey_shared == NULL || rate_htab == NULL)
+	if (rate_lock == NULL || rate_htab == NULL)
 		return;
 	rate_key_init(&from, from_id, from_hash);
 	rate_key_init(&to, to_id, to_hash);
 
-	LWLockAcquire(apikey_shared->rate_lock, LW_EXCLUSIVE);
+	LWLockAcquire(rate_lock, LW_EXCLUSIVE);
 	src = hash_search(rate_htab, &from, HASH_FIND, NULL);
 	if (src != NULL &&
-		(hash_get_num_entries(rate_htab) < apikey_rate_limit_max_keys ||
+		(hash_get_num_entries(rate_htab) < rate_limit_max_keys ||
 		 hash_search(rate_htab, &to, HASH_FIND, NULL) != NULL))
 	{
 		dst = hash_search(rate_htab, &to, HASH_ENTER, &found);
@@ -138,7 +169,7 @@ apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash, int64 to_id,
 		dst->rate_window = src->rate_window;
 		SpinLockRelease(&src->mutex);
 	}
-	LWLockRelease(apikey_shared->rate_lock);
+	LWLockRelease(rate_lock);
 }
 
 /*
@@ -159,25 +190,25 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 	double		tat;
 	bool		allowed;
 
-	if (apikey_shared == NULL || rate_htab == NULL)
+	if (rate_lock == NULL || rate_htab == NULL)
 		return APIKEY_RATE_LIMIT_UNAVAILABLE;
 
 	rate_key_init(&rk, key->budget_id, key->budget_hash_prefix);
 
-	LWLockAcquire(apikey_shared->rate_lock, LW_SHARED);
+	LWLockAcquire(rate_lock, LW_SHARED);
 	entry = hash_search(rate_htab, &rk, HASH_FIND, NULL);
 	if (entry == NULL)
 	{
 		bool		found;
 
-		LWLockRelease(apikey_shared->rate_lock);
-		LWLockAcquire(apikey_shared->rate_lock, LW_EXCLUSIVE);
-		if (hash_get_num_entries(rate_htab) >= apikey_rate_limit_max_keys)
+		LWLockRelease(rate_lock);
+		LWLockAcquire(rate_lock, LW_EXCLUSIVE);
+		if (hash_get_num_entries(rate_htab) >= rate_limit_max_keys)
 			evict_idle(t);
-		if (hash_get_num_entries(rate_htab) >= apikey_rate_limit_max_keys &&
+		if (hash_get_num_entries(rate_htab) >= rate_limit_max_keys &&
 			hash_search(rate_htab, &rk, HASH_FIND, NULL) == NULL)
 		{
-			LWLockRelease(apikey_shared->rate_lock);
+			LWLockRelease(rate_lock);
 			return APIKEY_RATE_LIMIT_UNAVAILABLE;
 		}
 		entry = hash_search(rate_htab, &rk, HASH_ENTER, &found);
@@ -202,7 +233,7 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 	if (allowed)
 		entry->tat = tat + T;
 	SpinLockRelease(&entry->mutex);
-	LWLockRelease(apikey_shared->rate_lock);
+	LWLockRelease(rate_lock);
 
 	if (!allowed)
 	{

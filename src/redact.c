@@ -53,6 +53,9 @@ static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 static char *redacted_query = NULL;
 
 /* log_statement had written the statement that loaded us (see below) */
+/* GUC: apikey.redact_logs */
+static bool redact_logs = true;
+
 static bool loaded_after_statement_logged = false;
 static char *loaded_with_log_statement = NULL;
 
@@ -105,7 +108,7 @@ redact_field(char **field)
 static void
 redact_emit_log_hook(ErrorData *edata)
 {
-	if (apikey_redact_logs)
+	if (redact_logs)
 	{
 		char	   *q;
 
@@ -313,6 +316,14 @@ check_listed_last(void)
 void
 apikey_redact_init(void)
 {
+	DefineCustomBoolVariable("apikey.redact_logs",
+							 "Replace API tokens in server log messages by their non-secret hint.",
+							 NULL,
+							 &redact_logs,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+
 	note_late_load();
 	check_listed_last();
 

@@ -54,6 +54,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
+#include "storage/lwlock.h"
 #include "storage/lock.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
@@ -65,7 +66,7 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#include "shmem.h"
+#include "apikey.h"
 
 /* Distinct client addresses recorded per key and minute. */
 #define APIKEY_USAGE_MAX_ADDRS	16
@@ -75,6 +76,15 @@
 
 /* Entries for failures (tallies included) may take this much of the table. */
 #define FAILURE_SHARE(max)	((max) / 2)
+
+/*
+ * The advisory lock that lets one session at a time fold pending rows:
+ * keys "apky" "usag" in field4 space 3, which the SQL advisory-lock
+ * functions never use (they use 1 and 2), so no application lock collides.
+ */
+#define FOLD_LOCK_KEY1		0x61706b79	/* "apky" */
+#define FOLD_LOCK_KEY2		0x75736167	/* "usag" */
+#define FOLD_LOCK_SPACE		3
 
 /* A sweep that freed nothing is not repeated for this long (microseconds). */
 #define SWEEP_PAUSE			USECS_PER_SEC
@@ -112,6 +122,27 @@ typedef struct UsageSnap
 	TimestampTz last_at;
 } UsageSnap;
 
+/*
+ * The shared usage table.  Locking: lock protects the table's membership
+ * and the fields below: shared to find an entry and bump it, exclusive to
+ * insert, remove or evict entries, and an exclusive lock alone suffices to
+ * read or reset an entry's counters (nobody holds its spinlock without the
+ * shared lock).  An entry's counters are bumped under its own spinlock, so
+ * many backends can count at once under the shared lock.
+ */
+typedef struct UsageShared
+{
+	LWLock	   *lock;
+	int			failure_entries;	/* entries not for valid calls */
+	TimestampTz swept_at[2];	/* last sweep that could free nothing: [0]
+								 * for any entry, [1] for failures */
+} UsageShared;
+
+/* GUCs: apikey.database, apikey.usage_max_entries */
+char	   *apikey_usage_database = NULL;
+static int	usage_max_entries = 10000;
+
+static UsageShared *usage_shared = NULL;
 static HTAB *usage_htab = NULL;
 static SPIPlanPtr pending_insert_plan = NULL;
 static SPIPlanPtr legacy_insert_plan = NULL;
@@ -125,23 +156,58 @@ static bool xact_callback_registered = false;
 
 static void usage_xact_callback(XactEvent event, void *arg);
 
+/* The settings that size shared memory; only defined when preloading. */
+void
+apikey_usage_init(void)
+{
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	DefineCustomStringVariable("apikey.database",
+							   "Database the usage writer connects to.",
+							   "In other databases usage is written synchronously.",
+							   &apikey_usage_database,
+							   "postgres",
+							   PGC_POSTMASTER, 0,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("apikey.usage_max_entries",
+							"Maximum number of (key, minute, code, address) usage counters in shared memory.",
+							"When full, further counts are dropped and counted in apikey.stats.",
+							&usage_max_entries,
+							10000, 100, INT_MAX / 2,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+}
+
 Size
 apikey_usage_shmem_size(void)
 {
-	return hash_estimate_size(apikey_usage_max_entries, sizeof(UsageEntry));
+	return add_size(MAXALIGN(sizeof(UsageShared)),
+					hash_estimate_size(usage_max_entries, sizeof(UsageEntry)));
 }
 
 /* Called from shmem_startup with AddinShmemInitLock held. */
 void
-apikey_usage_shmem_startup(void)
+apikey_usage_shmem_startup(LWLock *lock)
 {
 	HASHCTL		info;
+	bool		found;
+
+	usage_shared = ShmemInitStruct("apikey usage state", sizeof(UsageShared), &found);
+	if (!found)
+	{
+		usage_shared->lock = lock;
+		usage_shared->failure_entries = 0;
+		usage_shared->swept_at[0] = 0;
+		usage_shared->swept_at[1] = 0;
+	}
 
 	info.keysize = sizeof(UsageKey);
 	info.entrysize = sizeof(UsageEntry);
 	usage_htab = ShmemInitHash("apikey usage",
-							   apikey_usage_max_entries,
-							   apikey_usage_max_entries,
+							   usage_max_entries,
+							   usage_max_entries,
 							   &info, HASH_ELEM | HASH_BLOBS);
 }
 
@@ -154,7 +220,7 @@ writer_database(void)
 
 	if (!resolved)
 	{
-		worker_db = get_database_oid(apikey_database, true);
+		worker_db = get_database_oid(apikey_usage_database, true);
 		resolved = true;
 	}
 	return worker_db;
@@ -164,7 +230,7 @@ writer_database(void)
 bool
 apikey_usage_in_shmem(void)
 {
-	if (apikey_shared == NULL || usage_htab == NULL)
+	if (usage_shared == NULL || usage_htab == NULL)
 		return false;
 	if (RecoveryInProgress())
 		return true;
@@ -188,10 +254,10 @@ bucket_is_stale(TimestampTz bucket, TimestampTz ref)
 static bool
 has_room(bool failure, int need)
 {
-	if (hash_get_num_entries(usage_htab) + need > apikey_usage_max_entries)
+	if (hash_get_num_entries(usage_htab) + need > usage_max_entries)
 		return false;
 	return !failure ||
-		apikey_shared->usage_failure_entries + need <= FAILURE_SHARE(apikey_usage_max_entries);
+		usage_shared->failure_entries + need <= FAILURE_SHARE(usage_max_entries);
 }
 
 /* Insert a zeroed entry, or NULL; usage_lock held exclusively. */
@@ -208,7 +274,7 @@ enter_entry(const UsageKey *uk)
 		entry->calls = 0;
 		entry->last_at = 0;
 		if (is_failure(uk))
-			apikey_shared->usage_failure_entries++;
+			usage_shared->failure_entries++;
 	}
 	return entry;
 }
@@ -220,7 +286,7 @@ remove_entry(const UsageKey *uk)
 	bool		failure = is_failure(uk);
 
 	if (hash_search(usage_htab, uk, HASH_REMOVE, NULL) != NULL && failure)
-		apikey_shared->usage_failure_entries--;
+		usage_shared->failure_entries--;
 }
 
 static int
@@ -254,9 +320,9 @@ make_room(bool failure, int need, TimestampTz now, Oid worker_db)
 	if (has_room(failure, need))
 		return true;
 	only_failures = failure &&
-		apikey_shared->usage_failure_entries + need > FAILURE_SHARE(apikey_usage_max_entries);
-	if (now >= apikey_shared->usage_swept_at[only_failures] &&
-		now - apikey_shared->usage_swept_at[only_failures] < SWEEP_PAUSE)
+		usage_shared->failure_entries + need > FAILURE_SHARE(usage_max_entries);
+	if (now >= usage_shared->swept_at[only_failures] &&
+		now - usage_shared->swept_at[only_failures] < SWEEP_PAUSE)
 		return false;
 
 	hash_seq_init(&status, usage_htab);
@@ -285,9 +351,9 @@ make_room(bool failure, int need, TimestampTz now, Oid worker_db)
 	if (ncand == 0)
 	{
 		/* nothing to evict: do not scan again for every count */
-		apikey_shared->usage_swept_at[only_failures] = now;
+		usage_shared->swept_at[only_failures] = now;
 		if (!only_failures)
-			apikey_shared->usage_swept_at[1] = now;
+			usage_shared->swept_at[1] = now;
 		pfree(cand);
 		return false;
 	}
@@ -356,20 +422,20 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 {
 	UsageEntry *entry;
 
-	LWLockAcquire(apikey_shared->usage_lock, LW_SHARED);
+	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
 	if (entry == NULL)
 	{
 		Oid			worker_db;
 
-		LWLockRelease(apikey_shared->usage_lock);
+		LWLockRelease(usage_shared->lock);
 		worker_db = RecoveryInProgress() ? InvalidOid : writer_database();
-		LWLockAcquire(apikey_shared->usage_lock, LW_EXCLUSIVE);
+		LWLockAcquire(usage_shared->lock, LW_EXCLUSIVE);
 		entry = find_or_admit(uk, now, worker_db);
 		if (entry == NULL)
 		{
-			LWLockRelease(apikey_shared->usage_lock);
-			pg_atomic_fetch_add_u64(&apikey_shared->usage_dropped, 1);
+			LWLockRelease(usage_shared->lock);
+			apikey_stats_dropped(1);
 			return;
 		}
 	}
@@ -378,7 +444,7 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 	if (now > entry->last_at)
 		entry->last_at = now;
 	SpinLockRelease(&entry->mutex);
-	LWLockRelease(apikey_shared->usage_lock);
+	LWLockRelease(usage_shared->lock);
 }
 
 /* Rebuild an inet datum from a usage key, or NULL. */
@@ -422,7 +488,7 @@ sync_usage_params(const SyncUsage *su, Datum *values, char *nulls)
 	values[0] = Int64GetDatum(su->uk->key_id);
 	nulls[0] = su->uk->key_id == 0 ? 'n' : ' ';
 	values[1] = TimestampTzGetDatum(su->uk->bucket);
-	values[2] = CStringGetTextDatum(apikey_code_names[su->uk->code]);
+	values[2] = CStringGetTextDatum(apikey_verdict_name(su->uk->code));
 	values[3] = PointerGetDatum(su->addr);
 	nulls[3] = su->addr == NULL ? 'n' : ' ';
 }
@@ -619,7 +685,7 @@ write_snaps(const UsageSnap *snaps, int n)
 		key_ids[i] = Int64GetDatum(snaps[i].key.key_id);
 		key_nulls[i] = (snaps[i].key.key_id == 0);
 		buckets[i] = TimestampTzGetDatum(snaps[i].key.bucket);
-		codes[i] = CStringGetTextDatum(apikey_code_names[snaps[i].key.code]);
+		codes[i] = CStringGetTextDatum(apikey_verdict_name(snaps[i].key.code));
 		addrs[i] = PointerGetDatum(a);
 		addr_nulls[i] = (a == NULL);
 		calls[i] = Int64GetDatum(snaps[i].calls);
@@ -656,7 +722,7 @@ usage_snapshot(UsageSnap **out)
 	int			cap;
 	UsageSnap  *snaps;
 
-	LWLockAcquire(apikey_shared->usage_lock, LW_SHARED);
+	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	cap = Max(hash_get_num_entries(usage_htab), 1);
 	snaps = palloc(sizeof(UsageSnap) * cap);
 	hash_seq_init(&status, usage_htab);
@@ -673,7 +739,7 @@ usage_snapshot(UsageSnap **out)
 		if (snaps[n].calls > 0)
 			n++;
 	}
-	LWLockRelease(apikey_shared->usage_lock);
+	LWLockRelease(usage_shared->lock);
 	*out = snaps;
 	return n;
 }
@@ -689,7 +755,7 @@ usage_subtract(const UsageSnap *snaps, int n)
 	TimestampTz now = GetCurrentTimestamp();
 	int			i;
 
-	LWLockAcquire(apikey_shared->usage_lock, LW_EXCLUSIVE);
+	LWLockAcquire(usage_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < n; i++)
 	{
 		UsageEntry *entry = hash_search(usage_htab, &snaps[i].key, HASH_FIND, NULL);
@@ -701,7 +767,7 @@ usage_subtract(const UsageSnap *snaps, int n)
 			(entry->key.family == 0 || bucket_is_stale(entry->key.bucket, now)))
 			remove_entry(&snaps[i].key);
 	}
-	LWLockRelease(apikey_shared->usage_lock);
+	LWLockRelease(usage_shared->lock);
 }
 
 /*
@@ -721,7 +787,7 @@ apikey_usage_flush_shared(void)
 	uint64		total = 0;
 	int			i;
 
-	if (apikey_shared == NULL || usage_htab == NULL || flush_pending != NULL)
+	if (usage_shared == NULL || usage_htab == NULL || flush_pending != NULL)
 		return 0;
 	if (!xact_callback_registered)
 	{
@@ -770,9 +836,9 @@ usage_xact_callback(XactEvent event, void *arg)
  * last_used_at, in the caller's transaction (as the tables' owner).  It is
  * all MVCC: if that transaction or a subtransaction around this rolls
  * back, the pending rows are there again.  One folder at a time per
- * database, under a transaction-level advisory lock in a field4 space (3)
- * that the SQL advisory-lock functions never use; it is only tried, never
- * waited for, so a folder left idle in its transaction stops nobody.
+ * database, under a transaction-level advisory lock (FOLD_LOCK_*); it is
+ * only tried, never waited for, so a folder left idle in its transaction
+ * stops nobody.
  * JIT is off for it: compiling the statement costs more than running it.
  * Returns usage rows written, or -1 when another session is folding.
  */
@@ -785,7 +851,8 @@ apikey_usage_fold_pending(void)
 
 	if (!OidIsValid(pending_relid()))
 		return 0;
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x61706b79, 0x75736167, 3);
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, FOLD_LOCK_KEY1, FOLD_LOCK_KEY2,
+						 FOLD_LOCK_SPACE);
 	if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
 		return -1;
 
@@ -811,16 +878,16 @@ apikey_usage_pending(void)
 	UsageEntry *entry;
 	uint64		n = 0;
 
-	if (apikey_shared == NULL || usage_htab == NULL)
+	if (usage_shared == NULL || usage_htab == NULL)
 		return 0;
-	LWLockAcquire(apikey_shared->usage_lock, LW_SHARED);
+	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	hash_seq_init(&status, usage_htab);
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
 		if (entry->key.code != USAGE_TALLY && entry->calls > 0)
 			n++;
 	}
-	LWLockRelease(apikey_shared->usage_lock);
+	LWLockRelease(usage_shared->lock);
 	return n;
 }
 
@@ -832,7 +899,7 @@ apikey_usage_list(Tuplestorestate *tupstore, TupleDesc tupdesc)
 	int			n;
 	int			i;
 
-	if (apikey_shared == NULL || usage_htab == NULL)
+	if (usage_shared == NULL || usage_htab == NULL)
 		return;
 	n = usage_snapshot(&snaps);
 	for (i = 0; i < n; i++)
@@ -844,7 +911,7 @@ apikey_usage_list(Tuplestorestate *tupstore, TupleDesc tupdesc)
 		values[0] = Int64GetDatum(snaps[i].key.key_id);
 		nulls[0] = (snaps[i].key.key_id == 0);
 		values[1] = TimestampTzGetDatum(snaps[i].key.bucket);
-		values[2] = CStringGetTextDatum(apikey_code_names[snaps[i].key.code]);
+		values[2] = CStringGetTextDatum(apikey_verdict_name(snaps[i].key.code));
 		values[3] = PointerGetDatum(a);
 		nulls[3] = (a == NULL);
 		values[4] = Int64GetDatum(snaps[i].calls);

@@ -42,20 +42,6 @@
 #include "apikey.h"
 #include "token.h"
 
-const char *const apikey_code_names[APIKEY_NUM_CODES] = {
-	"valid",
-	"malformed",
-	"unknown",
-	"revoked",
-	"expired",
-	"address_denied",
-	"scope_denied",
-	"rate_limited",
-	"rate_limit_unavailable",
-	"quota_exhausted",
-	"quota_unavailable"
-};
-
 /*
  * Does a key holding these scopes hold want?  A grant matches exactly, or
  * ends in ":*" and covers every scope under that prefix, or is "*".

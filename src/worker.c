@@ -41,7 +41,10 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
+#include "storage/condition_variable.h"
 #include "storage/latch.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/backend_status.h"
@@ -49,13 +52,73 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
+#include "apikey.h"
 #include "compat.h"
-#include "shmem.h"
 
 /* How long a flush waits for a lock before it gives up until next round. */
 #define WRITER_LOCK_TIMEOUT		"10s"
 
+/*
+ * The writer, and flush_usage() requests to it.  Locking: mutex (a
+ * spinlock) protects every field but cv; waiters sleep on cv, which the
+ * writer broadcasts after each flush and when it exits.
+ */
+typedef struct WriterShared
+{
+	slock_t		mutex;
+	pid_t		pid;			/* 0 while no writer runs */
+	Latch	   *latch;
+	uint64		flush_requested;	/* requests made so far */
+	uint64		flush_served;	/* requests the last finished flush covered */
+	bool		flush_ok;		/* did that flush succeed? */
+	int			flush_rows;		/* usage_log rows it wrote */
+	ConditionVariable cv;
+} WriterShared;
+
+/* GUC: apikey.usage_flush_interval */
+static int	usage_flush_interval = 1000;
+
+static WriterShared *writer = NULL;
+
 PGDLLEXPORT void apikey_worker_main(Datum main_arg);
+
+/* The writer's settings; every backend defines them. */
+void
+apikey_worker_init(void)
+{
+	DefineCustomIntVariable("apikey.usage_flush_interval",
+							"How often the background worker writes usage counters to apikey.usage_log.",
+							NULL,
+							&usage_flush_interval,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+}
+
+Size
+apikey_worker_shmem_size(void)
+{
+	return sizeof(WriterShared);
+}
+
+/* Called from shmem_startup with AddinShmemInitLock held. */
+void
+apikey_worker_shmem_startup(void)
+{
+	bool		found;
+
+	writer = ShmemInitStruct("apikey usage writer", sizeof(WriterShared), &found);
+	if (found)
+		return;
+	SpinLockInit(&writer->mutex);
+	writer->pid = 0;
+	writer->latch = NULL;
+	writer->flush_requested = 0;
+	writer->flush_served = 0;
+	writer->flush_ok = true;
+	writer->flush_rows = 0;
+	ConditionVariableInit(&writer->cv);
+}
 
 /* Register the worker; called from _PG_init while preloading. */
 void
@@ -167,19 +230,19 @@ flush_round(void)
 	int			rows;
 	bool		ok;
 
-	SpinLockAcquire(&apikey_shared->writer_mutex);
-	requested = apikey_shared->flush_requested;
-	SpinLockRelease(&apikey_shared->writer_mutex);
+	SpinLockAcquire(&writer->mutex);
+	requested = writer->flush_requested;
+	SpinLockRelease(&writer->mutex);
 
 	ok = flush_once(&rows);
 
-	SpinLockAcquire(&apikey_shared->writer_mutex);
-	if (requested > apikey_shared->flush_served)
-		apikey_shared->flush_served = requested;
-	apikey_shared->flush_ok = ok;
-	apikey_shared->flush_rows = rows;
-	SpinLockRelease(&apikey_shared->writer_mutex);
-	ConditionVariableBroadcast(&apikey_shared->flush_cv);
+	SpinLockAcquire(&writer->mutex);
+	if (requested > writer->flush_served)
+		writer->flush_served = requested;
+	writer->flush_ok = ok;
+	writer->flush_rows = rows;
+	SpinLockRelease(&writer->mutex);
+	ConditionVariableBroadcast(&writer->cv);
 }
 
 /* Has flush_usage() asked for a flush not yet served? */
@@ -188,9 +251,9 @@ flush_wanted(void)
 {
 	bool		wanted;
 
-	SpinLockAcquire(&apikey_shared->writer_mutex);
-	wanted = apikey_shared->flush_requested > apikey_shared->flush_served;
-	SpinLockRelease(&apikey_shared->writer_mutex);
+	SpinLockAcquire(&writer->mutex);
+	wanted = writer->flush_requested > writer->flush_served;
+	SpinLockRelease(&writer->mutex);
 	return wanted;
 }
 
@@ -239,11 +302,11 @@ wait_for_client_backends(int max_ms)
 static void
 writer_gone(int code, Datum arg)
 {
-	SpinLockAcquire(&apikey_shared->writer_mutex);
-	apikey_shared->writer_pid = 0;
-	apikey_shared->writer_latch = NULL;
-	SpinLockRelease(&apikey_shared->writer_mutex);
-	ConditionVariableBroadcast(&apikey_shared->flush_cv);
+	SpinLockAcquire(&writer->mutex);
+	writer->pid = 0;
+	writer->latch = NULL;
+	SpinLockRelease(&writer->mutex);
+	ConditionVariableBroadcast(&writer->cv);
 }
 
 void
@@ -253,23 +316,23 @@ apikey_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(apikey_database, NULL, 0);
+	BackgroundWorkerInitializeConnection(apikey_usage_database, NULL, 0);
 	pin_settings();
 
 	before_shmem_exit(writer_gone, (Datum) 0);
-	SpinLockAcquire(&apikey_shared->writer_mutex);
-	apikey_shared->writer_pid = MyProcPid;
-	apikey_shared->writer_latch = MyLatch;
-	SpinLockRelease(&apikey_shared->writer_mutex);
+	SpinLockAcquire(&writer->mutex);
+	writer->pid = MyProcPid;
+	writer->latch = MyLatch;
+	SpinLockRelease(&writer->mutex);
 	ereport(LOG,
 			(errmsg("apikey usage writer started for database \"%s\"",
-					apikey_database)));
+					apikey_usage_database)));
 
 	while (!ShutdownRequestPending)
 	{
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 apikey_usage_flush_interval,
+						 usage_flush_interval,
 						 PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
@@ -303,36 +366,36 @@ apikey_worker_request_flush(void)
 	bool		ok = true;
 	int			rows = 0;
 
-	SpinLockAcquire(&apikey_shared->writer_mutex);
-	if (apikey_shared->writer_pid != 0)
+	SpinLockAcquire(&writer->mutex);
+	if (writer->pid != 0)
 	{
-		mine = ++apikey_shared->flush_requested;
-		latch = apikey_shared->writer_latch;
+		mine = ++writer->flush_requested;
+		latch = writer->latch;
 	}
 	else
 		gone = true;
-	SpinLockRelease(&apikey_shared->writer_mutex);
+	SpinLockRelease(&writer->mutex);
 	if (gone)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("the apikey usage writer is not running"),
 				 errdetail("Usage of database \"%s\" is flushed by the usage writer only.",
-						   apikey_database),
+						   apikey_usage_database),
 				 errhint("It is restarted within seconds; if not, look for its errors in the server log (and check max_worker_processes).")));
 	SetLatch(latch);
 
-	ConditionVariablePrepareToSleep(&apikey_shared->flush_cv);
+	ConditionVariablePrepareToSleep(&writer->cv);
 	for (;;)
 	{
-		SpinLockAcquire(&apikey_shared->writer_mutex);
-		served = apikey_shared->flush_served >= mine;
-		gone = apikey_shared->writer_pid == 0;
-		ok = apikey_shared->flush_ok;
-		rows = apikey_shared->flush_rows;
-		SpinLockRelease(&apikey_shared->writer_mutex);
+		SpinLockAcquire(&writer->mutex);
+		served = writer->flush_served >= mine;
+		gone = writer->pid == 0;
+		ok = writer->flush_ok;
+		rows = writer->flush_rows;
+		SpinLockRelease(&writer->mutex);
 		if (served || gone)
 			break;
-		(void) ConditionVariableTimedSleep(&apikey_shared->flush_cv, 1000,
+		(void) ConditionVariableTimedSleep(&writer->cv, 1000,
 										   PG_WAIT_EXTENSION);
 	}
 	ConditionVariableCancelSleep();
