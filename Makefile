@@ -42,6 +42,9 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# src/hash.c calls OpenSSL directly where the server is built with it
+SHLIB_LINK += $(filter -lcrypto, $(LIBS))
+
 # PGXS tracks no header dependencies: every object depends on every header.
 $(OBJS): $(wildcard src/*.h)
 
