@@ -45,6 +45,9 @@ include $(PGXS)
 # src/hash.c calls OpenSSL directly where the server is built with it
 SHLIB_LINK += $(filter -lcrypto, $(LIBS))
 
+# TAP tests share t/ApikeyTest.pm; prove runs in the source directory.
+PG_PROVE_FLAGS += -I t
+
 # PGXS tracks no header dependencies: every object depends on every header.
 $(OBJS): $(wildcard src/*.h)
 
