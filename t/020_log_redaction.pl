@@ -21,12 +21,10 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('redact');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
+my $node = apikey_node(
+	'redact', q{
 session_preload_libraries = 'auto_explain'
 auto_explain.log_min_duration = 0
 auto_explain.log_analyze = on
@@ -43,9 +41,7 @@ logging_collector = on
 log_destination = 'stderr,csvlog,jsonlog'
 log_directory = 'log'
 });
-$node->start;
-
-$node->safe_psql('postgres', 'CREATE EXTENSION apikey');
+apikey_db($node);
 
 # Tokens used below, by name.  Each is used in one kind of place, so a leak
 # names the path that leaked it.
