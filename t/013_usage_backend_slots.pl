@@ -13,21 +13,13 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 use Time::HiRes qw(usleep);
 
-my $node = PostgreSQL::Test::Cluster->new('slots');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
-apikey.usage_flush_interval = '100ms'
-});
-$node->start;
-
+my $node = apikey_node('slots', "apikey.usage_flush_interval = '100ms'\n");
+apikey_db($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 CREATE TABLE tok (n int PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT g, i.key_id, i.token
   FROM generate_series(1, 600) g, LATERAL apikey.issue(owner => 'o' || g) i;
