@@ -279,3 +279,347 @@ COMMENT ON COLUMN apikey.stats.flushed_calls IS 'Verifications written to usage_
 COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memory not yet written (all databases)';
 COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
 COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
+
+-------------------------------------------------------------------------------
+-- Reversible responses (issue 12): suspend and resume a key or an owner,
+-- quarantine a key to some of its scopes and release it, reissue a key.
+-- A row in suspensions or quarantines takes effect at commit in every
+-- backend (and on standbys, through WAL): the same cache invalidation as
+-- revocations.  A timed one (until) ends by the clock, judged at each call.
+-------------------------------------------------------------------------------
+
+CREATE TABLE apikey.suspensions (
+	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	since		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	until		timestamptz,
+	reason		text NOT NULL,
+	by			name NOT NULL,
+	finding_id	bigint,
+	CONSTRAINT suspensions_until_check CHECK (until OPERATOR(pg_catalog.>) since)
+);
+COMMENT ON TABLE apikey.suspensions IS 'One row per suspended key: verifications answer suspended until the row is deleted (apikey.resume) or its until passes';
+COMMENT ON COLUMN apikey.suspensions.key_id IS 'The suspended key';
+COMMENT ON COLUMN apikey.suspensions.since IS 'When it was suspended';
+COMMENT ON COLUMN apikey.suspensions.until IS 'When the suspension ends by itself; NULL = until resumed';
+COMMENT ON COLUMN apikey.suspensions.reason IS 'Why, free text';
+COMMENT ON COLUMN apikey.suspensions.by IS 'Role that suspended it (acting in the session)';
+COMMENT ON COLUMN apikey.suspensions.finding_id IS 'The detector finding that caused it; NULL when a person did';
+
+CREATE TABLE apikey.quarantines (
+	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	allowed_scopes text[] NOT NULL
+				CONSTRAINT quarantines_allowed_scopes_check
+				CHECK (pg_catalog.cardinality(allowed_scopes) OPERATOR(pg_catalog.>) 0),
+	since		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	until		timestamptz,
+	reason		text NOT NULL,
+	by			name NOT NULL,
+	finding_id	bigint,
+	CONSTRAINT quarantines_until_check CHECK (until OPERATOR(pg_catalog.>) since)
+);
+COMMENT ON TABLE apikey.quarantines IS 'One row per quarantined key: only the scopes in allowed_scopes keep working, others answer quarantined, until apikey.release or until passes';
+COMMENT ON COLUMN apikey.quarantines.key_id IS 'The quarantined key';
+COMMENT ON COLUMN apikey.quarantines.allowed_scopes IS 'Grants (names, prefix:* or *) the key may still use, within its own scopes';
+COMMENT ON COLUMN apikey.quarantines.since IS 'When it was quarantined';
+COMMENT ON COLUMN apikey.quarantines.until IS 'When the quarantine ends by itself; NULL = until released';
+COMMENT ON COLUMN apikey.quarantines.reason IS 'Why, free text';
+COMMENT ON COLUMN apikey.quarantines.by IS 'Role that quarantined it (acting in the session)';
+COMMENT ON COLUMN apikey.quarantines.finding_id IS 'The detector finding that caused it; NULL when a person did';
+
+SELECT pg_catalog.pg_extension_config_dump('apikey.suspensions', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.quarantines', '');
+REVOKE ALL ON apikey.suspensions, apikey.quarantines FROM PUBLIC;
+
+CREATE TRIGGER suspensions_invalidate
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikey.suspensions
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER quarantines_invalidate
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikey.quarantines
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.suspensions ENABLE ALWAYS TRIGGER suspensions_invalidate;
+ALTER TABLE apikey.quarantines ENABLE ALWAYS TRIGGER quarantines_invalidate;
+CREATE TRIGGER suspensions_invalidate_applied
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.suspensions
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER quarantines_invalidate_applied
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.quarantines
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.suspensions ENABLE REPLICA TRIGGER suspensions_invalidate_applied;
+ALTER TABLE apikey.quarantines ENABLE REPLICA TRIGGER quarantines_invalidate_applied;
+
+-- Arguments every response checks the same way: the key exists (locked
+-- against a concurrent response), the reason is given, for_ is positive.
+CREATE FUNCTION apikey._response_key(key_id bigint, reason text, for_ interval, what text)
+RETURNS apikey.keys
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_key apikey.keys;
+BEGIN
+	IF _response_key.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF _response_key.reason IS NULL OR _response_key.reason OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
+		RAISE EXCEPTION 'reason must not be empty'
+			USING ERRCODE = '22004', HINT = pg_catalog.format('Say why the key is %s, e.g. ''credential stuffing from 203.0.113.7''.', _response_key.what);
+	END IF;
+	IF _response_key.for_ IS NOT NULL AND _response_key.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'for_ must be a positive interval, got %', _response_key.for_
+			USING ERRCODE = '22023', HINT = pg_catalog.format('Pass NULL to keep the key %s until lifted.', _response_key.what);
+	END IF;
+	SELECT * INTO v_key FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) _response_key.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', _response_key.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	RETURN v_key;
+END
+$$;
+COMMENT ON FUNCTION apikey._response_key(bigint, text, interval, text)
+	IS 'Internal: check a response''s arguments and lock the key row (suspend, quarantine)';
+REVOKE ALL ON FUNCTION apikey._response_key(bigint, text, interval, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.suspend(key_id bigint, reason text, for_ interval DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_was boolean;
+BEGIN
+	v_key := apikey._response_key(suspend.key_id, suspend.reason, suspend.for_, 'suspended');
+	v_was := EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id
+						AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()));
+	INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
+	VALUES (v_key.id, pg_catalog.now() OPERATOR(pg_catalog.+) suspend.for_, suspend.reason,
+			apikey._acting_role())
+	ON CONFLICT ON CONSTRAINT suspensions_pkey
+	DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
+				  by = excluded.by, finding_id = NULL;
+	RETURN NOT v_was;
+END
+$$;
+COMMENT ON FUNCTION apikey.suspend(bigint, text, interval)
+	IS 'Suspend a key: it answers suspended (authenticate raises 28000) from this commit on, for for_ or until resumed; true if it was not suspended (suspending again replaces the suspension)';
+REVOKE ALL ON FUNCTION apikey.suspend(bigint, text, interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.resume(key_id bigint, note text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF resume.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) resume.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', resume.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) resume.key_id) THEN
+		RAISE EXCEPTION 'key % is revoked and cannot be resumed', resume.key_id
+			USING ERRCODE = '55000', HINT = 'Revocation is permanent: issue a new key with apikey.reissue().';
+	END IF;
+	DELETE FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) resume.key_id;
+	RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION apikey.resume(bigint, text)
+	IS 'Lift a key''s suspension from this commit on; true if it was suspended.  A revoked key cannot be resumed';
+REVOKE ALL ON FUNCTION apikey.resume(bigint, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.suspend_owner(owner text, reason text, for_ interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n bigint;
+BEGIN
+	IF suspend_owner.owner IS NULL OR suspend_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
+	END IF;
+	IF suspend_owner.reason IS NULL OR suspend_owner.reason OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
+		RAISE EXCEPTION 'reason must not be empty'
+			USING ERRCODE = '22004', HINT = 'Say why the owner''s keys are suspended.';
+	END IF;
+	IF suspend_owner.for_ IS NOT NULL AND suspend_owner.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'for_ must be a positive interval, got %', suspend_owner.for_
+			USING ERRCODE = '22023', HINT = 'Pass NULL to keep the keys suspended until resumed.';
+	END IF;
+	INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
+	SELECT k.id, pg_catalog.now() OPERATOR(pg_catalog.+) suspend_owner.for_, suspend_owner.reason,
+		   apikey._acting_role()
+	  FROM apikey.keys k
+	 WHERE k.owner OPERATOR(pg_catalog.=) suspend_owner.owner
+	   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)
+	 ORDER BY k.id
+	ON CONFLICT ON CONSTRAINT suspensions_pkey
+	DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
+				  by = excluded.by, finding_id = NULL;
+	GET DIAGNOSTICS n = ROW_COUNT;
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.suspend_owner(text, text, interval)
+	IS 'Suspend every unrevoked key of an owner (keys issued later are not); returns how many';
+REVOKE ALL ON FUNCTION apikey.suspend_owner(text, text, interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.resume_owner(owner text, note text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n bigint;
+BEGIN
+	IF resume_owner.owner IS NULL OR resume_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
+	END IF;
+	DELETE FROM apikey.suspensions s
+	 USING apikey.keys k
+	 WHERE k.id OPERATOR(pg_catalog.=) s.key_id AND k.owner OPERATOR(pg_catalog.=) resume_owner.owner;
+	GET DIAGNOSTICS n = ROW_COUNT;
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.resume_owner(text, text)
+	IS 'Lift the suspension of every key of an owner; returns how many were suspended (revoked keys stay revoked)';
+REVOKE ALL ON FUNCTION apikey.resume_owner(text, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.quarantine(key_id bigint, allowed_scopes text[], reason text,
+								  for_ interval DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_allowed text[];
+	v_was boolean;
+BEGIN
+	v_key := apikey._response_key(quarantine.key_id, quarantine.reason, quarantine.for_, 'quarantined');
+	IF quarantine.allowed_scopes IS NULL THEN
+		RAISE EXCEPTION 'allowed_scopes must not be NULL'
+			USING ERRCODE = '22004', HINT = 'Use apikey.suspend() to stop every scope.';
+	END IF;
+	IF pg_catalog.cardinality(quarantine.allowed_scopes) OPERATOR(pg_catalog.=) 0 THEN
+		RAISE EXCEPTION 'allowed_scopes must not be empty'
+			USING ERRCODE = '22023', HINT = 'Use apikey.suspend() to stop every scope.';
+	END IF;
+	v_allowed := apikey._check_scopes(quarantine.allowed_scopes);
+	v_was := EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_key.id
+						AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now()));
+	INSERT INTO apikey.quarantines AS q (key_id, allowed_scopes, until, reason, by)
+	VALUES (v_key.id, v_allowed, pg_catalog.now() OPERATOR(pg_catalog.+) quarantine.for_,
+			quarantine.reason, apikey._acting_role())
+	ON CONFLICT ON CONSTRAINT quarantines_pkey
+	DO UPDATE SET allowed_scopes = excluded.allowed_scopes, since = excluded.since,
+				  until = excluded.until, reason = excluded.reason, by = excluded.by,
+				  finding_id = NULL;
+	RETURN NOT v_was;
+END
+$$;
+COMMENT ON FUNCTION apikey.quarantine(bigint, text[], text, interval)
+	IS 'Quarantine a key from this commit on: scopes outside allowed_scopes answer quarantined (authenticate raises 42501), the rest keep working; for for_ or until released; true if it was not quarantined';
+REVOKE ALL ON FUNCTION apikey.quarantine(bigint, text[], text, interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.release(key_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF release.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) release.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', release.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	DELETE FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) release.key_id;
+	RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION apikey.release(bigint)
+	IS 'Lift a key''s quarantine from this commit on; true if it was quarantined';
+REVOKE ALL ON FUNCTION apikey.release(bigint) FROM PUBLIC;
+
+CREATE FUNCTION apikey.reissue(key_id bigint)
+RETURNS SETOF apikey.new_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_old apikey.keys;
+	v_new record;
+	v_id bigint;
+BEGIN
+	IF reissue.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) reissue.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', reissue.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	IF NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id)
+	   AND NOT EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_old.id
+						  AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()))
+	   AND NOT EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id
+						  AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now())) THEN
+		RAISE EXCEPTION 'key % is not revoked, suspended or quarantined', v_old.id
+			USING ERRCODE = '55000', HINT = 'Use apikey.rotate() to replace a key in good standing.';
+	END IF;
+	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+		RAISE EXCEPTION 'key % has expired and cannot be reissued', v_old.id
+			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
+	END IF;
+
+	v_new := apikey._new_token(v_old.prefix);
+	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
+							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
+			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
+	RETURNING apikey.keys.id INTO v_id;
+	INSERT INTO apikey.key_scopes (key_id, scope)
+	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	-- the new key starts from the old budget (reissuing never refills it)
+	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
+	   FROM apikey.keys b
+	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+	IF v_old.quota IS NOT NULL THEN
+		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
+		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
+		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+	END IF;
+
+	-- no grace: the old key is revoked in the same transaction
+	INSERT INTO apikey.revocations (key_id, revoked_by, reason)
+	VALUES (v_old.id, apikey._acting_role(), 'reissued as key ' OPERATOR(pg_catalog.||) v_id)
+	ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING;
+
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+END
+$$;
+COMMENT ON FUNCTION apikey.reissue(bigint)
+	IS 'Replace a revoked, suspended or quarantined key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace';
+REVOKE ALL ON FUNCTION apikey.reissue(bigint) FROM PUBLIC;
+
+CREATE OR REPLACE VIEW apikey.key_status AS
+SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
+	   k.last_used_at, k.rotated_from,
+	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
+			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+			WHEN s.key_id IS NOT NULL THEN 'suspended'
+			WHEN q.key_id IS NOT NULL THEN 'quarantined'
+			ELSE 'active' END AS status,
+	   r.revoked_at, r.reason AS revoked_reason,
+	   ARRAY(SELECT ks.scope FROM apikey.key_scopes ks
+			  WHERE ks.key_id OPERATOR(pg_catalog.=) k.id ORDER BY ks.scope) AS scopes
+  FROM apikey.keys k
+  LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
+  LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
+		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
+  LEFT JOIN apikey.quarantines q ON q.key_id OPERATOR(pg_catalog.=) k.id
+		AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now());
+COMMENT ON VIEW apikey.key_status IS 'Every key with its status (active, revoked, expired, suspended, quarantined) and scopes; no hashes';
+COMMENT ON COLUMN apikey.key_status.status IS 'revoked, expired, suspended, quarantined or active (the first that applies; a timed suspension or quarantine counts until its until)';

@@ -339,7 +339,8 @@ apikey_authenticate(PG_FUNCTION_ARGS)
 	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), scope, inet_arg_or_null(fcinfo, 2), &v);
 	if (v.code != APIKEY_VALID)
-		apikey_verdict_report(&v, v.code == APIKEY_SCOPE_DENIED ?
+		apikey_verdict_report(&v, (v.code == APIKEY_SCOPE_DENIED ||
+								   v.code == APIKEY_QUARANTINED) ?
 							  clip_for_message(scope) : NULL);
 	apikey_binding_set(v.key, session);
 	PG_RETURN_INT64(v.key->key_id);

@@ -45,10 +45,11 @@ $$;
 -- Row counts of every apikey table, as one text value.
 CREATE FUNCTION regress_hardening_counts() RETURNS text
 LANGUAGE sql AS $$
-SELECT format('keys=%s key_scopes=%s revocations=%s quotas=%s scopes=%s usage_log=%s',
+SELECT format('keys=%s key_scopes=%s revocations=%s quotas=%s scopes=%s usage_log=%s suspensions=%s quarantines=%s',
 	(SELECT count(*) FROM apikey.keys), (SELECT count(*) FROM apikey.key_scopes),
 	(SELECT count(*) FROM apikey.revocations), (SELECT count(*) FROM apikey.quotas),
-	(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.usage_log))
+	(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.usage_log),
+	(SELECT count(*) FROM apikey.suspensions), (SELECT count(*) FROM apikey.quarantines))
 $$;
 
 -- The cases: function name, label, statement (returning one printable value).
@@ -248,7 +249,35 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_check_cidrs', 'everything', $$SELECT apikey._check_cidrs('{0.0.0.0/0, ::/0}')::text$$),
 ('_check_cidrs', 'inet with host bits (no implicit cast)', $$SELECT apikey._check_cidrs('{10.0.0.1/8}'::inet[])::text$$),
 ('_invalidate', 'called directly', $$SELECT apikey._invalidate()::text$$),
-('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$);
+('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$),
+-- reversible responses (issue 12)
+('suspend', 'NULL', $$SELECT apikey.suspend(NULL, NULL)::text$$),
+('suspend', 'no reason', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), NULL)::text$$),
+('suspend', 'no such key', $$SELECT apikey.suspend(-1, 'r')::text$$),
+('suspend', 'for_ 0', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), 'r', '0')::text$$),
+('suspend', 'for_ beyond the calendar', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), 'r', '178000000 years')::text$$),
+('suspend', '1 MB reason', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), repeat('r', 1048576))::text$$),
+('resume', 'NULL', $$SELECT apikey.resume(NULL)::text$$),
+('resume', 'no such key', $$SELECT apikey.resume(-1)::text$$),
+('resume', 'revoked key', $$SELECT apikey.resume((SELECT id FROM tok WHERE name = 'revoked'))::text$$),
+('resume', 'suspended key', $$SELECT apikey.resume((SELECT id FROM tok WHERE name = 'valid'), repeat('n', 1048576))::text$$),
+('suspend_owner', 'NULL', $$SELECT apikey.suspend_owner(NULL, NULL)::text$$),
+('suspend_owner', 'no reason', $$SELECT apikey.suspend_owner('acme', NULL)::text$$),
+('suspend_owner', '1 MB owner', $$SELECT apikey.suspend_owner(repeat('o', 1048577), 'r')::text$$),
+('suspend_owner', 'for_ negative', $$SELECT apikey.suspend_owner('acme', 'r', '-1 second')::text$$),
+('resume_owner', 'NULL', $$SELECT apikey.resume_owner(NULL)::text$$),
+('resume_owner', 'no such owner', $$SELECT apikey.resume_owner('nobody')::text$$),
+('quarantine', 'NULL', $$SELECT apikey.quarantine(NULL, NULL, NULL)::text$$),
+('quarantine', 'NULL scopes', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), NULL, 'r')::text$$),
+('quarantine', 'empty scopes', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), '{}', 'r')::text$$),
+('quarantine', '1 MB scope', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), ARRAY[repeat('s', 1048576)], 'r')::text$$),
+('quarantine', 'for_ 0', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), '{orders:read}', 'r', '0')::text$$),
+('release', 'NULL', $$SELECT apikey.release(NULL)::text$$),
+('release', 'not quarantined', $$SELECT apikey.release((SELECT id FROM tok WHERE name = 'valid'))::text$$),
+('reissue', 'NULL', $$SELECT count(*) FROM apikey.reissue(NULL)$$),
+('reissue', 'no such key', $$SELECT count(*) FROM apikey.reissue(-1)$$),
+('reissue', 'key in good standing', $$SELECT count(*) FROM apikey.reissue((SELECT id FROM tok WHERE name = 'valid'))$$),
+('_response_key', 'NULL', $$SELECT (apikey._response_key(NULL, NULL, NULL, NULL)).id::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
@@ -286,7 +315,8 @@ SELECT n, fn, label, result FROM cases
 SELECT regress_hardening_counts() AS counts_before \gset
 \set VERBOSITY sqlstate
 SELECT q FROM cases
- WHERE fn IN ('issue', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs')
+ WHERE fn IN ('issue', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs',
+              'suspend', 'resume', 'suspend_owner', 'resume_owner', 'quarantine', 'release', 'reissue', '_response_key')
    AND result !~ '^ok'
  ORDER BY n \gexec
 \set VERBOSITY default

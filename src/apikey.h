@@ -65,10 +65,12 @@ typedef enum ApikeyCode
 	APIKEY_RATE_LIMITED,
 	APIKEY_RATE_LIMIT_UNAVAILABLE,
 	APIKEY_QUOTA_EXHAUSTED,
-	APIKEY_QUOTA_UNAVAILABLE
+	APIKEY_QUOTA_UNAVAILABLE,
+	APIKEY_SUSPENDED,
+	APIKEY_QUARANTINED
 } ApikeyCode;
 
-#define APIKEY_NUM_CODES	(APIKEY_QUOTA_UNAVAILABLE + 1)
+#define APIKEY_NUM_CODES	(APIKEY_QUARANTINED + 1)
 
 /*
  * Everything verification needs to know about one key.  Variable-length
@@ -102,7 +104,20 @@ typedef struct ApikeyKey
 	bool		has_quota;
 	int			ncidrs;
 	inet	  **cidrs;
-	void	   *chunk;			/* owns owner, scopes and cidrs */
+	/*
+	 * Reversible responses (apikey.suspensions, apikey.quarantines).  Their
+	 * end is judged at each call (verify.c), never at load, so a cached key
+	 * is never judged suspended past its until.  DT_NOEND = until lifted.
+	 */
+	bool		suspended;
+	TimestampTz suspended_until;
+	bool		quarantined;
+	TimestampTz quarantined_until;
+	int			nallowed;		/* quarantine's allowed_scopes */
+	char	  **allowed_scopes;
+	void	   *chunk;			/* owns owner, scopes (room for nscopes +
+								 * nallowed pointers), allowed_scopes and
+								 * cidrs */
 	Size		chunk_size;
 } ApikeyKey;
 
@@ -180,6 +195,9 @@ extern void apikey_verify(text *token, text *scope, inet *client_addr,
 						  ApikeyVerdict *verdict);
 extern bool apikey_scope_granted(char *const *scopes, int nscopes,
 								 const char *want, size_t wantlen);
+extern bool apikey_key_suspended(const ApikeyKey *key, TimestampTz now,
+								 int64 *retry_after);
+extern void apikey_key_quarantine_scopes(ApikeyKey *key, TimestampTz now);
 
 /* binding.c */
 extern void apikey_binding_init(void);

@@ -14,15 +14,15 @@
  * write, a quota debit, a catalog lookup) may accept invalidation messages
  * and empty the cache without pulling the key out from under the caller.
  *
- * Invalidation.  Statement-level triggers on keys, key_scopes, scopes and
- * revocations queue a relcache invalidation of apikey.keys, sent when the
- * changing transaction commits.  keystore.c counts those invalidations in
- * a generation number; a lookup that finds the generation moved empties
- * the cache first.  Every verification accepts pending invalidation
- * messages before it looks (verify.c), so a revocation takes effect for
- * every verification that starts after the revoking COMMIT returns, in
- * every backend, and on hot standbys, where the invalidations replay from
- * WAL.
+ * Invalidation.  Statement-level triggers on keys, key_scopes, scopes,
+ * revocations, suspensions and quarantines queue a relcache invalidation
+ * of apikey.keys, sent when the changing transaction commits.  keystore.c
+ * counts those invalidations in a generation number; a lookup that finds
+ * the generation moved empties the cache first.  Every verification
+ * accepts pending invalidation messages before it looks (verify.c), so a
+ * revocation takes effect for every verification that starts after the
+ * revoking COMMIT returns, in every backend, and on hot standbys, where
+ * the invalidations replay from WAL.
  *
  * A record read by a cache miss is cached only if no invalidation arrived
  * between the loader's snapshot and the end of its read (keystore.c locks
@@ -98,6 +98,9 @@ key_copy(const ApikeyKey *src, ApikeyKey *dst, MemoryContext cxt)
 		dst->scopes[i] = REBASE(src->scopes[i]);
 	for (i = 0; i < src->ncidrs; i++)
 		dst->cidrs[i] = REBASE(src->cidrs[i]);
+	dst->allowed_scopes = REBASE(src->allowed_scopes);
+	for (i = 0; i < src->nallowed; i++)
+		dst->allowed_scopes[i] = REBASE(src->allowed_scopes[i]);
 #undef REBASE
 }
 

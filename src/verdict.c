@@ -23,7 +23,8 @@ typedef struct VerdictInfo
 {
 	const char *name;			/* verdict code as SQL sees it */
 	int			sqlstate;		/* raised by authenticate() */
-	const char *message;		/* errmsg; for scope_denied, %s is the scope */
+	const char *message;		/* errmsg; for scope_denied and quarantined,
+								 * %s is the scope */
 	const char *hint;			/* errhint or NULL; %s is retry_after where
 								 * hint_takes_retry */
 	bool		hint_takes_retry;
@@ -57,6 +58,12 @@ static const VerdictInfo verdicts[APIKEY_NUM_CODES] = {
 	[APIKEY_QUOTA_UNAVAILABLE] = {"quota_unavailable", ERRCODE_READ_ONLY_SQL_TRANSACTION,
 		"API key quota cannot be debited in a read-only transaction",
 		"Authenticate keys that have a quota in a read-write transaction on the primary.",
+		false},
+	[APIKEY_SUSPENDED] = {"suspended", REJECTED_KEY,
+		"API key is suspended", "The suspension ends in %s.", true},
+	[APIKEY_QUARANTINED] = {"quarantined", ERRCODE_INSUFFICIENT_PRIVILEGE,
+		"API key is quarantined and may not use scope \"%s\"",
+		"The key may still use the scopes its quarantine allows; an administrator lifts it with apikey.release().",
 		false},
 };
 
@@ -95,7 +102,7 @@ apikey_verdict_report(const ApikeyVerdict *v, const char *scope)
 													apikey_interval_datum(v->retry_after)));
 	ereport(ERROR,
 			(errcode(info->sqlstate),
-			 v->code == APIKEY_SCOPE_DENIED ?
+			 (v->code == APIKEY_SCOPE_DENIED || v->code == APIKEY_QUARANTINED) ?
 			 errmsg(info->message, scope) : errmsg("%s", info->message),
 			 errdetail("Verdict: %s.", info->name),
 			 info->hint == NULL ? 0 :
