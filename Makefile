@@ -3,6 +3,7 @@ MODULE_big = apikey
 OBJS = \
 	apikey.o \
 	src/binding.o \
+	src/failurelimit.o \
 	src/hash.o \
 	src/keycache.o \
 	src/keystore.o \

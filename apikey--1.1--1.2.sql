@@ -623,3 +623,35 @@ SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.ex
 		AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now());
 COMMENT ON VIEW apikey.key_status IS 'Every key with its status (active, revoked, expired, suspended, quarantined) and scopes; no hashes';
 COMMENT ON COLUMN apikey.key_status.status IS 'revoked, expired, suspended, quarantined or active (the first that applies; a timed suspension or quarantine counts until its until)';
+
+-------------------------------------------------------------------------------
+-- Failure limiter (issue 12): a client network asserted by a trusted proxy
+-- that keeps presenting bad tokens is answered address_blocked, in shared
+-- memory, before any lookup (src/failurelimit.c).  apikey.stats counts the
+-- failures of networks it had no room to track.
+-------------------------------------------------------------------------------
+
+DROP VIEW apikey.stats;
+DROP FUNCTION apikey._stats();
+CREATE FUNCTION apikey._stats(OUT shared_memory boolean, OUT calls jsonb, OUT rate_limited bigint,
+							  OUT flushes bigint, OUT flush_errors bigint, OUT flushed_calls bigint,
+							  OUT entries_pending bigint, OUT entries_dropped bigint,
+							  OUT last_flush timestamptz, OUT failure_networks_untracked bigint)
+AS 'MODULE_PATHNAME', 'apikey_stats'
+LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._stats() IS 'Internal: the live counters behind apikey.stats';
+REVOKE ALL ON FUNCTION apikey._stats() FROM PUBLIC;
+
+CREATE VIEW apikey.stats AS SELECT * FROM apikey._stats();
+COMMENT ON VIEW apikey.stats IS 'Live counters of this server: calls per verdict code, flushes, pending and dropped entries, networks the failure limiter could not track';
+REVOKE ALL ON apikey.stats FROM PUBLIC;
+COMMENT ON COLUMN apikey.stats.shared_memory IS 'Whether apikey is preloaded (the other columns are NULL otherwise)';
+COMMENT ON COLUMN apikey.stats.calls IS 'Verifications per verdict code since the server started (jsonb)';
+COMMENT ON COLUMN apikey.stats.rate_limited IS 'Verifications refused by a rate limit since start';
+COMMENT ON COLUMN apikey.stats.flushes IS 'Successful flushes of the usage writer';
+COMMENT ON COLUMN apikey.stats.flush_errors IS 'Failed flushes (the counts were kept for the next one)';
+COMMENT ON COLUMN apikey.stats.flushed_calls IS 'Verifications written to usage_log';
+COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memory not yet written (all databases)';
+COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
+COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
+COMMENT ON COLUMN apikey.stats.failure_networks_untracked IS 'Verifications from a client network the failure limiter had no room to track (apikey.failure_max_networks), so not limited';

@@ -61,6 +61,8 @@ _PG_init(void)
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
 	apikey_ratelimit_init();	/* apikey.rate_limit_max_keys */
+	apikey_failurelimit_init(); /* apikey.failure_limit, _window, _exempt,
+								 * _max_networks */
 	MarkGUCPrefixReserved("apikey");
 
 	if (!process_shared_preload_libraries_in_progress)
@@ -485,8 +487,8 @@ Datum
 apikey_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[9];
-	bool		nulls[9];
+	Datum		values[10];
+	bool		nulls[10];
 	StringInfoData buf;
 	ApikeyStats st;
 	int			i;
@@ -499,7 +501,7 @@ apikey_stats(PG_FUNCTION_ARGS)
 	values[0] = BoolGetDatum(apikey_stats_read(&st));
 	if (!DatumGetBool(values[0]))
 	{
-		for (i = 1; i < 9; i++)
+		for (i = 1; i < 10; i++)
 			nulls[i] = true;
 	}
 	else
@@ -518,7 +520,9 @@ apikey_stats(PG_FUNCTION_ARGS)
 		values[7] = Int64GetDatum(st.usage_dropped);
 		values[8] = TimestampTzGetDatum(st.last_flush);
 		nulls[8] = (st.last_flush == 0);
+		values[9] = Int64GetDatum(st.failure_untracked);
 	}
+	/* heap_form_tuple reads as many values as _stats() declares (9 before 1.2) */
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 

@@ -13,6 +13,9 @@
  *					apikey.usage_flush_interval
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 verify.c		the verification rules that produce a verdict
+ *	 failurelimit.c	per-network failure limiter in shared memory, before the
+ *					hash lookup; apikey.failure_limit, apikey.failure_window,
+ *					apikey.failure_exempt, apikey.failure_max_networks
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
  *					writes; apikey.database, apikey.usage_max_entries
  *	 quota.c		per-key quotas debited in the caller's transaction
@@ -67,10 +70,11 @@ typedef enum ApikeyCode
 	APIKEY_QUOTA_EXHAUSTED,
 	APIKEY_QUOTA_UNAVAILABLE,
 	APIKEY_SUSPENDED,
-	APIKEY_QUARANTINED
+	APIKEY_QUARANTINED,
+	APIKEY_ADDRESS_BLOCKED
 } ApikeyCode;
 
-#define APIKEY_NUM_CODES	(APIKEY_QUARANTINED + 1)
+#define APIKEY_NUM_CODES	(APIKEY_ADDRESS_BLOCKED + 1)
 
 /*
  * Everything verification needs to know about one key.  Variable-length
@@ -149,6 +153,8 @@ typedef struct ApikeyStats
 {
 	uint64		calls[APIKEY_NUM_CODES];	/* every verification, by code */
 	uint64		usage_dropped;	/* usage counts lost to a full table */
+	uint64		failure_untracked;	/* failure claims on networks the
+									 * failure limiter had no room for */
 	uint64		flushes;		/* successful flushes */
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
@@ -159,6 +165,7 @@ extern Size apikey_stats_shmem_size(void);
 extern void apikey_stats_shmem_startup(void);
 extern void apikey_stats_count(ApikeyCode code);
 extern void apikey_stats_dropped(uint64 calls);
+extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern bool apikey_stats_read(ApikeyStats *out);
 
@@ -211,7 +218,51 @@ struct LWLock;
 /* shmem.c */
 extern void apikey_shmem_init(void);
 
+/* failurelimit.c */
+typedef struct ApikeyNetwork
+{
+	Oid			dboid;
+	uint8		family;			/* PGSQL_AF_INET or PGSQL_AF_INET6 */
+	uint8		prefix[8];		/* the /32 or /64; the rest zero */
+} ApikeyNetwork;
+
+typedef struct ApikeyFailureClaim
+{
+	bool		held;			/* one unit of net's budget was taken */
+	ApikeyNetwork net;
+	double		emission;		/* the unit, microseconds */
+} ApikeyFailureClaim;
+
+extern void apikey_failurelimit_init(void);
+extern Size apikey_failurelimit_shmem_size(void);
+extern void apikey_failurelimit_shmem_startup(struct LWLock *lock);
+extern bool apikey_failurelimit_claim(inet *addr, TimestampTz now,
+									  int64 *retry_after,
+									  ApikeyFailureClaim *claim);
+extern void apikey_failurelimit_settle(const ApikeyFailureClaim *claim,
+									   ApikeyCode code);
+
 /* ratelimit.c */
+
+/*
+ * One GCRA step (see ratelimit.c) on a bucket whose theoretical arrival
+ * time is *tat: emission interval T, burst tolerance tau, request at t.
+ * True, with *tat advanced, when the request conforms.  *seen is the TAT
+ * the decision was made on (for retry_after = seen - t - tau).  The caller
+ * holds what protects *tat: this is plain arithmetic, safe under a spinlock.
+ */
+static inline bool
+apikey_gcra_take(double *tat, double t, double T, double tau, double *seen)
+{
+	double		x = Max(*tat, t);
+
+	*seen = x;
+	if (x - t > tau)
+		return false;
+	*tat = x + T;
+	return true;
+}
+
 extern void apikey_ratelimit_init(void);
 extern Size apikey_ratelimit_shmem_size(void);
 extern void apikey_ratelimit_shmem_startup(struct LWLock *lock);

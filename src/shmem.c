@@ -5,7 +5,8 @@
  *
  * Each module owns its shared state and states its locking rule next to
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
- * (rate-limit buckets), worker.c (the usage writer and flush requests).
+ * (rate-limit buckets), failurelimit.c (failure buckets per network),
+ * worker.c (the usage writer and flush requests).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -13,7 +14,7 @@
  * Without it every module falls back: no live statistics, usage is
  * appended to apikey.usage_pending in the caller's transaction, and a key
  * with a rate limit is refused with rate_limit_unavailable (a limit that
- * cannot be enforced never allows).
+ * cannot be enforced never allows); the failure limiter is off.
  *
  *-------------------------------------------------------------------------
  */
@@ -29,7 +30,8 @@
 /* apikey's LWLock tranche (wait event "apikey"): one lock per table */
 #define LOCK_USAGE		0
 #define LOCK_RATE		1
-#define NUM_LOCKS		2
+#define LOCK_FAILURE	2
+#define NUM_LOCKS		3
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -44,6 +46,7 @@ shmem_request(void)
 	size = add_size(size, apikey_stats_shmem_size());
 	size = add_size(size, apikey_usage_shmem_size());
 	size = add_size(size, apikey_ratelimit_shmem_size());
+	size = add_size(size, apikey_failurelimit_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
@@ -62,6 +65,7 @@ shmem_startup(void)
 	apikey_stats_shmem_startup();
 	apikey_usage_shmem_startup(&locks[LOCK_USAGE].lock);
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
+	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
 	apikey_worker_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -2,7 +2,8 @@
  *
  * stats.c
  *	  The live counters behind apikey.stats: verifications per verdict code,
- *	  usage counts dropped, and the usage writer's flushes.
+ *	  usage counts dropped, networks the failure limiter could not track,
+ *	  and the usage writer's flushes.
  *
  * Verification counts are kept per backend, so that counting a call
  * writes a cache line no other backend writes: each backend owns one row
@@ -41,6 +42,8 @@ typedef union BackendCounts
 typedef struct StatsShared
 {
 	pg_atomic_uint64 usage_dropped; /* counts lost to a full usage table */
+	pg_atomic_uint64 failure_untracked; /* networks the failure limiter had
+										 * no room for */
 	pg_atomic_uint64 flushes;	/* successful flushes */
 	pg_atomic_uint64 flush_errors;	/* failed flushes (counts kept) */
 	pg_atomic_uint64 flushed_calls; /* calls written to usage_log */
@@ -70,6 +73,7 @@ apikey_stats_shmem_startup(void)
 	if (found)
 		return;
 	pg_atomic_init_u64(&stats->usage_dropped, 0);
+	pg_atomic_init_u64(&stats->failure_untracked, 0);
 	pg_atomic_init_u64(&stats->flushes, 0);
 	pg_atomic_init_u64(&stats->flush_errors, 0);
 	pg_atomic_init_u64(&stats->flushed_calls, 0);
@@ -117,6 +121,14 @@ apikey_stats_dropped(uint64 calls)
 		pg_atomic_fetch_add_u64(&stats->usage_dropped, calls);
 }
 
+/* Count a failure claim on a network the failure limiter had no room for. */
+void
+apikey_stats_failure_untracked(void)
+{
+	if (stats != NULL)
+		pg_atomic_fetch_add_u64(&stats->failure_untracked, 1);
+}
+
 /* Record the outcome of one flush by the usage writer. */
 void
 apikey_stats_flushed(uint64 calls, bool ok)
@@ -147,6 +159,7 @@ apikey_stats_read(ApikeyStats *out)
 		for (c = 0; c < APIKEY_NUM_CODES; c++)
 			out->calls[c] += pg_atomic_read_u64(&stats->backends[i].calls[c]);
 	out->usage_dropped = pg_atomic_read_u64(&stats->usage_dropped);
+	out->failure_untracked = pg_atomic_read_u64(&stats->failure_untracked);
 	out->flushes = pg_atomic_read_u64(&stats->flushes);
 	out->flush_errors = pg_atomic_read_u64(&stats->flush_errors);
 	out->flushed_calls = pg_atomic_read_u64(&stats->flushed_calls);

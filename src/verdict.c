@@ -65,6 +65,9 @@ static const VerdictInfo verdicts[APIKEY_NUM_CODES] = {
 		"API key is quarantined and may not use scope \"%s\"",
 		"The key may still use the scopes its quarantine allows; an administrator lifts it with apikey.release().",
 		false},
+	[APIKEY_ADDRESS_BLOCKED] = {"address_blocked", ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+		"too many failed API key verifications from this client network",
+		"Retry after %s.", true},
 };
 
 /* The SQL name of a verdict code. */

@@ -5,6 +5,9 @@
  *
  * The checks run in this order, and the first that fails decides the code:
  *
+ *	 address_blocked  the client network asserted by a trusted proxy has
+ *					  spent its failure budget (failurelimit.c); nothing
+ *					  is parsed, hashed or read
  *	 malformed		  not a well-formed token (length, prefix, charset, CRC)
  *	 unknown		  no key has this token's hash
  *	 revoked		  the key has a row in apikey.revocations
@@ -253,11 +256,21 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	TimestampTz now = GetCurrentTimestamp();
 	size_t		prefix_len;
 	inet	   *addr = NULL;
+	ApikeyFailureClaim claim;
 
 	if (client_addr != NULL && may_assert_address())
 		addr = client_addr;
 	memset(verdict, 0, offsetof(ApikeyVerdict, key_copy));
 	verdict->code = APIKEY_MALFORMED;
+
+	/* only an asserted address is limited: see failurelimit.c */
+	if (!apikey_failurelimit_claim(addr, now, &verdict->retry_after, &claim))
+	{
+		verdict->code = APIKEY_ADDRESS_BLOCKED;
+		verdict->has_retry_after = true;
+		apikey_usage_count(verdict, addr, now);
+		return;
+	}
 
 	if (token != NULL &&
 		apikey_token_parse(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token),
@@ -280,6 +293,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 		}
 	}
 
+	apikey_failurelimit_settle(&claim, verdict->code);
 	if (verdict->code != APIKEY_VALID && addr == NULL)
 		addr = connection_addr();
 	apikey_usage_count(verdict, addr, now);
