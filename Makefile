@@ -14,6 +14,7 @@ OBJS = \
 	src/shmem.o \
 	src/stats.o \
 	src/support.o \
+	src/throttle.o \
 	src/token.o \
 	src/usage.o \
 	src/verdict.o \

@@ -655,3 +655,50 @@ COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memo
 COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
 COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
 COMMENT ON COLUMN apikey.stats.failure_networks_untracked IS 'Verifications from a client network the failure limiter had no room to track (apikey.failure_max_networks), so not limited';
+
+-------------------------------------------------------------------------------
+-- Throttle (issue 12): a temporary rate limit in shared memory that ends by
+-- itself (src/throttle.c).  Active from the caller's commit, on this server
+-- only (not replicated; a restart ends it).
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._throttle(key_id bigint, hash bytea, rate_limit integer, until timestamptz)
+RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_throttle'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION apikey._throttle(bigint, bytea, integer, timestamptz)
+	IS 'Internal: throttle a key in shared memory from this commit on (throttle)';
+REVOKE ALL ON FUNCTION apikey._throttle(bigint, bytea, integer, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION apikey.throttle(key_id bigint, rate_limit integer, for_ interval)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_until timestamptz;
+BEGIN
+	IF throttle.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF throttle.rate_limit IS NULL OR throttle.rate_limit OPERATOR(pg_catalog.<=) 0 THEN
+		RAISE EXCEPTION 'rate_limit must be a positive number of requests per minute'
+			USING ERRCODE = '22023', HINT = 'Use apikey.suspend() to stop the key.';
+	END IF;
+	IF throttle.for_ IS NULL OR throttle.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'for_ must be a positive interval'
+			USING ERRCODE = '22023', HINT = 'A throttle always ends by itself; use apikey.set_limits() for a lasting rate limit.';
+	END IF;
+	SELECT * INTO v_key FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) throttle.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', throttle.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) throttle.for_;
+	PERFORM apikey._throttle(v_key.id, v_key.hash, throttle.rate_limit, v_until);
+	RETURN v_until;
+END
+$$;
+COMMENT ON FUNCTION apikey.throttle(bigint, integer, interval)
+	IS 'Limit a key to rate_limit requests a minute (on top of its own limits) from this commit until for_ has passed, on this server; returns the end';
+REVOKE ALL ON FUNCTION apikey.throttle(bigint, integer, interval) FROM PUBLIC;

@@ -228,6 +228,28 @@ apikey_rate_state_copy(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._throttle(key_id bigint, hash bytea, rate_limit integer,
+ *					until timestamptz) RETURNS void: throttle() after its
+ * checks; active from this transaction's commit.
+ */
+PG_FUNCTION_INFO_V1(apikey_throttle);
+Datum
+apikey_throttle(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("key id, rate limit and end must not be NULL")));
+	if (PG_GETARG_INT32(2) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rate_limit must be positive")));
+	apikey_throttle_set(PG_GETARG_INT64(0), hash_arg(fcinfo, 1), PG_GETARG_INT32(2),
+						PG_GETARG_TIMESTAMPTZ(3));
+	PG_RETURN_VOID();
+}
+
+/*
  * apikey._acting_role() RETURNS name: the role the session acts as (its
  * login role or SET ROLE), ignoring SECURITY DEFINER functions in between.
  */

@@ -277,7 +277,15 @@ INSERT INTO cases (fn, label, q) VALUES
 ('reissue', 'NULL', $$SELECT count(*) FROM apikey.reissue(NULL)$$),
 ('reissue', 'no such key', $$SELECT count(*) FROM apikey.reissue(-1)$$),
 ('reissue', 'key in good standing', $$SELECT count(*) FROM apikey.reissue((SELECT id FROM tok WHERE name = 'valid'))$$),
-('_response_key', 'NULL', $$SELECT (apikey._response_key(NULL, NULL, NULL, NULL)).id::text$$);
+('_response_key', 'NULL', $$SELECT (apikey._response_key(NULL, NULL, NULL, NULL)).id::text$$),
+('throttle', 'NULL', $$SELECT apikey.throttle(NULL, NULL, NULL)::text$$),
+('throttle', 'no such key', $$SELECT apikey.throttle(-1, 1, '1 hour')::text$$),
+('throttle', 'rate 0', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 0, '1 hour')::text$$),
+('throttle', 'for_ NULL', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 1, NULL)::text$$),
+('throttle', 'for_ beyond the calendar', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 1, '178000000 years')::text$$),
+('_throttle', 'NULL', $$SELECT apikey._throttle(NULL, NULL, NULL, NULL)::text$$),
+('_throttle', 'short hash', $$SELECT apikey._throttle(1, '\x00', 1, now())::text$$),
+('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
@@ -316,7 +324,8 @@ SELECT regress_hardening_counts() AS counts_before \gset
 \set VERBOSITY sqlstate
 SELECT q FROM cases
  WHERE fn IN ('issue', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs',
-              'suspend', 'resume', 'suspend_owner', 'resume_owner', 'quarantine', 'release', 'reissue', '_response_key')
+              'suspend', 'resume', 'suspend_owner', 'resume_owner', 'quarantine', 'release', 'reissue', '_response_key',
+              'throttle', '_throttle')
    AND result !~ '^ok'
  ORDER BY n \gexec
 \set VERBOSITY default

@@ -25,6 +25,8 @@
  *	 keystore.c		finding apikey's tables through the extension, reading a
  *					key through their indexes (no SPI); owns apikey.keys' OID
  *					and the generation count of its invalidations
+ *	 throttle.c		temporary rate limits (apikey.throttle) in shared memory,
+ *					made active at commit
  *	 ratelimit.c	per-key rate limits enforced in shared memory;
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
@@ -241,6 +243,14 @@ extern bool apikey_failurelimit_claim(inet *addr, TimestampTz now,
 									  ApikeyFailureClaim *claim);
 extern void apikey_failurelimit_settle(const ApikeyFailureClaim *claim,
 									   ApikeyCode code);
+
+/* throttle.c */
+extern Size apikey_throttle_shmem_size(void);
+extern void apikey_throttle_shmem_startup(struct LWLock *lock);
+extern void apikey_throttle_set(int64 key_id, const uint8 *hash, int32 rate_limit,
+								TimestampTz until);
+extern ApikeyCode apikey_throttle_take(const ApikeyKey *key, TimestampTz now,
+									   int64 *retry_after);
 
 /* ratelimit.c */
 

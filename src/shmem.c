@@ -6,7 +6,7 @@
  * Each module owns its shared state and states its locking rule next to
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
  * (rate-limit buckets), failurelimit.c (failure buckets per network),
- * worker.c (the usage writer and flush requests).
+ * throttle.c (temporary rate limits), worker.c (the usage writer and flush requests).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -14,7 +14,8 @@
  * Without it every module falls back: no live statistics, usage is
  * appended to apikey.usage_pending in the caller's transaction, and a key
  * with a rate limit is refused with rate_limit_unavailable (a limit that
- * cannot be enforced never allows); the failure limiter is off.
+ * cannot be enforced never allows); the failure limiter is off and
+ * apikey.throttle() refuses.
  *
  *-------------------------------------------------------------------------
  */
@@ -31,7 +32,8 @@
 #define LOCK_USAGE		0
 #define LOCK_RATE		1
 #define LOCK_FAILURE	2
-#define NUM_LOCKS		3
+#define LOCK_THROTTLE	3
+#define NUM_LOCKS		4
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -47,6 +49,7 @@ shmem_request(void)
 	size = add_size(size, apikey_usage_shmem_size());
 	size = add_size(size, apikey_ratelimit_shmem_size());
 	size = add_size(size, apikey_failurelimit_shmem_size());
+	size = add_size(size, apikey_throttle_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
@@ -66,6 +69,7 @@ shmem_startup(void)
 	apikey_usage_shmem_startup(&locks[LOCK_USAGE].lock);
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
 	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
+	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
 	apikey_worker_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -18,6 +18,8 @@
  *	 scope_denied	  a scope was asked for and the key does not hold it
  *	 quarantined	  the key is quarantined (until as for a suspension) and
  *					  the scope asked for is outside its allowed_scopes
+ *	 rate_limited	  the key is throttled (apikey.throttle) and its throttle
+ *					  is spent
  *	 rate_limit_unavailable / rate_limited
  *	 quota_unavailable / quota_exhausted
  *	 valid
@@ -217,6 +219,11 @@ judge(ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 		!apikey_scope_granted(key->scopes, key->nscopes, VARDATA_ANY(scope),
 							  VARSIZE_ANY_EXHDR(scope)))
 		return APIKEY_QUARANTINED;
+	if (apikey_throttle_take(key, now, &verdict->retry_after) != APIKEY_VALID)
+	{
+		verdict->has_retry_after = true;
+		return APIKEY_RATE_LIMITED;
+	}
 	if (key->rate_limit > 0)
 	{
 		ApikeyCode	code = apikey_ratelimit_take(key, now,
