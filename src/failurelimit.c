@@ -104,6 +104,8 @@ check_failure_exempt(char **newval, void **extra, GucSource source)
 	if (!SplitIdentifierString(raw, ',', &items))
 	{
 		GUC_check_errdetail("List syntax is invalid.");
+		pfree(raw);
+		list_free(items);
 		return false;
 	}
 	size = offsetof(ExemptList, nets) + sizeof(ExemptNet) * Max(list_length(items), 1);
@@ -119,16 +121,21 @@ check_failure_exempt(char **newval, void **extra, GucSource source)
 		if (bits < 0 || bits > (net->family == PGSQL_AF_INET ? 32 : 128))
 		{
 			GUC_check_errdetail("\"%s\" is not a network address.", item);
+			pfree(raw);
+			list_free(items);
+			pfree(list);
 			return false;
 		}
 		net->bits = bits;
 	}
 	list->n = n;
 	*extra = apikey_guc_malloc(size);
-	if (*extra == NULL)
-		return false;
-	memcpy(*extra, list, size);
-	return true;
+	if (*extra != NULL)
+		memcpy(*extra, list, size);
+	pfree(raw);
+	list_free(items);
+	pfree(list);
+	return *extra != NULL;
 }
 
 static void
