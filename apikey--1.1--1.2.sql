@@ -279,3 +279,782 @@ COMMENT ON COLUMN apikey.stats.flushed_calls IS 'Verifications written to usage_
 COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memory not yet written (all databases)';
 COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
 COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
+
+-------------------------------------------------------------------------------
+-- Audit trail.  Every administrative function appends one row to
+-- apikey.audit_log in its own transaction; statement triggers record direct
+-- DML on the key tables.  Rows are chained: row_hash = SHA-256(prev_hash ||
+-- length-prefixed fields), appended one at a time under the row lock of
+-- apikey.audit_head, so seq order is commit order and the chain cannot
+-- fork.  Triggers refuse to change or delete rows except through
+-- apikey.audit_prune(); apikey.audit_verify() finds edited, inserted and
+-- deleted rows.  The settings apikey.actor and apikey.audit_context are
+-- explained in src/audit.c.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._audit_context() RETURNS text
+AS 'MODULE_PATHNAME', 'apikey_audit_context'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._audit_context()
+	IS 'Internal: the apikey administrative function that is running (apikey.audit_context), or NULL';
+REVOKE ALL ON FUNCTION apikey._audit_context() FROM PUBLIC;
+
+CREATE TABLE apikey.audit_log (
+	seq			bigint PRIMARY KEY,
+	at			timestamptz NOT NULL,
+	xact		xid8 NOT NULL,
+	action		text NOT NULL,
+	actor_role	name NOT NULL,
+	session_role name NOT NULL,
+	actor_key_id bigint,
+	actor_claim	text,
+	client_addr	inet,
+	application_name text,
+	target_key_id bigint,
+	target_owner text,
+	details		jsonb NOT NULL,
+	prev_hash	bytea NOT NULL,
+	row_hash	bytea NOT NULL
+);
+CREATE INDEX audit_log_target_key_id_idx ON apikey.audit_log (target_key_id);
+CREATE INDEX audit_log_at_idx ON apikey.audit_log (at);
+COMMENT ON TABLE apikey.audit_log IS 'Who issued, changed or revoked what, and when: one chained row per administrative call or direct change of a key table';
+COMMENT ON COLUMN apikey.audit_log.seq IS 'Position in the chain: 1, 2, 3, ... without gaps, in commit order';
+COMMENT ON COLUMN apikey.audit_log.at IS 'When the row was appended (clock time)';
+COMMENT ON COLUMN apikey.audit_log.xact IS 'The transaction that made the change';
+COMMENT ON COLUMN apikey.audit_log.action IS 'The administrative function (issue, revoke, ...), or table.operation for direct DML (keys.update, ...)';
+COMMENT ON COLUMN apikey.audit_log.actor_role IS 'The role acting in the session (outside any SECURITY DEFINER function)';
+COMMENT ON COLUMN apikey.audit_log.session_role IS 'The role that logged in (session_user)';
+COMMENT ON COLUMN apikey.audit_log.actor_key_id IS 'The API key bound to the transaction, if any';
+COMMENT ON COLUMN apikey.audit_log.actor_claim IS 'The application''s human identity (setting apikey.actor): a claim, not verified';
+COMMENT ON COLUMN apikey.audit_log.client_addr IS 'Address of the connection';
+COMMENT ON COLUMN apikey.audit_log.application_name IS 'The session''s application_name';
+COMMENT ON COLUMN apikey.audit_log.target_key_id IS 'The key acted on, if one';
+COMMENT ON COLUMN apikey.audit_log.target_owner IS 'The owner acted on (its key''s, or revoke_owner''s)';
+COMMENT ON COLUMN apikey.audit_log.details IS 'Arguments, old and new values; key_ids lists the keys of a call acting on many; never a token, hash or secret';
+COMMENT ON COLUMN apikey.audit_log.prev_hash IS 'row_hash of the row before (seq - 1); 32 zero bytes for seq 1';
+COMMENT ON COLUMN apikey.audit_log.row_hash IS 'SHA-256 of prev_hash and the length-prefixed fields of this row';
+SELECT pg_catalog.pg_extension_config_dump('apikey.audit_log', '');
+REVOKE ALL ON apikey.audit_log FROM PUBLIC;
+
+-- Not dumped: a restore rebuilds it from the rows (see _audit_chain()).
+CREATE TABLE apikey.audit_head (
+	only_row	boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_head_one_row CHECK (only_row),
+	seq			bigint NOT NULL,
+	row_hash	bytea NOT NULL
+);
+COMMENT ON TABLE apikey.audit_head IS 'The newest row of the audit chain; its row lock serializes appends';
+COMMENT ON COLUMN apikey.audit_head.only_row IS 'Always true: the table has one row';
+COMMENT ON COLUMN apikey.audit_head.seq IS 'seq of the newest audit_log row (0 before the first)';
+COMMENT ON COLUMN apikey.audit_head.row_hash IS 'Its row_hash (32 zero bytes before the first)';
+INSERT INTO apikey.audit_head (seq, row_hash) VALUES (0, pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex'));
+REVOKE ALL ON apikey.audit_head FROM PUBLIC;
+
+-- One field as hashed: its length (4 bytes, -1 for NULL), then its bytes.
+CREATE FUNCTION apikey._audit_field(value bytea) RETURNS bytea
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT CASE WHEN value IS NULL THEN pg_catalog.int4send(-1)
+				ELSE pg_catalog.int4send(pg_catalog.octet_length(value)) OPERATOR(pg_catalog.||) value END
+$$;
+COMMENT ON FUNCTION apikey._audit_field(bytea) IS 'Internal: one audit field as hashed, its length (-1 for NULL) then its bytes';
+REVOKE ALL ON FUNCTION apikey._audit_field(bytea) FROM PUBLIC;
+
+-- The row hash.  Every field in a form that no setting changes: numbers
+-- and times in binary, text in UTF-8, jsonb in its canonical text.
+CREATE FUNCTION apikey._audit_hash(prev_hash bytea, seq bigint, at timestamptz, xact xid8, action text,
+								   actor_role name, session_role name, actor_key_id bigint,
+								   actor_claim text, client_addr inet, application_name text,
+								   target_key_id bigint, target_owner text, details jsonb)
+RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT pg_catalog.sha256(
+		apikey._audit_field(prev_hash)
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.int8send(seq))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.timestamptz_send(at))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.xid8send(xact))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(action, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(actor_role::text, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(session_role::text, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.int8send(actor_key_id))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(actor_claim, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(client_addr::text, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(application_name, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.int8send(target_key_id))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(target_owner, 'UTF8'))
+		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(details::text, 'UTF8')))
+$$;
+COMMENT ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text, name, name, bigint, text, inet, text, bigint, text, jsonb)
+	IS 'Internal: an audit row''s row_hash, SHA-256 of prev_hash and the length-prefixed fields';
+REVOKE ALL ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text, name, name, bigint, text, inet, text, bigint, text, jsonb) FROM PUBLIC;
+
+-- Append: a BEFORE INSERT trigger fills in who, when and the chain, under
+-- the head's row lock, which it holds until commit.  A row that comes with
+-- its row_hash is pg_restore (or a logical replica) bringing back rows
+-- already chained: kept as they are if they hash right; the head moves to
+-- the newest.  A new row is accepted only from an administrative function
+-- (apikey.audit_context set), so the owner cannot append one by hand.
+CREATE FUNCTION apikey._audit_chain() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	h apikey.audit_head;
+BEGIN
+	SELECT * INTO STRICT h FROM apikey.audit_head FOR UPDATE;
+	IF NEW.row_hash IS NOT NULL THEN
+		IF NEW.row_hash IS DISTINCT FROM apikey._audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.xact,
+				NEW.action, NEW.actor_role, NEW.session_role, NEW.actor_key_id, NEW.actor_claim,
+				NEW.client_addr, NEW.application_name, NEW.target_key_id, NEW.target_owner, NEW.details) THEN
+			RAISE EXCEPTION 'audit row % does not match its row_hash', NEW.seq
+				USING ERRCODE = '22023',
+					  HINT = 'Rows with a row_hash are accepted only as dumped by pg_dump; new rows are written by apikey''s administrative functions.';
+		END IF;
+		IF NEW.seq OPERATOR(pg_catalog.>) h.seq THEN
+			UPDATE apikey.audit_head SET seq = NEW.seq, row_hash = NEW.row_hash;
+		END IF;
+		RETURN NEW;
+	END IF;
+	IF apikey._audit_context() IS NULL THEN
+		RAISE EXCEPTION 'rows of apikey.audit_log are written by apikey''s administrative functions only'
+			USING ERRCODE = '42501',
+				  HINT = 'Call the administrative function (apikey.issue, apikey.revoke, ...); it records itself.';
+	END IF;
+	NEW.seq := h.seq OPERATOR(pg_catalog.+) 1;
+	NEW.at := pg_catalog.clock_timestamp();
+	NEW.xact := pg_catalog.pg_current_xact_id();
+	NEW.actor_role := apikey._acting_role();
+	NEW.session_role := SESSION_USER;
+	NEW.actor_key_id := apikey.current_key_id();
+	NEW.actor_claim := pg_catalog.current_setting('apikey.actor', true);
+	IF NEW.actor_claim OPERATOR(pg_catalog.=) '' THEN
+		NEW.actor_claim := NULL;
+	END IF;
+	NEW.client_addr := pg_catalog.inet_client_addr();
+	NEW.application_name := pg_catalog.current_setting('application_name');
+	IF NEW.application_name OPERATOR(pg_catalog.=) '' THEN
+		NEW.application_name := NULL;
+	END IF;
+	NEW.details := COALESCE(NEW.details, '{}');
+	NEW.prev_hash := h.row_hash;
+	NEW.row_hash := apikey._audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.xact, NEW.action,
+		NEW.actor_role, NEW.session_role, NEW.actor_key_id, NEW.actor_claim, NEW.client_addr,
+		NEW.application_name, NEW.target_key_id, NEW.target_owner, NEW.details);
+	UPDATE apikey.audit_head SET seq = NEW.seq, row_hash = NEW.row_hash;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey._audit_chain()
+	IS 'Internal: trigger that chains each new audit row under the head''s row lock, and checks rows brought back by pg_restore';
+REVOKE ALL ON FUNCTION apikey._audit_chain() FROM PUBLIC;
+
+-- Rows are never changed; they are deleted only by audit_prune().
+CREATE FUNCTION apikey._audit_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'audit_head' THEN
+		-- only _audit_chain() moves the head (a trigger within a trigger)
+		IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND pg_catalog.pg_trigger_depth() OPERATOR(pg_catalog.>) 1 THEN
+			RETURN NEW;
+		END IF;
+	ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE'
+		  AND apikey._audit_context() OPERATOR(pg_catalog.=) 'audit_prune' THEN
+		RETURN OLD;
+	END IF;
+	RAISE EXCEPTION 'apikey.% is append-only: % refused', TG_TABLE_NAME, TG_OP
+		USING ERRCODE = '42501',
+			  HINT = 'Remove old audit rows with apikey.audit_prune(older_than).';
+END
+$$;
+COMMENT ON FUNCTION apikey._audit_guard()
+	IS 'Internal: trigger refusing UPDATE, DELETE and TRUNCATE of the audit chain, except deletes by apikey.audit_prune()';
+REVOKE ALL ON FUNCTION apikey._audit_guard() FROM PUBLIC;
+
+CREATE TRIGGER audit_log_chain BEFORE INSERT ON apikey.audit_log
+	FOR EACH ROW EXECUTE FUNCTION apikey._audit_chain();
+CREATE TRIGGER audit_log_guard BEFORE UPDATE OR DELETE ON apikey.audit_log
+	FOR EACH ROW EXECUTE FUNCTION apikey._audit_guard();
+CREATE TRIGGER audit_log_guard_truncate BEFORE TRUNCATE ON apikey.audit_log
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_guard();
+CREATE TRIGGER audit_head_guard BEFORE INSERT OR UPDATE OR DELETE ON apikey.audit_head
+	FOR EACH ROW EXECUTE FUNCTION apikey._audit_guard();
+CREATE TRIGGER audit_head_guard_truncate BEFORE TRUNCATE ON apikey.audit_head
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_guard();
+ALTER TABLE apikey.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+ALTER TABLE apikey.audit_log ENABLE ALWAYS TRIGGER audit_log_guard;
+ALTER TABLE apikey.audit_log ENABLE ALWAYS TRIGGER audit_log_guard_truncate;
+ALTER TABLE apikey.audit_head ENABLE ALWAYS TRIGGER audit_head_guard;
+ALTER TABLE apikey.audit_head ENABLE ALWAYS TRIGGER audit_head_guard_truncate;
+
+-- The row of one administrative call; the function's SET clause names it
+-- in apikey.audit_context.  Called last, after the change it records.
+CREATE FUNCTION apikey._audit(action text, target_key_id bigint, target_owner text, details jsonb)
+RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO apikey.audit_log (action, target_key_id, target_owner, details)
+	VALUES (action, target_key_id, target_owner, details);
+$$;
+COMMENT ON FUNCTION apikey._audit(text, bigint, text, jsonb)
+	IS 'Internal: append the audit row of an administrative call (only while apikey.audit_context is set)';
+REVOKE ALL ON FUNCTION apikey._audit(text, bigint, text, jsonb) FROM PUBLIC;
+
+-- Taken first by every administrative function: all of them then queue on
+-- this one lock before any other, so two of them never deadlock.
+CREATE FUNCTION apikey._audit_lock() RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT FROM apikey.audit_head FOR UPDATE;
+$$;
+COMMENT ON FUNCTION apikey._audit_lock()
+	IS 'Internal: take the audit head''s row lock (first, in every administrative function)';
+REVOKE ALL ON FUNCTION apikey._audit_lock() FROM PUBLIC;
+
+-- Direct DML on the key tables: one row per statement, from transition
+-- tables.  What an administrative function changes is left alone (it
+-- writes its own row), and so is an UPDATE that changes nothing but
+-- keys.last_used_at (the usage writer's).  Quota debits are UPDATEs of
+-- apikey.quotas made by every verification: quotas are audited on INSERT,
+-- DELETE and TRUNCATE only.  Values are listed for at most 100 rows, key
+-- ids for at most 1,000; hashes never.
+CREATE FUNCTION apikey._audit_direct(action text, target_key_id bigint, details jsonb) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'direct'
+AS $$
+	SELECT apikey._audit(action, target_key_id, NULL, details);
+$$;
+COMMENT ON FUNCTION apikey._audit_direct(text, bigint, jsonb)
+	IS 'Internal: append the audit row of a direct change to a key table';
+REVOKE ALL ON FUNCTION apikey._audit_direct(text, bigint, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION apikey._audit_dml() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_rows bigint;
+	v_old jsonb;
+	v_new jsonb;
+	v_ids jsonb;
+	v_details jsonb;
+BEGIN
+	IF apikey._audit_context() IS NOT NULL THEN
+		RETURN NULL;
+	END IF;
+	IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' THEN
+		PERFORM apikey._audit_direct(TG_TABLE_NAME OPERATOR(pg_catalog.||) '.truncate', NULL, '{}');
+		RETURN NULL;
+	END IF;
+	IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+		IF NOT EXISTS (SELECT pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.-) 'last_used_at' FROM new_rows n
+					   EXCEPT ALL
+					   SELECT pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.-) 'last_used_at' FROM old_rows o) THEN
+			RETURN NULL;
+		END IF;
+	END IF;
+
+	IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
+		SELECT pg_catalog.count(*), pg_catalog.jsonb_agg(r.j) FILTER (WHERE r.i OPERATOR(pg_catalog.<=) 100)
+		  INTO v_rows, v_old
+		  FROM (SELECT pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.-) '{hash,token_hash}'::text[] AS j,
+					   pg_catalog.row_number() OVER () AS i FROM old_rows o) r;
+		SELECT pg_catalog.jsonb_agg(DISTINCT x.id) INTO v_ids
+		  FROM (SELECT COALESCE(pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.->) 'key_id',
+								CASE WHEN TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keys'
+									 THEN pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.->) 'id' END) AS id
+				  FROM old_rows o LIMIT 1000) x
+		 WHERE x.id OPERATOR(pg_catalog.<>) 'null';
+	END IF;
+	IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
+		SELECT pg_catalog.count(*), pg_catalog.jsonb_agg(r.j) FILTER (WHERE r.i OPERATOR(pg_catalog.<=) 100)
+		  INTO v_rows, v_new
+		  FROM (SELECT pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.-) '{hash,token_hash}'::text[] AS j,
+					   pg_catalog.row_number() OVER () AS i FROM new_rows n) r;
+		SELECT pg_catalog.jsonb_agg(DISTINCT x.id) INTO v_ids
+		  FROM (SELECT COALESCE(pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.->) 'key_id',
+								CASE WHEN TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keys'
+									 THEN pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.->) 'id' END) AS id
+				  FROM new_rows n LIMIT 1000) x
+		 WHERE x.id OPERATOR(pg_catalog.<>) 'null';
+	END IF;
+	v_details := pg_catalog.jsonb_build_object('rows', v_rows);
+	IF v_old IS NOT NULL THEN
+		v_details := v_details OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('old', v_old);
+	END IF;
+	IF v_new IS NOT NULL THEN
+		v_details := v_details OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('new', v_new);
+	END IF;
+	IF v_ids IS NOT NULL THEN
+		v_details := v_details OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('key_ids', v_ids);
+	END IF;
+	PERFORM apikey._audit_direct(
+		TG_TABLE_NAME OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.lower(TG_OP),
+		CASE WHEN pg_catalog.jsonb_array_length(v_ids) OPERATOR(pg_catalog.=) 1
+			 THEN (v_ids OPERATOR(pg_catalog.->>) 0)::pg_catalog.int8 END,
+		v_details);
+	RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikey._audit_dml()
+	IS 'Internal: statement trigger recording direct DML on a key table in apikey.audit_log';
+REVOKE ALL ON FUNCTION apikey._audit_dml() FROM PUBLIC;
+
+DO $$
+DECLARE
+	t text;
+BEGIN
+	FOREACH t IN ARRAY ARRAY['keys', 'key_scopes', 'revocations', 'scopes', 'quotas'] LOOP
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
+		IF t OPERATOR(pg_catalog.<>) 'quotas' THEN
+			EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+									  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
+									  t || '_audit_update', t);
+			EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
+		END IF;
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
+	END LOOP;
+END
+$$;
+
+-- The administrative functions, each now writing its audit row.  Their
+-- behaviour is otherwise unchanged.
+
+-- revoke() without its audit row, for the functions that revoke on behalf
+-- of another call (revoke_token, report_leak, ...).
+CREATE FUNCTION apikey._revoke(key_id bigint, reason text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	INSERT INTO apikey.revocations (key_id, revoked_by, reason)
+	VALUES (_revoke.key_id, apikey._acting_role(), _revoke.reason)
+	ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING;
+	RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION apikey._revoke(bigint, text)
+	IS 'Internal: revoke a key; true if this call revoked it (callers write the audit row)';
+REVOKE ALL ON FUNCTION apikey._revoke(bigint, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION apikey.issue(owner text, scopes text[] DEFAULT '{}', name text DEFAULT NULL,
+										expires_at timestamptz DEFAULT NULL, prefix text DEFAULT 'ak',
+										metadata jsonb DEFAULT '{}', rate_limit integer DEFAULT NULL,
+										rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+										quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS SETOF apikey.new_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'issue'
+AS $$
+DECLARE
+	v_scopes text[];
+	v_new record;
+	v_id bigint;
+BEGIN
+	IF issue.owner IS NULL OR issue.owner OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
+		RAISE EXCEPTION 'owner must not be empty'
+			USING ERRCODE = '22023', HINT = 'Pass the tenant, user or application the key acts for.';
+	END IF;
+	IF pg_catalog.octet_length(issue.owner) OPERATOR(pg_catalog.>) 1024 THEN
+		RAISE EXCEPTION 'owner is too long (% bytes)', pg_catalog.octet_length(issue.owner)
+			USING ERRCODE = '22001', HINT = 'An owner is at most 1024 bytes; use a tenant or user id.';
+	END IF;
+	IF issue.prefix IS NULL THEN
+		RAISE EXCEPTION 'prefix must not be NULL'
+			USING ERRCODE = '22023', HINT = 'Omit it for the default prefix ak.';
+	END IF;
+	IF issue.expires_at IS NOT NULL AND issue.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+		RAISE EXCEPTION 'expires_at must be in the future, got %', issue.expires_at
+			USING ERRCODE = '22023';
+	END IF;
+	IF issue.metadata IS NULL OR pg_catalog.jsonb_typeof(issue.metadata) OPERATOR(pg_catalog.<>) 'object' THEN
+		RAISE EXCEPTION 'metadata must be a JSON object'
+			USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._check_cidrs(issue.allowed_cidrs);
+	PERFORM apikey._check_limits(issue.rate_limit, issue.rate_window, issue.quota, issue.quota_refill);
+	PERFORM apikey._audit_lock();
+	v_scopes := apikey._check_scopes(issue.scopes);
+	v_new := apikey._new_token(issue.prefix);
+
+	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
+							 rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+	VALUES (issue.owner, issue.name, issue.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			issue.expires_at, issue.metadata, issue.rate_limit, issue.rate_window, issue.quota,
+			issue.quota_refill, issue.allowed_cidrs)
+	RETURNING apikey.keys.id INTO v_id;
+
+	INSERT INTO apikey.key_scopes (key_id, scope)
+	SELECT v_id, s FROM pg_catalog.unnest(v_scopes) AS s;
+
+	IF issue.quota IS NOT NULL THEN
+		INSERT INTO apikey.quotas (key_id, remaining) VALUES (v_id, issue.quota);
+	END IF;
+
+	PERFORM apikey._audit('issue', v_id, issue.owner, pg_catalog.jsonb_build_object(
+		'name', issue.name, 'prefix', issue.prefix, 'hint', v_new.hint, 'scopes', v_scopes,
+		'expires_at', issue.expires_at, 'metadata', issue.metadata, 'rate_limit', issue.rate_limit,
+		'rate_window', issue.rate_window, 'quota', issue.quota, 'quota_refill', issue.quota_refill,
+		'allowed_cidrs', issue.allowed_cidrs));
+
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.set_limits(key_id bigint, rate_limit integer DEFAULT NULL,
+											 rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+											 quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'set_limits'
+AS $$
+DECLARE
+	v_old apikey.keys;
+BEGIN
+	IF set_limits.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._check_limits(set_limits.rate_limit, set_limits.rate_window, set_limits.quota,
+								 set_limits.quota_refill);
+	PERFORM apikey._check_cidrs(set_limits.allowed_cidrs);
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) set_limits.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', set_limits.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	UPDATE apikey.keys k
+	   SET rate_limit = set_limits.rate_limit, rate_window = set_limits.rate_window,
+		   quota = set_limits.quota, quota_refill = set_limits.quota_refill,
+		   allowed_cidrs = set_limits.allowed_cidrs
+	 WHERE k.id OPERATOR(pg_catalog.=) set_limits.key_id;
+	IF set_limits.quota IS NULL THEN
+		DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) set_limits.key_id;
+	ELSE
+		INSERT INTO apikey.quotas AS q (key_id, remaining) VALUES (set_limits.key_id, set_limits.quota)
+		ON CONFLICT ON CONSTRAINT quotas_pkey
+		DO UPDATE SET remaining = excluded.remaining, refilled_at = pg_catalog.now();
+	END IF;
+	PERFORM apikey._audit('set_limits', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
+		'old', pg_catalog.jsonb_build_object('rate_limit', v_old.rate_limit, 'rate_window', v_old.rate_window,
+			'quota', v_old.quota, 'quota_refill', v_old.quota_refill, 'allowed_cidrs', v_old.allowed_cidrs),
+		'new', pg_catalog.jsonb_build_object('rate_limit', set_limits.rate_limit,
+			'rate_window', set_limits.rate_window, 'quota', set_limits.quota,
+			'quota_refill', set_limits.quota_refill, 'allowed_cidrs', set_limits.allowed_cidrs)));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.revoke(key_id bigint, reason text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke'
+AS $$
+DECLARE
+	v_owner text;
+	v_revoked boolean;
+BEGIN
+	IF revoke.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT k.owner INTO v_owner FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) revoke.key_id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', revoke.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	v_revoked := apikey._revoke(revoke.key_id, revoke.reason);
+	PERFORM apikey._audit('revoke', revoke.key_id, v_owner,
+		pg_catalog.jsonb_build_object('reason', revoke.reason, 'revoked', v_revoked));
+	RETURN v_revoked;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.revoke_token(token text, reason text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_token'
+AS $$
+DECLARE
+	v_key record;
+	v_hash bytea;
+	v_revoked boolean;
+BEGIN
+	v_hash := apikey._token_hash(revoke_token.token);
+	PERFORM apikey._audit_lock();
+	SELECT k.id, k.owner INTO v_key FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) v_hash;
+	IF v_key.id IS NULL THEN
+		RAISE EXCEPTION 'no key matches this token'
+			USING ERRCODE = '42704';
+	END IF;
+	v_revoked := apikey._revoke(v_key.id, revoke_token.reason);
+	PERFORM apikey._audit('revoke_token', v_key.id, v_key.owner,
+		pg_catalog.jsonb_build_object('reason', revoke_token.reason, 'revoked', v_revoked));
+	RETURN v_revoked;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.revoke_owner(owner text, reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_owner'
+AS $$
+DECLARE
+	n bigint;
+	v_ids jsonb;
+BEGIN
+	IF revoke_owner.owner IS NULL OR revoke_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty'
+			USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	WITH revoked AS (
+		INSERT INTO apikey.revocations (key_id, revoked_by, reason)
+		SELECT k.id, apikey._acting_role(), revoke_owner.reason
+		  FROM apikey.keys k
+		 WHERE k.owner OPERATOR(pg_catalog.=) revoke_owner.owner
+		ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING
+		RETURNING apikey.revocations.key_id)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(r.key_id ORDER BY r.key_id), '[]')
+	  INTO n, v_ids FROM revoked r;
+	PERFORM apikey._audit('revoke_owner', NULL, revoke_owner.owner,
+		pg_catalog.jsonb_build_object('reason', revoke_owner.reason, 'revoked', n, 'key_ids', v_ids));
+	RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.rotate(key_id bigint, grace interval DEFAULT '1 day')
+RETURNS SETOF apikey.new_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'rotate'
+AS $$
+DECLARE
+	v_old apikey.keys;
+	v_new record;
+	v_id bigint;
+	v_expires timestamptz;
+BEGIN
+	IF rotate.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF rotate.grace IS NULL OR rotate.grace OPERATOR(pg_catalog.<) '0'::interval THEN
+		RAISE EXCEPTION 'grace must be a non-negative interval'
+			USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) rotate.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', rotate.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id) THEN
+		RAISE EXCEPTION 'key % is revoked and cannot be rotated', v_old.id
+			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
+	END IF;
+	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+		RAISE EXCEPTION 'key % has expired and cannot be rotated', v_old.id
+			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
+	END IF;
+
+	v_new := apikey._new_token(v_old.prefix);
+	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
+							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
+			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
+	RETURNING apikey.keys.id INTO v_id;
+
+	INSERT INTO apikey.key_scopes (key_id, scope)
+	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	-- the rate-limit bucket and the quota move to the new key; the old one
+	-- draws on them from now on
+	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
+	   FROM apikey.keys b
+	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+	IF v_old.quota IS NOT NULL THEN
+		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
+		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
+		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+	END IF;
+	DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	-- the old key (and keys still in grace from earlier rotations of it)
+	-- share the new key's budget, and the old one expires after grace
+	UPDATE apikey.keys k
+	   SET budget_key_id = v_id,
+		   expires_at = CASE WHEN k.id OPERATOR(pg_catalog.=) v_old.id
+							 THEN LEAST(COALESCE(k.expires_at, 'infinity'),
+										pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
+							 ELSE k.expires_at END
+	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id OR k.budget_key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	SELECT k.expires_at INTO v_expires FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) v_old.id;
+	PERFORM apikey._audit('rotate', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
+		'new_key_id', v_id, 'new_hint', v_new.hint, 'grace', rotate.grace,
+		'old', pg_catalog.jsonb_build_object('expires_at', v_old.expires_at),
+		'new', pg_catalog.jsonb_build_object('expires_at', v_expires),
+		'key_ids', pg_catalog.jsonb_build_array(v_old.id, v_id)));
+
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+END
+$$;
+
+-- Pruning: the only way rows leave the chain.  A contiguous run from the
+-- oldest row goes; the row that records the prune keeps the row_hash of
+-- the last one removed (the anchor), which the first remaining row's
+-- prev_hash must match.
+CREATE FUNCTION apikey.audit_prune(older_than interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'audit_prune'
+AS $$
+DECLARE
+	v_through bigint;
+	v_anchor bytea;
+	n bigint := 0;
+BEGIN
+	IF audit_prune.older_than IS NULL OR audit_prune.older_than OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'older_than must be a positive interval'
+			USING ERRCODE = '22023', HINT = 'Rows appended before now() - older_than are removed, e.g. ''400 days''.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT pg_catalog.max(a.seq) INTO v_through FROM apikey.audit_log a
+	 WHERE a.at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) audit_prune.older_than);
+	IF v_through IS NOT NULL THEN
+		SELECT a.row_hash INTO v_anchor FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.=) v_through;
+		DELETE FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.<=) v_through;
+		GET DIAGNOSTICS n = ROW_COUNT;
+	END IF;
+	PERFORM apikey._audit('audit_prune', NULL, NULL, pg_catalog.jsonb_build_object(
+		'older_than', audit_prune.older_than, 'pruned_through', v_through,
+		'anchor', pg_catalog.encode(v_anchor, 'hex'), 'rows', n));
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.audit_prune(interval)
+	IS 'Remove audit rows older than the interval (the oldest first, contiguously); records the anchor it pruned to; returns rows removed';
+REVOKE ALL ON FUNCTION apikey.audit_prune(interval) FROM PUBLIC;
+
+-- Verification reads only, so it runs on a standby too.  Each row must
+-- hash to its row_hash (else it was edited), and its prev_hash must be the
+-- row_hash of row seq - 1, or of the anchor a prune recorded, or zeros for
+-- seq 1 (else a row was inserted or deleted).  Verifying to the end also
+-- compares the newest row with apikey.audit_head.
+CREATE FUNCTION apikey.audit_verify(from_seq bigint DEFAULT NULL, to_seq bigint DEFAULT NULL)
+RETURNS TABLE (seq bigint, problem text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	r apikey.audit_log;
+	h apikey.audit_head;
+	v_prev_seq bigint;
+	v_prev_hash bytea;
+	v_expected bytea;
+	v_last apikey.audit_log;
+BEGIN
+	FOR r IN SELECT * FROM apikey.audit_log a
+			  WHERE (audit_verify.from_seq IS NULL OR a.seq OPERATOR(pg_catalog.>=) audit_verify.from_seq)
+				AND (audit_verify.to_seq IS NULL OR a.seq OPERATOR(pg_catalog.<=) audit_verify.to_seq)
+			  ORDER BY a.seq LOOP
+		IF r.row_hash IS DISTINCT FROM apikey._audit_hash(r.prev_hash, r.seq, r.at, r.xact, r.action,
+				r.actor_role, r.session_role, r.actor_key_id, r.actor_claim, r.client_addr,
+				r.application_name, r.target_key_id, r.target_owner, r.details) THEN
+			seq := r.seq;
+			problem := 'row_hash_mismatch';
+			RETURN NEXT;
+		END IF;
+		IF v_prev_seq OPERATOR(pg_catalog.=) (r.seq OPERATOR(pg_catalog.-) 1) THEN
+			v_expected := v_prev_hash;
+		ELSE
+			v_expected := NULL;
+			SELECT a.row_hash INTO v_expected FROM apikey.audit_log a
+			 WHERE a.seq OPERATOR(pg_catalog.=) (r.seq OPERATOR(pg_catalog.-) 1);
+			IF NOT FOUND AND r.seq OPERATOR(pg_catalog.=) 1 THEN
+				v_expected := pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex');
+			ELSIF NOT FOUND THEN
+				SELECT pg_catalog.decode(a.details OPERATOR(pg_catalog.->>) 'anchor', 'hex') INTO v_expected
+				  FROM apikey.audit_log a
+				 WHERE a.action OPERATOR(pg_catalog.=) 'audit_prune'
+				   AND (a.details OPERATOR(pg_catalog.->>) 'pruned_through')
+					   OPERATOR(pg_catalog.=) (r.seq OPERATOR(pg_catalog.-) 1)::text
+				 ORDER BY a.seq DESC LIMIT 1;
+			END IF;
+		END IF;
+		IF r.prev_hash IS DISTINCT FROM v_expected THEN
+			seq := r.seq;
+			problem := 'prev_hash_mismatch';
+			RETURN NEXT;
+		END IF;
+		v_prev_seq := r.seq;
+		v_prev_hash := r.row_hash;
+	END LOOP;
+
+	IF audit_verify.to_seq IS NULL THEN
+		SELECT * INTO h FROM apikey.audit_head;
+		SELECT * INTO v_last FROM apikey.audit_log a ORDER BY a.seq DESC LIMIT 1;
+		IF h.seq OPERATOR(pg_catalog.<>) COALESCE(v_last.seq, 0)
+		   OR (v_last.seq IS NOT NULL AND h.row_hash IS DISTINCT FROM v_last.row_hash) THEN
+			seq := h.seq;
+			problem := 'head_mismatch';
+			RETURN NEXT;
+		END IF;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION apikey.audit_verify(bigint, bigint)
+	IS 'Check the audit chain (read-only, works on a standby): row_hash_mismatch for an edited row, prev_hash_mismatch for an inserted or deleted one, head_mismatch when the newest rows are gone';
+REVOKE ALL ON FUNCTION apikey.audit_verify(bigint, bigint) FROM PUBLIC;
+
+-- For off-box anchoring: store it elsewhere, compare later.
+CREATE FUNCTION apikey.audit_checkpoint(OUT seq bigint, OUT row_hash bytea, OUT at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT a.seq, a.row_hash, a.at FROM apikey.audit_log a ORDER BY a.seq DESC LIMIT 1;
+$$;
+COMMENT ON FUNCTION apikey.audit_checkpoint()
+	IS 'The newest audit row''s seq, row_hash and time: keep them off this server to detect a rewritten or truncated chain later';
+REVOKE ALL ON FUNCTION apikey.audit_checkpoint() FROM PUBLIC;
+
+CREATE VIEW apikey.audit AS
+SELECT a.seq, a.at, a.xact, a.action, a.actor_role, a.session_role, a.actor_key_id, a.actor_claim,
+	   a.client_addr, a.application_name, a.target_key_id, a.target_owner, a.details,
+	   pg_catalog.encode(k.hash, 'base64') AS hashed_token, a.prev_hash, a.row_hash
+  FROM apikey.audit_log a
+  LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) a.target_key_id;
+COMMENT ON VIEW apikey.audit IS 'apikey.audit_log with the target key''s SHA-256 in base64 (GitHub''s hashed_token form); readable by the owner only';
+COMMENT ON COLUMN apikey.audit.seq IS 'Position in the chain';
+COMMENT ON COLUMN apikey.audit.at IS 'When the row was appended';
+COMMENT ON COLUMN apikey.audit.xact IS 'The transaction that made the change';
+COMMENT ON COLUMN apikey.audit.action IS 'The administrative function, or table.operation for direct DML';
+COMMENT ON COLUMN apikey.audit.actor_role IS 'The role acting in the session';
+COMMENT ON COLUMN apikey.audit.session_role IS 'The role that logged in';
+COMMENT ON COLUMN apikey.audit.actor_key_id IS 'The API key bound to the transaction, if any';
+COMMENT ON COLUMN apikey.audit.actor_claim IS 'apikey.actor: the application''s human identity, a claim';
+COMMENT ON COLUMN apikey.audit.client_addr IS 'Address of the connection';
+COMMENT ON COLUMN apikey.audit.application_name IS 'The session''s application_name';
+COMMENT ON COLUMN apikey.audit.target_key_id IS 'The key acted on, if one';
+COMMENT ON COLUMN apikey.audit.target_owner IS 'The owner acted on';
+COMMENT ON COLUMN apikey.audit.details IS 'Arguments, old and new values, key_ids';
+COMMENT ON COLUMN apikey.audit.hashed_token IS 'The target key''s SHA-256, base64 (as GitHub''s audit log shows hashed tokens)';
+COMMENT ON COLUMN apikey.audit.prev_hash IS 'row_hash of the row before';
+COMMENT ON COLUMN apikey.audit.row_hash IS 'SHA-256 of prev_hash and this row''s fields';
+REVOKE ALL ON apikey.audit FROM PUBLIC;
+
+-- Everything done to the key a token belongs to: rows that target it,
+-- rows that list it in key_ids, and owner-wide rows of its owner.
+CREATE FUNCTION apikey.audit_for_token(token text) RETURNS SETOF apikey.audit
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT v.*
+	  FROM apikey.keys k
+	  JOIN apikey.audit v
+		ON v.target_key_id OPERATOR(pg_catalog.=) k.id
+		OR (v.target_key_id IS NULL AND v.target_owner OPERATOR(pg_catalog.=) k.owner)
+		OR (v.details OPERATOR(pg_catalog.->) 'key_ids') OPERATOR(pg_catalog.@>) pg_catalog.to_jsonb(k.id)
+	 WHERE k.hash OPERATOR(pg_catalog.=) apikey._token_hash(audit_for_token.token)
+	 ORDER BY v.seq;
+$$;
+COMMENT ON FUNCTION apikey.audit_for_token(text)
+	IS 'Every audit row about the key a token belongs to; 22023 for a malformed token, no rows for an unknown one';
+REVOKE ALL ON FUNCTION apikey.audit_for_token(text) FROM PUBLIC;

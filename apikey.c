@@ -57,6 +57,7 @@ _PG_init(void)
 	apikey_redact_init();		/* apikey.redact_logs, log and utility hooks */
 	apikey_worker_init();		/* apikey.usage_flush_interval */
 	apikey_keystore_init();		/* invalidation callbacks */
+	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
 
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */

@@ -28,6 +28,7 @@
  *					pg_stat_statements; apikey.redact_logs
  *	 stats.c		live statistics, counted per backend
  *	 support.c		planner support for the row-level helpers
+ *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
  *	 verdict.c		the verdict codes: name, SQLSTATE, message (one table)
  *	 hash.c			SHA-256
  *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
@@ -230,6 +231,9 @@ extern Size apikey_worker_shmem_size(void);
 extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
 extern int	apikey_worker_request_flush(void);
+
+/* audit.c */
+extern void apikey_audit_init(void);
 
 /* redact.c */
 extern void apikey_redact_init(void);
