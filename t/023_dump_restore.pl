@@ -5,7 +5,10 @@
 # fresh database of a new cluster.  Afterwards every apikey table holds
 # exactly the same rows, every token gets the same verdict (valid, revoked,
 # expired) with the same key, owner and scopes, and a newly issued key
-# continues the id sequence after the old maximum.
+# continues the id sequence after the old maximum.  The audit chain comes
+# back row for row and still verifies; restoring the key tables appends
+# one row per table (the restore's COPY is a direct change), and new
+# administrative calls go on chaining.
 use strict;
 use warnings;
 
@@ -111,6 +114,14 @@ ROLLBACK;});
 	return \%v;
 }
 
+# The audit chain before the dump: every row, hashes included.
+my $audit_sql = q{SELECT string_agg(a::text, E'\n' ORDER BY seq) FROM apikey.audit_log a};
+my $audit_before = $old->safe_psql('app', $audit_sql);
+my $audit_rows = $old->safe_psql('app', 'SELECT count(*) FROM apikey.audit_log');
+cmp_ok($audit_rows, '>=', 10, "the chain has $audit_rows rows before the dump");
+is($old->safe_psql('app', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'and verifies before the dump');
+
 my $tables_before = $old->safe_psql('app', $tables_sql);
 my $verdicts_before = verdicts($old, 'app');
 my $max_id = $old->safe_psql('app', 'SELECT max(id) FROM apikey.keys');
@@ -147,6 +158,23 @@ is($new->safe_psql('restored', q{SELECT extversion FROM pg_extension WHERE extna
 	$old->safe_psql('app', q{SELECT extversion FROM pg_extension WHERE extname = 'apikey'}),
 	'same extension version');
 
+# The chain: the same rows, hashes included, then the restore's own rows;
+# it verifies, and the head was rebuilt.
+is( $new->safe_psql('restored',
+		"SELECT string_agg(a::text, E'\\n' ORDER BY seq) FROM apikey.audit_log a WHERE seq <= $audit_rows"),
+	$audit_before, 'every audit row came back unchanged');
+is($new->safe_psql('restored', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'the restored chain verifies');
+# (keys first: the tables that reference it are restored after it)
+is( $new->safe_psql('restored',
+		"SELECT string_agg(action, ',' ORDER BY seq) FROM apikey.audit_log WHERE seq > $audit_rows"),
+	'keys.insert,key_scopes.insert,quotas.insert,revocations.insert,scopes.insert',
+	'restoring the key tables appended one row per table');
+is( $new->safe_psql('restored',
+		'SELECT h.seq = a.seq AND h.row_hash = a.row_hash FROM apikey.audit_head h, '
+		  . '(SELECT * FROM apikey.audit_log ORDER BY seq DESC LIMIT 1) a'),
+	't', 'the head names the newest row');
+
 my $verdicts_after = verdicts($new, 'restored');
 for my $name (sort keys %tok)
 {
@@ -181,6 +209,14 @@ my ($rot_id) = split /\|/,
   $new->safe_psql('restored',
 	"SELECT key_id || '|' || token FROM apikey.rotate($id{plain})");
 cmp_ok($rot_id, '>', $next_id, 'rotate() after restore also gets a fresh id');
+
+# Administrative calls after the restore go on chaining.
+$new->safe_psql('restored', "SELECT apikey.revoke($id{wildcard}, 'after the restore')");
+is( $new->safe_psql('restored',
+		q{SELECT action || ' ' || (details->>'reason') FROM apikey.audit_log ORDER BY seq DESC LIMIT 1}),
+	'revoke after the restore', 'a revoke after the restore appends its row');
+is($new->safe_psql('restored', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'and the chain still verifies');
 
 # Usage keeps accumulating on the restored rows.
 $new->safe_psql('restored', 'SELECT apikey.flush_usage()');
