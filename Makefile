@@ -7,6 +7,7 @@ OBJS = \
 	src/hash.o \
 	src/keycache.o \
 	src/keystore.o \
+	src/leak.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

@@ -38,7 +38,11 @@ INSERT INTO calls (fn, q) VALUES
 	('revoke', $$SELECT apikey.revoke((SELECT id FROM tok WHERE name = 'k'), 'rotated away')$$),
 	('revoke_token', $$SELECT apikey.revoke_token((SELECT token FROM tok WHERE name = 'k2'), 'leaked in a ticket')$$),
 	('revoke_owner', $$SELECT apikey.revoke_owner('spare', 'tenant gone')$$),
-	('audit_prune', $$SELECT apikey.audit_prune('100 years')$$);
+	('audit_prune', $$SELECT apikey.audit_prune('100 years')$$),
+	('report_leak', $$SELECT apikey.report_leak((SELECT token FROM tok WHERE name = 'spare'), 'support', 'T-1')$$),
+	('report_leak_hash', $$SELECT apikey.report_leak_hash(apikey.hash((SELECT token FROM tok WHERE name = 'byhash')), 'partner')$$),
+	('report_leaks', $$SELECT apikey.report_leaks(jsonb_build_array(jsonb_build_object('token', (SELECT token FROM tok WHERE name = 'spare'), 'type', 't', 'url', 'https://example.com/1')))$$),
+	('revoke_leaked', $$SELECT apikey.revoke_leaked(ARRAY[(SELECT token FROM tok WHERE name = 'spare')])$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p
@@ -80,8 +84,9 @@ SELECT details - 'hint' AS details, details->>'hint' = (SELECT hint FROM apikey.
 SELECT details - 'new_key_id' - 'new_hint' - 'key_ids' - 'new' AS rotate_details,
        details->'key_ids' = jsonb_build_array((SELECT id FROM tok WHERE name = 'k'), (SELECT id FROM tok WHERE name = 'k2')) AS both_keys
   FROM apikey.audit_log WHERE action = 'rotate';
-SELECT action, details FROM apikey.audit_log
- WHERE action IN ('set_limits', 'revoke', 'revoke_token', 'revoke_owner', 'audit_prune')
+SELECT action, details - 'exposure_id' - 'exposure_ids' - 'key_ids' AS details FROM apikey.audit_log
+ WHERE action IN ('set_limits', 'revoke', 'revoke_token', 'revoke_owner', 'audit_prune', 'report_leak',
+                  'report_leak_hash', 'report_leaks', 'revoke_leaked')
  ORDER BY seq;
 
 -- The actor is the session's role, not the function's owner; a bound key

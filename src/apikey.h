@@ -28,6 +28,7 @@
  *					pg_stat_statements; apikey.redact_logs
  *	 stats.c		live statistics, counted per backend
  *	 support.c		planner support for the row-level helpers
+ *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
  *	 verdict.c		the verdict codes: name, SQLSTATE, message (one table)
  *	 hash.c			SHA-256
