@@ -1591,3 +1591,21 @@ $$;
 COMMENT ON FUNCTION apikey.scanner_rules(text)
 	IS 'Secret scanner rules (gitleaks, trufflehog or github) matching the tokens of every prefix in use';
 REVOKE ALL ON FUNCTION apikey.scanner_rules(text) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- apikey.stats counts the token-shaped spans the log redactor hid.  A new
+-- column at the end of the view: monitoring roles need EXECUTE on
+-- apikey._tokens_redacted() as they do on apikey._stats().
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._tokens_redacted() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_tokens_redacted'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._tokens_redacted()
+	IS 'Internal: token-shaped spans the log redactor hid since the server started (behind apikey.stats.tokens_redacted)';
+REVOKE ALL ON FUNCTION apikey._tokens_redacted() FROM PUBLIC;
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted FROM apikey._stats() s;
+COMMENT ON COLUMN apikey.stats.tokens_redacted
+	IS 'Token-shaped spans hidden from log lines since start (a token in both a message and its statement counts twice)';

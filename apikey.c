@@ -522,6 +522,22 @@ apikey_stats(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._tokens_redacted(): token-shaped spans the log redactor hid since
+ * the server started (the tokens_redacted column of apikey.stats); NULL
+ * without shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_tokens_redacted);
+Datum
+apikey_tokens_redacted(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64((int64) st.tokens_redacted);
+}
+
+/*
  * apikey.cache_stats(): this backend's key cache.
  */
 PG_FUNCTION_INFO_V1(apikey_cache_stats);

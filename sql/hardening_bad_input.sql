@@ -207,6 +207,7 @@ INSERT INTO cases (fn, label, q) VALUES
 -- flush_usage(), _stats(), _live_usage()
 ('flush_usage', 'no arguments', $$SELECT apikey.flush_usage() >= 0$$),
 ('_stats', 'no arguments', $$SELECT (apikey._stats()).shared_memory$$),
+('_tokens_redacted', 'no arguments', $$SELECT apikey._tokens_redacted() >= 0$$),
 ('_live_usage', 'no arguments', $$SELECT count(*) FROM apikey._live_usage()$$),
 -- internal helpers
 ('_new_token', 'NULL', $$SELECT apikey._new_token(NULL)$$),

@@ -140,6 +140,7 @@ typedef struct ApikeyStats
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
+	uint64		tokens_redacted;	/* spans the log redactor hid */
 } ApikeyStats;
 
 extern Size apikey_stats_shmem_size(void);
@@ -147,6 +148,7 @@ extern void apikey_stats_shmem_startup(void);
 extern void apikey_stats_count(ApikeyCode code);
 extern void apikey_stats_dropped(uint64 calls);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
+extern void apikey_stats_redacted(uint64 spans);
 extern bool apikey_stats_read(ApikeyStats *out);
 
 /* support.c */

@@ -245,6 +245,10 @@ like($stderr, qr/API key has been revoked/,
 	qq{SET apikey.redact_logs = off; SELECT apikey.verify('$tok{control}');});
 is($ret, 0, 'control statement ran');
 
+# The redactor counted what it hid.
+cmp_ok($node->safe_psql('postgres', 'SELECT tokens_redacted FROM apikey.stats'),
+	'>', 100, 'apikey.stats counts the tokens the log redactor hid');
+
 # Let the collector write everything out.
 $node->stop('fast');
 
