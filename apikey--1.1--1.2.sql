@@ -337,54 +337,31 @@ COMMENT ON COLUMN apikey.audit_log.row_hash IS 'SHA-256 of prev_hash and the len
 SELECT pg_catalog.pg_extension_config_dump('apikey.audit_log', '');
 REVOKE ALL ON apikey.audit_log FROM PUBLIC;
 
--- Not dumped: a restore rebuilds it from the rows (see _audit_chain()).
+-- The lock that serializes appends.  The chain's tip is read from
+-- audit_log (its newest seq) while the lock is held; the row itself is
+-- updated once per appending transaction, not per row, so a transaction
+-- that appends many rows does not walk a chain of its own row versions,
+-- and under REPEATABLE READ a concurrent appender's commit is a
+-- serialization failure rather than a duplicate seq.  Not dumped.
 CREATE TABLE apikey.audit_head (
 	only_row	boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_head_one_row CHECK (only_row),
-	seq			bigint NOT NULL,
-	row_hash	bytea NOT NULL
+	xact		xid8
 );
-COMMENT ON TABLE apikey.audit_head IS 'The newest row of the audit chain; its row lock serializes appends';
+COMMENT ON TABLE apikey.audit_head IS 'One row whose row lock serializes appends to apikey.audit_log, so the chain cannot fork';
 COMMENT ON COLUMN apikey.audit_head.only_row IS 'Always true: the table has one row';
-COMMENT ON COLUMN apikey.audit_head.seq IS 'seq of the newest audit_log row (0 before the first)';
-COMMENT ON COLUMN apikey.audit_head.row_hash IS 'Its row_hash (32 zero bytes before the first)';
-INSERT INTO apikey.audit_head (seq, row_hash) VALUES (0, pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex'));
+COMMENT ON COLUMN apikey.audit_head.xact IS 'The last transaction that appended (NULL before the first)';
+INSERT INTO apikey.audit_head (xact) VALUES (NULL);
 REVOKE ALL ON apikey.audit_head FROM PUBLIC;
 
--- One field as hashed: its length (4 bytes, -1 for NULL), then its bytes.
-CREATE FUNCTION apikey._audit_field(value bytea) RETURNS bytea
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-AS $$
-	SELECT CASE WHEN value IS NULL THEN pg_catalog.int4send(-1)
-				ELSE pg_catalog.int4send(pg_catalog.octet_length(value)) OPERATOR(pg_catalog.||) value END
-$$;
-COMMENT ON FUNCTION apikey._audit_field(bytea) IS 'Internal: one audit field as hashed, its length (-1 for NULL) then its bytes';
-REVOKE ALL ON FUNCTION apikey._audit_field(bytea) FROM PUBLIC;
-
--- The row hash.  Every field in a form that no setting changes: numbers
--- and times in binary, text in UTF-8, jsonb in its canonical text.
+-- The row hash (src/audit.c): SHA-256 of prev_hash and the fields, each as
+-- its length and its bytes, in a form no setting changes.
 CREATE FUNCTION apikey._audit_hash(prev_hash bytea, seq bigint, at timestamptz, xact xid8, action text,
 								   actor_role name, session_role name, actor_key_id bigint,
 								   actor_claim text, client_addr inet, application_name text,
 								   target_key_id bigint, target_owner text, details jsonb)
 RETURNS bytea
-LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-AS $$
-	SELECT pg_catalog.sha256(
-		apikey._audit_field(prev_hash)
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.int8send(seq))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.timestamptz_send(at))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.xid8send(xact))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(action, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(actor_role::text, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(session_role::text, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.int8send(actor_key_id))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(actor_claim, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(client_addr::text, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(application_name, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.int8send(target_key_id))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(target_owner, 'UTF8'))
-		OPERATOR(pg_catalog.||) apikey._audit_field(pg_catalog.convert_to(details::text, 'UTF8')))
-$$;
+AS 'MODULE_PATHNAME', 'apikey_audit_hash'
+LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text, name, name, bigint, text, inet, text, bigint, text, jsonb)
 	IS 'Internal: an audit row''s row_hash, SHA-256 of prev_hash and the length-prefixed fields';
 REVOKE ALL ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text, name, name, bigint, text, inet, text, bigint, text, jsonb) FROM PUBLIC;
@@ -392,16 +369,18 @@ REVOKE ALL ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text
 -- Append: a BEFORE INSERT trigger fills in who, when and the chain, under
 -- the head's row lock, which it holds until commit.  A row that comes with
 -- its row_hash is pg_restore (or a logical replica) bringing back rows
--- already chained: kept as they are if they hash right; the head moves to
--- the newest.  A new row is accepted only from an administrative function
--- (apikey.audit_context set), so the owner cannot append one by hand.
+-- already chained: kept as they are if they hash right.  A new row is
+-- accepted only from an administrative function (apikey.audit_context
+-- set), so the owner cannot append one by hand.
 CREATE FUNCTION apikey._audit_chain() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	h apikey.audit_head;
+	v_xact xid8;
+	v_tip_seq bigint;
+	v_tip_hash bytea;
 BEGIN
-	SELECT * INTO STRICT h FROM apikey.audit_head FOR UPDATE;
+	SELECT h.xact INTO v_xact FROM apikey.audit_head h FOR UPDATE;
 	IF NEW.row_hash IS NOT NULL THEN
 		IF NEW.row_hash IS DISTINCT FROM apikey._audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.xact,
 				NEW.action, NEW.actor_role, NEW.session_role, NEW.actor_key_id, NEW.actor_claim,
@@ -410,9 +389,6 @@ BEGIN
 				USING ERRCODE = '22023',
 					  HINT = 'Rows with a row_hash are accepted only as dumped by pg_dump; new rows are written by apikey''s administrative functions.';
 		END IF;
-		IF NEW.seq OPERATOR(pg_catalog.>) h.seq THEN
-			UPDATE apikey.audit_head SET seq = NEW.seq, row_hash = NEW.row_hash;
-		END IF;
 		RETURN NEW;
 	END IF;
 	IF apikey._audit_context() IS NULL THEN
@@ -420,7 +396,14 @@ BEGIN
 			USING ERRCODE = '42501',
 				  HINT = 'Call the administrative function (apikey.issue, apikey.revoke, ...); it records itself.';
 	END IF;
-	NEW.seq := h.seq OPERATOR(pg_catalog.+) 1;
+	IF v_xact IS DISTINCT FROM pg_catalog.pg_current_xact_id() THEN
+		UPDATE apikey.audit_head SET xact = pg_catalog.pg_current_xact_id();
+	END IF;
+	-- the tip, read after the lock was granted (a new snapshot in READ
+	-- COMMITTED), so it includes the rows of the transaction that held it
+	SELECT a.seq, a.row_hash INTO v_tip_seq, v_tip_hash
+	  FROM apikey.audit_log a ORDER BY a.seq DESC LIMIT 1;
+	NEW.seq := COALESCE(v_tip_seq, 0) OPERATOR(pg_catalog.+) 1;
 	NEW.at := pg_catalog.clock_timestamp();
 	NEW.xact := pg_catalog.pg_current_xact_id();
 	NEW.actor_role := apikey._acting_role();
@@ -436,11 +419,10 @@ BEGIN
 		NEW.application_name := NULL;
 	END IF;
 	NEW.details := COALESCE(NEW.details, '{}');
-	NEW.prev_hash := h.row_hash;
+	NEW.prev_hash := COALESCE(v_tip_hash, pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex'));
 	NEW.row_hash := apikey._audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.xact, NEW.action,
 		NEW.actor_role, NEW.session_role, NEW.actor_key_id, NEW.actor_claim, NEW.client_addr,
 		NEW.application_name, NEW.target_key_id, NEW.target_owner, NEW.details);
-	UPDATE apikey.audit_head SET seq = NEW.seq, row_hash = NEW.row_hash;
 	RETURN NEW;
 END
 $$;
@@ -454,7 +436,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'audit_head' THEN
-		-- only _audit_chain() moves the head (a trigger within a trigger)
+		-- only _audit_chain() updates the head (a trigger within a trigger)
 		IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND pg_catalog.pg_trigger_depth() OPERATOR(pg_catalog.>) 1 THEN
 			RETURN NEW;
 		END IF;
@@ -576,6 +558,9 @@ BEGIN
 									 THEN pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.->) 'id' END) AS id
 				  FROM new_rows n LIMIT 1000) x
 		 WHERE x.id OPERATOR(pg_catalog.<>) 'null';
+	END IF;
+	IF v_rows OPERATOR(pg_catalog.=) 0 THEN
+		RETURN NULL;			-- a statement that changed no row
 	END IF;
 	v_details := pg_catalog.jsonb_build_object('rows', v_rows);
 	IF v_old IS NOT NULL THEN
@@ -923,12 +908,15 @@ BEGIN
 	 WHERE a.at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) audit_prune.older_than);
 	IF v_through IS NOT NULL THEN
 		SELECT a.row_hash INTO v_anchor FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.=) v_through;
-		DELETE FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.<=) v_through;
-		GET DIAGNOSTICS n = ROW_COUNT;
+		SELECT pg_catalog.count(*) INTO n FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.<=) v_through;
 	END IF;
+	-- the prune's own row first: it stays the tip, so seq goes on
 	PERFORM apikey._audit('audit_prune', NULL, NULL, pg_catalog.jsonb_build_object(
 		'older_than', audit_prune.older_than, 'pruned_through', v_through,
 		'anchor', pg_catalog.encode(v_anchor, 'hex'), 'rows', n));
+	IF v_through IS NOT NULL THEN
+		DELETE FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.<=) v_through;
+	END IF;
 	RETURN n;
 END
 $$;
@@ -939,19 +927,17 @@ REVOKE ALL ON FUNCTION apikey.audit_prune(interval) FROM PUBLIC;
 -- Verification reads only, so it runs on a standby too.  Each row must
 -- hash to its row_hash (else it was edited), and its prev_hash must be the
 -- row_hash of row seq - 1, or of the anchor a prune recorded, or zeros for
--- seq 1 (else a row was inserted or deleted).  Verifying to the end also
--- compares the newest row with apikey.audit_head.
+-- seq 1 (else a row was inserted or deleted).  The newest rows deleted
+-- leave no trace in the chain: only a checkpoint kept elsewhere shows it.
 CREATE FUNCTION apikey.audit_verify(from_seq bigint DEFAULT NULL, to_seq bigint DEFAULT NULL)
 RETURNS TABLE (seq bigint, problem text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	r apikey.audit_log;
-	h apikey.audit_head;
 	v_prev_seq bigint;
 	v_prev_hash bytea;
 	v_expected bytea;
-	v_last apikey.audit_log;
 BEGIN
 	FOR r IN SELECT * FROM apikey.audit_log a
 			  WHERE (audit_verify.from_seq IS NULL OR a.seq OPERATOR(pg_catalog.>=) audit_verify.from_seq)
@@ -989,21 +975,10 @@ BEGIN
 		v_prev_seq := r.seq;
 		v_prev_hash := r.row_hash;
 	END LOOP;
-
-	IF audit_verify.to_seq IS NULL THEN
-		SELECT * INTO h FROM apikey.audit_head;
-		SELECT * INTO v_last FROM apikey.audit_log a ORDER BY a.seq DESC LIMIT 1;
-		IF h.seq OPERATOR(pg_catalog.<>) COALESCE(v_last.seq, 0)
-		   OR (v_last.seq IS NOT NULL AND h.row_hash IS DISTINCT FROM v_last.row_hash) THEN
-			seq := h.seq;
-			problem := 'head_mismatch';
-			RETURN NEXT;
-		END IF;
-	END IF;
 END
 $$;
 COMMENT ON FUNCTION apikey.audit_verify(bigint, bigint)
-	IS 'Check the audit chain (read-only, works on a standby): row_hash_mismatch for an edited row, prev_hash_mismatch for an inserted or deleted one, head_mismatch when the newest rows are gone';
+	IS 'Check the audit chain (read-only, works on a standby): row_hash_mismatch for an edited row, prev_hash_mismatch for an inserted or deleted one';
 REVOKE ALL ON FUNCTION apikey.audit_verify(bigint, bigint) FROM PUBLIC;
 
 -- For off-box anchoring: store it elsewhere, compare later.

@@ -237,6 +237,7 @@ extern int	apikey_worker_request_flush(void);
 
 /* audit.c */
 extern void apikey_audit_init(void);
+extern void apikey_audit_mark_usage_write(void);
 
 /* redact.c */
 extern void apikey_redact_init(void);

@@ -672,6 +672,7 @@ write_snaps(const UsageSnap *snaps, int n)
 	bool	   *last_nulls = palloc(sizeof(bool) * n);
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
+	int			save_nestlevel;
 	Datum		values[6];
 	Oid			types[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
 	INETARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
@@ -702,6 +703,8 @@ write_snaps(const UsageSnap *snaps, int n)
 	values[5] = PointerGetDatum(construct_md_array(last_ats, last_nulls, 1, dims, lbs,
 												   TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
 
+	save_nestlevel = NewGUCNestLevel();
+	apikey_audit_mark_usage_write();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	rc = SPI_execute_with_args(ARRAY_SOURCE WRITE_USAGE, 6, types, values, NULL, false, 0);
@@ -709,6 +712,7 @@ write_snaps(const UsageSnap *snaps, int n)
 		elog(ERROR, "usage flush failed: %s", SPI_result_code_string(rc));
 	rc = (int) SPI_processed;
 	SPI_finish();
+	AtEOXact_GUC(true, save_nestlevel);
 	return rc;
 }
 
@@ -859,6 +863,7 @@ apikey_usage_fold_pending(void)
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
+	apikey_audit_mark_usage_write();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	rc = SPI_execute(PENDING_SOURCE WRITE_USAGE, false, 0);
