@@ -44,6 +44,17 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# src/hash.c calls OpenSSL directly where the server is built with it
+SHLIB_LINK += $(filter -lcrypto, $(LIBS))
+
+# TAP tests share t/ApikeyTest.pm; prove runs in the source directory.
+PG_PROVE_FLAGS += -I t
+
+# The TAP tests alone (installcheck runs them after the pg_regress suites).
+.PHONY: prove_installcheck
+prove_installcheck:
+	$(prove_installcheck)
+
 # PGXS tracks no header dependencies: every object depends on every header.
 $(OBJS): $(wildcard src/*.h)
 

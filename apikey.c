@@ -494,6 +494,8 @@ apikey_stats(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	memset(nulls, false, sizeof(nulls));
+	/* first: counting what is pending gathers the backends' counts */
+	values[6] = Int64GetDatum(apikey_usage_pending());
 	values[0] = BoolGetDatum(apikey_stats_read(&st));
 	if (!DatumGetBool(values[0]))
 	{
@@ -513,7 +515,6 @@ apikey_stats(PG_FUNCTION_ARGS)
 		values[3] = Int64GetDatum(st.flushes);
 		values[4] = Int64GetDatum(st.flush_errors);
 		values[5] = Int64GetDatum(st.flushed_calls);
-		values[6] = Int64GetDatum(apikey_usage_pending());
 		values[7] = Int64GetDatum(st.usage_dropped);
 		values[8] = TimestampTzGetDatum(st.last_flush);
 		nulls[8] = (st.last_flush == 0);

@@ -19,14 +19,17 @@
  * every relcache invalidation of it (and every "invalidate all") in a
  * generation number that the key cache compares.
  *
- * Lock, then snapshot.  A load opens and locks every relation it will read
- * before it takes its snapshot: lock acquisition is where invalidation
- * messages arrive, so a revocation that commits before the snapshot is
- * both seen by the snapshot and already counted, and one that commits
- * after it is counted later.  The load reports the generation current at
- * its snapshot; the cache keeps the record only if the generation has not
- * moved by the time the read is over (a toast fetch, say, can accept
- * invalidations mid-read).
+ * Lock, then snapshot.  A load locks every relation it reads before it
+ * takes its snapshot: lock acquisition is where invalidation messages
+ * arrive, so a change that commits before the snapshot is both seen by the
+ * snapshot and already counted, and one that commits after it is counted
+ * later.  The load reports the generation current at its snapshot; the
+ * cache keeps the record only if the generation has not moved by the time
+ * the read is over (a toast fetch, say, can accept invalidations
+ * mid-read).  The tables read only for a key that exists (revocations,
+ * scopes) are locked once a first probe of the hash index has found it,
+ * and then the whole load runs as above, every lock held before its
+ * snapshot; a token that matches no key costs two locks and one probe.
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -358,6 +361,31 @@ read_budget(Relation keys, int64 budget_id, Snapshot snapshot, ApikeyKey *key)
 	systable_endscan(scan);
 }
 
+/*
+ * Does a key have this hash?  The probe that lets a token matching no key
+ * (unknown: the common failure, and what a guesser sends) take two locks
+ * instead of seven; a key that exists is then loaded with every relation
+ * locked first.
+ */
+static bool
+key_exists(bytea *hash_datum)
+{
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Relation	rel = table_open(catalog.keys, NoLock);
+	ScanKeyData skey;
+	SysScanDesc scan;
+	bool		found;
+
+	ScanKeyInit(&skey, catalog.att_hash, BTEqualStrategyNumber, F_BYTEAEQ,
+				PointerGetDatum(hash_datum));
+	scan = systable_beginscan(rel, catalog.keys_hash_key, true, snapshot, 1, &skey);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, NoLock);
+	UnregisterSnapshot(snapshot);
+	return found;
+}
+
 /* Is there a revocation for key_id?  (revocations.key_id is attribute 1) */
 static bool
 revoked(int64 key_id, Snapshot snapshot)
@@ -373,6 +401,22 @@ revoked(int64 key_id, Snapshot snapshot)
 	systable_endscan(scan);
 	table_close(rel, NoLock);
 	return found;
+}
+
+/*
+ * Lock what finding a key by its hash reads (apikey.keys and its hash
+ * index), until the end of the transaction, and resolve the catalog again
+ * if an invalidation arrived while locking.
+ */
+static void
+lock_lookup(void)
+{
+	do
+	{
+		catalog_resolve();
+		LockRelationOid(catalog.keys, AccessShareLock);
+		LockRelationOid(catalog.keys_hash_key, AccessShareLock);
+	} while (!OidIsValid(catalog.keys));
 }
 
 /*
@@ -432,14 +476,17 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 				 errmsg("API keys cannot be verified during a parallel operation"),
 				 errhint("Do not call apikey.verify(), check() or authenticate() from a function marked PARALLEL SAFE.")));
 
-	/* lock, then snapshot: see the file header */
-	lock_catalog();
-	*generation = keys_generation;
-	snapshot = RegisterSnapshot(GetLatestSnapshot());
-
 	hash_datum = palloc(VARHDRSZ + APIKEY_HASH_LEN);
 	SET_VARSIZE(hash_datum, VARHDRSZ + APIKEY_HASH_LEN);
 	memcpy(VARDATA(hash_datum), hash, APIKEY_HASH_LEN);
+
+	/* lock, then snapshot: see the file header */
+	lock_lookup();
+	if (!key_exists(hash_datum))
+		return false;
+	lock_catalog();
+	*generation = keys_generation;
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
 
 	rel = table_open(catalog.keys, NoLock);
 	ScanKeyInit(&skey, catalog.att_hash, BTEqualStrategyNumber, F_BYTEAEQ, PointerGetDatum(hash_datum));

@@ -14,8 +14,12 @@
  *	   apikey.usage_max_entries, so valid calls always have room.
  *
  * With shared memory, in the database named by apikey.database (and in
- * every database on a hot standby), a call is one increment of a shared
- * counter: no write, no WAL, and nothing the caller's ROLLBACK can undo.
+ * every database on a hot standby), a call is one increment of a counter
+ * in shared memory: no write, no WAL, and nothing the caller's ROLLBACK can
+ * undo.  Calls without an address are counted in the backend's own slot
+ * (no lock, no cache line shared with another backend) and gathered into
+ * the shared table before each flush; a call with an address, or one the
+ * slot cannot take, goes to the shared table directly.
  * Only the usage writer (worker.c) persists these counters, in a top-level
  * transaction of its own; what it wrote comes off the counters when that
  * transaction commits.  apikey.flush_usage() there asks the writer to flush
@@ -50,9 +54,11 @@
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
+#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "port/atomics.h"
 #include "storage/lmgr.h"
 #include "storage/lwlock.h"
 #include "storage/lock.h"
@@ -67,6 +73,7 @@
 #include "utils/timestamp.h"
 
 #include "apikey.h"
+#include "compat.h"
 
 /* Distinct client addresses recorded per key and minute. */
 #define APIKEY_USAGE_MAX_ADDRS	16
@@ -133,10 +140,53 @@ typedef struct UsageSnap
 typedef struct UsageShared
 {
 	LWLock	   *lock;
+	int			nslots;			/* backend slots (MaxBackends) */
 	int			failure_entries;	/* entries not for valid calls */
 	TimestampTz swept_at[2];	/* last sweep that could free nothing: [0]
 								 * for any entry, [1] for failures */
 } UsageShared;
+
+/*
+ * Backend slots: where calls without an address (every valid call, and
+ * the failures of tokens that match no key) are counted first.  Each
+ * backend owns the slot of its proc number; it alone adds to its entries'
+ * counters (atomics in its own cache lines, no lock), and gather_slots()
+ * moves the counts into the shared table before every flush or listing.
+ * A slot has two tables, for even and odd minutes; a table restarts on a
+ * new minute only once every count in it has been gathered.
+ *
+ * Locking: a slot's mutex (spinlock) is taken by its owner to claim an
+ * entry or restart a table, and by gather_slots() to read keys and take
+ * counts; the owner's counting takes no lock.
+ */
+#define SLOT_ENTRIES	256		/* per table: distinct keys per minute */
+#define SLOT_PROBES		8		/* linear probes before giving up */
+
+typedef struct SlotEntry
+{
+	UsageKey	key;
+	uint32		gen;			/* == table's gen: the entry is in use */
+	pg_atomic_uint64 calls;		/* added to by the owner, taken by gathering */
+	pg_atomic_uint64 last_at;	/* latest call counted here */
+} SlotEntry;
+
+typedef struct SlotTable
+{
+	TimestampTz bucket;			/* the minute it counts */
+	uint32		gen;			/* bumped to empty the table */
+	SlotEntry	entries[SLOT_ENTRIES];
+} SlotTable;
+
+typedef struct BackendSlot
+{
+	slock_t		mutex;
+	SlotTable	tables[2];		/* even and odd minutes */
+} BackendSlot;
+
+static BackendSlot *usage_slots = NULL;
+static BackendSlot *my_slot = NULL;
+
+static bool slot_table_restart(BackendSlot *slot, SlotTable *t, TimestampTz bucket);
 
 /* GUCs: apikey.database, apikey.usage_max_entries */
 char	   *apikey_usage_database = NULL;
@@ -183,8 +233,10 @@ apikey_usage_init(void)
 Size
 apikey_usage_shmem_size(void)
 {
-	return add_size(MAXALIGN(sizeof(UsageShared)),
-					hash_estimate_size(usage_max_entries, sizeof(UsageEntry)));
+	Size		size = MAXALIGN(sizeof(UsageShared));
+
+	size = add_size(size, mul_size(MaxBackends, sizeof(BackendSlot)));
+	return add_size(size, hash_estimate_size(usage_max_entries, sizeof(UsageEntry)));
 }
 
 /* Called from shmem_startup with AddinShmemInitLock held. */
@@ -198,9 +250,37 @@ apikey_usage_shmem_startup(LWLock *lock)
 	if (!found)
 	{
 		usage_shared->lock = lock;
+		usage_shared->nslots = MaxBackends;
 		usage_shared->failure_entries = 0;
 		usage_shared->swept_at[0] = 0;
 		usage_shared->swept_at[1] = 0;
+	}
+	usage_slots = ShmemInitStruct("apikey usage backend slots",
+								  mul_size(MaxBackends, sizeof(BackendSlot)), &found);
+	if (!found)
+	{
+		int			i;
+
+		for (i = 0; i < MaxBackends; i++)
+		{
+			BackendSlot *slot = &usage_slots[i];
+			int			t;
+
+			SpinLockInit(&slot->mutex);
+			for (t = 0; t < 2; t++)
+			{
+				int			e;
+
+				slot->tables[t].bucket = 0;
+				slot->tables[t].gen = 1;
+				for (e = 0; e < SLOT_ENTRIES; e++)
+				{
+					slot->tables[t].entries[e].gen = 0;
+					pg_atomic_init_u64(&slot->tables[t].entries[e].calls, 0);
+					pg_atomic_init_u64(&slot->tables[t].entries[e].last_at, 0);
+				}
+			}
+		}
 	}
 
 	info.keysize = sizeof(UsageKey);
@@ -414,11 +494,12 @@ find_or_admit(const UsageKey *uk, TimestampTz now, Oid worker_db)
 }
 
 /*
- * Count uk in shared memory.  Whose entries could be evicted is decided
- * before taking the lock: no catalog access under it.
+ * Add calls to uk's entry in the shared table (latest call at last_at).
+ * Whose entries could be evicted is decided before taking the lock: no
+ * catalog access under it.
  */
 static void
-count_shmem(const UsageKey *uk, TimestampTz now)
+add_shmem(const UsageKey *uk, int64 calls, TimestampTz last_at)
 {
 	UsageEntry *entry;
 
@@ -431,20 +512,138 @@ count_shmem(const UsageKey *uk, TimestampTz now)
 		LWLockRelease(usage_shared->lock);
 		worker_db = RecoveryInProgress() ? InvalidOid : writer_database();
 		LWLockAcquire(usage_shared->lock, LW_EXCLUSIVE);
-		entry = find_or_admit(uk, now, worker_db);
+		entry = find_or_admit(uk, last_at, worker_db);
 		if (entry == NULL)
 		{
 			LWLockRelease(usage_shared->lock);
-			apikey_stats_dropped(1);
+			apikey_stats_dropped(calls);
 			return;
 		}
 	}
 	SpinLockAcquire(&entry->mutex);
-	entry->calls++;
-	if (now > entry->last_at)
-		entry->last_at = now;
+	entry->calls += calls;
+	if (last_at > entry->last_at)
+		entry->last_at = last_at;
 	SpinLockRelease(&entry->mutex);
 	LWLockRelease(usage_shared->lock);
+}
+
+/*
+ * Count uk in this backend's own slot, without a lock and without writing
+ * a cache line another backend writes per call.  False when the slot
+ * cannot take it (no slot, a minute whose counts are not yet gathered, a
+ * full table): the caller counts in the shared table instead.
+ */
+static bool
+count_in_slot(const UsageKey *uk, TimestampTz now)
+{
+	SlotTable  *t;
+	uint32		h;
+	int			i;
+
+	if (my_slot == NULL)
+	{
+		int			n = apikey_my_proc_number();
+
+		if (n < 0 || n >= usage_shared->nslots)
+			return false;
+		my_slot = &usage_slots[n];
+	}
+	t = &my_slot->tables[(uk->bucket / USECS_PER_MINUTE) & 1];
+	if (t->bucket != uk->bucket && !slot_table_restart(my_slot, t, uk->bucket))
+		return false;
+
+	h = hash_bytes((const unsigned char *) uk, sizeof(UsageKey));
+	for (i = 0; i < SLOT_PROBES; i++)
+	{
+		SlotEntry  *e = &t->entries[(h + i) % SLOT_ENTRIES];
+
+		if (e->gen != t->gen)
+		{
+			/* a free entry: claim it, under the slot's lock for gatherers */
+			SpinLockAcquire(&my_slot->mutex);
+			e->key = *uk;
+			pg_atomic_write_u64(&e->calls, 0);
+			pg_atomic_write_u64(&e->last_at, 0);
+			e->gen = t->gen;
+			SpinLockRelease(&my_slot->mutex);
+		}
+		else if (memcmp(&e->key, uk, sizeof(UsageKey)) != 0)
+			continue;
+		pg_atomic_fetch_add_u64(&e->calls, 1);
+		pg_atomic_write_u64(&e->last_at, (uint64) now);
+		return true;
+	}
+	return false;
+}
+
+/*
+ * Start table t of this backend's slot on a new minute, if the gatherer
+ * has taken every count of the minute it holds.
+ */
+static bool
+slot_table_restart(BackendSlot *slot, SlotTable *t, TimestampTz bucket)
+{
+	int			i;
+
+	if (bucket < t->bucket)
+		return false;			/* the clock went back: count it shared */
+	for (i = 0; i < SLOT_ENTRIES; i++)
+	{
+		if (t->entries[i].gen == t->gen &&
+			pg_atomic_read_u64(&t->entries[i].calls) != 0)
+			return false;
+	}
+	SpinLockAcquire(&slot->mutex);
+	t->gen++;
+	t->bucket = bucket;
+	SpinLockRelease(&slot->mutex);
+	return true;
+}
+
+/*
+ * Move every backend slot's counts into the shared table.  A count is
+ * taken from its slot entry by an atomic exchange, so a call counted
+ * meanwhile goes to this gathering or the next, never both or neither.
+ */
+static void
+gather_slots(void)
+{
+	UsageSnap  *taken = palloc(sizeof(UsageSnap) * SLOT_ENTRIES * 2);
+	int			s;
+
+	for (s = 0; s < usage_shared->nslots; s++)
+	{
+		BackendSlot *slot = &usage_slots[s];
+		int			n = 0;
+		int			ti;
+		int			i;
+
+		SpinLockAcquire(&slot->mutex);
+		for (ti = 0; ti < 2; ti++)
+		{
+			SlotTable  *t = &slot->tables[ti];
+
+			for (i = 0; i < SLOT_ENTRIES; i++)
+			{
+				SlotEntry  *e = &t->entries[i];
+				uint64		calls;
+
+				if (e->gen != t->gen ||
+					pg_atomic_read_u64(&e->calls) == 0)
+					continue;
+				calls = pg_atomic_exchange_u64(&e->calls, 0);
+				taken[n].key = e->key;
+				taken[n].calls = (int64) calls;
+				taken[n].last_at = (TimestampTz) pg_atomic_read_u64(&e->last_at);
+				n++;
+			}
+		}
+		SpinLockRelease(&slot->mutex);
+		for (i = 0; i < n; i++)
+			add_shmem(&taken[i].key, taken[i].calls, taken[i].last_at);
+	}
+	pfree(taken);
 }
 
 /* Rebuild an inet datum from a usage key, or NULL. */
@@ -587,7 +786,10 @@ apikey_usage_count(const ApikeyVerdict *verdict, inet *addr, TimestampTz now)
 	}
 
 	if (apikey_usage_in_shmem())
-		count_shmem(&uk, now);
+	{
+		if (addr != NULL || !count_in_slot(&uk, now))
+			add_shmem(&uk, 1, now);
+	}
 	else if (!XactReadOnly && !RecoveryInProgress() && !IsInParallelMode() &&
 			 OidIsValid(apikey_keystore_keys_relid(true)))
 	{
@@ -726,6 +928,7 @@ usage_snapshot(UsageSnap **out)
 	int			cap;
 	UsageSnap  *snaps;
 
+	gather_slots();
 	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	cap = Max(hash_get_num_entries(usage_htab), 1);
 	snaps = palloc(sizeof(UsageSnap) * cap);
@@ -885,6 +1088,7 @@ apikey_usage_pending(void)
 
 	if (usage_shared == NULL || usage_htab == NULL)
 		return 0;
+	gather_slots();
 	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	hash_seq_init(&status, usage_htab);
 	while ((entry = hash_seq_search(&status)) != NULL)

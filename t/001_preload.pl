@@ -13,21 +13,14 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('preload');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
-});
-$node->start;
-
+my $node = apikey_node('preload');
+apikey_db($node);
+token_table($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read');
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'live', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'idle', key_id, token FROM apikey.issue(owner => 'acme');
 });
@@ -110,10 +103,9 @@ is( $node->safe_psql(
 # another.
 for my $db ('limits_a', 'limits_b')
 {
-	$node->safe_psql('postgres', "CREATE DATABASE $db");
+	apikey_db($node, $db);
 	$node->safe_psql(
 		$db, q{
-CREATE EXTENSION apikey;
 CREATE TABLE tok AS SELECT key_id, token FROM apikey.issue(owner => 'acme', rate_limit => 1, rate_window => '1 hour');
 });
 }

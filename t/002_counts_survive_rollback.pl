@@ -11,27 +11,18 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('rollback');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
-apikey.usage_flush_interval = '200ms'
-});
-$node->start;
-
+my $node = apikey_node('rollback', "apikey.usage_flush_interval = '200ms'\n");
+apikey_db($node);
+token_table($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'good', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'gone', key_id, token FROM apikey.issue(owner => 'acme');
 INSERT INTO tok SELECT 'quota', key_id, token FROM apikey.issue(owner => 'acme', quota => 10);
 SELECT apikey.revoke(key_id) FROM tok WHERE name = 'gone';
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
 });
 
 # What usage_log holds, per key name and code.

@@ -15,33 +15,27 @@ use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
 my $clients = 4;
 my $per_client = 500;
 my $xacts = $clients * $per_client;
 
-my $node = PostgreSQL::Test::Cluster->new('totals');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
+my $node = apikey_node(
+	'totals', q{
 apikey.usage_flush_interval = '50ms'
 max_connections = 20
 track_functions = 'all'
 });
-$node->start;
-
+apikey_db($node);
+token_table($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'good', key_id, token FROM apikey.issue(owner => 'acme');
 INSERT INTO tok SELECT 'gone', key_id, token FROM apikey.issue(owner => 'acme');
 INSERT INTO tok SELECT 'deleted', key_id, token FROM apikey.issue(owner => 'acme');
 SELECT apikey.revoke(key_id) FROM tok WHERE name = 'gone';
 DELETE FROM apikey.keys WHERE id = (SELECT key_id FROM tok WHERE name = 'deleted');
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
 });
 
 my $flusher_script = $node->basedir . '/flusher.sql';

@@ -11,26 +11,17 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('restart');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
-apikey.usage_flush_interval = '1h'
-});
-$node->start;
-
+my $node = apikey_node('restart', "apikey.usage_flush_interval = '1h'\n");
+apikey_db($node);
+token_table($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'k' || g, key_id, token FROM generate_series(1, 4) g, LATERAL apikey.issue(owner => 'acme', name => 'k' || g);
 INSERT INTO tok SELECT 'quota', key_id, token FROM apikey.issue(owner => 'acme', quota => 10);
 INSERT INTO tok SELECT 'load', key_id, token FROM apikey.issue(owner => 'acme');
 SELECT apikey.revoke(key_id) FROM tok WHERE name = 'k2';
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
 });
 
 # Verdicts of all keys, as one string.

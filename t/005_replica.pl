@@ -14,30 +14,24 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $primary = PostgreSQL::Test::Cluster->new('primary');
-$primary->init(allows_streaming => 1);
-$primary->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
+my $primary = apikey_node(
+	'primary', q{
 apikey.usage_flush_interval = '100ms'
 apikey.usage_max_entries = 100
-});
-$primary->start;
-
+},
+	allows_streaming => 1);
+apikey_db($primary);
+token_table($primary);
 $primary->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'good', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'rev', key_id, token FROM apikey.issue(owner => 'acme');
 INSERT INTO tok SELECT 'quota', key_id, token FROM apikey.issue(owner => 'acme', quota => 5);
 INSERT INTO tok SELECT 'limited', key_id, token FROM apikey.issue(owner => 'acme', rate_limit => 2, rate_window => '1 hour');
 INSERT INTO tok SELECT 'standby', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
-CREATE FUNCTION kid(n text) RETURNS bigint LANGUAGE sql STABLE AS 'SELECT key_id FROM tok WHERE name = n';
 });
 
 $primary->backup('bk');
@@ -191,10 +185,9 @@ ok(!$standby->log_contains(qr/cannot execute \w+ in a read-only transaction|usag
 # The rolling window.  Another database with 148 keys, and a key for
 # apikey.database; the standby restarts so that its shared memory holds
 # nothing else.
-$primary->safe_psql('postgres', 'CREATE DATABASE side');
+apikey_db($primary, 'side');
 $primary->safe_psql(
 	'side', q{
-CREATE EXTENSION apikey;
 CREATE TABLE tok AS
 SELECT g, key_id, token FROM generate_series(1, 148) g, LATERAL apikey.issue(owner => 'acme', name => 'side' || g);
 });

@@ -12,6 +12,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
 my $node = PostgreSQL::Test::Cluster->new('nopreload');
 $node->init;
@@ -28,17 +29,15 @@ is($ret, 0, 'CREATE EXTENSION apikey works without the preload') or diag $err;
 is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_extension WHERE extname = 'apikey'}),
 	'1', 'extension installed');
 
+token_table($node);
 $node->safe_psql(
 	'postgres', q{
 INSERT INTO apikey.scopes (name) VALUES ('orders:read');
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'good', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'limited', key_id, token FROM apikey.issue(owner => 'acme', rate_limit => 1000);
 INSERT INTO tok SELECT 'quota', key_id, token FROM apikey.issue(owner => 'acme', quota => 2);
 INSERT INTO tok SELECT 'rev', key_id, token FROM apikey.issue(owner => 'acme');
 SELECT apikey.revoke(key_id) FROM tok WHERE name = 'rev';
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
-CREATE FUNCTION kid(n text) RETURNS bigint LANGUAGE sql STABLE AS 'SELECT key_id FROM tok WHERE name = n';
 });
 
 # Verification and binding work.

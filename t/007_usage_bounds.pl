@@ -17,30 +17,23 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('bounds');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
+my $node = apikey_node(
+	'bounds', q{
 apikey.usage_flush_interval = '1h'
 apikey.usage_max_entries = 100
 });
-$node->start;
-
+apikey_db($node);
+token_table($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'gone', key_id, token FROM apikey.issue(owner => 'acme');
 INSERT INTO tok SELECT 'deleted', key_id, token FROM apikey.issue(owner => 'acme');
 INSERT INTO tok SELECT 'bad' || g, key_id, token
   FROM generate_series(1, 10) g, LATERAL apikey.issue(owner => 'mallory', name => 'bad' || g);
 SELECT apikey.revoke(key_id) FROM tok WHERE name = 'gone' OR name LIKE 'bad%';
 DELETE FROM apikey.keys WHERE id = (SELECT key_id FROM tok WHERE name = 'deleted');
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
-CREATE FUNCTION kid(n text) RETURNS bigint LANGUAGE sql STABLE AS 'SELECT key_id FROM tok WHERE name = n';
 });
 
 my $stats = q{SELECT entries_pending || ' ' || entries_dropped FROM apikey.stats};

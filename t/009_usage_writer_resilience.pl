@@ -14,17 +14,16 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 use Time::HiRes qw(time usleep);
 
-my $node = PostgreSQL::Test::Cluster->new('resilience');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
+# The writer's database: this apikey.database line comes after
+# apikey_node's 'postgres', so it wins.
+my $node = apikey_node(
+	'resilience', q{
 apikey.database = 'appdb'
 apikey.usage_flush_interval = '100ms'
 });
-$node->start;
 
 # apikey.database belongs to an ordinary role; the extension is installed
 # by a superuser, as it must be.
@@ -34,12 +33,11 @@ CREATE ROLE app_owner LOGIN;
 CREATE DATABASE appdb OWNER app_owner;
 GRANT SET ON PARAMETER session_replication_role TO app_owner;
 });
+$node->safe_psql('appdb', 'CREATE EXTENSION apikey');
+token_table($node, 'appdb');
 $node->safe_psql(
 	'appdb', q{
-CREATE EXTENSION apikey;
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'k', key_id, token FROM apikey.issue(owner => 'acme');
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
 });
 
 my $writer_pid = q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'};

@@ -17,19 +17,17 @@ use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
 my $pgbouncer_bin = '/usr/sbin/pgbouncer';
 plan skip_all => "PgBouncer is not installed ($pgbouncer_bin)"
   unless -x $pgbouncer_bin;
 
-my $node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'");
-$node->start;
+my $node = apikey_node('main');
+apikey_db($node);
 
 $node->safe_psql(
 	'postgres', q{
-	CREATE EXTENSION apikey;
 	INSERT INTO apikey.scopes (name) VALUES ('orders:read');
 	CREATE ROLE regress_pgb_app LOGIN;
 	CREATE TABLE orders (tenant text NOT NULL, id int PRIMARY KEY, item text);

@@ -14,17 +14,15 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'");
-$node->start;
+my $node = apikey_node('main');
+apikey_db($node);
 
 my $superuser = $node->safe_psql('postgres', 'SELECT current_user');
 
 $node->safe_psql(
 	'postgres', q{
-	CREATE EXTENSION apikey;
 	INSERT INTO apikey.scopes (name) VALUES ('orders:read');
 	CREATE ROLE regress_conn_user LOGIN;
 });

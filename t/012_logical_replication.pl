@@ -13,33 +13,26 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $pub = PostgreSQL::Test::Cluster->new('publisher');
-$pub->init(allows_streaming => 'logical');
-$pub->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'\n");
-$pub->start;
+my $pub = apikey_node('publisher', '', allows_streaming => 'logical');
+my $sub = apikey_node('subscriber');
 
-my $sub = PostgreSQL::Test::Cluster->new('subscriber');
-$sub->init;
-$sub->append_conf('postgresql.conf', "shared_preload_libraries = 'apikey'\n");
-$sub->start;
-
+apikey_db($pub);
+token_table($pub);
 $pub->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'rev', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'scp', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 CREATE PUBLICATION keys FOR TABLE apikey.scopes, apikey.keys, apikey.key_scopes, apikey.revocations, tok;
 });
 
 my $connstr = $pub->connstr . ' dbname=postgres';
+apikey_db($sub);
+token_table($sub);
 $sub->safe_psql(
 	'postgres', qq{
-CREATE EXTENSION apikey;
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
-CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
 CREATE SUBSCRIPTION keys CONNECTION '$connstr' PUBLICATION keys;
 });
 $sub->wait_for_subscription_sync($pub, 'keys');

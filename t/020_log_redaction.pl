@@ -26,12 +26,10 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $node = PostgreSQL::Test::Cluster->new('redact');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
+my $node = apikey_node(
+	'redact', q{
 session_preload_libraries = 'auto_explain'
 auto_explain.log_min_duration = 0
 auto_explain.log_analyze = on
@@ -48,9 +46,7 @@ logging_collector = on
 log_destination = 'stderr,csvlog,jsonlog'
 log_directory = 'log'
 });
-$node->start;
-
-$node->safe_psql('postgres', 'CREATE EXTENSION apikey');
+apikey_db($node);
 
 # Tokens used below, by name.  Each is used in one kind of place, so a leak
 # names the path that leaked it.
@@ -303,16 +299,13 @@ for my $place (sort keys %near)
 # parameters) are redacted like every other log line.
 SKIP:
 {
-	my $libdir = `$ENV{PG_CONFIG} --pkglibdir` if $ENV{PG_CONFIG};
-	$libdir //= '';
+	my $libdir = $ENV{PG_CONFIG} ? `$ENV{PG_CONFIG} --pkglibdir` : '';
 	chomp $libdir;
 	skip "pgaudit is not installed for this server ($libdir)", 1
 	  unless $libdir ne '' && -e "$libdir/pgaudit.so";
 
-	my $audited = PostgreSQL::Test::Cluster->new('redact_pgaudit');
-	$audited->init;
-	$audited->append_conf(
-		'postgresql.conf', qq{
+	my $audited = apikey_node(
+		'redact_pgaudit', q{
 shared_preload_libraries = 'pgaudit,apikey'
 pgaudit.log = 'all'
 pgaudit.log_parameter = on
@@ -321,8 +314,8 @@ pgaudit.log_catalog = on
 pgaudit.log_level = 'log'
 log_min_messages = notice
 });
-	$audited->start;
-	$audited->safe_psql('postgres', 'CREATE EXTENSION pgaudit; CREATE EXTENSION apikey');
+	$audited->safe_psql('postgres', 'CREATE EXTENSION pgaudit');
+	apikey_db($audited);
 
 	my %atok;
 	for my $name (qw(literal bind function leak report stored control))

@@ -18,6 +18,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 use Time::HiRes qw(time);
 
 my $flush_ms = 100;
@@ -25,20 +26,14 @@ my $load_seconds = 3;
 my $clients = 4;
 my $crashes = 3;
 
-my $node = PostgreSQL::Test::Cluster->new('crash');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
+my $node = apikey_node(
+	'crash', qq{
 apikey.usage_flush_interval = '${flush_ms}ms'
 max_connections = 30
 });
-$node->start;
-
+apikey_db($node);
 $node->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 -- What committed, written in the same transaction as the work itself.
 CREATE TABLE ledger (key_id bigint PRIMARY KEY, token text NOT NULL,

@@ -22,6 +22,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 use Time::HiRes qw(time);
 
 my $seconds = $ENV{APIKEY_SOAK_SECONDS} || 30;
@@ -29,21 +30,15 @@ my $clients = 4;
 my $nkeys = 2000;
 my $cache_size = 500;
 
-my $node = PostgreSQL::Test::Cluster->new('soak');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
+my $node = apikey_node(
+	'soak', qq{
 apikey.cache_size = $cache_size
 apikey.usage_max_entries = 200000
 max_connections = 30
 });
-$node->start;
-
+apikey_db($node);
 $node->safe_psql(
 	'postgres', qq{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 CREATE SEQUENCE calls_made;
 CREATE TABLE tokens (id bigserial PRIMARY KEY, key_id bigint NOT NULL, token text NOT NULL,

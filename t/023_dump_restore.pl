@@ -15,24 +15,16 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
-my $conf = qq{
-shared_preload_libraries = 'apikey'
-apikey.database = 'postgres'
-};
-
-my $old = PostgreSQL::Test::Cluster->new('old');
-$old->init;
-$old->append_conf('postgresql.conf', $conf);
-$old->start;
+my $old = apikey_node('old');
 
 # In a database other than apikey.database usage is written synchronously
 # (pending rows, folded by flush_usage()), so the usage_log rows exist
 # before the dump.
-$old->safe_psql('postgres', 'CREATE DATABASE app');
+apikey_db($old, 'app');
 $old->safe_psql(
 	'app', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name, description) VALUES
 	('orders:read', 'read orders'), ('orders:write', NULL), ('billing:read', 'invoices');
 });
@@ -147,10 +139,7 @@ my $dump = $old->basedir . '/app.dump';
 $old->command_ok([ 'pg_dump', '-Fc', '-f', $dump, '-d', $old->connstr('app') ],
 	'pg_dump -Fc');
 
-my $new = PostgreSQL::Test::Cluster->new('new');
-$new->init;
-$new->append_conf('postgresql.conf', $conf);
-$new->start;
+my $new = apikey_node('new');
 $new->safe_psql('postgres', 'CREATE DATABASE restored');
 my ($stdout, $stderr);
 my $ok = IPC::Run::run(

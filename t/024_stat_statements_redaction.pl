@@ -17,6 +17,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
 my $node = PostgreSQL::Test::Cluster->new('pgss');
 $node->init;
@@ -27,10 +28,10 @@ pg_stat_statements.track_utility = on
 });
 $node->start;
 
+apikey_db($node);
 $node->safe_psql(
 	'postgres', q{
 CREATE EXTENSION pg_stat_statements;
-CREATE EXTENSION apikey;
 CREATE TABLE seen (kind text, ok boolean);
 CREATE PROCEDURE record(kind text, token text) LANGUAGE plpgsql
   AS $$ BEGIN INSERT INTO seen VALUES (kind, apikey.verify(token)); END $$;

@@ -14,6 +14,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
 my $node = PostgreSQL::Test::Cluster->new('late');
 $node->init;
@@ -24,9 +25,8 @@ is($node->safe_psql('postgres', 'SHOW shared_preload_libraries'),
 is($node->safe_psql('postgres', 'SHOW log_statement'),
 	'all', 'log_statement = all (as PostgreSQL::Test::Cluster sets it)');
 
-$node->safe_psql('postgres', 'CREATE EXTENSION apikey');
-$node->safe_psql('postgres', 'CREATE DATABASE app');
-$node->safe_psql('app', 'CREATE EXTENSION apikey');
+apikey_db($node);
+apikey_db($node, 'app');
 
 sub issue
 {

@@ -15,6 +15,7 @@ use File::Temp qw(tempdir);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use ApikeyTest;
 
 my $from = $ENV{APIKEY_UPGRADE_FROM};
 plan skip_all => 'APIKEY_UPGRADE_FROM is not set' unless $from;
@@ -34,11 +35,11 @@ my $old_version = $old->safe_psql('postgres', 'SHOW server_version_num');
 my $new_version = $new->config_data('--version');
 note "upgrading from $old_version to $new_version";
 
+apikey_db($old);
+token_table($old);
 $old->safe_psql(
 	'postgres', q{
-CREATE EXTENSION apikey;
 INSERT INTO apikey.scopes (name, description) VALUES ('orders:read', 'Read orders'), ('orders:write', NULL);
-CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 INSERT INTO tok SELECT 'plain', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'wide', key_id, token FROM apikey.issue(owner => 'globex', scopes => '{orders:*}',
 	metadata => '{"plan": "gold"}', expires_at => now() + interval '30 days');
