@@ -1569,8 +1569,9 @@ REVOKE ALL ON FUNCTION apikey.scanner_rules(text) FROM PUBLIC;
 
 -------------------------------------------------------------------------------
 -- apikey.stats counts the token-shaped spans the log redactor hid.  A new
--- column at the end of the view: monitoring roles need EXECUTE on
--- apikey._tokens_redacted() as they do on apikey._stats().
+-- column at the end of the view, read through its own function: the roles
+-- that may execute apikey._stats() get it too, so their monitoring keeps
+-- working after the update.
 -------------------------------------------------------------------------------
 
 CREATE FUNCTION apikey._tokens_redacted() RETURNS bigint
@@ -1579,6 +1580,22 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION apikey._tokens_redacted()
 	IS 'Internal: token-shaped spans the log redactor hid since the server started (behind apikey.stats.tokens_redacted)';
 REVOKE ALL ON FUNCTION apikey._tokens_redacted() FROM PUBLIC;
+DO $$
+DECLARE
+	grantee text;
+BEGIN
+	FOR grantee IN
+		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
+		  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+		 WHERE p.oid OPERATOR(pg_catalog.=) 'apikey._stats()'::pg_catalog.regprocedure
+		   AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+		   AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+	LOOP
+		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION apikey._tokens_redacted() TO %s', grantee);
+	END LOOP;
+END
+$$;
 
 CREATE OR REPLACE VIEW apikey.stats AS
 SELECT s.*, apikey._tokens_redacted() AS tokens_redacted FROM apikey._stats() s;
