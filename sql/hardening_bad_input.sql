@@ -248,6 +248,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_check_cidrs', 'everything', $$SELECT apikey._check_cidrs('{0.0.0.0/0, ::/0}')::text$$),
 ('_check_cidrs', 'inet with host bits (no implicit cast)', $$SELECT apikey._check_cidrs('{10.0.0.1/8}'::inet[])::text$$),
 ('_invalidate', 'called directly', $$SELECT apikey._invalidate()::text$$),
+('_key_changed', 'called directly', $$SELECT apikey._key_changed()::text$$),
 ('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$);
 
 -- Run every case in order, each after the previous one.

@@ -8,8 +8,11 @@
  *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
  *	 keystore.c		finding apikey's tables through the extension, reading a
  *					key through their indexes (no SPI); owns apikey.keys' OID
- *					and the generation count of its invalidations
+ *					and the generation counts of its invalidations and of
+ *					apikey._cache_signal's
  *	 keycache.c		per-backend LRU cache of keys; hands out copies only
+ *	 invalidation.c	targeted invalidation: which keys a committed change
+ *					touched, in a ring in shared memory
  *	 verify.c		the verification rules that produce a verdict
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 shmem.c		shared memory set-up and live statistics
@@ -125,7 +128,9 @@ extern void apikey_keystore_init(void);
 extern bool apikey_keystore_load(const uint8 *hash, ApikeyKey *key,
 								 MemoryContext chunk_cxt, uint64 *generation);
 extern uint64 apikey_keystore_generation(void);
+extern uint64 apikey_keystore_signal_generation(void);
 extern Oid	apikey_keystore_keys_relid(bool missing_ok);
+extern Oid	apikey_keystore_signal_relid(void);
 extern Oid	apikey_keystore_owner(void);
 
 /* keycache.c */
@@ -141,6 +146,15 @@ typedef struct ApikeyCacheStats
 extern bool apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out);
 extern void apikey_keycache_invalidate_all(void);
 extern void apikey_keycache_stats(ApikeyCacheStats *stats);
+
+/* invalidation.c */
+extern Size apikey_inval_shmem_size(void);
+extern void apikey_inval_shmem_request(void);
+extern void apikey_inval_shmem_startup(void);
+extern bool apikey_inval_bypass(void);
+extern bool apikey_inval_leaving_recovery(void);
+extern void apikey_inval_forget(void);
+extern bool apikey_inval_catch_up(void (*evict) (int64 *ids, int nids));
 
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,

@@ -7,7 +7,9 @@
  * Without it apikey_shared stays NULL and every module falls back: usage
  * is appended to apikey.usage_pending in the caller's transaction, and a
  * key with a rate limit is refused with rate_limit_unavailable (a limit
- * that cannot be enforced never allows).
+ * that cannot be enforced never allows), and a change to a key empties
+ * every backend's key cache instead of evicting just that key
+ * (invalidation.c keeps its ring here).
  *
  *-------------------------------------------------------------------------
  */
@@ -32,8 +34,10 @@ shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(ApikeyShared)) +
 						   apikey_usage_shmem_size() +
-						   apikey_ratelimit_shmem_size());
+						   apikey_ratelimit_shmem_size() +
+						   apikey_inval_shmem_size());
 	RequestNamedLWLockTranche("apikey", 2);
+	apikey_inval_shmem_request();
 }
 
 static void
@@ -74,6 +78,7 @@ shmem_startup(void)
 	}
 	apikey_usage_shmem_startup();
 	apikey_ratelimit_shmem_startup();
+	apikey_inval_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 
