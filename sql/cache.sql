@@ -81,6 +81,18 @@ SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
 ROLLBACK;
 SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
 
+-- A prepared transaction names no keys (COMMIT PREPARED runs elsewhere):
+-- its commit empties every cache.
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+SELECT invalidations AS inv FROM apikey.cache_stats() \gset
+BEGIN;
+SELECT apikey.revoke(key_id) FROM tok WHERE n = 3;
+PREPARE TRANSACTION 'regress_cache_revoke';
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+COMMIT PREPARED 'regress_cache_revoke';
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+SELECT invalidations - :inv AS emptied FROM apikey.cache_stats();
+
 -- TRUNCATE empties every cache (statement-level trigger)
 SELECT apikey.verify(token) FROM tok WHERE n = 2;
 SELECT invalidations AS inv FROM apikey.cache_stats() \gset
