@@ -5,6 +5,7 @@ OBJS = \
 	src/audit.o \
 	src/binding.o \
 	src/hash.o \
+	src/invalidation.o \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \

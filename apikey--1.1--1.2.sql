@@ -1601,3 +1601,68 @@ CREATE OR REPLACE VIEW apikey.stats AS
 SELECT s.*, apikey._tokens_redacted() AS tokens_redacted FROM apikey._stats() s;
 COMMENT ON COLUMN apikey.stats.tokens_redacted
 	IS 'Token-shaped spans hidden from log lines since start (a token in both a message and its statement counts twice)';
+-- Targeted cache invalidation (issue 11).  Issuing a key invalidates
+-- nothing: no cache can hold a key that did not exist.  Changing, revoking
+-- or deleting a key evicts that key (and the keys that draw on its budget)
+-- from every backend's cache, and nothing else.  Row triggers collect the
+-- ids of the keys a transaction changes; at commit it names them in shared
+-- memory and sends a relcache invalidation of the view apikey._cache_signal,
+-- which makes every backend evict them (a standby, which replays the
+-- invalidation without the names, empties its whole cache).  TRUNCATE and
+-- changes to apikey.scopes still empty every cache.  The row triggers fire
+-- always, so logical replication's apply worker and
+-- session_replication_role = replica are covered by the same triggers.
+-------------------------------------------------------------------------------
+
+-- A view: no storage, so nothing but a change to keys (or DDL on it)
+-- ever invalidates it; VACUUM and ANALYZE never touch it.
+CREATE VIEW apikey._cache_signal AS SELECT NULL::pg_catalog.bool AS unused WHERE false;
+COMMENT ON VIEW apikey._cache_signal
+	IS 'Internal: always empty; a transaction that changed keys sends a relcache invalidation of this view at commit, and every backend then evicts the keys it named in shared memory';
+COMMENT ON COLUMN apikey._cache_signal.unused IS 'Never holds a value (the view is only invalidated, never read)';
+REVOKE ALL ON apikey._cache_signal FROM PUBLIC;
+
+CREATE FUNCTION apikey._key_changed() RETURNS trigger
+AS 'MODULE_PATHNAME', 'apikey_key_changed'
+LANGUAGE C;
+COMMENT ON FUNCTION apikey._key_changed()
+	IS 'Internal: row trigger recording which keys the transaction changed (keys, key_scopes, revocations); issued keys are not changes';
+REVOKE ALL ON FUNCTION apikey._key_changed() FROM PUBLIC;
+COMMENT ON FUNCTION apikey._invalidate()
+	IS 'Internal: trigger that empties every backend''s key cache at commit (TRUNCATE, changes to apikey.scopes)';
+
+DROP TRIGGER keys_invalidate ON apikey.keys;
+DROP TRIGGER key_scopes_invalidate ON apikey.key_scopes;
+DROP TRIGGER revocations_invalidate ON apikey.revocations;
+DROP TRIGGER keys_invalidate_applied ON apikey.keys;
+DROP TRIGGER key_scopes_invalidate_applied ON apikey.key_scopes;
+DROP TRIGGER revocations_invalidate_applied ON apikey.revocations;
+
+CREATE TRIGGER keys_changed
+	AFTER INSERT
+	   OR UPDATE OF id, owner, hash, expires_at, rate_limit, rate_window, quota, quota_refill,
+					allowed_cidrs, budget_key_id
+	   OR DELETE ON apikey.keys
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER key_scopes_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.key_scopes
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER revocations_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.revocations
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+ALTER TABLE apikey.keys ENABLE ALWAYS TRIGGER keys_changed;
+ALTER TABLE apikey.key_scopes ENABLE ALWAYS TRIGGER key_scopes_changed;
+ALTER TABLE apikey.revocations ENABLE ALWAYS TRIGGER revocations_changed;
+
+CREATE TRIGGER keys_invalidate
+	AFTER TRUNCATE ON apikey.keys
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER key_scopes_invalidate
+	AFTER TRUNCATE ON apikey.key_scopes
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER revocations_invalidate
+	AFTER TRUNCATE ON apikey.revocations
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.keys ENABLE ALWAYS TRIGGER keys_invalidate;
+ALTER TABLE apikey.key_scopes ENABLE ALWAYS TRIGGER key_scopes_invalidate;
+ALTER TABLE apikey.revocations ENABLE ALWAYS TRIGGER revocations_invalidate;

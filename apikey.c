@@ -459,7 +459,7 @@ apikey_invalidate(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("apikey._invalidate() must be called as a trigger")));
-	apikey_keycache_invalidate_all();
+	apikey_keystore_invalidate_all();
 	return PointerGetDatum(NULL);
 }
 

@@ -309,6 +309,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_report_leak_audited', 'outside a function', $$SELECT apikey._report_leak_audited('x', apikey.hash('x'), 'x', NULL)$$),
 ('_check_leak_note', 'NULL', $$SELECT apikey._check_leak_note(NULL, NULL, NULL)::text$$),
 ('_invalidate', 'called directly', $$SELECT apikey._invalidate()::text$$),
+('_key_changed', 'called directly', $$SELECT apikey._key_changed()::text$$),
 ('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$);
 
 -- Run every case in order, each after the previous one.

@@ -19,9 +19,12 @@
  *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
  *	 keycache.c		per-backend LRU cache of keys; hands out copies only;
  *					apikey.cache_size
+ *	 invalidation.c	targeted invalidation: which keys a committed change
+ *					touched, in a ring in shared memory
  *	 keystore.c		finding apikey's tables through the extension, reading a
  *					key through their indexes (no SPI); owns apikey.keys' OID
- *					and the generation count of its invalidations
+ *					and the generation counts of its invalidations and of
+ *					apikey._cache_signal's
  *	 ratelimit.c	per-key rate limits enforced in shared memory;
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
@@ -122,6 +125,8 @@ typedef struct ApikeyVerdict
 								 * apikey_verify() clears what precedes it) */
 } ApikeyVerdict;
 
+struct LWLock;
+
 /* hash.c */
 extern void apikey_sha256(const char *data, size_t len, uint8 *out);
 extern bytea *apikey_sha256_bytea(const char *data, size_t len);
@@ -159,8 +164,11 @@ extern Node *apikey_support_simplify(struct SupportRequestSimplify *req);
 extern void apikey_keystore_init(void);
 extern bool apikey_keystore_load(const uint8 *hash, ApikeyKey *key,
 								 MemoryContext chunk_cxt, uint64 *generation);
+extern void apikey_keystore_invalidate_all(void);
 extern uint64 apikey_keystore_generation(void);
+extern uint64 apikey_keystore_signal_generation(void);
 extern Oid	apikey_keystore_keys_relid(bool missing_ok);
+extern Oid	apikey_keystore_signal_relid(void);
 extern Oid	apikey_keystore_owner(void);
 
 /* keycache.c */
@@ -176,8 +184,15 @@ typedef struct ApikeyCacheStats
 
 extern void apikey_keycache_init(void);
 extern bool apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out);
-extern void apikey_keycache_invalidate_all(void);
 extern void apikey_keycache_stats(ApikeyCacheStats *stats);
+
+/* invalidation.c */
+extern Size apikey_inval_shmem_size(void);
+extern void apikey_inval_shmem_startup(struct LWLock *lock);
+extern bool apikey_inval_bypass(void);
+extern bool apikey_inval_leaving_recovery(void);
+extern void apikey_inval_forget(void);
+extern bool apikey_inval_catch_up(void (*evict) (int64 *ids, int nids));
 
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,
@@ -191,8 +206,6 @@ extern void apikey_binding_set(const ApikeyKey *key, bool session);
 extern void apikey_binding_clear(void);
 extern bool apikey_binding_get(int64 *key_id, const char **owner,
 							   char *const **scopes, int *nscopes);
-
-struct LWLock;
 
 /* shmem.c */
 extern void apikey_shmem_init(void);

@@ -15,9 +15,14 @@
  * attribute numbers are resolved once and again after each invalidation
  * of apikey.keys (DROP/CREATE EXTENSION, DDL, a rename).
  *
- * Invalidation generation.  This file owns apikey.keys' OID, and counts
+ * Invalidation generations.  This file owns apikey.keys' OID, and counts
  * every relcache invalidation of it (and every "invalidate all") in a
- * generation number that the key cache compares.
+ * generation number that the key cache compares: any of them empties the
+ * cache.  It counts the invalidations of apikey._cache_signal apart: they
+ * announce committed changes of particular keys (invalidation.c), and the
+ * cache evicts just those.  The signal view is resolved with the others,
+ * before any load, so no signal can go unrecognised while the cache holds
+ * anything.
  *
  * Lock, then snapshot.  A load locks every relation it reads before it
  * takes its snapshot: lock acquisition is where invalidation messages
@@ -82,6 +87,7 @@ typedef struct KeystoreCatalog
 	Oid			revocations_pkey;
 	Oid			key_scopes;
 	Oid			key_scopes_pkey;
+	Oid			signal;			/* apikey._cache_signal */
 	AttrNumber	att_id;
 	AttrNumber	att_hash;
 	AttrNumber	att_owner;
@@ -97,6 +103,7 @@ typedef struct KeystoreCatalog
 static KeystoreCatalog catalog;
 static Oid	keys_relid = InvalidOid;	/* apikey.keys, until invalidated */
 static uint64 keys_generation = 1;	/* invalidations of apikey.keys seen */
+static uint64 signal_generation = 1;	/* invalidations of _cache_signal seen */
 
 static void
 keystore_relcache_callback(Datum arg, Oid relid)
@@ -107,6 +114,8 @@ keystore_relcache_callback(Datum arg, Oid relid)
 		keys_relid = InvalidOid;
 		catalog.keys = InvalidOid;
 	}
+	else if (relid == catalog.signal)
+		signal_generation++;
 }
 
 /* A schema changed (owner, name): find and check everything again. */
@@ -124,11 +133,28 @@ apikey_keystore_init(void)
 	CacheRegisterSyscacheCallback(NAMESPACEOID, keystore_namespace_callback, (Datum) 0);
 }
 
+/* Queue an invalidation of every backend's key cache (trigger body). */
+void
+apikey_keystore_invalidate_all(void)
+{
+	Oid			relid = apikey_keystore_keys_relid(true);
+
+	if (OidIsValid(relid))
+		CacheInvalidateRelcacheByRelid(relid);
+}
+
 /* How many invalidations of apikey.keys this backend has processed. */
 uint64
 apikey_keystore_generation(void)
 {
 	return keys_generation;
+}
+
+/* How many invalidations of apikey._cache_signal it has processed. */
+uint64
+apikey_keystore_signal_generation(void)
+{
+	return signal_generation;
 }
 
 static void
@@ -189,16 +215,23 @@ check_namespace_owner(Oid nsp)
 						 quote_identifier(name))));
 }
 
-/* A table of the extension in nsp, by name, checked to be a member. */
+/* A relation of the extension in nsp, by name, checked to be a member. */
 static Oid
-member_table(Oid extoid, Oid nsp, const char *relname)
+member_relation(Oid extoid, Oid nsp, const char *relname, char relkind,
+				const char *what)
 {
 	Oid			relid = get_relname_relid(relname, nsp);
 
-	if (!OidIsValid(relid) || get_rel_relkind(relid) != RELKIND_RELATION ||
+	if (!OidIsValid(relid) || get_rel_relkind(relid) != relkind ||
 		getExtensionOfObject(RelationRelationId, relid) != extoid)
-		report_damaged(psprintf("table \"%s\"", relname));
+		report_damaged(psprintf("%s \"%s\"", what, relname));
 	return relid;
+}
+
+static Oid
+member_table(Oid extoid, Oid nsp, const char *relname)
+{
+	return member_relation(extoid, nsp, relname, RELKIND_RELATION, "table");
 }
 
 /* An index in nsp, by name, checked to be an index of table. */
@@ -276,6 +309,7 @@ catalog_resolve(void)
 	catalog.revocations_pkey = table_index(catalog.revocations, nsp, "revocations_pkey");
 	catalog.key_scopes = member_table(extoid, nsp, "key_scopes");
 	catalog.key_scopes_pkey = table_index(catalog.key_scopes, nsp, "key_scopes_pkey");
+	catalog.signal = member_relation(extoid, nsp, "_cache_signal", RELKIND_VIEW, "view");
 	catalog.att_id = attribute_number(keys, "id");
 	catalog.att_hash = attribute_number(keys, "hash");
 	catalog.att_owner = attribute_number(keys, "owner");
@@ -287,6 +321,14 @@ catalog_resolve(void)
 	catalog.att_budget_key_id = attribute_number(keys, "budget_key_id");
 	catalog.att_scope = attribute_number(catalog.key_scopes, "scope");
 	catalog.keys = keys;
+}
+
+/* The OID of apikey._cache_signal, whose invalidation names changed keys. */
+Oid
+apikey_keystore_signal_relid(void)
+{
+	catalog_resolve();
+	return catalog.signal;
 }
 
 /* The role that owns apikey.keys: the one internal writes run as. */

@@ -5,15 +5,17 @@
  *
  * Each module owns its shared state and states its locking rule next to
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
- * (rate-limit buckets), worker.c (the usage writer and flush requests).
+ * (rate-limit buckets), worker.c (the usage writer and flush requests),
+ * invalidation.c (the ring of changed keys).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
  * Shared memory exists only when apikey is in shared_preload_libraries.
  * Without it every module falls back: no live statistics, usage is
- * appended to apikey.usage_pending in the caller's transaction, and a key
- * with a rate limit is refused with rate_limit_unavailable (a limit that
- * cannot be enforced never allows).
+ * appended to apikey.usage_pending in the caller's transaction, a key with
+ * a rate limit is refused with rate_limit_unavailable (a limit that cannot
+ * be enforced never allows), and a change to a key empties every backend's
+ * key cache instead of evicting just that key.
  *
  *-------------------------------------------------------------------------
  */
@@ -29,7 +31,8 @@
 /* apikey's LWLock tranche (wait event "apikey"): one lock per table */
 #define LOCK_USAGE		0
 #define LOCK_RATE		1
-#define NUM_LOCKS		2
+#define LOCK_INVAL		2
+#define NUM_LOCKS		3
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -45,6 +48,7 @@ shmem_request(void)
 	size = add_size(size, apikey_usage_shmem_size());
 	size = add_size(size, apikey_ratelimit_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
+	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
 }
@@ -63,6 +67,7 @@ shmem_startup(void)
 	apikey_usage_shmem_startup(&locks[LOCK_USAGE].lock);
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
 	apikey_worker_shmem_startup();
+	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);
 }
 
