@@ -605,20 +605,29 @@ slot_table_restart(BackendSlot *slot, SlotTable *t, TimestampTz bucket)
  * Move every backend slot's counts into the shared table.  A count is
  * taken from its slot entry by an atomic exchange, so a call counted
  * meanwhile goes to this gathering or the next, never both or neither.
+ * The counts enter the shared table oldest first, so that when it is full
+ * the entries make_room() evicts are the oldest of all slots, not whichever
+ * a slot's hash order happened to put first.
  */
 static void
 gather_slots(void)
 {
-	UsageSnap  *taken = palloc(sizeof(UsageSnap) * SLOT_ENTRIES * 2);
+	int			cap = SLOT_ENTRIES * 2;
+	UsageSnap  *taken = palloc(sizeof(UsageSnap) * cap);
+	int			n = 0;
 	int			s;
+	int			i;
 
 	for (s = 0; s < usage_shared->nslots; s++)
 	{
 		BackendSlot *slot = &usage_slots[s];
-		int			n = 0;
 		int			ti;
-		int			i;
 
+		if (n + SLOT_ENTRIES * 2 > cap)
+		{
+			cap *= 2;
+			taken = repalloc(taken, sizeof(UsageSnap) * cap);
+		}
 		SpinLockAcquire(&slot->mutex);
 		for (ti = 0; ti < 2; ti++)
 		{
@@ -640,9 +649,11 @@ gather_slots(void)
 			}
 		}
 		SpinLockRelease(&slot->mutex);
-		for (i = 0; i < n; i++)
-			add_shmem(&taken[i].key, taken[i].calls, taken[i].last_at);
 	}
+	if (n > 1)
+		qsort(taken, n, sizeof(UsageSnap), snap_by_last_at);
+	for (i = 0; i < n; i++)
+		add_shmem(&taken[i].key, taken[i].calls, taken[i].last_at);
 	pfree(taken);
 }
 

@@ -210,6 +210,13 @@ is( $standby->safe_psql(
 SELECT string_agg(t.g::text, ' ' ORDER BY t.g)
   FROM apikey.live_usage u JOIN tok t USING (key_id) WHERE t.g IN (1, 2, 147, 148)}),
 	'147 148', 'the window keeps the newest keys; the oldest made room');
+# The keys still counted are the newest ones without a gap: the backend's
+# counts entered the shared table oldest first, whatever their hash order.
+is( $standby->safe_psql(
+		'side', q{
+SELECT max(t.g) = 148 AND count(*) = 148 - min(t.g) + 1 AND count(*) >= 90
+  FROM apikey.live_usage u JOIN tok t USING (key_id)}),
+	't', 'the keys kept are the newest, without a gap');
 
 # Promotion: the usage writer starts.  The other database's entries will
 # never be flushed; they must not keep apikey.database's counts out.
