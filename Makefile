@@ -3,6 +3,7 @@ MODULE_big = apikey
 OBJS = \
 	apikey.o \
 	src/binding.o \
+	src/issue.o \
 	src/keycache.o \
 	src/keystore.o \
 	src/ownersql.o \

@@ -279,3 +279,32 @@ COMMENT ON COLUMN apikey.stats.flushed_calls IS 'Verifications written to usage_
 COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memory not yet written (all databases)';
 COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
 COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
+
+-------------------------------------------------------------------------------
+-- Issuing as fast as a hand-written INSERT (issue 11).  issue() and the
+-- argument checks it shares with set_limits() are C now (src/issue.c):
+-- the same arguments, errors and privileges, without a query per check,
+-- and a key without scopes or quota writes apikey.keys only.
+-------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION apikey._check_scopes(scopes text[]) RETURNS text[]
+AS 'MODULE_PATHNAME', 'apikey_check_scopes'
+LANGUAGE C STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION apikey._check_limits(rate_limit integer, rate_window interval, quota bigint,
+												quota_refill interval) RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_check_limits'
+LANGUAGE C IMMUTABLE;
+
+CREATE OR REPLACE FUNCTION apikey._check_cidrs(allowed_cidrs cidr[]) RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_check_cidrs'
+LANGUAGE C IMMUTABLE;
+
+CREATE OR REPLACE FUNCTION apikey.issue(owner text, scopes text[] DEFAULT '{}', name text DEFAULT NULL,
+										expires_at timestamptz DEFAULT NULL, prefix text DEFAULT 'ak',
+										metadata jsonb DEFAULT '{}', rate_limit integer DEFAULT NULL,
+										rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+										quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS SETOF apikey.new_key
+AS 'MODULE_PATHNAME', 'apikey_issue'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;

@@ -11,6 +11,8 @@
  *					and the generation count of its invalidations
  *	 keycache.c		per-backend LRU cache of keys; hands out copies only
  *	 verify.c		the verification rules that produce a verdict
+ *	 issue.c		issuing keys (issue, issue_many) and the argument checks
+ *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 shmem.c		shared memory set-up and live statistics
  *	 ratelimit.c	per-key rate limits enforced in shared memory
