@@ -285,6 +285,8 @@ COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL
 -- argument checks it shares with set_limits() are C now (src/issue.c):
 -- the same arguments, errors and privileges, without a query per check,
 -- and a key without scopes or quota writes apikey.keys only.
+-- issue_many() issues one key per owner with the settings checked once
+-- and one INSERT per table for the whole batch.
 -------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION apikey._check_scopes(scopes text[]) RETURNS text[]
@@ -308,3 +310,15 @@ CREATE OR REPLACE FUNCTION apikey.issue(owner text, scopes text[] DEFAULT '{}', 
 RETURNS SETOF apikey.new_key
 AS 'MODULE_PATHNAME', 'apikey_issue'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION apikey.issue_many(owners text[], scopes text[] DEFAULT '{}', name text DEFAULT NULL,
+								  expires_at timestamptz DEFAULT NULL, prefix text DEFAULT 'ak',
+								  metadata jsonb DEFAULT '{}', rate_limit integer DEFAULT NULL,
+								  rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+								  quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS SETOF apikey.new_key
+AS 'MODULE_PATHNAME', 'apikey_issue_many'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])
+	IS 'Issue one key per element of owners (at most 10000), all with the same settings; the tokens are shown once and never stored';
+REVOKE ALL ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[]) FROM PUBLIC;
