@@ -20,10 +20,17 @@
  * empties every backend's key cache.  Here a key without scopes or quota
  * touches only apikey.keys.
  *
- * issue_many() checks the shared settings once per call and writes each
- * table with one statement for the whole batch, so the per-statement work
- * (executor start, triggers, the relcache invalidation they send) is paid
- * once per call instead of once per key.
+ * What remains is the tables' own cost: on every INSERT statement
+ * PostgreSQL re-reads apikey.keys' seven CHECK constraints from their
+ * stored node trees and prepares them, and fires the foreign-key triggers
+ * (two per key row, one lookup per key_scopes row).
+ *
+ * Keys and their scope grants are written by one statement (a data-modifying
+ * WITH), quota rows by a second one only for keys that have a quota.
+ * issue_many() checks the shared settings once per call and writes the
+ * whole batch with those same statements, so the per-statement work
+ * (executor start, constraint set-up, triggers, the relcache invalidation
+ * they send) is paid once per call instead of once per key.
  *
  * Privileges: both are SECURITY DEFINER with search_path pinned (see the
  * install script); their SQL runs as the extension owner, names every
@@ -75,8 +82,8 @@ enum
 
 /*
  * What every key of one call shares, checked.  values/nulls are the
- * parameters of the INSERT into apikey.keys; the per-key ones (owner, hint,
- * hash) are filled in later.
+ * parameters of the INSERT into apikey.keys; insert_keys() fills in the
+ * per-key ones (owner, hint, hash) in its own copy.
  */
 typedef struct IssueSettings
 {
@@ -91,9 +98,6 @@ typedef struct IssueSettings
 /* Plans kept for the backend's life (re-planned by the plan cache) */
 static SPIPlanPtr scope_exact_plan = NULL;
 static SPIPlanPtr scope_prefix_plan = NULL;
-static SPIPlanPtr insert_key_plan = NULL;
-static SPIPlanPtr insert_keys_plan = NULL;
-static SPIPlanPtr insert_scopes_plan = NULL;
 static SPIPlanPtr insert_quotas_plan = NULL;
 
 /*
@@ -111,6 +115,7 @@ clip(const char *s, int len)
 	return psprintf("%.*s...", cut, s);
 }
 
+/* a <= an interval of exactly this many months (as SQL compares them) */
 static inline bool
 interval_le_const(Interval *a, int32 months)
 {
@@ -121,12 +126,14 @@ interval_le_const(Interval *a, int32 months)
 											IntervalPGetDatum(&b)));
 }
 
+/* a > an interval of exactly this many months */
 static inline bool
 interval_gt_const(Interval *a, int32 months)
 {
 	return !interval_le_const(a, months);
 }
 
+/* an interval as the text cast shows it (IntervalStyle applies) */
 static char *
 interval_text(Interval *iv)
 {
@@ -471,64 +478,91 @@ hash_datum(const uint8 *hash)
 	return PointerGetDatum(b);
 }
 
-/* The INSERT into apikey.keys for one key; sets its id. */
-static void
-insert_one_key(IssueSettings *s, Datum owner, NewKey *k)
+/*
+ * The statement that writes n keys (and their scope grants, in the same
+ * statement through a data-modifying WITH): a VALUES row for one key, the
+ * unnested arrays for a batch.  Both return (id, hash).
+ */
+static SPIPlanPtr
+insert_keys_plan(int n, bool with_scopes)
 {
-	static const char *sql =
-		"INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, "
-		"    metadata, rate_limit, rate_window, quota, quota_refill, allowed_cidrs) "
-		"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
-		"RETURNING id";
-	Oid			argtypes[KP_COUNT] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, BYTEAOID,
+	static SPIPlanPtr plans[2][2];
+	SPIPlanPtr *plan = &plans[n > 1][with_scopes];
+	Oid			argtypes[KP_COUNT + 1] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, BYTEAOID,
 		NAMEOID, TIMESTAMPTZOID, JSONBOID, INT4OID, INTERVALOID, INT8OID,
-	INTERVALOID, CIDRARRAYOID};
-	bool		isnull;
-	int			rc;
+	INTERVALOID, CIDRARRAYOID, TEXTARRAYOID};
+	const char *insert;
+	char	   *sql;
 
-	s->values[KP_OWNER] = owner;
-	s->values[KP_HINT] = CStringGetTextDatum(k->hint);
-	s->values[KP_HASH] = hash_datum(k->hash);
-	rc = SPI_execute_plan(apikey_prepare_kept(&insert_key_plan, sql, KP_COUNT, argtypes),
-						  s->values, s->nulls, false, 0);
-	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-		elog(ERROR, "key insert failed: %s", SPI_result_code_string(rc));
-	k->key_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (*plan != NULL)
+		return *plan;
+	if (n > 1)
+	{
+		argtypes[KP_OWNER] = TEXTARRAYOID;
+		argtypes[KP_HINT] = TEXTARRAYOID;
+		argtypes[KP_HASH] = BYTEAARRAYOID;
+		insert =
+			"INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, "
+			"    metadata, rate_limit, rate_window, quota, quota_refill, allowed_cidrs) "
+			"SELECT u.owner, $2, $3, u.hint, u.hash, $6, $7, $8, $9, $10, $11, $12, $13 "
+			"  FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($4), pg_catalog.unnest($5)) "
+			"       AS u(owner, hint, hash) "
+			"RETURNING id, hash";
+	}
+	else
+		insert =
+			"INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, "
+			"    metadata, rate_limit, rate_window, quota, quota_refill, allowed_cidrs) "
+			"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+			"RETURNING id, hash";
+	if (with_scopes)
+		sql = psprintf("WITH k AS (%s), "
+					   "     g AS (INSERT INTO apikey.key_scopes (key_id, scope) "
+					   "           SELECT k.id, s.scope FROM k, pg_catalog.unnest($14) AS s(scope)) "
+					   "SELECT k.id, k.hash FROM k", insert);
+	else
+		sql = pstrdup(insert);
+	return apikey_prepare_kept(plan, sql, with_scopes ? KP_COUNT + 1 : KP_COUNT, argtypes);
 }
 
 /*
- * The INSERT into apikey.keys for a batch, one statement; sets each key's
- * id.  RETURNING gives id and hash: a key is matched to its row by hash.
+ * Write the keys of a batch (and their scope grants) in one statement;
+ * sets each key's id.  A key is matched to its returned row by hash.
  */
 static void
-insert_many_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n)
+insert_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n)
 {
-	static const char *sql =
-		"INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, "
-		"    metadata, rate_limit, rate_window, quota, quota_refill, allowed_cidrs) "
-		"SELECT u.owner, $2, $3, u.hint, u.hash, $6, $7, $8, $9, $10, $11, $12, $13 "
-		"  FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($4), pg_catalog.unnest($5)) "
-		"       AS u(owner, hint, hash) "
-		"RETURNING id, hash";
-	Oid			argtypes[KP_COUNT] = {TEXTARRAYOID, TEXTOID, TEXTOID, TEXTARRAYOID, BYTEAARRAYOID,
-		NAMEOID, TIMESTAMPTZOID, JSONBOID, INT4OID, INTERVALOID, INT8OID,
-	INTERVALOID, CIDRARRAYOID};
-	Datum	   *hints = palloc(sizeof(Datum) * n);
-	Datum	   *hashes = palloc(sizeof(Datum) * n);
+	Datum		values[KP_COUNT + 1];
+	char		nulls[KP_COUNT + 1];
 	HTAB	   *byhash = NULL;
 	int			rc;
 
-	for (int i = 0; i < n; i++)
+	memcpy(values, s->values, sizeof(s->values));
+	memcpy(nulls, s->nulls, sizeof(s->nulls));
+	nulls[KP_COUNT] = ' ';
+	if (n == 1)
 	{
-		hints[i] = CStringGetTextDatum(keys[i].hint);
-		hashes[i] = hash_datum(keys[i].hash);
+		values[KP_OWNER] = owners[0];
+		values[KP_HINT] = CStringGetTextDatum(keys[0].hint);
+		values[KP_HASH] = hash_datum(keys[0].hash);
 	}
-	s->values[KP_OWNER] = PointerGetDatum(construct_array(owners, n, TEXTOID, -1, false, TYPALIGN_INT));
-	s->values[KP_HINT] = PointerGetDatum(construct_array(hints, n, TEXTOID, -1, false, TYPALIGN_INT));
-	s->values[KP_HASH] = PointerGetDatum(construct_array(hashes, n, BYTEAOID, -1, false, TYPALIGN_INT));
-	rc = SPI_execute_plan(apikey_prepare_kept(&insert_keys_plan, sql, KP_COUNT, argtypes),
-						  s->values, s->nulls, false, 0);
-	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != n)
+	else
+	{
+		Datum	   *hints = palloc(sizeof(Datum) * n);
+		Datum	   *hashes = palloc(sizeof(Datum) * n);
+
+		for (int i = 0; i < n; i++)
+		{
+			hints[i] = CStringGetTextDatum(keys[i].hint);
+			hashes[i] = hash_datum(keys[i].hash);
+		}
+		values[KP_OWNER] = PointerGetDatum(construct_array(owners, n, TEXTOID, -1, false, TYPALIGN_INT));
+		values[KP_HINT] = PointerGetDatum(construct_array(hints, n, TEXTOID, -1, false, TYPALIGN_INT));
+		values[KP_HASH] = PointerGetDatum(construct_array(hashes, n, BYTEAOID, -1, false, TYPALIGN_INT));
+	}
+	values[KP_COUNT] = PointerGetDatum(s->scopes);
+	rc = SPI_execute_plan(insert_keys_plan(n, s->scopes != NULL), values, nulls, false, 0);
+	if ((rc != SPI_OK_INSERT_RETURNING && rc != SPI_OK_SELECT) || SPI_processed != n)
 		elog(ERROR, "key insert failed: %s", SPI_result_code_string(rc));
 
 	for (int r = 0; r < n; r++)
@@ -564,60 +598,42 @@ insert_many_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n)
 	}
 }
 
-/* The scope grants and the quota rows of the new keys, one statement each. */
+/* The quota rows of the new keys, one statement. */
 static void
-insert_grants(IssueSettings *s, NewKey *keys, int n)
+insert_quotas(IssueSettings *s, NewKey *keys, int n)
 {
-	Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	Oid			argtypes[2] = {INT8ARRAYOID, INT8OID};
 	Datum		values[2];
-	Datum	   *ids;
+	Datum	   *ids = palloc(sizeof(Datum) * n);
 	int			rc;
 
-	if (s->scopes == NULL && !s->has_quota)
-		return;
-	ids = palloc(sizeof(Datum) * n);
 	for (int i = 0; i < n; i++)
 		ids[i] = Int64GetDatum(keys[i].key_id);
 	values[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-
-	if (s->scopes != NULL)
-	{
-		values[1] = PointerGetDatum(s->scopes);
-		rc = SPI_execute_plan(apikey_prepare_kept(&insert_scopes_plan,
-												  "INSERT INTO apikey.key_scopes (key_id, scope) "
-												  "SELECT k.id, g.scope "
-												  "  FROM pg_catalog.unnest($1) AS k(id), "
-												  "       pg_catalog.unnest($2) AS g(scope)",
-												  2, argtypes),
-							  values, NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "scope grant insert failed: %s", SPI_result_code_string(rc));
-	}
-	if (s->has_quota)
-	{
-		argtypes[1] = INT8OID;
-		values[1] = Int64GetDatum(s->quota);
-		rc = SPI_execute_plan(apikey_prepare_kept(&insert_quotas_plan,
-												  "INSERT INTO apikey.quotas (key_id, remaining) "
-												  "SELECT k.id, $2 FROM pg_catalog.unnest($1) AS k(id)",
-												  2, argtypes),
-							  values, NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "quota insert failed: %s", SPI_result_code_string(rc));
-	}
+	values[1] = Int64GetDatum(s->quota);
+	rc = SPI_execute_plan(apikey_prepare_kept(&insert_quotas_plan,
+											  "INSERT INTO apikey.quotas (key_id, remaining) "
+											  "SELECT k.id, $2 FROM pg_catalog.unnest($1) AS k(id)",
+											  2, argtypes),
+						  values, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "quota insert failed: %s", SPI_result_code_string(rc));
 }
 
-/* Write n new keys of the given owners, and their grants; sets their ids. */
+/*
+ * Write n new keys of the given owners with their scope grants, then their
+ * quota rows if they have a quota; sets their ids.  Nothing runs on a table
+ * that gets no row: a statement on key_scopes would fire its statement
+ * trigger, which empties every backend's key cache.
+ */
 static void
 write_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n)
 {
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (n == 1)
-		insert_one_key(s, owners[0], &keys[0]);
-	else
-		insert_many_keys(s, owners, keys, n);
-	insert_grants(s, keys, n);
+	insert_keys(s, owners, keys, n);
+	if (s->has_quota)
+		insert_quotas(s, keys, n);
 	SPI_finish();
 }
 
