@@ -6,6 +6,7 @@ OBJS = \
 	src/binding.o \
 	src/hash.o \
 	src/invalidation.o \
+	src/issue.o \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \

@@ -25,7 +25,6 @@
 #include "common/sha2.h"
 #include "fmgr.h"
 #include "funcapi.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/supportnodes.h"
 #include "port/atomics.h"
@@ -70,22 +69,11 @@ _PG_init(void)
 	apikey_worker_register();
 }
 
-/*
- * A user-supplied value as quoted in an error message: at most 64
- * characters (cut on a character boundary), so one bad call cannot write a
- * megabyte into the log.
- */
-static char *
+/* A text argument as quoted in an error message (see verdict.c) */
+static inline char *
 clip_for_message(text *t)
 {
-	const char *s = VARDATA_ANY(t);
-	int			len = VARSIZE_ANY_EXHDR(t);
-	int			cut;
-
-	if (pg_mbstrlen_with_len(s, len) <= 64)
-		return text_to_cstring(t);
-	cut = pg_mbcharcliplen(s, len, 61);
-	return psprintf("%.*s...", cut, s);
+	return apikey_clip_for_message(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 }
 
 /*

@@ -17,6 +17,7 @@ INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 CREATE ROLE regress_audit_admin;
 GRANT EXECUTE ON FUNCTION
 	apikey.issue(text, text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[]),
+	apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[]),
 	apikey.revoke(bigint, text), apikey.revoke_token(text, text), apikey.rotate(bigint, interval),
 	apikey.set_limits(bigint, integer, interval, bigint, interval, cidr[]), apikey.revoke_owner(text, text)
 	TO regress_audit_admin;
@@ -33,6 +34,7 @@ INSERT INTO tok SELECT 'byhash', key_id, token FROM apikey.issue('leaky');
 CREATE TEMP TABLE calls (n serial, fn name, q text);
 INSERT INTO calls (fn, q) VALUES
 	('issue', $$INSERT INTO tok SELECT 'k', key_id, token FROM apikey.issue('acme', '{orders:read}', 'checkout', metadata => '{"team": "ops"}')$$),
+	('issue_many', $$INSERT INTO tok SELECT 'm' || row_number() OVER (), key_id, token FROM apikey.issue_many('{initech,hooli}', '{orders:read}', 'batch')$$),
 	('set_limits', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'k'), 10, '1 minute', 100)$$),
 	('rotate', $$INSERT INTO tok SELECT 'k2', key_id, token FROM apikey.rotate((SELECT id FROM tok WHERE name = 'k'), '1 hour')$$),
 	('revoke', $$SELECT apikey.revoke((SELECT id FROM tok WHERE name = 'k'), 'rotated away')$$),
@@ -81,6 +83,13 @@ SELECT seq, action, actor_role = current_user AS by_me, session_role = session_u
   FROM apikey.audit_log ORDER BY seq;
 SELECT details - 'hint' AS details, details->>'hint' = (SELECT hint FROM apikey.keys WHERE id = target_key_id) AS hint_is_the_keys
   FROM apikey.audit_log WHERE action = 'issue' AND target_owner = 'acme';
+-- issue_many: one row for the batch, naming every key, owner and hint.
+SELECT details - 'key_ids' - 'hints' AS details,
+       details->'key_ids' = (SELECT jsonb_agg(id ORDER BY name) FROM tok WHERE name LIKE 'm_') AS key_ids_are_the_batch,
+       details->'hints' = (SELECT jsonb_agg(k.hint ORDER BY t.name) FROM tok t JOIN apikey.keys k ON k.id = t.id
+                            WHERE t.name LIKE 'm_') AS hints_are_the_keys,
+       target_key_id IS NULL AND target_owner IS NULL AS no_single_target
+  FROM apikey.audit_log WHERE action = 'issue_many';
 SELECT details - 'new_key_id' - 'new_hint' - 'key_ids' - 'new' AS rotate_details,
        details->'key_ids' = jsonb_build_array((SELECT id FROM tok WHERE name = 'k'), (SELECT id FROM tok WHERE name = 'k2')) AS both_keys
   FROM apikey.audit_log WHERE action = 'rotate';

@@ -310,7 +310,21 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_check_leak_note', 'NULL', $$SELECT apikey._check_leak_note(NULL, NULL, NULL)::text$$),
 ('_invalidate', 'called directly', $$SELECT apikey._invalidate()::text$$),
 ('_key_changed', 'called directly', $$SELECT apikey._key_changed()::text$$),
-('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$);
+('_scope_deleted', 'called directly', $$SELECT apikey._scope_deleted()::text$$),
+-- issue_many(text[], ...the rest as issue()...)
+('issue_many', 'owners NULL', $$SELECT count(*) FROM apikey.issue_many(NULL)$$),
+('issue_many', 'owners empty', $$SELECT count(*) FROM apikey.issue_many('{}')$$),
+('issue_many', 'owners {NULL}', $$SELECT count(*) FROM apikey.issue_many('{NULL}')$$),
+('issue_many', 'owners {""}', $$SELECT count(*) FROM apikey.issue_many('{""}')$$),
+('issue_many', 'owners 2-D array', $$SELECT count(*) FROM apikey.issue_many('{{a},{b}}')$$),
+('issue_many', 'owners 10001', $$SELECT count(*) FROM apikey.issue_many(array_fill('acme'::text, ARRAY[10001]))$$),
+('issue_many', 'owner 1 MB', $$SELECT count(*) FROM apikey.issue_many(ARRAY[repeat('o', 1048576)])$$),
+('issue_many', 'owners text (no implicit cast)', $$SELECT count(*) FROM apikey.issue_many('acme'::text)$$),
+('issue_many', 'scopes {NULL}', $$SELECT count(*) FROM apikey.issue_many('{acme}', '{NULL}')$$),
+('issue_many', 'prefix 1 MB', $$SELECT count(*) FROM apikey.issue_many('{acme}', prefix => repeat('a', 1048576))$$),
+('issue_many', 'rate_window NULL', $$SELECT count(*) FROM apikey.issue_many('{acme}', rate_window => NULL)$$),
+('issue_many', 'metadata 1 MB object', $$SELECT count(*) FROM apikey.issue_many('{acme}', metadata => jsonb_build_object('x', repeat('m', 1048576)))$$),
+('issue_many', 'two owners', $$SELECT count(DISTINCT (apikey.check(token)).key_id) FROM apikey.issue_many('{acme,acme}')$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
@@ -348,7 +362,7 @@ SELECT n, fn, label, result FROM cases
 SELECT regress_hardening_counts() AS counts_before \gset
 \set VERBOSITY sqlstate
 SELECT q FROM cases
- WHERE fn IN ('issue', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs')
+ WHERE fn IN ('issue', 'issue_many', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs')
    AND result !~ '^ok'
  ORDER BY n \gexec
 \set VERBOSITY default

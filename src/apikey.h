@@ -11,6 +11,8 @@
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
  *	 worker.c		background worker that persists usage counters;
  *					apikey.usage_flush_interval
+ *	 issue.c		issuing keys (issue, issue_many) and the argument checks
+ *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 verify.c		the verification rules that produce a verdict
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
@@ -135,6 +137,7 @@ extern bytea *apikey_sha256_bytea(const char *data, size_t len);
 extern const char *apikey_verdict_name(ApikeyCode code);
 extern void apikey_verdict_report(const ApikeyVerdict *v, const char *scope);
 extern Datum apikey_interval_datum(int64 usecs);
+extern char *apikey_clip_for_message(const char *s, int len);
 
 /* stats.c */
 typedef struct ApikeyStats
