@@ -2,11 +2,15 @@
 MODULE_big = apikey
 OBJS = \
 	apikey.o \
+	src/audit.o \
 	src/binding.o \
 	src/failurelimit.o \
 	src/hash.o \
+	src/invalidation.o \
+	src/issue.o \
 	src/keycache.o \
 	src/keystore.o \
+	src/leak.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

@@ -281,11 +281,1387 @@ COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage t
 COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
 
 -------------------------------------------------------------------------------
+-- Audit trail.  Every administrative function appends one row to
+-- apikey.audit_log in its own transaction; statement triggers record direct
+-- DML on the key tables.  Rows are chained: row_hash = SHA-256(prev_hash ||
+-- length-prefixed fields), appended one at a time under the row lock of
+-- apikey.audit_head, so seq order is commit order and the chain cannot
+-- fork.  Triggers refuse to change or delete rows except through
+-- apikey.audit_prune(); apikey.audit_verify() finds edited, inserted and
+-- deleted rows.  The settings apikey.actor and apikey.audit_context are
+-- explained in src/audit.c.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._audit_context() RETURNS text
+AS 'MODULE_PATHNAME', 'apikey_audit_context'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._audit_context()
+	IS 'Internal: the apikey administrative function that is running (apikey.audit_context), or NULL';
+REVOKE ALL ON FUNCTION apikey._audit_context() FROM PUBLIC;
+
+CREATE TABLE apikey.audit_log (
+	seq			bigint PRIMARY KEY,
+	at			timestamptz NOT NULL,
+	xact		xid8 NOT NULL,
+	action		text NOT NULL,
+	actor_role	name NOT NULL,
+	session_role name NOT NULL,
+	actor_key_id bigint,
+	actor_claim	text,
+	client_addr	inet,
+	application_name text,
+	target_key_id bigint,
+	target_owner text,
+	details		jsonb NOT NULL,
+	prev_hash	bytea NOT NULL,
+	row_hash	bytea NOT NULL
+);
+CREATE INDEX audit_log_target_key_id_idx ON apikey.audit_log (target_key_id);
+CREATE INDEX audit_log_at_idx ON apikey.audit_log (at);
+COMMENT ON TABLE apikey.audit_log IS 'Who issued, changed or revoked what, and when: one chained row per administrative call or direct change of a key table';
+COMMENT ON COLUMN apikey.audit_log.seq IS 'Position in the chain: 1, 2, 3, ... without gaps, in commit order';
+COMMENT ON COLUMN apikey.audit_log.at IS 'When the row was appended (clock time)';
+COMMENT ON COLUMN apikey.audit_log.xact IS 'The transaction that made the change';
+COMMENT ON COLUMN apikey.audit_log.action IS 'The administrative function (issue, revoke, ...), or table.operation for direct DML (keys.update, ...)';
+COMMENT ON COLUMN apikey.audit_log.actor_role IS 'The role acting in the session (outside any SECURITY DEFINER function)';
+COMMENT ON COLUMN apikey.audit_log.session_role IS 'The role that logged in (session_user)';
+COMMENT ON COLUMN apikey.audit_log.actor_key_id IS 'The API key bound to the transaction, if any';
+COMMENT ON COLUMN apikey.audit_log.actor_claim IS 'The application''s human identity (setting apikey.actor): a claim, not verified';
+COMMENT ON COLUMN apikey.audit_log.client_addr IS 'Address of the connection';
+COMMENT ON COLUMN apikey.audit_log.application_name IS 'The session''s application_name';
+COMMENT ON COLUMN apikey.audit_log.target_key_id IS 'The key acted on, if one';
+COMMENT ON COLUMN apikey.audit_log.target_owner IS 'The owner acted on (its key''s, or revoke_owner''s)';
+COMMENT ON COLUMN apikey.audit_log.details IS 'Arguments, old and new values; key_ids lists the keys of a call acting on many; never a token, hash or secret';
+COMMENT ON COLUMN apikey.audit_log.prev_hash IS 'row_hash of the row before (seq - 1); 32 zero bytes for seq 1';
+COMMENT ON COLUMN apikey.audit_log.row_hash IS 'SHA-256 of prev_hash and the length-prefixed fields of this row';
+SELECT pg_catalog.pg_extension_config_dump('apikey.audit_log', '');
+REVOKE ALL ON apikey.audit_log FROM PUBLIC;
+
+-- The lock that serializes appends.  The chain's tip is read from
+-- audit_log (its newest seq) while the lock is held; the row itself is
+-- updated once per appending transaction, not per row, so a transaction
+-- that appends many rows does not walk a chain of its own row versions,
+-- and under REPEATABLE READ a concurrent appender's commit is a
+-- serialization failure rather than a duplicate seq.  Not dumped.
+CREATE TABLE apikey.audit_head (
+	only_row	boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_head_one_row CHECK (only_row),
+	xact		xid8
+);
+COMMENT ON TABLE apikey.audit_head IS 'One row whose row lock serializes appends to apikey.audit_log, so the chain cannot fork';
+COMMENT ON COLUMN apikey.audit_head.only_row IS 'Always true: the table has one row';
+COMMENT ON COLUMN apikey.audit_head.xact IS 'The last transaction that appended (NULL before the first)';
+INSERT INTO apikey.audit_head (xact) VALUES (NULL);
+REVOKE ALL ON apikey.audit_head FROM PUBLIC;
+
+-- The row hash (src/audit.c): SHA-256 of prev_hash and the fields, each as
+-- its length and its bytes, in a form no setting changes.
+CREATE FUNCTION apikey._audit_hash(prev_hash bytea, seq bigint, at timestamptz, xact xid8, action text,
+								   actor_role name, session_role name, actor_key_id bigint,
+								   actor_claim text, client_addr inet, application_name text,
+								   target_key_id bigint, target_owner text, details jsonb)
+RETURNS bytea
+AS 'MODULE_PATHNAME', 'apikey_audit_hash'
+LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text, name, name, bigint, text, inet, text, bigint, text, jsonb)
+	IS 'Internal: an audit row''s row_hash, SHA-256 of prev_hash and the length-prefixed fields';
+REVOKE ALL ON FUNCTION apikey._audit_hash(bytea, bigint, timestamptz, xid8, text, name, name, bigint, text, inet, text, bigint, text, jsonb) FROM PUBLIC;
+
+-- Append: a BEFORE INSERT trigger fills in who, when and the chain, under
+-- the head's row lock, which it holds until commit.  A row that comes with
+-- its row_hash is pg_restore (or a logical replica) bringing back rows
+-- already chained: kept as they are if they hash right.  A new row is
+-- accepted only from an administrative function (apikey.audit_context
+-- set), so the owner cannot append one by hand.
+CREATE FUNCTION apikey._audit_chain() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_xact xid8;
+	v_tip_seq bigint;
+	v_tip_hash bytea;
+BEGIN
+	SELECT h.xact INTO v_xact FROM apikey.audit_head h FOR UPDATE;
+	IF NEW.row_hash IS NOT NULL THEN
+		IF NEW.row_hash IS DISTINCT FROM apikey._audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.xact,
+				NEW.action, NEW.actor_role, NEW.session_role, NEW.actor_key_id, NEW.actor_claim,
+				NEW.client_addr, NEW.application_name, NEW.target_key_id, NEW.target_owner, NEW.details) THEN
+			RAISE EXCEPTION 'audit row % does not match its row_hash', NEW.seq
+				USING ERRCODE = '22023',
+					  HINT = 'Rows with a row_hash are accepted only as dumped by pg_dump; new rows are written by apikey''s administrative functions.';
+		END IF;
+		RETURN NEW;
+	END IF;
+	IF apikey._audit_context() IS NULL THEN
+		RAISE EXCEPTION 'rows of apikey.audit_log are written by apikey''s administrative functions only'
+			USING ERRCODE = '42501',
+				  HINT = 'Call the administrative function (apikey.issue, apikey.revoke, ...); it records itself.';
+	END IF;
+	IF v_xact IS DISTINCT FROM pg_catalog.pg_current_xact_id() THEN
+		UPDATE apikey.audit_head SET xact = pg_catalog.pg_current_xact_id();
+	END IF;
+	-- the tip, read after the lock was granted (a new snapshot in READ
+	-- COMMITTED), so it includes the rows of the transaction that held it
+	SELECT a.seq, a.row_hash INTO v_tip_seq, v_tip_hash
+	  FROM apikey.audit_log a ORDER BY a.seq DESC LIMIT 1;
+	NEW.seq := COALESCE(v_tip_seq, 0) OPERATOR(pg_catalog.+) 1;
+	NEW.at := pg_catalog.clock_timestamp();
+	NEW.xact := pg_catalog.pg_current_xact_id();
+	NEW.actor_role := apikey._acting_role();
+	NEW.session_role := SESSION_USER;
+	NEW.actor_key_id := apikey.current_key_id();
+	NEW.actor_claim := pg_catalog.current_setting('apikey.actor', true);
+	IF NEW.actor_claim OPERATOR(pg_catalog.=) '' THEN
+		NEW.actor_claim := NULL;
+	END IF;
+	NEW.client_addr := pg_catalog.inet_client_addr();
+	NEW.application_name := pg_catalog.current_setting('application_name');
+	IF NEW.application_name OPERATOR(pg_catalog.=) '' THEN
+		NEW.application_name := NULL;
+	END IF;
+	NEW.details := COALESCE(NEW.details, '{}');
+	NEW.prev_hash := COALESCE(v_tip_hash, pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex'));
+	NEW.row_hash := apikey._audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.xact, NEW.action,
+		NEW.actor_role, NEW.session_role, NEW.actor_key_id, NEW.actor_claim, NEW.client_addr,
+		NEW.application_name, NEW.target_key_id, NEW.target_owner, NEW.details);
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey._audit_chain()
+	IS 'Internal: trigger that chains each new audit row under the head''s row lock, and checks rows brought back by pg_restore';
+REVOKE ALL ON FUNCTION apikey._audit_chain() FROM PUBLIC;
+
+-- Rows are never changed; they are deleted only by audit_prune().
+CREATE FUNCTION apikey._audit_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'audit_head' THEN
+		-- only _audit_chain() updates the head (a trigger within a trigger)
+		IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND pg_catalog.pg_trigger_depth() OPERATOR(pg_catalog.>) 1 THEN
+			RETURN NEW;
+		END IF;
+	ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE'
+		  AND apikey._audit_context() OPERATOR(pg_catalog.=) 'audit_prune' THEN
+		RETURN OLD;
+	END IF;
+	RAISE EXCEPTION 'apikey.% is append-only: % refused', TG_TABLE_NAME, TG_OP
+		USING ERRCODE = '42501',
+			  HINT = 'Remove old audit rows with apikey.audit_prune(older_than).';
+END
+$$;
+COMMENT ON FUNCTION apikey._audit_guard()
+	IS 'Internal: trigger refusing UPDATE, DELETE and TRUNCATE of the audit chain, except deletes by apikey.audit_prune()';
+REVOKE ALL ON FUNCTION apikey._audit_guard() FROM PUBLIC;
+
+CREATE TRIGGER audit_log_chain BEFORE INSERT ON apikey.audit_log
+	FOR EACH ROW EXECUTE FUNCTION apikey._audit_chain();
+CREATE TRIGGER audit_log_guard BEFORE UPDATE OR DELETE ON apikey.audit_log
+	FOR EACH ROW EXECUTE FUNCTION apikey._audit_guard();
+CREATE TRIGGER audit_log_guard_truncate BEFORE TRUNCATE ON apikey.audit_log
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_guard();
+CREATE TRIGGER audit_head_guard BEFORE INSERT OR UPDATE OR DELETE ON apikey.audit_head
+	FOR EACH ROW EXECUTE FUNCTION apikey._audit_guard();
+CREATE TRIGGER audit_head_guard_truncate BEFORE TRUNCATE ON apikey.audit_head
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_guard();
+ALTER TABLE apikey.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+ALTER TABLE apikey.audit_log ENABLE ALWAYS TRIGGER audit_log_guard;
+ALTER TABLE apikey.audit_log ENABLE ALWAYS TRIGGER audit_log_guard_truncate;
+ALTER TABLE apikey.audit_head ENABLE ALWAYS TRIGGER audit_head_guard;
+ALTER TABLE apikey.audit_head ENABLE ALWAYS TRIGGER audit_head_guard_truncate;
+
+-- The row of one administrative call; the function's SET clause names it
+-- in apikey.audit_context.  Called last, after the change it records.
+CREATE FUNCTION apikey._audit(action text, target_key_id bigint, target_owner text, details jsonb)
+RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO apikey.audit_log (action, target_key_id, target_owner, details)
+	VALUES (action, target_key_id, target_owner, details);
+$$;
+COMMENT ON FUNCTION apikey._audit(text, bigint, text, jsonb)
+	IS 'Internal: append the audit row of an administrative call (only while apikey.audit_context is set)';
+REVOKE ALL ON FUNCTION apikey._audit(text, bigint, text, jsonb) FROM PUBLIC;
+
+-- Taken first by every administrative function: all of them then queue on
+-- this one lock before any other, so two of them never deadlock.
+CREATE FUNCTION apikey._audit_lock() RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT FROM apikey.audit_head FOR UPDATE;
+$$;
+COMMENT ON FUNCTION apikey._audit_lock()
+	IS 'Internal: take the audit head''s row lock (first, in every administrative function)';
+REVOKE ALL ON FUNCTION apikey._audit_lock() FROM PUBLIC;
+
+-- Direct DML on the key tables: one row per statement, from transition
+-- tables.  What an administrative function changes is left alone (it
+-- writes its own row), and so is an UPDATE that changes nothing but
+-- keys.last_used_at (the usage writer's).  Quota debits are UPDATEs of
+-- apikey.quotas made by every verification: quotas are audited on INSERT,
+-- DELETE and TRUNCATE only.  Values are listed for at most 100 rows, key
+-- ids for at most 1,000; hashes never.
+CREATE FUNCTION apikey._audit_direct(action text, target_key_id bigint, details jsonb) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'direct'
+AS $$
+	SELECT apikey._audit(action, target_key_id, NULL, details);
+$$;
+COMMENT ON FUNCTION apikey._audit_direct(text, bigint, jsonb)
+	IS 'Internal: append the audit row of a direct change to a key table';
+REVOKE ALL ON FUNCTION apikey._audit_direct(text, bigint, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION apikey._audit_dml() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_rows bigint;
+	v_old jsonb;
+	v_new jsonb;
+	v_ids jsonb;
+	v_details jsonb;
+BEGIN
+	IF apikey._audit_context() IS NOT NULL THEN
+		RETURN NULL;
+	END IF;
+	IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' THEN
+		PERFORM apikey._audit_direct(TG_TABLE_NAME OPERATOR(pg_catalog.||) '.truncate', NULL, '{}');
+		RETURN NULL;
+	END IF;
+	IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+		IF NOT EXISTS (SELECT pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.-) 'last_used_at' FROM new_rows n
+					   EXCEPT ALL
+					   SELECT pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.-) 'last_used_at' FROM old_rows o) THEN
+			RETURN NULL;
+		END IF;
+	END IF;
+
+	IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
+		SELECT pg_catalog.count(*), pg_catalog.jsonb_agg(r.j) FILTER (WHERE r.i OPERATOR(pg_catalog.<=) 100)
+		  INTO v_rows, v_old
+		  FROM (SELECT pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.-) '{hash,token_hash}'::text[] AS j,
+					   pg_catalog.row_number() OVER () AS i FROM old_rows o) r;
+		SELECT pg_catalog.jsonb_agg(DISTINCT x.id) INTO v_ids
+		  FROM (SELECT COALESCE(pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.->) 'key_id',
+								CASE WHEN TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keys'
+									 THEN pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.->) 'id' END) AS id
+				  FROM old_rows o LIMIT 1000) x
+		 WHERE x.id OPERATOR(pg_catalog.<>) 'null';
+	END IF;
+	IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
+		SELECT pg_catalog.count(*), pg_catalog.jsonb_agg(r.j) FILTER (WHERE r.i OPERATOR(pg_catalog.<=) 100)
+		  INTO v_rows, v_new
+		  FROM (SELECT pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.-) '{hash,token_hash}'::text[] AS j,
+					   pg_catalog.row_number() OVER () AS i FROM new_rows n) r;
+		SELECT pg_catalog.jsonb_agg(DISTINCT x.id) INTO v_ids
+		  FROM (SELECT COALESCE(pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.->) 'key_id',
+								CASE WHEN TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keys'
+									 THEN pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.->) 'id' END) AS id
+				  FROM new_rows n LIMIT 1000) x
+		 WHERE x.id OPERATOR(pg_catalog.<>) 'null';
+	END IF;
+	IF v_rows OPERATOR(pg_catalog.=) 0 THEN
+		RETURN NULL;			-- a statement that changed no row
+	END IF;
+	v_details := pg_catalog.jsonb_build_object('rows', v_rows);
+	IF v_old IS NOT NULL THEN
+		v_details := v_details OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('old', v_old);
+	END IF;
+	IF v_new IS NOT NULL THEN
+		v_details := v_details OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('new', v_new);
+	END IF;
+	IF v_ids IS NOT NULL THEN
+		v_details := v_details OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('key_ids', v_ids);
+	END IF;
+	PERFORM apikey._audit_direct(
+		TG_TABLE_NAME OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.lower(TG_OP),
+		CASE WHEN pg_catalog.jsonb_array_length(v_ids) OPERATOR(pg_catalog.=) 1
+			 THEN (v_ids OPERATOR(pg_catalog.->>) 0)::pg_catalog.int8 END,
+		v_details);
+	RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikey._audit_dml()
+	IS 'Internal: statement trigger recording direct DML on a key table in apikey.audit_log';
+REVOKE ALL ON FUNCTION apikey._audit_dml() FROM PUBLIC;
+
+DO $$
+DECLARE
+	t text;
+BEGIN
+	FOREACH t IN ARRAY ARRAY['keys', 'key_scopes', 'revocations', 'scopes', 'quotas'] LOOP
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
+		IF t OPERATOR(pg_catalog.<>) 'quotas' THEN
+			EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+									  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
+									  t || '_audit_update', t);
+			EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
+		END IF;
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
+	END LOOP;
+END
+$$;
+
+-- The administrative functions, each now writing its audit row.  Their
+-- behaviour is otherwise unchanged.
+
+-- revoke() without its audit row, for the functions that revoke on behalf
+-- of another call (revoke_token, report_leak, ...).
+CREATE FUNCTION apikey._revoke(key_id bigint, reason text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	INSERT INTO apikey.revocations (key_id, revoked_by, reason)
+	VALUES (_revoke.key_id, apikey._acting_role(), _revoke.reason)
+	ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING;
+	RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION apikey._revoke(bigint, text)
+	IS 'Internal: revoke a key; true if this call revoked it (callers write the audit row)';
+REVOKE ALL ON FUNCTION apikey._revoke(bigint, text) FROM PUBLIC;
+
+-- issue() writes its audit row in C: see "Issuing as fast as a hand-written
+-- INSERT" at the end of this script.
+
+CREATE OR REPLACE FUNCTION apikey.set_limits(key_id bigint, rate_limit integer DEFAULT NULL,
+											 rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+											 quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'set_limits'
+AS $$
+DECLARE
+	v_old apikey.keys;
+BEGIN
+	IF set_limits.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._check_limits(set_limits.rate_limit, set_limits.rate_window, set_limits.quota,
+								 set_limits.quota_refill);
+	PERFORM apikey._check_cidrs(set_limits.allowed_cidrs);
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) set_limits.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', set_limits.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	UPDATE apikey.keys k
+	   SET rate_limit = set_limits.rate_limit, rate_window = set_limits.rate_window,
+		   quota = set_limits.quota, quota_refill = set_limits.quota_refill,
+		   allowed_cidrs = set_limits.allowed_cidrs
+	 WHERE k.id OPERATOR(pg_catalog.=) set_limits.key_id;
+	IF set_limits.quota IS NULL THEN
+		DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) set_limits.key_id;
+	ELSE
+		INSERT INTO apikey.quotas AS q (key_id, remaining) VALUES (set_limits.key_id, set_limits.quota)
+		ON CONFLICT ON CONSTRAINT quotas_pkey
+		DO UPDATE SET remaining = excluded.remaining, refilled_at = pg_catalog.now();
+	END IF;
+	PERFORM apikey._audit('set_limits', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
+		'old', pg_catalog.jsonb_build_object('rate_limit', v_old.rate_limit, 'rate_window', v_old.rate_window,
+			'quota', v_old.quota, 'quota_refill', v_old.quota_refill, 'allowed_cidrs', v_old.allowed_cidrs),
+		'new', pg_catalog.jsonb_build_object('rate_limit', set_limits.rate_limit,
+			'rate_window', set_limits.rate_window, 'quota', set_limits.quota,
+			'quota_refill', set_limits.quota_refill, 'allowed_cidrs', set_limits.allowed_cidrs)));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.revoke(key_id bigint, reason text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke'
+AS $$
+DECLARE
+	v_owner text;
+	v_revoked boolean;
+BEGIN
+	IF revoke.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT k.owner INTO v_owner FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) revoke.key_id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', revoke.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	v_revoked := apikey._revoke(revoke.key_id, revoke.reason);
+	PERFORM apikey._audit('revoke', revoke.key_id, v_owner,
+		pg_catalog.jsonb_build_object('reason', revoke.reason, 'revoked', v_revoked));
+	RETURN v_revoked;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.revoke_token(token text, reason text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_token'
+AS $$
+DECLARE
+	v_key record;
+	v_hash bytea;
+	v_revoked boolean;
+BEGIN
+	v_hash := apikey._token_hash(revoke_token.token);
+	PERFORM apikey._audit_lock();
+	SELECT k.id, k.owner INTO v_key FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) v_hash;
+	IF v_key.id IS NULL THEN
+		RAISE EXCEPTION 'no key matches this token'
+			USING ERRCODE = '42704';
+	END IF;
+	v_revoked := apikey._revoke(v_key.id, revoke_token.reason);
+	PERFORM apikey._audit('revoke_token', v_key.id, v_key.owner,
+		pg_catalog.jsonb_build_object('reason', revoke_token.reason, 'revoked', v_revoked));
+	RETURN v_revoked;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.revoke_owner(owner text, reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_owner'
+AS $$
+DECLARE
+	n bigint;
+	v_ids jsonb;
+BEGIN
+	IF revoke_owner.owner IS NULL OR revoke_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty'
+			USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	WITH revoked AS (
+		INSERT INTO apikey.revocations (key_id, revoked_by, reason)
+		SELECT k.id, apikey._acting_role(), revoke_owner.reason
+		  FROM apikey.keys k
+		 WHERE k.owner OPERATOR(pg_catalog.=) revoke_owner.owner
+		ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING
+		RETURNING apikey.revocations.key_id)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(r.key_id ORDER BY r.key_id), '[]')
+	  INTO n, v_ids FROM revoked r;
+	PERFORM apikey._audit('revoke_owner', NULL, revoke_owner.owner,
+		pg_catalog.jsonb_build_object('reason', revoke_owner.reason, 'revoked', n, 'key_ids', v_ids));
+	RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION apikey.rotate(key_id bigint, grace interval DEFAULT '1 day')
+RETURNS SETOF apikey.new_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'rotate'
+AS $$
+DECLARE
+	v_old apikey.keys;
+	v_new record;
+	v_id bigint;
+	v_expires timestamptz;
+BEGIN
+	IF rotate.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF rotate.grace IS NULL OR rotate.grace OPERATOR(pg_catalog.<) '0'::interval THEN
+		RAISE EXCEPTION 'grace must be a non-negative interval'
+			USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) rotate.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', rotate.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id) THEN
+		RAISE EXCEPTION 'key % is revoked and cannot be rotated', v_old.id
+			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
+	END IF;
+	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+		RAISE EXCEPTION 'key % has expired and cannot be rotated', v_old.id
+			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
+	END IF;
+
+	v_new := apikey._new_token(v_old.prefix);
+	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
+							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
+			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
+	RETURNING apikey.keys.id INTO v_id;
+
+	INSERT INTO apikey.key_scopes (key_id, scope)
+	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	-- the rate-limit bucket and the quota move to the new key; the old one
+	-- draws on them from now on
+	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
+	   FROM apikey.keys b
+	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+	IF v_old.quota IS NOT NULL THEN
+		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
+		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
+		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+	END IF;
+	DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	-- the old key (and keys still in grace from earlier rotations of it)
+	-- share the new key's budget, and the old one expires after grace
+	UPDATE apikey.keys k
+	   SET budget_key_id = v_id,
+		   expires_at = CASE WHEN k.id OPERATOR(pg_catalog.=) v_old.id
+							 THEN LEAST(COALESCE(k.expires_at, 'infinity'),
+										pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
+							 ELSE k.expires_at END
+	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id OR k.budget_key_id OPERATOR(pg_catalog.=) v_old.id;
+
+	SELECT k.expires_at INTO v_expires FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) v_old.id;
+	PERFORM apikey._audit('rotate', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
+		'new_key_id', v_id, 'new_hint', v_new.hint, 'grace', rotate.grace,
+		'old', pg_catalog.jsonb_build_object('expires_at', v_old.expires_at),
+		'new', pg_catalog.jsonb_build_object('expires_at', v_expires),
+		'key_ids', pg_catalog.jsonb_build_array(v_old.id, v_id)));
+
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+END
+$$;
+
+-- Pruning: the only way rows leave the chain.  A contiguous run from the
+-- oldest row goes; the row that records the prune keeps the row_hash of
+-- the last one removed (the anchor), which the first remaining row's
+-- prev_hash must match.
+CREATE FUNCTION apikey.audit_prune(older_than interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'audit_prune'
+AS $$
+DECLARE
+	v_through bigint;
+	v_anchor bytea;
+	n bigint := 0;
+BEGIN
+	IF audit_prune.older_than IS NULL OR audit_prune.older_than OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'older_than must be a positive interval'
+			USING ERRCODE = '22023', HINT = 'Rows appended before now() - older_than are removed, e.g. ''400 days''.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT pg_catalog.max(a.seq) INTO v_through FROM apikey.audit_log a
+	 WHERE a.at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) audit_prune.older_than);
+	IF v_through IS NOT NULL THEN
+		SELECT a.row_hash INTO v_anchor FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.=) v_through;
+		SELECT pg_catalog.count(*) INTO n FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.<=) v_through;
+	END IF;
+	-- the prune's own row first: it stays the tip, so seq goes on
+	PERFORM apikey._audit('audit_prune', NULL, NULL, pg_catalog.jsonb_build_object(
+		'older_than', audit_prune.older_than, 'pruned_through', v_through,
+		'anchor', pg_catalog.encode(v_anchor, 'hex'), 'rows', n));
+	IF v_through IS NOT NULL THEN
+		DELETE FROM apikey.audit_log a WHERE a.seq OPERATOR(pg_catalog.<=) v_through;
+	END IF;
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.audit_prune(interval)
+	IS 'Remove audit rows older than the interval (the oldest first, contiguously); records the anchor it pruned to; returns rows removed';
+REVOKE ALL ON FUNCTION apikey.audit_prune(interval) FROM PUBLIC;
+
+-- Verification reads only, so it runs on a standby too.  Each row must
+-- hash to its row_hash (else it was edited), and its prev_hash must be the
+-- row_hash of row seq - 1, or of the anchor a prune recorded, or zeros for
+-- seq 1 (else a row was inserted or deleted).  The newest rows deleted
+-- leave no trace in the chain: only a checkpoint kept elsewhere shows it.
+CREATE FUNCTION apikey.audit_verify(from_seq bigint DEFAULT NULL, to_seq bigint DEFAULT NULL)
+RETURNS TABLE (seq bigint, problem text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	r apikey.audit_log;
+	v_prev_seq bigint;
+	v_prev_hash bytea;
+	v_expected bytea;
+BEGIN
+	FOR r IN SELECT * FROM apikey.audit_log a
+			  WHERE (audit_verify.from_seq IS NULL OR a.seq OPERATOR(pg_catalog.>=) audit_verify.from_seq)
+				AND (audit_verify.to_seq IS NULL OR a.seq OPERATOR(pg_catalog.<=) audit_verify.to_seq)
+			  ORDER BY a.seq LOOP
+		IF r.row_hash IS DISTINCT FROM apikey._audit_hash(r.prev_hash, r.seq, r.at, r.xact, r.action,
+				r.actor_role, r.session_role, r.actor_key_id, r.actor_claim, r.client_addr,
+				r.application_name, r.target_key_id, r.target_owner, r.details) THEN
+			seq := r.seq;
+			problem := 'row_hash_mismatch';
+			RETURN NEXT;
+		END IF;
+		IF v_prev_seq OPERATOR(pg_catalog.=) (r.seq OPERATOR(pg_catalog.-) 1) THEN
+			v_expected := v_prev_hash;
+		ELSE
+			v_expected := NULL;
+			SELECT a.row_hash INTO v_expected FROM apikey.audit_log a
+			 WHERE a.seq OPERATOR(pg_catalog.=) (r.seq OPERATOR(pg_catalog.-) 1);
+			IF NOT FOUND AND r.seq OPERATOR(pg_catalog.=) 1 THEN
+				v_expected := pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex');
+			ELSIF NOT FOUND THEN
+				SELECT pg_catalog.decode(a.details OPERATOR(pg_catalog.->>) 'anchor', 'hex') INTO v_expected
+				  FROM apikey.audit_log a
+				 WHERE a.action OPERATOR(pg_catalog.=) 'audit_prune'
+				   AND (a.details OPERATOR(pg_catalog.->>) 'pruned_through')
+					   OPERATOR(pg_catalog.=) (r.seq OPERATOR(pg_catalog.-) 1)::text
+				 ORDER BY a.seq DESC LIMIT 1;
+			END IF;
+		END IF;
+		IF r.prev_hash IS DISTINCT FROM v_expected THEN
+			seq := r.seq;
+			problem := 'prev_hash_mismatch';
+			RETURN NEXT;
+		END IF;
+		v_prev_seq := r.seq;
+		v_prev_hash := r.row_hash;
+	END LOOP;
+END
+$$;
+COMMENT ON FUNCTION apikey.audit_verify(bigint, bigint)
+	IS 'Check the audit chain (read-only, works on a standby): row_hash_mismatch for an edited row, prev_hash_mismatch for an inserted or deleted one';
+REVOKE ALL ON FUNCTION apikey.audit_verify(bigint, bigint) FROM PUBLIC;
+
+-- For off-box anchoring: store it elsewhere, compare later.
+CREATE FUNCTION apikey.audit_checkpoint(OUT seq bigint, OUT row_hash bytea, OUT at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT a.seq, a.row_hash, a.at FROM apikey.audit_log a ORDER BY a.seq DESC LIMIT 1;
+$$;
+COMMENT ON FUNCTION apikey.audit_checkpoint()
+	IS 'The newest audit row''s seq, row_hash and time: keep them off this server to detect a rewritten or truncated chain later';
+REVOKE ALL ON FUNCTION apikey.audit_checkpoint() FROM PUBLIC;
+
+CREATE VIEW apikey.audit AS
+SELECT a.seq, a.at, a.xact, a.action, a.actor_role, a.session_role, a.actor_key_id, a.actor_claim,
+	   a.client_addr, a.application_name, a.target_key_id, a.target_owner, a.details,
+	   pg_catalog.encode(k.hash, 'base64') AS hashed_token, a.prev_hash, a.row_hash
+  FROM apikey.audit_log a
+  LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) a.target_key_id;
+COMMENT ON VIEW apikey.audit IS 'apikey.audit_log with the target key''s SHA-256 in base64 (GitHub''s hashed_token form); readable by the owner only';
+COMMENT ON COLUMN apikey.audit.seq IS 'Position in the chain';
+COMMENT ON COLUMN apikey.audit.at IS 'When the row was appended';
+COMMENT ON COLUMN apikey.audit.xact IS 'The transaction that made the change';
+COMMENT ON COLUMN apikey.audit.action IS 'The administrative function, or table.operation for direct DML';
+COMMENT ON COLUMN apikey.audit.actor_role IS 'The role acting in the session';
+COMMENT ON COLUMN apikey.audit.session_role IS 'The role that logged in';
+COMMENT ON COLUMN apikey.audit.actor_key_id IS 'The API key bound to the transaction, if any';
+COMMENT ON COLUMN apikey.audit.actor_claim IS 'apikey.actor: the application''s human identity, a claim';
+COMMENT ON COLUMN apikey.audit.client_addr IS 'Address of the connection';
+COMMENT ON COLUMN apikey.audit.application_name IS 'The session''s application_name';
+COMMENT ON COLUMN apikey.audit.target_key_id IS 'The key acted on, if one';
+COMMENT ON COLUMN apikey.audit.target_owner IS 'The owner acted on';
+COMMENT ON COLUMN apikey.audit.details IS 'Arguments, old and new values, key_ids';
+COMMENT ON COLUMN apikey.audit.hashed_token IS 'The target key''s SHA-256, base64 (as GitHub''s audit log shows hashed tokens)';
+COMMENT ON COLUMN apikey.audit.prev_hash IS 'row_hash of the row before';
+COMMENT ON COLUMN apikey.audit.row_hash IS 'SHA-256 of prev_hash and this row''s fields';
+REVOKE ALL ON apikey.audit FROM PUBLIC;
+
+-- Everything done to the key a token belongs to: rows that target it,
+-- rows that list it in key_ids, and owner-wide rows of its owner.
+CREATE FUNCTION apikey.audit_for_token(token text) RETURNS SETOF apikey.audit
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT v.*
+	  FROM apikey.keys k
+	  JOIN apikey.audit v
+		ON v.target_key_id OPERATOR(pg_catalog.=) k.id
+		OR (v.target_key_id IS NULL AND v.target_owner OPERATOR(pg_catalog.=) k.owner)
+		OR (v.details OPERATOR(pg_catalog.->) 'key_ids') OPERATOR(pg_catalog.@>) pg_catalog.to_jsonb(k.id)
+	 WHERE k.hash OPERATOR(pg_catalog.=) apikey._token_hash(audit_for_token.token)
+	 ORDER BY v.seq;
+$$;
+COMMENT ON FUNCTION apikey.audit_for_token(text)
+	IS 'Every audit row about the key a token belongs to; 22023 for a malformed token, no rows for an unknown one';
+REVOKE ALL ON FUNCTION apikey.audit_for_token(text) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- Leak response.  Find checksum-valid tokens in free text (src/leak.c),
+-- and report leaked ones: each report records an exposure and applies its
+-- prefix's leak policy (revoke by default; a public prefix is only
+-- reported), in the same transaction as its audit row.  GitHub's secret
+-- scanning payload is accepted as is; a reporter role may revoke tokens it
+-- holds; a trigger keeps tokens out of application tables; scanner rules
+-- let operators look for their customers' keys in their own repositories.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._scan_tokens(body text, OUT pos integer, OUT len integer, OUT prefix text,
+									OUT hint text, OUT hash bytea)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'apikey_scan_tokens'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._scan_tokens(text)
+	IS 'Internal: every checksum-valid token in a text: position (characters from 1), length, prefix, hint and SHA-256';
+REVOKE ALL ON FUNCTION apikey._scan_tokens(text) FROM PUBLIC;
+
+CREATE TABLE apikey.prefixes (
+	prefix		text PRIMARY KEY
+				CONSTRAINT prefixes_prefix_check CHECK (prefix OPERATOR(pg_catalog.~) '^[a-z][a-z0-9_]{0,15}$'),
+	public		boolean NOT NULL DEFAULT false,
+	leak_action	text NOT NULL DEFAULT 'revoke'
+				CONSTRAINT prefixes_leak_action_check CHECK (leak_action OPERATOR(pg_catalog.=) ANY ('{revoke,suspend,notify}'::text[])),
+	description	text
+);
+COMMENT ON TABLE apikey.prefixes IS 'Leak policy per token prefix; a prefix without a row is private with leak_action revoke';
+COMMENT ON COLUMN apikey.prefixes.prefix IS 'Token prefix, e.g. ak_live';
+COMMENT ON COLUMN apikey.prefixes.public IS 'Keys meant to be public (e.g. publishable keys): a leak is only reported, never acted on';
+COMMENT ON COLUMN apikey.prefixes.leak_action IS 'What a leak report does: revoke (the key, reason leaked) or notify (record only); suspend is refused until keys can be suspended';
+COMMENT ON COLUMN apikey.prefixes.description IS 'Free text for humans';
+SELECT pg_catalog.pg_extension_config_dump('apikey.prefixes', '');
+REVOKE ALL ON apikey.prefixes FROM PUBLIC;
+
+-- Fail closed: a policy that cannot be carried out is refused when it is
+-- set, not ignored when a key leaks.
+CREATE FUNCTION apikey._prefixes_check() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF NEW.leak_action OPERATOR(pg_catalog.=) 'suspend' THEN
+		RAISE EXCEPTION 'leak_action suspend is not available: this version of apikey cannot suspend keys'
+			USING ERRCODE = '0A000',
+				  HINT = 'Use revoke (the default) or notify.';
+	END IF;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey._prefixes_check()
+	IS 'Internal: trigger refusing a leak_action apikey cannot carry out (suspend)';
+REVOKE ALL ON FUNCTION apikey._prefixes_check() FROM PUBLIC;
+CREATE TRIGGER prefixes_check BEFORE INSERT OR UPDATE ON apikey.prefixes
+	FOR EACH ROW EXECUTE FUNCTION apikey._prefixes_check();
+ALTER TABLE apikey.prefixes ENABLE ALWAYS TRIGGER prefixes_check;
+
+CREATE TABLE apikey.exposures (
+	id			bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+	key_id		bigint NOT NULL REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	token_hash	bytea NOT NULL
+				CONSTRAINT exposures_token_hash_length CHECK (pg_catalog.octet_length(token_hash) OPERATOR(pg_catalog.=) 32),
+	found_at	timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	reported_at	timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	source		text NOT NULL,
+	reference	text,
+	action_taken text NOT NULL
+				CONSTRAINT exposures_action_taken_check
+				CHECK (action_taken OPERATOR(pg_catalog.=) ANY ('{revoked,already_revoked,notified,public_prefix}'::text[])),
+	reported_by	name NOT NULL,
+	CONSTRAINT exposures_key_reference UNIQUE NULLS NOT DISTINCT (key_id, reference)
+);
+COMMENT ON TABLE apikey.exposures IS 'Leaks reported for a key: one row per key and reference (scanners resend; a resend is the same exposure)';
+COMMENT ON COLUMN apikey.exposures.id IS 'Exposure id, returned by report_leak';
+COMMENT ON COLUMN apikey.exposures.key_id IS 'The leaked key';
+COMMENT ON COLUMN apikey.exposures.token_hash IS 'SHA-256 of the leaked token (the key''s hash); readable by the owner only';
+COMMENT ON COLUMN apikey.exposures.found_at IS 'When the leak was first reported';
+COMMENT ON COLUMN apikey.exposures.reported_at IS 'When it was last reported (resends move it)';
+COMMENT ON COLUMN apikey.exposures.source IS 'Who found it: github:<source>, db:<schema>.<table>, revoke_leaked, or what the caller passed';
+COMMENT ON COLUMN apikey.exposures.reference IS 'Where it was found, e.g. a URL; NULL if not given';
+COMMENT ON COLUMN apikey.exposures.action_taken IS 'revoked, already_revoked, notified (leak_action notify) or public_prefix (nothing done)';
+COMMENT ON COLUMN apikey.exposures.reported_by IS 'Role acting in the session that first reported it';
+COMMENT ON SEQUENCE apikey.exposures_id_seq IS 'Exposure ids (apikey.exposures.id)';
+SELECT pg_catalog.pg_extension_config_dump('apikey.exposures', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.exposures_id_seq', '');
+REVOKE ALL ON apikey.exposures FROM PUBLIC;
+REVOKE ALL ON SEQUENCE apikey.exposures_id_seq FROM PUBLIC;
+
+-- Direct DML on the two new tables is audited like the key tables'.
+DO $$
+DECLARE
+	t text;
+BEGIN
+	FOREACH t IN ARRAY ARRAY['prefixes', 'exposures'] LOOP
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+								  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
+								  t || '_audit_update', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
+	END LOOP;
+END
+$$;
+
+-- The hash of a text that is exactly one well-formed token, else NULL.
+CREATE FUNCTION apikey._token_hash_or_null(token text) RETURNS bytea
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT s.hash FROM apikey._scan_tokens(token) s
+	 WHERE s.pos OPERATOR(pg_catalog.=) 1 AND s.len OPERATOR(pg_catalog.=) pg_catalog.length(token);
+$$;
+COMMENT ON FUNCTION apikey._token_hash_or_null(text)
+	IS 'Internal: SHA-256 of a text that is exactly one well-formed token, NULL for anything else';
+REVOKE ALL ON FUNCTION apikey._token_hash_or_null(text) FROM PUBLIC;
+
+-- What callers store about a leak is bounded, and never a token.
+CREATE FUNCTION apikey._check_leak_note(what text, value text, max_bytes integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF pg_catalog.octet_length(value) OPERATOR(pg_catalog.>) max_bytes THEN
+		RAISE EXCEPTION '% is too long (% bytes)', what, pg_catalog.octet_length(value)
+			USING ERRCODE = '22001', HINT = pg_catalog.format('A %s is at most %s bytes.', what, max_bytes);
+	END IF;
+	IF EXISTS (SELECT FROM apikey._scan_tokens(value)) THEN
+		RAISE EXCEPTION '% must not contain a token', what
+			USING ERRCODE = '22023', HINT = 'Pass where the token was found (a URL, a ticket id), not the token.';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION apikey._check_leak_note(text, text, integer)
+	IS 'Internal: refuse a leak source or reference that is too long or holds a token';
+REVOKE ALL ON FUNCTION apikey._check_leak_note(text, text, integer) FROM PUBLIC;
+
+-- One leak of the key with this hash: record the exposure (once per key
+-- and reference) and apply the prefix's policy.  No audit row: the
+-- calling function writes it.  key_id is NULL when no key has the hash.
+CREATE FUNCTION apikey._report_leak(hash bytea, source text, reference text,
+									OUT exposure_id bigint, OUT key_id bigint, OUT owner text,
+									OUT action_taken text, OUT repeated boolean)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_prefix text;
+	v_policy apikey.prefixes;
+BEGIN
+	repeated := false;
+	SELECT k.id, k.owner, k.prefix INTO key_id, owner, v_prefix
+	  FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) _report_leak.hash;
+	IF key_id IS NULL THEN
+		RETURN;
+	END IF;
+	SELECT e.id, e.action_taken INTO exposure_id, action_taken
+	  FROM apikey.exposures e
+	 WHERE e.key_id OPERATOR(pg_catalog.=) _report_leak.key_id
+	   AND e.reference IS NOT DISTINCT FROM _report_leak.reference;
+	IF exposure_id IS NOT NULL THEN
+		UPDATE apikey.exposures e SET reported_at = pg_catalog.now()
+		 WHERE e.id OPERATOR(pg_catalog.=) exposure_id;
+		repeated := true;
+		RETURN;
+	END IF;
+
+	SELECT * INTO v_policy FROM apikey.prefixes p WHERE p.prefix OPERATOR(pg_catalog.=) v_prefix;
+	IF v_policy.public THEN
+		action_taken := 'public_prefix';
+	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'notify' THEN
+		action_taken := 'notified';
+	ELSE
+		-- revoke, the default; anything else fails closed to it
+		action_taken := CASE WHEN apikey._revoke(key_id, 'leaked') THEN 'revoked' ELSE 'already_revoked' END;
+	END IF;
+	INSERT INTO apikey.exposures (key_id, token_hash, source, reference, action_taken, reported_by)
+	VALUES (key_id, _report_leak.hash, _report_leak.source, _report_leak.reference, action_taken,
+			apikey._acting_role())
+	RETURNING apikey.exposures.id INTO exposure_id;
+END
+$$;
+COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
+	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy';
+REVOKE ALL ON FUNCTION apikey._report_leak(bytea, text, text) FROM PUBLIC;
+
+-- report_leak() and report_leak_hash(): one leak, audited.
+CREATE FUNCTION apikey._report_leak_audited(action text, hash bytea, source text, reference text)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	r record;
+BEGIN
+	IF source IS NULL OR source OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
+		RAISE EXCEPTION 'source must not be empty'
+			USING ERRCODE = '22023', HINT = 'Say who found the leak, e.g. gitleaks or support.';
+	END IF;
+	PERFORM apikey._check_leak_note('source', source, 200);
+	PERFORM apikey._check_leak_note('reference', reference, 2048);
+	PERFORM apikey._audit_lock();
+	r := apikey._report_leak(hash, source, reference);
+	PERFORM apikey._audit(action, r.key_id, r.owner, pg_catalog.jsonb_build_object(
+		'source', source, 'reference', reference, 'matched', r.key_id IS NOT NULL,
+		'exposure_id', r.exposure_id, 'action_taken', r.action_taken, 'repeated', r.repeated));
+	RETURN r.exposure_id;
+END
+$$;
+COMMENT ON FUNCTION apikey._report_leak_audited(text, bytea, text, text)
+	IS 'Internal: report_leak() and report_leak_hash() after their argument checks';
+REVOKE ALL ON FUNCTION apikey._report_leak_audited(text, bytea, text, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.report_leak(token text, source text, reference text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'report_leak'
+AS $$
+BEGIN
+	RETURN apikey._report_leak_audited('report_leak', apikey._token_hash(report_leak.token),
+									   report_leak.source, report_leak.reference);
+END
+$$;
+COMMENT ON FUNCTION apikey.report_leak(text, text, text)
+	IS 'Report a leaked token: records the exposure and applies its prefix''s leak policy (revoke by default); returns the exposure id, NULL if no key matches';
+REVOKE ALL ON FUNCTION apikey.report_leak(text, text, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.report_leak_hash(hash bytea, source text, reference text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'report_leak_hash'
+AS $$
+BEGIN
+	IF report_leak_hash.hash IS NULL OR pg_catalog.octet_length(report_leak_hash.hash) OPERATOR(pg_catalog.<>) 32 THEN
+		RAISE EXCEPTION 'hash must be the 32-byte SHA-256 of the token'
+			USING ERRCODE = '22023', HINT = 'Pass the raw digest, e.g. decode(<hex>, ''hex'') or decode(<base64>, ''base64'').';
+	END IF;
+	RETURN apikey._report_leak_audited('report_leak_hash', report_leak_hash.hash,
+									   report_leak_hash.source, report_leak_hash.reference);
+END
+$$;
+COMMENT ON FUNCTION apikey.report_leak_hash(bytea, text, text)
+	IS 'Report a leak known only by the token''s SHA-256; otherwise as report_leak()';
+REVOKE ALL ON FUNCTION apikey.report_leak_hash(bytea, text, text) FROM PUBLIC;
+
+-- GitHub's secret scanning partner payload, [{token, type, url, source}],
+-- in; its feedback array out.  Signature verification is the HTTP
+-- receiver's job.  An entry without a well-formed token is a false
+-- positive; so is one matching no key.
+CREATE FUNCTION apikey.report_leaks(payload jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'report_leaks'
+AS $$
+DECLARE
+	e jsonb;
+	v_hash bytea;
+	v_source text;
+	v_reference text;
+	v_key bigint;
+	v_exposure bigint;
+	v_feedback jsonb := '[]';
+	v_keys jsonb := '[]';
+	v_exposures jsonb := '[]';
+	v_matched integer := 0;
+BEGIN
+	IF report_leaks.payload IS NULL OR pg_catalog.jsonb_typeof(report_leaks.payload) OPERATOR(pg_catalog.<>) 'array' THEN
+		RAISE EXCEPTION 'payload must be a JSON array'
+			USING ERRCODE = '22023', HINT = 'Pass the request body GitHub posted: [{"token": ..., "type": ..., "url": ..., "source": ...}].';
+	END IF;
+	IF pg_catalog.jsonb_array_length(report_leaks.payload) OPERATOR(pg_catalog.>) 1000 THEN
+		RAISE EXCEPTION 'payload has % entries; at most 1000 are accepted per call',
+			pg_catalog.jsonb_array_length(report_leaks.payload)
+			USING ERRCODE = '54000', HINT = 'Split the payload.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	FOR e IN SELECT x FROM pg_catalog.jsonb_array_elements(report_leaks.payload) x LOOP
+		v_hash := NULL;
+		IF pg_catalog.jsonb_typeof(e OPERATOR(pg_catalog.->) 'token') OPERATOR(pg_catalog.=) 'string' THEN
+			v_hash := apikey._token_hash_or_null(e OPERATOR(pg_catalog.->>) 'token');
+		END IF;
+		v_key := NULL;
+		IF v_hash IS NOT NULL THEN
+			-- what the payload says about where is kept only if it is
+			-- short and holds no token
+			v_source := 'github';
+			IF pg_catalog.jsonb_typeof(e OPERATOR(pg_catalog.->) 'source') OPERATOR(pg_catalog.=) 'string'
+			   AND (e OPERATOR(pg_catalog.->>) 'source') OPERATOR(pg_catalog.~) '^[A-Za-z0-9_.:-]{1,64}$' THEN
+				v_source := 'github:' OPERATOR(pg_catalog.||) (e OPERATOR(pg_catalog.->>) 'source');
+			END IF;
+			v_reference := NULL;
+			IF pg_catalog.jsonb_typeof(e OPERATOR(pg_catalog.->) 'url') OPERATOR(pg_catalog.=) 'string'
+			   AND pg_catalog.octet_length(e OPERATOR(pg_catalog.->>) 'url') OPERATOR(pg_catalog.<=) 2048
+			   AND NOT EXISTS (SELECT FROM apikey._scan_tokens(e OPERATOR(pg_catalog.->>) 'url')) THEN
+				v_reference := e OPERATOR(pg_catalog.->>) 'url';
+			END IF;
+			SELECT l.key_id, l.exposure_id INTO v_key, v_exposure
+			  FROM apikey._report_leak(v_hash, v_source, v_reference) l;
+		END IF;
+		IF v_key IS NOT NULL THEN
+			v_matched := v_matched OPERATOR(pg_catalog.+) 1;
+			v_keys := v_keys OPERATOR(pg_catalog.||) pg_catalog.to_jsonb(v_key);
+			v_exposures := v_exposures OPERATOR(pg_catalog.||) pg_catalog.to_jsonb(v_exposure);
+		END IF;
+		v_feedback := v_feedback OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+			'token_raw', e OPERATOR(pg_catalog.->) 'token',
+			'token_type', e OPERATOR(pg_catalog.->) 'type',
+			'label', CASE WHEN v_key IS NOT NULL THEN 'true_positive' ELSE 'false_positive' END));
+	END LOOP;
+	PERFORM apikey._audit('report_leaks', NULL, NULL, pg_catalog.jsonb_build_object(
+		'entries', pg_catalog.jsonb_array_length(report_leaks.payload), 'matched', v_matched,
+		'key_ids', v_keys, 'exposure_ids', v_exposures));
+	RETURN v_feedback;
+END
+$$;
+COMMENT ON FUNCTION apikey.report_leaks(jsonb)
+	IS 'Accept GitHub''s secret scanning payload as is (at most 1000 entries): report each matching token as report_leak() does; returns GitHub''s feedback array (true_positive / false_positive)';
+REVOKE ALL ON FUNCTION apikey.report_leaks(jsonb) FROM PUBLIC;
+
+-- For scanners and responders that hold tokens: report them as leaked.
+-- Members of apikey_reporter may call it.  The answer is how many tokens
+-- were well-formed, never whether a key matched.
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) 'apikey_reporter') THEN
+		CREATE ROLE apikey_reporter NOLOGIN;
+	END IF;
+END
+$$;
+COMMENT ON ROLE apikey_reporter IS 'Members may call apikey.revoke_leaked() to report tokens found leaked';
+
+CREATE FUNCTION apikey.revoke_leaked(tokens text[]) RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_leaked'
+AS $$
+DECLARE
+	v_hash bytea;
+	r record;
+	v_well_formed integer := 0;
+	v_keys jsonb := '[]';
+BEGIN
+	IF revoke_leaked.tokens IS NULL THEN
+		RAISE EXCEPTION 'tokens must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF pg_catalog.cardinality(revoke_leaked.tokens) OPERATOR(pg_catalog.>) 1000 THEN
+		RAISE EXCEPTION '% tokens passed; at most 1000 are accepted per call', pg_catalog.cardinality(revoke_leaked.tokens)
+			USING ERRCODE = '54000', HINT = 'Split the list.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	FOR v_hash IN SELECT apikey._token_hash_or_null(t) FROM pg_catalog.unnest(revoke_leaked.tokens) t LOOP
+		CONTINUE WHEN v_hash IS NULL;
+		v_well_formed := v_well_formed OPERATOR(pg_catalog.+) 1;
+		r := apikey._report_leak(v_hash, 'revoke_leaked', NULL);
+		IF r.key_id IS NOT NULL AND NOT v_keys OPERATOR(pg_catalog.@>) pg_catalog.to_jsonb(r.key_id) THEN
+			v_keys := v_keys OPERATOR(pg_catalog.||) pg_catalog.to_jsonb(r.key_id);
+		END IF;
+	END LOOP;
+	PERFORM apikey._audit('revoke_leaked', NULL, NULL, pg_catalog.jsonb_build_object(
+		'tokens', pg_catalog.cardinality(revoke_leaked.tokens), 'well_formed', v_well_formed, 'key_ids', v_keys));
+	RETURN v_well_formed;
+END
+$$;
+COMMENT ON FUNCTION apikey.revoke_leaked(text[])
+	IS 'Report up to 1000 tokens as leaked (each as report_leak would, source revoke_leaked); returns how many were well-formed, never whether any key matched';
+REVOKE ALL ON FUNCTION apikey.revoke_leaked(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION apikey.revoke_leaked(text[]) TO apikey_reporter;
+
+-- Every checksum-valid token in a text, with its key and that key's state.
+-- Owner-only by default: it tells whether a token belongs to a key.
+CREATE FUNCTION apikey.find_tokens(body text)
+RETURNS TABLE (pos integer, len integer, prefix text, hint text, key_id bigint, status text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT s.pos, s.len, s.prefix, s.hint, k.id,
+		   CASE WHEN k.id IS NULL THEN 'unknown'
+				WHEN EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id) THEN 'revoked'
+				WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+				ELSE 'live' END
+	  FROM apikey._scan_tokens(find_tokens.body) s
+	  LEFT JOIN apikey.keys k ON k.hash OPERATOR(pg_catalog.=) s.hash
+	 ORDER BY s.pos;
+$$;
+COMMENT ON FUNCTION apikey.find_tokens(text)
+	IS 'Every checksum-valid token in a text: position, length, prefix, hint, its key and status (live, revoked, expired, unknown)';
+REVOKE ALL ON FUNCTION apikey.find_tokens(text) FROM PUBLIC;
+
+-- A trigger for application tables that must never hold a token:
+--   CREATE TRIGGER comments_leak_guard BEFORE INSERT OR UPDATE ON comments
+--	   FOR EACH ROW EXECUTE FUNCTION apikey.leak_guard('body', 'reject');
+-- reject raises (the token is never stored), redact replaces each token by
+-- its hint, report keeps the row and reports each token as report_leak()
+-- would, with source db:<schema>.<table>.  Only checksum-valid tokens
+-- count.  EXECUTE is the owner's until granted, because report acts on
+-- keys: whoever may create the trigger decides that rows revoke keys.
+CREATE FUNCTION apikey.leak_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'leak_guard'
+AS $$
+DECLARE
+	v_column text;
+	v_mode text;
+	v_value jsonb;
+	v_text text;
+	v_out text := '';
+	v_at integer := 1;
+	t record;
+	v_key bigint;
+	v_keys jsonb := '[]';
+	v_source text;
+BEGIN
+	IF TG_WHEN OPERATOR(pg_catalog.<>) 'BEFORE' OR TG_LEVEL OPERATOR(pg_catalog.<>) 'ROW'
+	   OR TG_OP OPERATOR(pg_catalog.=) 'DELETE' OR TG_NARGS OPERATOR(pg_catalog.<>) 2 THEN
+		RAISE EXCEPTION 'apikey.leak_guard() must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger with two arguments'
+			USING ERRCODE = '39P01',
+				  HINT = 'EXECUTE FUNCTION apikey.leak_guard(''column'', ''reject'' | ''redact'' | ''report'').';
+	END IF;
+	v_column := TG_ARGV[0];
+	v_mode := TG_ARGV[1];
+	IF v_mode OPERATOR(pg_catalog.<>) ALL ('{reject,redact,report}'::text[]) THEN
+		RAISE EXCEPTION 'leak_guard mode must be reject, redact or report, got "%"', apikey._clip(v_mode)
+			USING ERRCODE = '22023';
+	END IF;
+	v_value := pg_catalog.to_jsonb(NEW) OPERATOR(pg_catalog.->) v_column;
+	IF v_value IS NULL THEN
+		RAISE EXCEPTION 'column "%" of %.% does not exist', apikey._clip(v_column), TG_TABLE_SCHEMA, TG_TABLE_NAME
+			USING ERRCODE = '42703', HINT = 'Name the text column leak_guard watches as its first argument.';
+	END IF;
+	IF pg_catalog.jsonb_typeof(v_value) OPERATOR(pg_catalog.=) 'null' THEN
+		RETURN NEW;
+	END IF;
+	IF pg_catalog.jsonb_typeof(v_value) OPERATOR(pg_catalog.<>) 'string' THEN
+		RAISE EXCEPTION 'column "%" of %.% is not text', v_column, TG_TABLE_SCHEMA, TG_TABLE_NAME
+			USING ERRCODE = '42804';
+	END IF;
+	-- an UPDATE that leaves the column alone was checked when it was set
+	IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
+	   AND (pg_catalog.to_jsonb(OLD) OPERATOR(pg_catalog.->) v_column) OPERATOR(pg_catalog.=) v_value THEN
+		RETURN NEW;
+	END IF;
+	v_text := v_value OPERATOR(pg_catalog.->>) 0;
+
+	IF v_mode OPERATOR(pg_catalog.=) 'reject' THEN
+		SELECT * INTO t FROM apikey._scan_tokens(v_text) s ORDER BY s.pos LIMIT 1;
+		IF FOUND THEN
+			RAISE EXCEPTION 'column "%" of %.% holds an API token', v_column, TG_TABLE_SCHEMA, TG_TABLE_NAME
+				USING ERRCODE = '23514',
+					  DETAIL = pg_catalog.format('Token %s at character %s.', t.hint, t.pos),
+					  HINT = 'Remove the token. If it is a real key, revoke it: it has left its owner.';
+		END IF;
+		RETURN NEW;
+	END IF;
+
+	IF v_mode OPERATOR(pg_catalog.=) 'redact' THEN
+		FOR t IN SELECT * FROM apikey._scan_tokens(v_text) s ORDER BY s.pos LOOP
+			v_out := v_out OPERATOR(pg_catalog.||) pg_catalog.substr(v_text, v_at, t.pos OPERATOR(pg_catalog.-) v_at)
+					 OPERATOR(pg_catalog.||) t.hint;
+			v_at := t.pos OPERATOR(pg_catalog.+) t.len;
+		END LOOP;
+		IF v_at OPERATOR(pg_catalog.>) 1 THEN
+			NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(v_column,
+					   v_out OPERATOR(pg_catalog.||) pg_catalog.substr(v_text, v_at)));
+		END IF;
+		RETURN NEW;
+	END IF;
+
+	-- report
+	v_source := 'db:' OPERATOR(pg_catalog.||) TG_TABLE_SCHEMA OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) TG_TABLE_NAME;
+	FOR t IN SELECT DISTINCT s.hash FROM apikey._scan_tokens(v_text) s LOOP
+		IF pg_catalog.jsonb_array_length(v_keys) OPERATOR(pg_catalog.=) 0 THEN
+			PERFORM apikey._audit_lock();
+		END IF;
+		SELECT l.key_id INTO v_key FROM apikey._report_leak(t.hash, v_source, NULL) l;
+		IF v_key IS NOT NULL THEN
+			v_keys := v_keys OPERATOR(pg_catalog.||) pg_catalog.to_jsonb(v_key);
+		END IF;
+	END LOOP;
+	IF pg_catalog.jsonb_array_length(v_keys) OPERATOR(pg_catalog.>) 0 THEN
+		PERFORM apikey._audit('leak_guard', CASE WHEN pg_catalog.jsonb_array_length(v_keys) OPERATOR(pg_catalog.=) 1
+												 THEN (v_keys OPERATOR(pg_catalog.->>) 0)::pg_catalog.int8 END,
+							  NULL, pg_catalog.jsonb_build_object('source', v_source, 'column', v_column,
+																  'key_ids', v_keys));
+	END IF;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey.leak_guard()
+	IS 'Trigger for application tables: leak_guard(column, reject | redact | report) keeps API tokens out of a text column';
+REVOKE ALL ON FUNCTION apikey.leak_guard() FROM PUBLIC;
+
+-- Rules for secret scanners, for every prefix in use (keys and prefixes):
+-- gitleaks (TOML, extending its default rules), trufflehog (custom
+-- detectors, YAML) or github (custom pattern fields).  The same regular
+-- expression works in PostgreSQL, Go (RE2) and PCRE: a prefix, "_", 49
+-- base62 characters, not preceded by a letter, digit or "_" and not
+-- followed by a letter or digit.
+CREATE FUNCTION apikey.scanner_rules(format text DEFAULT 'gitleaks') RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	p text;
+	v_body text;
+	v_out text;
+BEGIN
+	IF scanner_rules.format IS NULL
+	   OR scanner_rules.format OPERATOR(pg_catalog.<>) ALL ('{gitleaks,trufflehog,github}'::text[]) THEN
+		RAISE EXCEPTION 'format must be gitleaks, trufflehog or github, got %',
+			COALESCE('"' OPERATOR(pg_catalog.||) apikey._clip(scanner_rules.format) OPERATOR(pg_catalog.||) '"', 'NULL')
+			USING ERRCODE = '22023';
+	END IF;
+	v_out := CASE scanner_rules.format
+		WHEN 'gitleaks' THEN E'# apikey tokens, by prefix: apikey.scanner_rules(''gitleaks'')\n[extend]\nuseDefault = true\n'
+		WHEN 'trufflehog' THEN E'# apikey tokens, by prefix: apikey.scanner_rules(''trufflehog'')\ndetectors:\n'
+		ELSE E'# apikey tokens: one GitHub secret scanning custom pattern per prefix\n' END;
+	FOR p IN SELECT k.prefix FROM apikey.keys k UNION SELECT x.prefix FROM apikey.prefixes x ORDER BY 1 LOOP
+		v_body := p OPERATOR(pg_catalog.||) '_[0-9A-Za-z]{49}';
+		v_out := v_out OPERATOR(pg_catalog.||) CASE scanner_rules.format
+			WHEN 'gitleaks' THEN pg_catalog.format(
+				E'\n[[rules]]\nid = "apikey-%s"\ndescription = "apikey key with prefix %s"\n'
+				'regex = ''''''(?:^|[^0-9A-Za-z_])(%s)(?:[^0-9A-Za-z]|$)''''''\nsecretGroup = 1\nkeywords = ["%s_"]\n',
+				p, p, v_body, p)
+			WHEN 'trufflehog' THEN pg_catalog.format(
+				E'  - name: apikey_%s\n    keywords:\n      - %s_\n    regex:\n'
+				'      token: ''(?:^|[^0-9A-Za-z_])(%s)(?:[^0-9A-Za-z]|$)''\n',
+				p, p, v_body)
+			ELSE pg_catalog.format(
+				E'\nPattern name: apikey %s\nSecret format: %s\nBefore secret: \\A|[^0-9A-Za-z_]\nAfter secret: \\z|[^0-9A-Za-z]\n',
+				p, v_body) END;
+	END LOOP;
+	RETURN v_out;
+END
+$$;
+COMMENT ON FUNCTION apikey.scanner_rules(text)
+	IS 'Secret scanner rules (gitleaks, trufflehog or github) matching the tokens of every prefix in use';
+REVOKE ALL ON FUNCTION apikey.scanner_rules(text) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- apikey.stats counts the token-shaped spans the log redactor hid.  A new
+-- column at the end of the view, read through its own function: the roles
+-- that may execute apikey._stats() get it too, so their monitoring keeps
+-- working after the update.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._tokens_redacted() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_tokens_redacted'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._tokens_redacted()
+	IS 'Internal: token-shaped spans the log redactor hid since the server started (behind apikey.stats.tokens_redacted)';
+REVOKE ALL ON FUNCTION apikey._tokens_redacted() FROM PUBLIC;
+DO $$
+DECLARE
+	grantee text;
+BEGIN
+	FOR grantee IN
+		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
+		  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+		 WHERE p.oid OPERATOR(pg_catalog.=) 'apikey._stats()'::pg_catalog.regprocedure
+		   AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+		   AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+	LOOP
+		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION apikey._tokens_redacted() TO %s', grantee);
+	END LOOP;
+END
+$$;
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted FROM apikey._stats() s;
+COMMENT ON COLUMN apikey.stats.tokens_redacted
+	IS 'Token-shaped spans hidden from log lines since start (a token in both a message and its statement counts twice)';
+-- Targeted cache invalidation (issue 11).  Issuing a key invalidates
+-- nothing: no cache can hold a key that did not exist.  Changing, revoking
+-- or deleting a key evicts that key (and the keys that draw on its budget)
+-- from every backend's cache, and nothing else.  Row triggers collect the
+-- ids of the keys a transaction changes; at commit it names them in shared
+-- memory and sends a relcache invalidation of the view apikey._cache_signal,
+-- which makes every backend evict them (a standby, which replays the
+-- invalidation without the names, empties its whole cache).  TRUNCATE and
+-- changes to apikey.scopes still empty every cache.  The row triggers fire
+-- always, so logical replication's apply worker and
+-- session_replication_role = replica are covered by the same triggers.
+-------------------------------------------------------------------------------
+
+-- A view: no storage, so nothing but a change to keys (or DDL on it)
+-- ever invalidates it; VACUUM and ANALYZE never touch it.
+CREATE VIEW apikey._cache_signal AS SELECT NULL::pg_catalog.bool AS unused WHERE false;
+COMMENT ON VIEW apikey._cache_signal
+	IS 'Internal: always empty; a transaction that changed keys sends a relcache invalidation of this view at commit, and every backend then evicts the keys it named in shared memory';
+COMMENT ON COLUMN apikey._cache_signal.unused IS 'Never holds a value (the view is only invalidated, never read)';
+REVOKE ALL ON apikey._cache_signal FROM PUBLIC;
+
+CREATE FUNCTION apikey._key_changed() RETURNS trigger
+AS 'MODULE_PATHNAME', 'apikey_key_changed'
+LANGUAGE C;
+COMMENT ON FUNCTION apikey._key_changed()
+	IS 'Internal: row trigger recording which keys the transaction changed (keys, key_scopes, revocations); issued keys are not changes';
+REVOKE ALL ON FUNCTION apikey._key_changed() FROM PUBLIC;
+COMMENT ON FUNCTION apikey._invalidate()
+	IS 'Internal: trigger that empties every backend''s key cache at commit (TRUNCATE, changes to apikey.scopes)';
+
+DROP TRIGGER keys_invalidate ON apikey.keys;
+DROP TRIGGER key_scopes_invalidate ON apikey.key_scopes;
+DROP TRIGGER revocations_invalidate ON apikey.revocations;
+DROP TRIGGER keys_invalidate_applied ON apikey.keys;
+DROP TRIGGER key_scopes_invalidate_applied ON apikey.key_scopes;
+DROP TRIGGER revocations_invalidate_applied ON apikey.revocations;
+
+CREATE TRIGGER keys_changed
+	AFTER INSERT
+	   OR UPDATE OF id, owner, hash, expires_at, rate_limit, rate_window, quota, quota_refill,
+					allowed_cidrs, budget_key_id
+	   OR DELETE ON apikey.keys
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER key_scopes_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.key_scopes
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER revocations_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.revocations
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+ALTER TABLE apikey.keys ENABLE ALWAYS TRIGGER keys_changed;
+ALTER TABLE apikey.key_scopes ENABLE ALWAYS TRIGGER key_scopes_changed;
+ALTER TABLE apikey.revocations ENABLE ALWAYS TRIGGER revocations_changed;
+
+CREATE TRIGGER keys_invalidate
+	AFTER TRUNCATE ON apikey.keys
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER key_scopes_invalidate
+	AFTER TRUNCATE ON apikey.key_scopes
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER revocations_invalidate
+	AFTER TRUNCATE ON apikey.revocations
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.keys ENABLE ALWAYS TRIGGER keys_invalidate;
+ALTER TABLE apikey.key_scopes ENABLE ALWAYS TRIGGER key_scopes_invalidate;
+ALTER TABLE apikey.revocations ENABLE ALWAYS TRIGGER revocations_invalidate;
+
+-------------------------------------------------------------------------------
+-- Issuing as fast as a hand-written INSERT (issue 11).  issue() and the
+-- argument checks it shares with set_limits() are C now (src/issue.c):
+-- the same arguments, errors and privileges, without a query per check,
+-- and a key without scopes or quota writes apikey.keys only.
+-- issue_many() issues one key per owner with the settings checked once
+-- and one INSERT per table for the whole batch.  Both write their audit
+-- row as the PL/pgSQL issue() above did (issue_many: one row per call).
+-------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION apikey._check_scopes(scopes text[]) RETURNS text[]
+AS 'MODULE_PATHNAME', 'apikey_check_scopes'
+LANGUAGE C STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION apikey._check_limits(rate_limit integer, rate_window interval, quota bigint,
+												quota_refill interval) RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_check_limits'
+LANGUAGE C IMMUTABLE;
+
+CREATE OR REPLACE FUNCTION apikey._check_cidrs(allowed_cidrs cidr[]) RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_check_cidrs'
+LANGUAGE C IMMUTABLE;
+
+CREATE OR REPLACE FUNCTION apikey.issue(owner text, scopes text[] DEFAULT '{}', name text DEFAULT NULL,
+										expires_at timestamptz DEFAULT NULL, prefix text DEFAULT 'ak',
+										metadata jsonb DEFAULT '{}', rate_limit integer DEFAULT NULL,
+										rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+										quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS SETOF apikey.new_key
+AS 'MODULE_PATHNAME', 'apikey_issue'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'issue';
+
+CREATE FUNCTION apikey.issue_many(owners text[], scopes text[] DEFAULT '{}', name text DEFAULT NULL,
+								  expires_at timestamptz DEFAULT NULL, prefix text DEFAULT 'ak',
+								  metadata jsonb DEFAULT '{}', rate_limit integer DEFAULT NULL,
+								  rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+								  quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL)
+RETURNS SETOF apikey.new_key
+AS 'MODULE_PATHNAME', 'apikey_issue_many'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'issue_many';
+COMMENT ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])
+	IS 'Issue one key per element of owners (at most 10000), all with the same settings; the tokens are shown once and never stored';
+REVOKE ALL ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[]) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
 -- Reversible responses (issue 12): suspend and resume a key or an owner,
--- quarantine a key to some of its scopes and release it, reissue a key.
--- A row in suspensions or quarantines takes effect at commit in every
--- backend (and on standbys, through WAL): the same cache invalidation as
--- revocations.  A timed one (until) ends by the clock, judged at each call.
+-- quarantine a key to some of its scopes and release it, reissue a key,
+-- throttle it for a while.  A row in suspensions or quarantines takes
+-- effect at commit in every backend (and on standbys, through WAL): row
+-- triggers name the key, and every backend evicts just that key, as for
+-- revocations (targeted cache invalidation, above).  A timed one (until)
+-- ends by the clock, judged at each call.  Every response is an
+-- administrative function: it takes the audit lock first and writes its
+-- audit row in its own transaction.
 -------------------------------------------------------------------------------
 
 CREATE TABLE apikey.suspensions (
@@ -330,31 +1706,81 @@ SELECT pg_catalog.pg_extension_config_dump('apikey.suspensions', '');
 SELECT pg_catalog.pg_extension_config_dump('apikey.quarantines', '');
 REVOKE ALL ON apikey.suspensions, apikey.quarantines FROM PUBLIC;
 
+-- The cache: a row changed evicts its key; TRUNCATE empties every cache.
+CREATE TRIGGER suspensions_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.suspensions
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER quarantines_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.quarantines
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
 CREATE TRIGGER suspensions_invalidate
-	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikey.suspensions
+	AFTER TRUNCATE ON apikey.suspensions
 	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
 CREATE TRIGGER quarantines_invalidate
-	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikey.quarantines
+	AFTER TRUNCATE ON apikey.quarantines
 	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.suspensions ENABLE ALWAYS TRIGGER suspensions_changed;
+ALTER TABLE apikey.quarantines ENABLE ALWAYS TRIGGER quarantines_changed;
 ALTER TABLE apikey.suspensions ENABLE ALWAYS TRIGGER suspensions_invalidate;
 ALTER TABLE apikey.quarantines ENABLE ALWAYS TRIGGER quarantines_invalidate;
-CREATE TRIGGER suspensions_invalidate_applied
-	AFTER INSERT OR UPDATE OR DELETE ON apikey.suspensions
-	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
-CREATE TRIGGER quarantines_invalidate_applied
-	AFTER INSERT OR UPDATE OR DELETE ON apikey.quarantines
-	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
-ALTER TABLE apikey.suspensions ENABLE REPLICA TRIGGER suspensions_invalidate_applied;
-ALTER TABLE apikey.quarantines ENABLE REPLICA TRIGGER quarantines_invalidate_applied;
+COMMENT ON FUNCTION apikey._key_changed()
+	IS 'Internal: row trigger recording which keys the transaction changed (keys, key_scopes, revocations, suspensions, quarantines); issued keys are not changes';
 
--- Arguments every response checks the same way: the key exists (locked
--- against a concurrent response), the reason is given, for_ is positive.
-CREATE FUNCTION apikey._response_key(key_id bigint, reason text, for_ interval, what text)
+-- The audit trail: direct DML on them is recorded like the key tables'.
+DO $$
+DECLARE
+	t text;
+BEGIN
+	FOREACH t IN ARRAY ARRAY['suspensions', 'quarantines'] LOOP
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+								  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
+								  t || '_audit_update', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
+								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
+	END LOOP;
+END
+$$;
+
+-- The key a response acts on: the audit lock first (every administrative
+-- function queues there before any other lock), then the key's row,
+-- locked against a concurrent response.
+CREATE FUNCTION apikey._lock_key(key_id bigint)
 RETURNS apikey.keys
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_key apikey.keys;
+BEGIN
+	IF _lock_key.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_key FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) _lock_key.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', _lock_key.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	RETURN v_key;
+END
+$$;
+COMMENT ON FUNCTION apikey._lock_key(bigint)
+	IS 'Internal: take the audit lock, then lock and return the key''s row (42704 if there is none)';
+REVOKE ALL ON FUNCTION apikey._lock_key(bigint) FROM PUBLIC;
+
+-- Arguments suspend() and quarantine() check the same way: the key exists,
+-- the reason is given, for_ is positive.
+CREATE FUNCTION apikey._response_key(key_id bigint, reason text, for_ interval, what text)
+RETURNS apikey.keys
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
 BEGIN
 	IF _response_key.key_id IS NULL THEN
 		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
@@ -367,35 +1793,37 @@ BEGIN
 		RAISE EXCEPTION 'for_ must be a positive interval, got %', _response_key.for_
 			USING ERRCODE = '22023', HINT = pg_catalog.format('Pass NULL to keep the key %s until lifted.', _response_key.what);
 	END IF;
-	SELECT * INTO v_key FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) _response_key.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', _response_key.key_id
-			USING ERRCODE = '42704';
-	END IF;
-	RETURN v_key;
+	RETURN apikey._lock_key(_response_key.key_id);
 END
 $$;
 COMMENT ON FUNCTION apikey._response_key(bigint, text, interval, text)
-	IS 'Internal: check a response''s arguments and lock the key row (suspend, quarantine)';
+	IS 'Internal: check a response''s arguments, take the audit lock and lock the key row (suspend, quarantine)';
 REVOKE ALL ON FUNCTION apikey._response_key(bigint, text, interval, text) FROM PUBLIC;
 
 CREATE FUNCTION apikey.suspend(key_id bigint, reason text, for_ interval DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'suspend'
 AS $$
 DECLARE
 	v_key apikey.keys;
+	v_old apikey.suspensions;
+	v_until timestamptz;
 	v_was boolean;
 BEGIN
 	v_key := apikey._response_key(suspend.key_id, suspend.reason, suspend.for_, 'suspended');
-	v_was := EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id
-						AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()));
+	SELECT * INTO v_old FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id;
+	v_was := v_old.key_id IS NOT NULL AND (v_old.until IS NULL OR v_old.until OPERATOR(pg_catalog.>) pg_catalog.now());
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) suspend.for_;
 	INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
-	VALUES (v_key.id, pg_catalog.now() OPERATOR(pg_catalog.+) suspend.for_, suspend.reason,
-			apikey._acting_role())
+	VALUES (v_key.id, v_until, suspend.reason, apikey._acting_role())
 	ON CONFLICT ON CONSTRAINT suspensions_pkey
 	DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
 				  by = excluded.by, finding_id = NULL;
+	PERFORM apikey._audit('suspend', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'reason', suspend.reason, 'for', suspend.for_, 'until', v_until,
+		'old', CASE WHEN v_was THEN pg_catalog.jsonb_build_object('since', v_old.since, 'until', v_old.until,
+																   'reason', v_old.reason) END));
 	RETURN NOT v_was;
 END
 $$;
@@ -406,22 +1834,25 @@ REVOKE ALL ON FUNCTION apikey.suspend(bigint, text, interval) FROM PUBLIC;
 CREATE FUNCTION apikey.resume(key_id bigint, note text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'resume'
 AS $$
+DECLARE
+	v_key apikey.keys;
+	v_old apikey.suspensions;
 BEGIN
-	IF resume.key_id IS NULL THEN
-		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
-	END IF;
-	PERFORM FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) resume.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', resume.key_id
-			USING ERRCODE = '42704';
-	END IF;
-	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) resume.key_id) THEN
-		RAISE EXCEPTION 'key % is revoked and cannot be resumed', resume.key_id
+	v_key := apikey._lock_key(resume.key_id);
+	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_key.id) THEN
+		RAISE EXCEPTION 'key % is revoked and cannot be resumed', v_key.id
 			USING ERRCODE = '55000', HINT = 'Revocation is permanent: issue a new key with apikey.reissue().';
 	END IF;
-	DELETE FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) resume.key_id;
-	RETURN FOUND;
+	DELETE FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id
+	RETURNING s.* INTO v_old;
+	PERFORM apikey._audit('resume', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'note', resume.note, 'resumed', v_old.key_id IS NOT NULL,
+		'old', CASE WHEN v_old.key_id IS NOT NULL
+					THEN pg_catalog.jsonb_build_object('since', v_old.since, 'until', v_old.until,
+													   'reason', v_old.reason) END));
+	RETURN v_old.key_id IS NOT NULL;
 END
 $$;
 COMMENT ON FUNCTION apikey.resume(bigint, text)
@@ -431,9 +1862,12 @@ REVOKE ALL ON FUNCTION apikey.resume(bigint, text) FROM PUBLIC;
 CREATE FUNCTION apikey.suspend_owner(owner text, reason text, for_ interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'suspend_owner'
 AS $$
 DECLARE
 	n bigint;
+	v_ids jsonb;
+	v_until timestamptz;
 BEGIN
 	IF suspend_owner.owner IS NULL OR suspend_owner.owner OPERATOR(pg_catalog.=) '' THEN
 		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
@@ -446,17 +1880,24 @@ BEGIN
 		RAISE EXCEPTION 'for_ must be a positive interval, got %', suspend_owner.for_
 			USING ERRCODE = '22023', HINT = 'Pass NULL to keep the keys suspended until resumed.';
 	END IF;
-	INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
-	SELECT k.id, pg_catalog.now() OPERATOR(pg_catalog.+) suspend_owner.for_, suspend_owner.reason,
-		   apikey._acting_role()
-	  FROM apikey.keys k
-	 WHERE k.owner OPERATOR(pg_catalog.=) suspend_owner.owner
-	   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)
-	 ORDER BY k.id
-	ON CONFLICT ON CONSTRAINT suspensions_pkey
-	DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
-				  by = excluded.by, finding_id = NULL;
-	GET DIAGNOSTICS n = ROW_COUNT;
+	PERFORM apikey._audit_lock();
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) suspend_owner.for_;
+	WITH suspended AS (
+		INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
+		SELECT k.id, v_until, suspend_owner.reason, apikey._acting_role()
+		  FROM apikey.keys k
+		 WHERE k.owner OPERATOR(pg_catalog.=) suspend_owner.owner
+		   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)
+		 ORDER BY k.id
+		ON CONFLICT ON CONSTRAINT suspensions_pkey
+		DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
+					  by = excluded.by, finding_id = NULL
+		RETURNING s.key_id)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(x.key_id ORDER BY x.key_id), '[]')
+	  INTO n, v_ids FROM suspended x;
+	PERFORM apikey._audit('suspend_owner', NULL, suspend_owner.owner, pg_catalog.jsonb_build_object(
+		'reason', suspend_owner.reason, 'for', suspend_owner.for_, 'until', v_until,
+		'suspended', n, 'key_ids', v_ids));
 	RETURN n;
 END
 $$;
@@ -467,17 +1908,25 @@ REVOKE ALL ON FUNCTION apikey.suspend_owner(text, text, interval) FROM PUBLIC;
 CREATE FUNCTION apikey.resume_owner(owner text, note text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'resume_owner'
 AS $$
 DECLARE
 	n bigint;
+	v_ids jsonb;
 BEGIN
 	IF resume_owner.owner IS NULL OR resume_owner.owner OPERATOR(pg_catalog.=) '' THEN
 		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
 	END IF;
-	DELETE FROM apikey.suspensions s
-	 USING apikey.keys k
-	 WHERE k.id OPERATOR(pg_catalog.=) s.key_id AND k.owner OPERATOR(pg_catalog.=) resume_owner.owner;
-	GET DIAGNOSTICS n = ROW_COUNT;
+	PERFORM apikey._audit_lock();
+	WITH resumed AS (
+		DELETE FROM apikey.suspensions s
+		 USING apikey.keys k
+		 WHERE k.id OPERATOR(pg_catalog.=) s.key_id AND k.owner OPERATOR(pg_catalog.=) resume_owner.owner
+		RETURNING s.key_id)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(x.key_id ORDER BY x.key_id), '[]')
+	  INTO n, v_ids FROM resumed x;
+	PERFORM apikey._audit('resume_owner', NULL, resume_owner.owner, pg_catalog.jsonb_build_object(
+		'note', resume_owner.note, 'resumed', n, 'key_ids', v_ids));
 	RETURN n;
 END
 $$;
@@ -489,10 +1938,13 @@ CREATE FUNCTION apikey.quarantine(key_id bigint, allowed_scopes text[], reason t
 								  for_ interval DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'quarantine'
 AS $$
 DECLARE
 	v_key apikey.keys;
 	v_allowed text[];
+	v_old apikey.quarantines;
+	v_until timestamptz;
 	v_was boolean;
 BEGIN
 	v_key := apikey._response_key(quarantine.key_id, quarantine.reason, quarantine.for_, 'quarantined');
@@ -505,15 +1957,19 @@ BEGIN
 			USING ERRCODE = '22023', HINT = 'Use apikey.suspend() to stop every scope.';
 	END IF;
 	v_allowed := apikey._check_scopes(quarantine.allowed_scopes);
-	v_was := EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_key.id
-						AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now()));
+	SELECT * INTO v_old FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_key.id;
+	v_was := v_old.key_id IS NOT NULL AND (v_old.until IS NULL OR v_old.until OPERATOR(pg_catalog.>) pg_catalog.now());
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) quarantine.for_;
 	INSERT INTO apikey.quarantines AS q (key_id, allowed_scopes, until, reason, by)
-	VALUES (v_key.id, v_allowed, pg_catalog.now() OPERATOR(pg_catalog.+) quarantine.for_,
-			quarantine.reason, apikey._acting_role())
+	VALUES (v_key.id, v_allowed, v_until, quarantine.reason, apikey._acting_role())
 	ON CONFLICT ON CONSTRAINT quarantines_pkey
 	DO UPDATE SET allowed_scopes = excluded.allowed_scopes, since = excluded.since,
 				  until = excluded.until, reason = excluded.reason, by = excluded.by,
 				  finding_id = NULL;
+	PERFORM apikey._audit('quarantine', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'allowed_scopes', v_allowed, 'reason', quarantine.reason, 'for', quarantine.for_, 'until', v_until,
+		'old', CASE WHEN v_was THEN pg_catalog.jsonb_build_object('allowed_scopes', v_old.allowed_scopes,
+			'since', v_old.since, 'until', v_old.until, 'reason', v_old.reason) END));
 	RETURN NOT v_was;
 END
 $$;
@@ -524,18 +1980,21 @@ REVOKE ALL ON FUNCTION apikey.quarantine(bigint, text[], text, interval) FROM PU
 CREATE FUNCTION apikey.release(key_id bigint)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'release'
 AS $$
+DECLARE
+	v_key apikey.keys;
+	v_old apikey.quarantines;
 BEGIN
-	IF release.key_id IS NULL THEN
-		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
-	END IF;
-	PERFORM FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) release.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', release.key_id
-			USING ERRCODE = '42704';
-	END IF;
-	DELETE FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) release.key_id;
-	RETURN FOUND;
+	v_key := apikey._lock_key(release.key_id);
+	DELETE FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_key.id
+	RETURNING q.* INTO v_old;
+	PERFORM apikey._audit('release', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'released', v_old.key_id IS NOT NULL,
+		'old', CASE WHEN v_old.key_id IS NOT NULL
+					THEN pg_catalog.jsonb_build_object('allowed_scopes', v_old.allowed_scopes, 'since', v_old.since,
+													   'until', v_old.until, 'reason', v_old.reason) END));
+	RETURN v_old.key_id IS NOT NULL;
 END
 $$;
 COMMENT ON FUNCTION apikey.release(bigint)
@@ -545,20 +2004,15 @@ REVOKE ALL ON FUNCTION apikey.release(bigint) FROM PUBLIC;
 CREATE FUNCTION apikey.reissue(key_id bigint)
 RETURNS SETOF apikey.new_key
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'reissue'
 AS $$
 DECLARE
 	v_old apikey.keys;
 	v_new record;
 	v_id bigint;
+	v_revoked boolean;
 BEGIN
-	IF reissue.key_id IS NULL THEN
-		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
-	END IF;
-	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) reissue.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', reissue.key_id
-			USING ERRCODE = '42704';
-	END IF;
+	v_old := apikey._lock_key(reissue.key_id);
 	IF NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id)
 	   AND NOT EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_old.id
 						  AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()))
@@ -593,9 +2047,10 @@ BEGIN
 	END IF;
 
 	-- no grace: the old key is revoked in the same transaction
-	INSERT INTO apikey.revocations (key_id, revoked_by, reason)
-	VALUES (v_old.id, apikey._acting_role(), 'reissued as key ' OPERATOR(pg_catalog.||) v_id)
-	ON CONFLICT ON CONSTRAINT revocations_pkey DO NOTHING;
+	v_revoked := apikey._revoke(v_old.id, 'reissued as key ' OPERATOR(pg_catalog.||) v_id);
+	PERFORM apikey._audit('reissue', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
+		'new_key_id', v_id, 'new_hint', v_new.hint, 'revoked', v_revoked,
+		'key_ids', pg_catalog.jsonb_build_array(v_old.id, v_id)));
 
 	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
 END
@@ -628,38 +2083,46 @@ COMMENT ON COLUMN apikey.key_status.status IS 'revoked, expired, suspended, quar
 -- Failure limiter (issue 12): a client network asserted by a trusted proxy
 -- that keeps presenting bad tokens is answered address_blocked, in shared
 -- memory, before any lookup (src/failurelimit.c).  apikey.stats counts the
--- failures of networks it had no room to track.
+-- failures of networks it had no room to track, in a new last column read
+-- through its own function, granted like tokens_redacted's (above).
 -------------------------------------------------------------------------------
 
-DROP VIEW apikey.stats;
-DROP FUNCTION apikey._stats();
-CREATE FUNCTION apikey._stats(OUT shared_memory boolean, OUT calls jsonb, OUT rate_limited bigint,
-							  OUT flushes bigint, OUT flush_errors bigint, OUT flushed_calls bigint,
-							  OUT entries_pending bigint, OUT entries_dropped bigint,
-							  OUT last_flush timestamptz, OUT failure_networks_untracked bigint)
-AS 'MODULE_PATHNAME', 'apikey_stats'
-LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION apikey._stats() IS 'Internal: the live counters behind apikey.stats';
-REVOKE ALL ON FUNCTION apikey._stats() FROM PUBLIC;
+CREATE FUNCTION apikey._failure_networks_untracked() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_failure_networks_untracked'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._failure_networks_untracked()
+	IS 'Internal: failures from client networks the failure limiter had no room to track, since the server started (behind apikey.stats.failure_networks_untracked)';
+REVOKE ALL ON FUNCTION apikey._failure_networks_untracked() FROM PUBLIC;
+DO $$
+DECLARE
+	grantee text;
+BEGIN
+	FOR grantee IN
+		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
+		  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+		 WHERE p.oid OPERATOR(pg_catalog.=) 'apikey._stats()'::pg_catalog.regprocedure
+		   AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+		   AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+	LOOP
+		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION apikey._failure_networks_untracked() TO %s', grantee);
+	END LOOP;
+END
+$$;
 
-CREATE VIEW apikey.stats AS SELECT * FROM apikey._stats();
-COMMENT ON VIEW apikey.stats IS 'Live counters of this server: calls per verdict code, flushes, pending and dropped entries, networks the failure limiter could not track';
-REVOKE ALL ON apikey.stats FROM PUBLIC;
-COMMENT ON COLUMN apikey.stats.shared_memory IS 'Whether apikey is preloaded (the other columns are NULL otherwise)';
-COMMENT ON COLUMN apikey.stats.calls IS 'Verifications per verdict code since the server started (jsonb)';
-COMMENT ON COLUMN apikey.stats.rate_limited IS 'Verifications refused by a rate limit since start';
-COMMENT ON COLUMN apikey.stats.flushes IS 'Successful flushes of the usage writer';
-COMMENT ON COLUMN apikey.stats.flush_errors IS 'Failed flushes (the counts were kept for the next one)';
-COMMENT ON COLUMN apikey.stats.flushed_calls IS 'Verifications written to usage_log';
-COMMENT ON COLUMN apikey.stats.entries_pending IS 'Usage counters in shared memory not yet written (all databases)';
-COMMENT ON COLUMN apikey.stats.entries_dropped IS 'Counts lost to a full usage table (apikey.usage_max_entries)';
-COMMENT ON COLUMN apikey.stats.last_flush IS 'When the writer last flushed; NULL = never';
-COMMENT ON COLUMN apikey.stats.failure_networks_untracked IS 'Verifications from a client network the failure limiter had no room to track (apikey.failure_max_networks), so not limited';
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,
+	   apikey._failure_networks_untracked() AS failure_networks_untracked
+  FROM apikey._stats() s;
+COMMENT ON VIEW apikey.stats IS 'Live counters of this server: calls per verdict code, flushes, pending and dropped entries, tokens redacted, networks the failure limiter could not track';
+COMMENT ON COLUMN apikey.stats.failure_networks_untracked
+	IS 'Verifications from a client network the failure limiter had no room to track (apikey.failure_max_networks), so not limited';
 
 -------------------------------------------------------------------------------
 -- Throttle (issue 12): a temporary rate limit in shared memory that ends by
 -- itself (src/throttle.c).  Active from the caller's commit, on this server
--- only (not replicated; a restart ends it).
+-- only (not replicated; a restart ends it).  Audited like the other
+-- responses.
 -------------------------------------------------------------------------------
 
 CREATE FUNCTION apikey._throttle(key_id bigint, hash bytea, rate_limit integer, until timestamptz)
@@ -673,6 +2136,7 @@ REVOKE ALL ON FUNCTION apikey._throttle(bigint, bytea, integer, timestamptz) FRO
 CREATE FUNCTION apikey.throttle(key_id bigint, rate_limit integer, for_ interval)
 RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'throttle'
 AS $$
 DECLARE
 	v_key apikey.keys;
@@ -689,13 +2153,11 @@ BEGIN
 		RAISE EXCEPTION 'for_ must be a positive interval'
 			USING ERRCODE = '22023', HINT = 'A throttle always ends by itself; use apikey.set_limits() for a lasting rate limit.';
 	END IF;
-	SELECT * INTO v_key FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) throttle.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', throttle.key_id
-			USING ERRCODE = '42704';
-	END IF;
+	v_key := apikey._lock_key(throttle.key_id);
 	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) throttle.for_;
 	PERFORM apikey._throttle(v_key.id, v_key.hash, throttle.rate_limit, v_until);
+	PERFORM apikey._audit('throttle', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'rate_limit', throttle.rate_limit, 'for', throttle.for_, 'until', v_until));
 	RETURN v_until;
 END
 $$;

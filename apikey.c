@@ -25,7 +25,6 @@
 #include "common/sha2.h"
 #include "fmgr.h"
 #include "funcapi.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/supportnodes.h"
 #include "port/atomics.h"
@@ -57,6 +56,7 @@ _PG_init(void)
 	apikey_redact_init();		/* apikey.redact_logs, log and utility hooks */
 	apikey_worker_init();		/* apikey.usage_flush_interval */
 	apikey_keystore_init();		/* invalidation callbacks */
+	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
 
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
@@ -71,22 +71,11 @@ _PG_init(void)
 	apikey_worker_register();
 }
 
-/*
- * A user-supplied value as quoted in an error message: at most 64
- * characters (cut on a character boundary), so one bad call cannot write a
- * megabyte into the log.
- */
-static char *
+/* A text argument as quoted in an error message (see verdict.c) */
+static inline char *
 clip_for_message(text *t)
 {
-	const char *s = VARDATA_ANY(t);
-	int			len = VARSIZE_ANY_EXHDR(t);
-	int			cut;
-
-	if (pg_mbstrlen_with_len(s, len) <= 64)
-		return text_to_cstring(t);
-	cut = pg_mbcharcliplen(s, len, 61);
-	return psprintf("%.*s...", cut, s);
+	return apikey_clip_for_message(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 }
 
 /*
@@ -483,7 +472,7 @@ apikey_invalidate(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("apikey._invalidate() must be called as a trigger")));
-	apikey_keycache_invalidate_all();
+	apikey_keystore_invalidate_all();
 	return PointerGetDatum(NULL);
 }
 
@@ -509,8 +498,8 @@ Datum
 apikey_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[10];
-	bool		nulls[10];
+	Datum		values[9];
+	bool		nulls[9];
 	StringInfoData buf;
 	ApikeyStats st;
 	int			i;
@@ -523,7 +512,7 @@ apikey_stats(PG_FUNCTION_ARGS)
 	values[0] = BoolGetDatum(apikey_stats_read(&st));
 	if (!DatumGetBool(values[0]))
 	{
-		for (i = 1; i < 10; i++)
+		for (i = 1; i < 9; i++)
 			nulls[i] = true;
 	}
 	else
@@ -542,10 +531,40 @@ apikey_stats(PG_FUNCTION_ARGS)
 		values[7] = Int64GetDatum(st.usage_dropped);
 		values[8] = TimestampTzGetDatum(st.last_flush);
 		nulls[8] = (st.last_flush == 0);
-		values[9] = Int64GetDatum(st.failure_untracked);
 	}
-	/* heap_form_tuple reads as many values as _stats() declares (9 before 1.2) */
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * apikey._tokens_redacted(): token-shaped spans the log redactor hid since
+ * the server started (the tokens_redacted column of apikey.stats); NULL
+ * without shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_tokens_redacted);
+Datum
+apikey_tokens_redacted(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64((int64) st.tokens_redacted);
+}
+
+/*
+ * apikey._failure_networks_untracked(): failure claims on client networks
+ * the failure limiter had no room to track, so did not limit, since the
+ * server started (a column of apikey.stats); NULL without shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_failure_networks_untracked);
+Datum
+apikey_failure_networks_untracked(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64((int64) st.failure_untracked);
 }
 
 /*

@@ -5,6 +5,11 @@
 
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
+\if :{?nkeys}
+\else
+\set nkeys 10000
+\endif
+SELECT set_config('bench.walk_keys', :'nkeys', false);
 
 DO $$
 DECLARE
@@ -29,6 +34,12 @@ BEGIN
 	END LOOP;
 	IF (SELECT count(*) FROM apikey.keys) < 1000 THEN
 		RAISE EXCEPTION 'too few keys issued';
+	END IF;
+	-- the walk: every token verifies with the scope
+	IF (SELECT count(*) FILTER (WHERE apikey.verify(w.token, 'orders:read')) FROM bench.walk w)
+	   <> current_setting('bench.walk_keys')::bigint
+	   OR (SELECT max(id) FROM bench.walk) <> current_setting('bench.walk_keys')::bigint THEN
+		RAISE EXCEPTION 'the walk does not cover % keys that verify', current_setting('bench.walk_keys');
 	END IF;
 	IF NOT (SELECT ref.verify(token, 'orders:read') FROM bench.tokens WHERE name = 'valid') THEN
 		RAISE EXCEPTION 'reference rejects the valid key';

@@ -1,8 +1,8 @@
 -- bench/setup.sql: data for bench/run (run as superuser in the bench database).
 --
--- psql variables: nkeys (total keys in apikey.keys, default 10000).
--- Tokens are kept in bench.tokens, readable by the superuser only; nothing
--- here prints a token.
+-- psql variables: nkeys (the other tenants' keys, default 10000).
+-- Tokens are kept in bench.tokens and bench.walk, readable by the superuser
+-- only; nothing here prints a token.
 
 \if :{?nkeys}
 \else
@@ -39,10 +39,26 @@ INSERT INTO bench.tokens
 SELECT 'malformed', left(token, -1) || CASE WHEN right(token, 1) = 'A' THEN 'B' ELSE 'A' END
   FROM bench.tokens WHERE name = 'valid';
 
--- The rest of the key population: other tenants' keys, issued the normal way.
-SELECT count(*) AS issued_filler_keys
-  FROM generate_series(1, :nkeys - (SELECT count(*) FROM apikey.keys)) g,
+-- The rest of the key population: nkeys keys of 99 other tenants, each
+-- with a scope.  Their tokens are kept in bench.walk (id 1..nkeys) for the
+-- walk and churn cases.  issue_many() where the installed apikey has it
+-- (at most 10000 owners per call), else one issue() per key.
+CREATE TABLE bench.walk (id integer PRIMARY KEY, token text NOT NULL);
+REVOKE ALL ON bench.walk FROM PUBLIC;
+SELECT to_regproc('apikey.issue_many') IS NOT NULL AS have_issue_many \gset
+\if :have_issue_many
+INSERT INTO bench.walk
+SELECT row_number() OVER (), i.token
+  FROM generate_series(0, (:nkeys - 1) / 10000) c,
+	   LATERAL apikey.issue_many(ARRAY(SELECT 'tenant_' || (g % 99 + 1)
+										FROM generate_series(c * 10000 + 1, least(c * 10000 + 10000, :nkeys)) g),
+								 scopes => '{orders:read}') i;
+\else
+INSERT INTO bench.walk
+SELECT g, i.token
+  FROM generate_series(1, :nkeys) g,
 	   LATERAL apikey.issue(owner => 'tenant_' || (g % 99 + 1), scopes => '{orders:read}') i;
+\endif
 
 -- Row-level cases: 100 tenants x 10 rows.  bench.orders has the policy,
 -- bench.orders_plain is the same data without row-level security.
@@ -77,3 +93,4 @@ VACUUM (ANALYZE) bench.orders;
 VACUUM (ANALYZE) bench.orders_plain;
 VACUUM (ANALYZE) apikey.keys;
 VACUUM (ANALYZE) apikey.key_scopes;
+VACUUM (ANALYZE) bench.walk;

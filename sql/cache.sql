@@ -1,5 +1,6 @@
 -- The per-backend key cache: hits, bounded LRU eviction, no caching of
--- unknown tokens, and invalidation on every change that alters a verdict.
+-- unknown tokens, eviction of the key a change alters (and nothing else),
+-- and no caching of a transaction's own uncommitted keys.
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS apikey CASCADE;
 CREATE EXTENSION apikey;
@@ -43,8 +44,10 @@ SELECT entries, hits, misses, evictions FROM apikey.cache_stats();
 SELECT apikey.verify('ak_nope');
 SELECT entries, hits, misses FROM apikey.cache_stats();
 
--- A change to any key table empties every backend's cache; the next
--- verification reads the new state.
+-- A change to a key evicts that key from every backend's cache, and
+-- nothing else; the next verification reads the new state.  Keys 1, 4
+-- and 5 are cached.
+SELECT misses AS m0 FROM apikey.cache_stats() \gset
 SELECT apikey.revoke(key_id) FROM tok WHERE n = 5;
 SELECT entries, invalidations FROM apikey.cache_stats();
 SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 5));
@@ -53,10 +56,48 @@ SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 4), 'orders:read'
 UPDATE apikey.keys SET expires_at = now() - interval '1 second'
  WHERE id = (SELECT key_id FROM tok WHERE n = 1);
 SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 1));
-SELECT invalidations >= 3 AS invalidated FROM apikey.cache_stats();
--- TRUNCATE is caught too (statement-level trigger)
+-- each change evicted its key only: three reloads, nothing emptied
+SELECT entries, misses - :m0 AS reloads, invalidations FROM apikey.cache_stats();
+-- and the reloaded verdicts are hits now
+SELECT hits AS h0 FROM apikey.cache_stats() \gset
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 5));
+SELECT entries, hits - :h0 AS hits, misses - :m0 AS reloads FROM apikey.cache_stats();
+
+-- Issuing a key evicts nothing: no cache can hold a key that did not exist.
+SELECT apikey.issue(owner => 'newcomer') IS NOT NULL AS issued;
+SELECT entries, misses - :m0 AS reloads, invalidations FROM apikey.cache_stats();
+-- A key issued in a transaction verifies in it, from the tables (the
+-- transaction's own changes are never cached), and is gone after ROLLBACK.
+BEGIN;
+SELECT token AS rolled_back FROM apikey.issue(owner => 'rolled back', scopes => '{orders:read}') \gset
+SELECT code FROM apikey.check(:'rolled_back', 'orders:read');
+SELECT code FROM apikey.check(:'rolled_back', 'orders:read');
+ROLLBACK;
+SELECT code FROM apikey.check(:'rolled_back', 'orders:read');
+-- so is a revocation rolled back
+BEGIN;
+SELECT apikey.revoke(key_id) FROM tok WHERE n = 3;
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+ROLLBACK;
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+
+-- A prepared transaction names no keys (COMMIT PREPARED runs elsewhere):
+-- its commit empties every cache.
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+SELECT invalidations AS inv FROM apikey.cache_stats() \gset
+BEGIN;
+SELECT apikey.revoke(key_id) FROM tok WHERE n = 3;
+PREPARE TRANSACTION 'regress_cache_revoke';
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+COMMIT PREPARED 'regress_cache_revoke';
+SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
+SELECT invalidations - :inv AS emptied FROM apikey.cache_stats();
+
+-- TRUNCATE empties every cache (statement-level trigger)
 SELECT apikey.verify(token) FROM tok WHERE n = 2;
+SELECT invalidations AS inv FROM apikey.cache_stats() \gset
 TRUNCATE apikey.revocations;
+SELECT entries, invalidations - :inv AS emptied FROM apikey.cache_stats();
 SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 5));
 -- bumping last_used_at (the usage writer's job) does not empty the cache
 SELECT entries > 0 AS warm_before, invalidations AS inv FROM apikey.cache_stats() \gset

@@ -135,3 +135,9 @@ RESET ROLE;
 SELECT apikey.flush_usage() AS rows_flushed;
 SELECT sum(calls) AS valid_calls_kv FROM apikey.usage_log WHERE key_id = :kv AND code = 'valid';
 DROP ROLE regress_limits_stats_nobody;
+
+-- The log redactor counts the token-shaped spans it hides: two tokens in
+-- one log line (the statement that logged them holds none).
+SELECT tokens_redacted AS redacted_before FROM apikey.stats \gset
+DO $$ BEGIN RAISE LOG 'two tokens: % and %', (SELECT token FROM apikey._new_token('ak')), (SELECT token FROM apikey._new_token('ak_live')); END $$;
+SELECT tokens_redacted - :redacted_before AS newly_redacted FROM apikey.stats;

@@ -1,6 +1,6 @@
 --
 -- security_replica_mode: changes applied with session_replication_role =
--- replica (as logical replication's apply worker does) still empty every
+-- replica (as logical replication's apply worker does) still reach every
 -- key cache.  Before the fix the invalidation triggers were ordinary
 -- triggers, which replica mode skips: a replicated revocation left the key
 -- valid in every backend that had it cached.

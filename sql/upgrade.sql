@@ -22,8 +22,21 @@ SELECT pg_describe_object(classid, objid, objsubid) AS member
   FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'apikey');
 
+-- a monitoring role granted what stats needs under 1.0
+CREATE ROLE regress_upgrade_monitor;
+GRANT SELECT ON apikey.stats TO regress_upgrade_monitor;
+GRANT EXECUTE ON FUNCTION apikey._stats() TO regress_upgrade_monitor;
+
 ALTER EXTENSION apikey UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'apikey';
+
+-- it still reads apikey.stats, whose 1.2 columns have a function each
+SET ROLE regress_upgrade_monitor;
+SELECT shared_memory, tokens_redacted >= 0 AS has_tokens_redacted,
+       failure_networks_untracked >= 0 AS has_failure_networks_untracked FROM apikey.stats;
+RESET ROLE;
+DROP OWNED BY regress_upgrade_monitor;
+DROP ROLE regress_upgrade_monitor;
 
 -- keys issued under 1.0 behave exactly as before
 SELECT code FROM apikey.check(:'t1', 'orders:read');

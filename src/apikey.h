@@ -11,6 +11,8 @@
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
  *	 worker.c		background worker that persists usage counters;
  *					apikey.usage_flush_interval
+ *	 issue.c		issuing keys (issue, issue_many) and the argument checks
+ *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 verify.c		the verification rules that produce a verdict
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
@@ -22,9 +24,12 @@
  *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
  *	 keycache.c		per-backend LRU cache of keys; hands out copies only;
  *					apikey.cache_size
+ *	 invalidation.c	targeted invalidation: which keys a committed change
+ *					touched, in a ring in shared memory
  *	 keystore.c		finding apikey's tables through the extension, reading a
  *					key through their indexes (no SPI); owns apikey.keys' OID
- *					and the generation count of its invalidations
+ *					and the generation counts of its invalidations and of
+ *					apikey._cache_signal's
  *	 throttle.c		temporary rate limits (apikey.throttle) in shared memory,
  *					made active at commit
  *	 ratelimit.c	per-key rate limits enforced in shared memory;
@@ -33,6 +38,8 @@
  *					pg_stat_statements; apikey.redact_logs
  *	 stats.c		live statistics, counted per backend
  *	 support.c		planner support for the row-level helpers
+ *	 leak.c			finding checksum-valid tokens in free text (leak response)
+ *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
  *	 verdict.c		the verdict codes: name, SQLSTATE, message (one table)
  *	 hash.c			SHA-256
  *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
@@ -141,6 +148,8 @@ typedef struct ApikeyVerdict
 								 * apikey_verify() clears what precedes it) */
 } ApikeyVerdict;
 
+struct LWLock;
+
 /* hash.c */
 extern void apikey_sha256(const char *data, size_t len, uint8 *out);
 extern bytea *apikey_sha256_bytea(const char *data, size_t len);
@@ -149,6 +158,7 @@ extern bytea *apikey_sha256_bytea(const char *data, size_t len);
 extern const char *apikey_verdict_name(ApikeyCode code);
 extern void apikey_verdict_report(const ApikeyVerdict *v, const char *scope);
 extern Datum apikey_interval_datum(int64 usecs);
+extern char *apikey_clip_for_message(const char *s, int len);
 
 /* stats.c */
 typedef struct ApikeyStats
@@ -161,6 +171,7 @@ typedef struct ApikeyStats
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
+	uint64		tokens_redacted;	/* spans the log redactor hid */
 } ApikeyStats;
 
 extern Size apikey_stats_shmem_size(void);
@@ -169,6 +180,7 @@ extern void apikey_stats_count(ApikeyCode code);
 extern void apikey_stats_dropped(uint64 calls);
 extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
+extern void apikey_stats_redacted(uint64 spans);
 extern bool apikey_stats_read(ApikeyStats *out);
 
 /* support.c */
@@ -179,8 +191,11 @@ extern Node *apikey_support_simplify(struct SupportRequestSimplify *req);
 extern void apikey_keystore_init(void);
 extern bool apikey_keystore_load(const uint8 *hash, ApikeyKey *key,
 								 MemoryContext chunk_cxt, uint64 *generation);
+extern void apikey_keystore_invalidate_all(void);
 extern uint64 apikey_keystore_generation(void);
+extern uint64 apikey_keystore_signal_generation(void);
 extern Oid	apikey_keystore_keys_relid(bool missing_ok);
+extern Oid	apikey_keystore_signal_relid(void);
 extern Oid	apikey_keystore_owner(void);
 
 /* keycache.c */
@@ -196,8 +211,15 @@ typedef struct ApikeyCacheStats
 
 extern void apikey_keycache_init(void);
 extern bool apikey_keycache_lookup(const uint8 *hash, ApikeyKey *out);
-extern void apikey_keycache_invalidate_all(void);
 extern void apikey_keycache_stats(ApikeyCacheStats *stats);
+
+/* invalidation.c */
+extern Size apikey_inval_shmem_size(void);
+extern void apikey_inval_shmem_startup(struct LWLock *lock);
+extern bool apikey_inval_bypass(void);
+extern bool apikey_inval_leaving_recovery(void);
+extern void apikey_inval_forget(void);
+extern bool apikey_inval_catch_up(void (*evict) (int64 *ids, int nids));
 
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,
@@ -214,8 +236,6 @@ extern void apikey_binding_set(const ApikeyKey *key, bool session);
 extern void apikey_binding_clear(void);
 extern bool apikey_binding_get(int64 *key_id, const char **owner,
 							   char *const **scopes, int *nscopes);
-
-struct LWLock;
 
 /* shmem.c */
 extern void apikey_shmem_init(void);
@@ -309,6 +329,10 @@ extern Size apikey_worker_shmem_size(void);
 extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
 extern int	apikey_worker_request_flush(void);
+
+/* audit.c */
+extern void apikey_audit_init(void);
+extern void apikey_audit_mark_usage_write(void);
 
 /* redact.c */
 extern void apikey_redact_init(void);

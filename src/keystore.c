@@ -17,18 +17,27 @@
  * attribute numbers are resolved once and again after each invalidation
  * of apikey.keys (DROP/CREATE EXTENSION, DDL, a rename).
  *
- * Invalidation generation.  This file owns apikey.keys' OID, and counts
+ * Invalidation generations.  This file owns apikey.keys' OID, and counts
  * every relcache invalidation of it (and every "invalidate all") in a
- * generation number that the key cache compares.
+ * generation number that the key cache compares: any of them empties the
+ * cache.  It counts the invalidations of apikey._cache_signal apart: they
+ * announce committed changes of particular keys (invalidation.c), and the
+ * cache evicts just those.  The signal view is resolved with the others,
+ * before any load, so no signal can go unrecognised while the cache holds
+ * anything.
  *
- * Lock, then snapshot.  A load opens and locks every relation it will read
- * before it takes its snapshot: lock acquisition is where invalidation
- * messages arrive, so a revocation that commits before the snapshot is
- * both seen by the snapshot and already counted, and one that commits
- * after it is counted later.  The load reports the generation current at
- * its snapshot; the cache keeps the record only if the generation has not
- * moved by the time the read is over (a toast fetch, say, can accept
- * invalidations mid-read).
+ * Lock, then snapshot.  A load locks every relation it reads before it
+ * takes its snapshot: lock acquisition is where invalidation messages
+ * arrive, so a change that commits before the snapshot is both seen by the
+ * snapshot and already counted, and one that commits after it is counted
+ * later.  The load reports the generation current at its snapshot; the
+ * cache keeps the record only if the generation has not moved by the time
+ * the read is over (a toast fetch, say, can accept invalidations
+ * mid-read).  The tables read only for a key that exists (revocations,
+ * suspensions, quarantines, scopes) are locked once a first probe of the
+ * hash index has found it, and then the whole load runs as above, every
+ * lock held before its snapshot; a token that matches no key costs two
+ * locks and one probe.
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -85,6 +94,7 @@ typedef struct KeystoreCatalog
 	Oid			suspensions_pkey;
 	Oid			quarantines;
 	Oid			quarantines_pkey;
+	Oid			signal;			/* apikey._cache_signal */
 	AttrNumber	att_id;
 	AttrNumber	att_hash;
 	AttrNumber	att_owner;
@@ -103,6 +113,7 @@ typedef struct KeystoreCatalog
 static KeystoreCatalog catalog;
 static Oid	keys_relid = InvalidOid;	/* apikey.keys, until invalidated */
 static uint64 keys_generation = 1;	/* invalidations of apikey.keys seen */
+static uint64 signal_generation = 1;	/* invalidations of _cache_signal seen */
 
 static void
 keystore_relcache_callback(Datum arg, Oid relid)
@@ -113,6 +124,8 @@ keystore_relcache_callback(Datum arg, Oid relid)
 		keys_relid = InvalidOid;
 		catalog.keys = InvalidOid;
 	}
+	else if (relid == catalog.signal)
+		signal_generation++;
 }
 
 /* A schema changed (owner, name): find and check everything again. */
@@ -130,11 +143,28 @@ apikey_keystore_init(void)
 	CacheRegisterSyscacheCallback(NAMESPACEOID, keystore_namespace_callback, (Datum) 0);
 }
 
+/* Queue an invalidation of every backend's key cache (trigger body). */
+void
+apikey_keystore_invalidate_all(void)
+{
+	Oid			relid = apikey_keystore_keys_relid(true);
+
+	if (OidIsValid(relid))
+		CacheInvalidateRelcacheByRelid(relid);
+}
+
 /* How many invalidations of apikey.keys this backend has processed. */
 uint64
 apikey_keystore_generation(void)
 {
 	return keys_generation;
+}
+
+/* How many invalidations of apikey._cache_signal it has processed. */
+uint64
+apikey_keystore_signal_generation(void)
+{
+	return signal_generation;
 }
 
 static void
@@ -195,16 +225,23 @@ check_namespace_owner(Oid nsp)
 						 quote_identifier(name))));
 }
 
-/* A table of the extension in nsp, by name, checked to be a member. */
+/* A relation of the extension in nsp, by name, checked to be a member. */
 static Oid
-member_table(Oid extoid, Oid nsp, const char *relname)
+member_relation(Oid extoid, Oid nsp, const char *relname, char relkind,
+				const char *what)
 {
 	Oid			relid = get_relname_relid(relname, nsp);
 
-	if (!OidIsValid(relid) || get_rel_relkind(relid) != RELKIND_RELATION ||
+	if (!OidIsValid(relid) || get_rel_relkind(relid) != relkind ||
 		getExtensionOfObject(RelationRelationId, relid) != extoid)
-		report_damaged(psprintf("table \"%s\"", relname));
+		report_damaged(psprintf("%s \"%s\"", what, relname));
 	return relid;
+}
+
+static Oid
+member_table(Oid extoid, Oid nsp, const char *relname)
+{
+	return member_relation(extoid, nsp, relname, RELKIND_RELATION, "table");
 }
 
 /* An index in nsp, by name, checked to be an index of table. */
@@ -286,6 +323,7 @@ catalog_resolve(void)
 	catalog.suspensions_pkey = table_index(catalog.suspensions, nsp, "suspensions_pkey");
 	catalog.quarantines = member_table(extoid, nsp, "quarantines");
 	catalog.quarantines_pkey = table_index(catalog.quarantines, nsp, "quarantines_pkey");
+	catalog.signal = member_relation(extoid, nsp, "_cache_signal", RELKIND_VIEW, "view");
 	catalog.att_id = attribute_number(keys, "id");
 	catalog.att_hash = attribute_number(keys, "hash");
 	catalog.att_owner = attribute_number(keys, "owner");
@@ -300,6 +338,14 @@ catalog_resolve(void)
 	catalog.att_quarantined_until = attribute_number(catalog.quarantines, "until");
 	catalog.att_allowed_scopes = attribute_number(catalog.quarantines, "allowed_scopes");
 	catalog.keys = keys;
+}
+
+/* The OID of apikey._cache_signal, whose invalidation names changed keys. */
+Oid
+apikey_keystore_signal_relid(void)
+{
+	catalog_resolve();
+	return catalog.signal;
 }
 
 /* The role that owns apikey.keys: the one internal writes run as. */
@@ -374,6 +420,31 @@ read_budget(Relation keys, int64 budget_id, Snapshot snapshot, ApikeyKey *key)
 	systable_endscan(scan);
 }
 
+/*
+ * Does a key have this hash?  The probe that lets a token matching no key
+ * (unknown: the common failure, and what a guesser sends) take two locks
+ * instead of eleven; a key that exists is then loaded with every relation
+ * locked first.
+ */
+static bool
+key_exists(bytea *hash_datum)
+{
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Relation	rel = table_open(catalog.keys, NoLock);
+	ScanKeyData skey;
+	SysScanDesc scan;
+	bool		found;
+
+	ScanKeyInit(&skey, catalog.att_hash, BTEqualStrategyNumber, F_BYTEAEQ,
+				PointerGetDatum(hash_datum));
+	scan = systable_beginscan(rel, catalog.keys_hash_key, true, snapshot, 1, &skey);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, NoLock);
+	UnregisterSnapshot(snapshot);
+	return found;
+}
+
 /* Is there a revocation for key_id?  (revocations.key_id is attribute 1) */
 static bool
 revoked(int64 key_id, Snapshot snapshot)
@@ -422,6 +493,22 @@ response_row(Oid relid, Oid pkey, AttrNumber att_until, int64 key_id,
 	systable_endscan(scan);
 	table_close(rel, NoLock);
 	return tup;
+}
+
+/*
+ * Lock what finding a key by its hash reads (apikey.keys and its hash
+ * index), until the end of the transaction, and resolve the catalog again
+ * if an invalidation arrived while locking.
+ */
+static void
+lock_lookup(void)
+{
+	do
+	{
+		catalog_resolve();
+		LockRelationOid(catalog.keys, AccessShareLock);
+		LockRelationOid(catalog.keys_hash_key, AccessShareLock);
+	} while (!OidIsValid(catalog.keys));
 }
 
 /*
@@ -487,14 +574,17 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 				 errmsg("API keys cannot be verified during a parallel operation"),
 				 errhint("Do not call apikey.verify(), check() or authenticate() from a function marked PARALLEL SAFE.")));
 
-	/* lock, then snapshot: see the file header */
-	lock_catalog();
-	*generation = keys_generation;
-	snapshot = RegisterSnapshot(GetLatestSnapshot());
-
 	hash_datum = palloc(VARHDRSZ + APIKEY_HASH_LEN);
 	SET_VARSIZE(hash_datum, VARHDRSZ + APIKEY_HASH_LEN);
 	memcpy(VARDATA(hash_datum), hash, APIKEY_HASH_LEN);
+
+	/* lock, then snapshot: see the file header */
+	lock_lookup();
+	if (!key_exists(hash_datum))
+		return false;
+	lock_catalog();
+	*generation = keys_generation;
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
 
 	rel = table_open(catalog.keys, NoLock);
 	ScanKeyInit(&skey, catalog.att_hash, BTEqualStrategyNumber, F_BYTEAEQ, PointerGetDatum(hash_datum));

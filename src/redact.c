@@ -14,7 +14,8 @@
  * messages.  Our emit_log_hook sees every report before it is written and
  * replaces each token-shaped span in the message, detail, hint, context and
  * internal query, and in the statement text, by "..." and four characters:
- * a valid token ak_<body> becomes its hint, ak_...x9Qz.
+ * a valid token ak_<body> becomes its hint, ak_...x9Qz.  Each span hidden is
+ * counted (apikey.stats.tokens_redacted), so a leak into the log shows.
  *
  * pg_stat_statements.  It replaces the constants of plannable statements by
  * $1, but stores utility statements (DO, CALL, COPY, EXPLAIN, CREATE TABLE
@@ -71,6 +72,7 @@ redact_string(const char *s)
 	ApikeyShape shape;
 	StringInfoData buf;
 	bool		any = false;
+	uint64		spans = 0;
 
 	if (s == NULL)
 		return NULL;
@@ -89,9 +91,11 @@ redact_string(const char *s)
 		appendStringInfoString(&buf, "...");
 		appendBinaryStringInfo(&buf, s + shape.tail, APIKEY_HINT_TAIL);
 		pos = shape.start + shape.len;
+		spans++;
 	}
 	if (!any)
 		return NULL;
+	apikey_stats_redacted(spans);
 	appendStringInfoString(&buf, s + pos);
 	return buf.data;
 }

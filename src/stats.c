@@ -2,8 +2,8 @@
  *
  * stats.c
  *	  The live counters behind apikey.stats: verifications per verdict code,
- *	  usage counts dropped, networks the failure limiter could not track,
- *	  and the usage writer's flushes.
+ *	  usage counts dropped, the usage writer's flushes, tokens the log
+ *	  redactor hid, and networks the failure limiter could not track.
  *
  * Verification counts are kept per backend, so that counting a call
  * writes a cache line no other backend writes: each backend owns one row
@@ -14,7 +14,8 @@
  * practice) counts in the shared row instead.
  *
  * Locking: none.  Every counter is an atomic that only grows; the rarely
- * written ones (drops, flushes) are shared by all backends.
+ * written ones (drops, flushes, redactions, untracked failures) are shared
+ * by all backends.
  *
  * Without shared memory (no preload) there are no counters, and
  * apikey_stats_read() says so.
@@ -48,6 +49,7 @@ typedef struct StatsShared
 	pg_atomic_uint64 flush_errors;	/* failed flushes (counts kept) */
 	pg_atomic_uint64 flushed_calls; /* calls written to usage_log */
 	pg_atomic_uint64 last_flush;	/* TimestampTz of last success, 0 = never */
+	pg_atomic_uint64 tokens_redacted;	/* spans hidden from log lines */
 	int			nbackends;		/* rows in backends[] after the shared one */
 	BackendCounts backends[FLEXIBLE_ARRAY_MEMBER];	/* [0] is shared */
 } StatsShared;
@@ -78,6 +80,7 @@ apikey_stats_shmem_startup(void)
 	pg_atomic_init_u64(&stats->flush_errors, 0);
 	pg_atomic_init_u64(&stats->flushed_calls, 0);
 	pg_atomic_init_u64(&stats->last_flush, 0);
+	pg_atomic_init_u64(&stats->tokens_redacted, 0);
 	stats->nbackends = MaxBackends;
 	for (i = 0; i <= MaxBackends; i++)
 	{
@@ -119,6 +122,14 @@ apikey_stats_dropped(uint64 calls)
 {
 	if (stats != NULL)
 		pg_atomic_fetch_add_u64(&stats->usage_dropped, calls);
+}
+
+/* Count token-shaped spans the log redactor hid (redact.c). */
+void
+apikey_stats_redacted(uint64 spans)
+{
+	if (stats != NULL)
+		pg_atomic_fetch_add_u64(&stats->tokens_redacted, spans);
 }
 
 /* Count a failure claim on a network the failure limiter had no room for. */
@@ -164,5 +175,6 @@ apikey_stats_read(ApikeyStats *out)
 	out->flush_errors = pg_atomic_read_u64(&stats->flush_errors);
 	out->flushed_calls = pg_atomic_read_u64(&stats->flushed_calls);
 	out->last_flush = (TimestampTz) pg_atomic_read_u64(&stats->last_flush);
+	out->tokens_redacted = pg_atomic_read_u64(&stats->tokens_redacted);
 	return true;
 }

@@ -53,31 +53,54 @@ is_prefix_char(unsigned char c)
  * Write a big-endian unsigned number as exactly nchars base62 digits,
  * most significant first.  The caller picks nchars large enough for the
  * number (62^nchars > 256^nbytes), so no digit is ever lost.
+ *
+ * Schoolbook long division, but by 62^5 (which fits in 32 bits) over
+ * 32-bit limbs: five digits per pass and four bytes per step, about thirty
+ * times fewer divisions than one digit and one byte at a time.
  */
 void
 apikey_base62_fixed(const uint8 *bytes, size_t nbytes, char *out, size_t nchars)
 {
-	uint8		num[APIKEY_SECRET_BYTES];
+#define BASE62_POW5 916132832U	/* 62^5 */
+	uint32		limb[(APIKEY_SECRET_BYTES + 3) / 4];
+	size_t		nlimbs = (nbytes + 3) / 4;
+	size_t		first = 0;		/* limbs before it are zero */
 	size_t		i;
 
-	Assert(nbytes <= sizeof(num));
-	memcpy(num, bytes, nbytes);
+	Assert(nbytes <= APIKEY_SECRET_BYTES);
 
-	for (i = nchars; i > 0; i--)
+	/* big-endian bytes into big-endian limbs, the top one padded with zeros */
+	memset(limb, 0, sizeof(limb));
+	for (i = 0; i < nbytes; i++)
 	{
-		uint32		rem = 0;
-		size_t		j;
+		size_t		pos = nlimbs * 4 - nbytes + i;
 
-		/* num = num / 62, rem = num % 62: schoolbook long division */
-		for (j = 0; j < nbytes; j++)
-		{
-			uint32		cur = (rem << 8) | num[j];
-
-			num[j] = (uint8) (cur / 62);
-			rem = cur % 62;
-		}
-		out[i - 1] = base62_digits[rem];
+		limb[pos / 4] |= (uint32) bytes[i] << (8 * (3 - pos % 4));
 	}
+
+	for (i = nchars; i > 0;)
+	{
+		uint64		rem = 0;
+		size_t		j;
+		int			d;
+
+		/* limb = limb / 62^5, rem = limb % 62^5 */
+		for (j = first; j < nlimbs; j++)
+		{
+			uint64		cur = (rem << 32) | limb[j];
+
+			limb[j] = (uint32) (cur / BASE62_POW5);
+			rem = cur % BASE62_POW5;
+		}
+		while (first < nlimbs && limb[first] == 0)
+			first++;
+		for (d = 0; d < 5 && i > 0; d++)
+		{
+			out[--i] = base62_digits[rem % 62];
+			rem /= 62;
+		}
+	}
+#undef BASE62_POW5
 }
 
 /* CRC-32 of data, as used for the token checksum. */

@@ -605,20 +605,29 @@ slot_table_restart(BackendSlot *slot, SlotTable *t, TimestampTz bucket)
  * Move every backend slot's counts into the shared table.  A count is
  * taken from its slot entry by an atomic exchange, so a call counted
  * meanwhile goes to this gathering or the next, never both or neither.
+ * The counts enter the shared table oldest first, so that when it is full
+ * the entries make_room() evicts are the oldest of all slots, not whichever
+ * a slot's hash order happened to put first.
  */
 static void
 gather_slots(void)
 {
-	UsageSnap  *taken = palloc(sizeof(UsageSnap) * SLOT_ENTRIES * 2);
+	int			cap = SLOT_ENTRIES * 2;
+	UsageSnap  *taken = palloc(sizeof(UsageSnap) * cap);
+	int			n = 0;
 	int			s;
+	int			i;
 
 	for (s = 0; s < usage_shared->nslots; s++)
 	{
 		BackendSlot *slot = &usage_slots[s];
-		int			n = 0;
 		int			ti;
-		int			i;
 
+		if (n + SLOT_ENTRIES * 2 > cap)
+		{
+			cap *= 2;
+			taken = repalloc(taken, sizeof(UsageSnap) * cap);
+		}
 		SpinLockAcquire(&slot->mutex);
 		for (ti = 0; ti < 2; ti++)
 		{
@@ -640,9 +649,11 @@ gather_slots(void)
 			}
 		}
 		SpinLockRelease(&slot->mutex);
-		for (i = 0; i < n; i++)
-			add_shmem(&taken[i].key, taken[i].calls, taken[i].last_at);
 	}
+	if (n > 1)
+		qsort(taken, n, sizeof(UsageSnap), snap_by_last_at);
+	for (i = 0; i < n; i++)
+		add_shmem(&taken[i].key, taken[i].calls, taken[i].last_at);
 	pfree(taken);
 }
 
@@ -874,6 +885,7 @@ write_snaps(const UsageSnap *snaps, int n)
 	bool	   *last_nulls = palloc(sizeof(bool) * n);
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
+	int			save_nestlevel;
 	Datum		values[6];
 	Oid			types[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
 	INETARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
@@ -904,6 +916,8 @@ write_snaps(const UsageSnap *snaps, int n)
 	values[5] = PointerGetDatum(construct_md_array(last_ats, last_nulls, 1, dims, lbs,
 												   TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
 
+	save_nestlevel = NewGUCNestLevel();
+	apikey_audit_mark_usage_write();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	rc = SPI_execute_with_args(ARRAY_SOURCE WRITE_USAGE, 6, types, values, NULL, false, 0);
@@ -911,6 +925,7 @@ write_snaps(const UsageSnap *snaps, int n)
 		elog(ERROR, "usage flush failed: %s", SPI_result_code_string(rc));
 	rc = (int) SPI_processed;
 	SPI_finish();
+	AtEOXact_GUC(true, save_nestlevel);
 	return rc;
 }
 
@@ -1062,6 +1077,7 @@ apikey_usage_fold_pending(void)
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
+	apikey_audit_mark_usage_write();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	rc = SPI_execute(PENDING_SOURCE WRITE_USAGE, false, 0);

@@ -9,11 +9,14 @@
  * C (the enum in apikey.h, then this table; the designated initialisers
  * keep the two in step).
  *
+ * Also here: how any user-supplied value is quoted in an error message.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -111,4 +114,20 @@ apikey_verdict_report(const ApikeyVerdict *v, const char *scope)
 			 info->hint == NULL ? 0 :
 			 !info->hint_takes_retry ? errhint("%s", info->hint) :
 			 retry != NULL ? errhint(info->hint, retry) : 0));
+}
+
+/*
+ * A user-supplied value as quoted in an error message: at most 64
+ * characters (cut on a character boundary), so one bad call cannot write a
+ * megabyte into the log; apikey._clip() does the same in SQL.
+ */
+char *
+apikey_clip_for_message(const char *s, int len)
+{
+	int			cut;
+
+	if (pg_mbstrlen_with_len(s, len) <= 64)
+		return pnstrdup(s, len);
+	cut = pg_mbcharcliplen(s, len, 61);
+	return psprintf("%.*s...", cut, s);
 }

@@ -3,7 +3,9 @@
 # warm key cache through WAL replay; a key with a quota gets
 # quota_unavailable (a debit is a write); rate limits are enforced in the
 # standby's own shared memory; usage is counted in shared memory and shown
-# by apikey.live_usage, never written; the usage writer does not run.
+# by apikey.live_usage, never written; the usage writer does not run.  The
+# audit chain verifies on the standby (read-only), which also sees a row
+# edited on the primary behind the triggers' back.
 #
 # Tokens stay in a table on the server: no token appears in a query text.
 use strict;
@@ -79,6 +81,36 @@ is($session->query_safe(q{SELECT code FROM apikey.check(tok('rev'))}), 'revoked'
 is($standby->safe_psql('postgres', q{SELECT code FROM apikey.check(tok('rev'))}), 'revoked',
 	'a new standby session: revoked');
 $session->quit;
+
+# The audit chain, verified on the standby.
+$primary->wait_for_catchup($standby);
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'the audit chain verifies on the standby');
+is( $standby->safe_psql('postgres', 'SELECT seq || row_hash::text FROM apikey.audit_checkpoint()'),
+	$primary->safe_psql('postgres', 'SELECT seq || row_hash::text FROM apikey.audit_checkpoint()'),
+	'with the same checkpoint as the primary');
+cmp_ok($standby->safe_psql('postgres', q{SELECT count(*) FROM apikey.audit_log WHERE action = 'revoke'}),
+	'>=', 1, 'the revocation above is in it');
+# An edit made on the primary with the guard triggers disabled (rolled
+# back there afterwards: only the standby's check is of interest).
+$primary->safe_psql(
+	'postgres', q{
+ALTER TABLE apikey.audit_log DISABLE TRIGGER USER;
+UPDATE apikey.audit_log SET actor_claim = 'someone else' WHERE seq = 2;
+ALTER TABLE apikey.audit_log ENABLE TRIGGER USER;
+});
+$primary->wait_for_catchup($standby);
+is($standby->safe_psql('postgres', 'SELECT seq || problem FROM apikey.audit_verify()'),
+	'2row_hash_mismatch', 'the standby finds a row edited on the primary');
+$primary->safe_psql(
+	'postgres', q{
+ALTER TABLE apikey.audit_log DISABLE TRIGGER USER;
+UPDATE apikey.audit_log SET actor_claim = NULL WHERE seq = 2;
+ALTER TABLE apikey.audit_log ENABLE TRIGGER USER;
+});
+$primary->wait_for_catchup($standby);
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'and verifies again once the edit is undone');
 
 # A quota cannot be debited on a standby.
 is( $standby->safe_psql(
@@ -178,6 +210,13 @@ is( $standby->safe_psql(
 SELECT string_agg(t.g::text, ' ' ORDER BY t.g)
   FROM apikey.live_usage u JOIN tok t USING (key_id) WHERE t.g IN (1, 2, 147, 148)}),
 	'147 148', 'the window keeps the newest keys; the oldest made room');
+# The keys still counted are the newest ones without a gap: the backend's
+# counts entered the shared table oldest first, whatever their hash order.
+is( $standby->safe_psql(
+		'side', q{
+SELECT max(t.g) = 148 AND count(*) = 148 - min(t.g) + 1 AND count(*) >= 90
+  FROM apikey.live_usage u JOIN tok t USING (key_id)}),
+	't', 'the keys kept are the newest, without a gap');
 
 # Promotion: the usage writer starts.  The other database's entries will
 # never be flushed; they must not keep apikey.database's counts out.

@@ -57,9 +57,9 @@ COMMIT;
 # No shared memory, no worker.
 is( $node->safe_psql(
 		'postgres', q{
-SELECT shared_memory || ' ' || (calls IS NULL) || ' ' || (entries_pending IS NULL) || ' ' || (last_flush IS NULL)
+SELECT shared_memory || ' ' || (calls IS NULL) || ' ' || (entries_pending IS NULL) || ' ' || (last_flush IS NULL) || ' ' || (tokens_redacted IS NULL)
   FROM apikey.stats}),
-	'false true true true', 'apikey.stats: no shared memory');
+	'false true true true true', 'apikey.stats: no shared memory');
 is( $node->safe_psql(
 		'postgres',
 		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),

@@ -1,10 +1,12 @@
 # Logical replication: a revocation (or a scope change) published by one
-# server and applied by another's apply worker empties the subscriber's
-# warm key caches.  The apply worker runs with session_replication_role =
-# replica, which skips ordinary triggers: before 1.2 the invalidation
-# triggers were ordinary, and a replicated revocation left the key valid in
-# every subscriber backend that had it cached.  The apply worker fires row
-# triggers only, so replica-mode row triggers send the invalidation.
+# server and applied by another's apply worker evicts that key from the
+# subscriber's warm key caches.  The apply worker runs with
+# session_replication_role = replica, which skips ordinary triggers: before
+# 1.2 the invalidation triggers were ordinary, and a replicated revocation
+# left the key valid in every subscriber backend that had it cached.  The
+# apply worker fires row triggers only; the row triggers that record
+# changed keys fire always, so the apply worker's commit evicts the keys it
+# changed, and no other.
 #
 # Tokens stay in a table on the server: no token appears in a query text.
 use strict;
@@ -25,6 +27,7 @@ $pub->safe_psql(
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 INSERT INTO tok SELECT 'rev', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 INSERT INTO tok SELECT 'scp', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
+INSERT INTO tok SELECT 'oth', key_id, token FROM apikey.issue(owner => 'acme', scopes => '{orders:read}');
 CREATE PUBLICATION keys FOR TABLE apikey.scopes, apikey.keys, apikey.key_scopes, apikey.revocations, tok;
 });
 
@@ -38,9 +41,9 @@ CREATE SUBSCRIPTION keys CONNECTION '$connstr' PUBLICATION keys;
 $sub->wait_for_subscription_sync($pub, 'keys');
 
 is( $sub->safe_psql('postgres', q{
-SELECT (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'revocations_invalidate%') || ' ' ||
-       (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'key_scopes_invalidate%')}),
-	'revocations_invalidate=A revocations_invalidate_applied=R key_scopes_invalidate=A key_scopes_invalidate_applied=R',
+SELECT (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'revocations\_%' AND tgname NOT LIKE '%\_audit\_%') || ' ' ||
+       (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'key\_scopes\_%' AND tgname NOT LIKE '%\_audit\_%')}),
+	'revocations_changed=A revocations_invalidate=A key_scopes_changed=A key_scopes_invalidate=A',
 	'the invalidation triggers fire in replica mode too');
 
 # Warm a subscriber session's cache.
@@ -53,6 +56,8 @@ is($session->query_safe(q{SELECT hits FROM apikey.cache_stats()}), '0', 'no hit 
 is($session->query_safe(q{SELECT code FROM apikey.check(tok('rev'))}), 'valid',
 	'subscriber: still valid, from the cache');
 is($session->query_safe(q{SELECT hits FROM apikey.cache_stats()}), '1', 'that was a cache hit');
+is($session->query_safe(q{SELECT code FROM apikey.check(tok('oth'))}), 'valid',
+	'subscriber: a third key valid (now cached)');
 
 # Revoke and grant on the publisher; the apply worker applies both.
 $pub->safe_psql('postgres', q{
@@ -65,6 +70,10 @@ is($session->query_safe(q{SELECT code FROM apikey.check(tok('rev'))}), 'revoked'
 	'subscriber session: revoked once applied, despite its warm cache');
 is($session->query_safe(q{SELECT code FROM apikey.check(tok('scp'), 'orders:write')}), 'valid',
 	'subscriber session: the replicated grant is seen');
+is( $session->query_safe(q{
+SELECT (SELECT hits FROM apikey.cache_stats()) || ' ' || (SELECT code FROM apikey.check(tok('oth'))) || ' ' ||
+       (SELECT hits || ' ' || invalidations FROM apikey.cache_stats())}),
+	'1 valid 2 0', 'subscriber session: the untouched key is still cached; nothing was emptied');
 $session->quit;
 
 $sub->stop;

@@ -9,6 +9,11 @@
 # the hints that replace them must.  A control with apikey.redact_logs =
 # off shows a token does get logged when redaction is off.
 #
+# pgaudit (Debian's postgresql-15-pgaudit, where installed for the server
+# under test) writes its own audit lines with the statement and, with
+# pgaudit.log_parameter = on, its parameters: a second server preloads it
+# before apikey and no token may reach its log either.
+#
 # Redaction goes by shape, not by checksum: the checksum is public, so a
 # near miss (truncated, one character mistyped or stray, uppercased or wrong
 # prefix, glued to other text) gives the real token back.  Near misses of
@@ -236,6 +241,10 @@ like($stderr, qr/API key has been revoked/,
 	qq{SET apikey.redact_logs = off; SELECT apikey.verify('$tok{control}');});
 is($ret, 0, 'control statement ran');
 
+# The redactor counted what it hid.
+cmp_ok($node->safe_psql('postgres', 'SELECT tokens_redacted FROM apikey.stats'),
+	'>', 100, 'apikey.stats counts the tokens the log redactor hid');
+
 # Let the collector write everything out.
 $node->stop('fast');
 
@@ -284,6 +293,78 @@ for my $place (sort keys %near)
 	is(scalar(@seen), 0,
 		"no 12 characters in a row of the key behind the near misses in $place are logged"
 	) or diag "at body offsets @seen";
+}
+
+# pgaudit, listed before apikey: its audit lines (statements and their
+# parameters) are redacted like every other log line.
+SKIP:
+{
+	my $libdir = $ENV{PG_CONFIG} ? `$ENV{PG_CONFIG} --pkglibdir` : '';
+	chomp $libdir;
+	skip "pgaudit is not installed for this server ($libdir)", 1
+	  unless $libdir ne '' && -e "$libdir/pgaudit.so";
+
+	my $audited = apikey_node(
+		'redact_pgaudit', q{
+shared_preload_libraries = 'pgaudit,apikey'
+pgaudit.log = 'all'
+pgaudit.log_parameter = on
+pgaudit.log_relation = on
+pgaudit.log_catalog = on
+pgaudit.log_level = 'log'
+log_min_messages = notice
+});
+	$audited->safe_psql('postgres', 'CREATE EXTENSION pgaudit');
+	apikey_db($audited);
+
+	my %atok;
+	for my $name (qw(literal bind function leak report stored control))
+	{
+		$atok{$name} = (split /\|/,
+			$audited->safe_psql('postgres',
+				"SELECT key_id || '|' || token FROM apikey.issue('acme', name => '$name')"))[1];
+	}
+	my ($ret, $out, $err) = $audited->psql(
+		'postgres', qq{
+SELECT apikey.verify('$atok{literal}');
+SELECT * FROM apikey.check('$atok{literal}', 'orders:read');
+CREATE TABLE notes (body text);
+INSERT INTO notes VALUES ('$atok{stored}');
+SELECT count(*) FROM notes WHERE body = '$atok{stored}';
+DO \$\$ BEGIN PERFORM apikey.verify('$atok{function}'); END \$\$;
+SELECT apikey.report_leak('$atok{leak}', 'support', 'T-1');
+SELECT apikey.revoke_leaked(ARRAY['$atok{report}']);
+});
+	is($ret, 0, 'pgaudit: statements with tokens ran');
+
+	my $bind = $audited->basedir . '/bind.sql';
+	append_to_file($bind, "SELECT apikey.verify(:tok);\nINSERT INTO notes VALUES (:tok);\n");
+	$audited->command_ok(
+		[
+			'pgbench', '-n', '-M', 'extended', '-t', '1', '-f', $bind,
+			'-D', "tok=$atok{bind}", '-h', $audited->host, '-p', $audited->port,
+			'postgres'
+		],
+		'pgaudit: a token as a bind parameter');
+	# control: with redaction off, pgaudit does log the token
+	$audited->safe_psql('postgres',
+		"SET apikey.redact_logs = off; SELECT apikey.verify('$atok{control}')");
+	$audited->stop('fast');
+
+	my $alog = slurp_file($audited->logfile);
+	like($alog, qr/AUDIT: SESSION,/, 'pgaudit wrote audit lines');
+	like($alog, qr/AUDIT: SESSION,.*ak_\.\.\.[0-9A-Za-z]{4}/, 'holding hints in place of tokens');
+	unlike($alog, qr/apikey is not the last library/, 'apikey is listed last: no warning');
+	like($alog, qr/AUDIT: SESSION,.*\Q$atok{control}\E/,
+		'control: with apikey.redact_logs = off, pgaudit logs the token');
+	for my $name (grep { $_ ne 'control' } sort keys %atok)
+	{
+		my $count = () = $alog =~ /\Q$atok{$name}\E/g;
+		is($count, 0, "pgaudit: token '$name' appears nowhere in the log");
+		my $body = substr($atok{$name}, -49);
+		my @seen = grep { index($alog, substr($body, $_, 12)) >= 0 } 0 .. 49 - 12;
+		is(scalar(@seen), 0, "pgaudit: no 12 characters in a row of token '$name'");
+	}
 }
 
 done_testing();

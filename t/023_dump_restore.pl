@@ -5,7 +5,10 @@
 # fresh database of a new cluster.  Afterwards every apikey table holds
 # exactly the same rows, every token gets the same verdict (valid, revoked,
 # expired) with the same key, owner and scopes, and a newly issued key
-# continues the id sequence after the old maximum.
+# continues the id sequence after the old maximum.  The audit chain comes
+# back row for row and still verifies; restoring the key tables appends
+# one row per table (the restore's COPY is a direct change), and new
+# administrative calls go on chaining.
 use strict;
 use warnings;
 
@@ -46,6 +49,11 @@ issue($old, 'app', 'expiring', q{'initech', expires_at => now() + interval '30 d
 issue($old, 'app', 'revoked', q{'initech', '{billing:read}'});
 issue($old, 'app', 'rotated', q{'initech', '{orders:read}', 'rotated key'});
 $old->safe_psql('app', "SELECT apikey.revoke($id{revoked}, 'leaked in a ticket')");
+# A leak policy and a reported leak (the key is revoked already).
+$old->safe_psql('app', qq{
+INSERT INTO apikey.prefixes (prefix, public, description) VALUES ('gx_live', false, 'globex live keys');
+SELECT apikey.report_leak('$tok{revoked}', 'support', 'TICKET-9');
+});
 # Rotation with no grace: the old key expires at once.
 my ($new_id, $new_token) = split /\|/,
   $old->safe_psql('app',
@@ -76,6 +84,8 @@ SELECT string_agg(t || ': ' || d, E'\n' ORDER BY t) FROM (
 	UNION ALL SELECT 'revocations', md5(string_agg(r::text, '|' ORDER BY r.key_id)) FROM apikey.revocations r
 	UNION ALL SELECT 'quotas', md5(string_agg(q::text, '|' ORDER BY q.key_id)) FROM apikey.quotas q
 	UNION ALL SELECT 'usage_log', md5(string_agg(u::text, '|' ORDER BY u.key_id, u.bucket, u.code, u.client_addr)) FROM apikey.usage_log u
+	UNION ALL SELECT 'prefixes', md5(string_agg(p::text, '|' ORDER BY p.prefix COLLATE "C")) FROM apikey.prefixes p
+	UNION ALL SELECT 'exposures', md5(string_agg(e::text, '|' ORDER BY e.id)) || ' ' || count(*) FROM apikey.exposures e
 	UNION ALL SELECT 'counts', format('keys=%s key_scopes=%s scopes=%s revocations=%s quotas=%s usage_log=%s calls=%s',
 		(SELECT count(*) FROM apikey.keys), (SELECT count(*) FROM apikey.key_scopes),
 		(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.revocations),
@@ -102,6 +112,14 @@ ROLLBACK;});
 	}
 	return \%v;
 }
+
+# The audit chain before the dump: every row, hashes included.
+my $audit_sql = q{SELECT string_agg(a::text, E'\n' ORDER BY seq) FROM apikey.audit_log a};
+my $audit_before = $old->safe_psql('app', $audit_sql);
+my $audit_rows = $old->safe_psql('app', 'SELECT count(*) FROM apikey.audit_log');
+cmp_ok($audit_rows, '>=', 10, "the chain has $audit_rows rows before the dump");
+is($old->safe_psql('app', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'and verifies before the dump');
 
 my $tables_before = $old->safe_psql('app', $tables_sql);
 my $verdicts_before = verdicts($old, 'app');
@@ -135,6 +153,19 @@ is($tables_after, $tables_before, 'every apikey table holds exactly the same row
 is($new->safe_psql('restored', q{SELECT extversion FROM pg_extension WHERE extname = 'apikey'}),
 	$old->safe_psql('app', q{SELECT extversion FROM pg_extension WHERE extname = 'apikey'}),
 	'same extension version');
+
+# The chain: the same rows, hashes included, then the restore's own rows;
+# it verifies.
+is( $new->safe_psql('restored',
+		"SELECT string_agg(a::text, E'\\n' ORDER BY seq) FROM apikey.audit_log a WHERE seq <= $audit_rows"),
+	$audit_before, 'every audit row came back unchanged');
+is($new->safe_psql('restored', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'the restored chain verifies');
+# (keys first: the tables that reference it are restored after it)
+is( $new->safe_psql('restored',
+		"SELECT string_agg(action, ',' ORDER BY seq) FROM apikey.audit_log WHERE seq > $audit_rows"),
+	'keys.insert,exposures.insert,key_scopes.insert,prefixes.insert,quotas.insert,revocations.insert,scopes.insert',
+	'restoring the key tables appended one row per table');
 
 my $verdicts_after = verdicts($new, 'restored');
 for my $name (sort keys %tok)
@@ -170,6 +201,14 @@ my ($rot_id) = split /\|/,
   $new->safe_psql('restored',
 	"SELECT key_id || '|' || token FROM apikey.rotate($id{plain})");
 cmp_ok($rot_id, '>', $next_id, 'rotate() after restore also gets a fresh id');
+
+# Administrative calls after the restore go on chaining.
+$new->safe_psql('restored', "SELECT apikey.revoke($id{wildcard}, 'after the restore')");
+is( $new->safe_psql('restored',
+		q{SELECT action || ' ' || (details->>'reason') FROM apikey.audit_log ORDER BY seq DESC LIMIT 1}),
+	'revoke after the restore', 'a revoke after the restore appends its row');
+is($new->safe_psql('restored', 'SELECT count(*) FROM apikey.audit_verify()'), '0',
+	'and the chain still verifies');
 
 # Usage keeps accumulating on the restored rows.
 $new->safe_psql('restored', 'SELECT apikey.flush_usage()');
