@@ -62,72 +62,50 @@ COMMENT ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea)
 	IS 'Internal: start a new key''s rate-limit bucket where another key''s stands (rotate)';
 REVOKE ALL ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION apikey.rotate(key_id bigint, grace interval DEFAULT '1 day')
-RETURNS SETOF apikey.new_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The key that replaces from_key (rotate, reissue): a new token with the
+-- same owner, name, prefix, expiry, metadata, limits and scopes, linked by
+-- rotated_from, carrying on from the budget from_key drew on (its
+-- rate-limit bucket and remaining quota), so replacing a key never refills
+-- its allowance.  The callers decide what becomes of from_key.
+CREATE FUNCTION apikey._successor(from_key apikey.keys, OUT key_id bigint, OUT token text, OUT hint text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	v_old apikey.keys;
 	v_new record;
-	v_id bigint;
 BEGIN
-	IF rotate.key_id IS NULL THEN
-		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	IF from_key.id IS NULL THEN
+		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
 	END IF;
-	IF rotate.grace IS NULL OR rotate.grace OPERATOR(pg_catalog.<) '0'::interval THEN
-		RAISE EXCEPTION 'grace must be a non-negative interval'
-			USING ERRCODE = '22023';
-	END IF;
-	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) rotate.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', rotate.key_id
-			USING ERRCODE = '42704';
-	END IF;
-	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id) THEN
-		RAISE EXCEPTION 'key % is revoked and cannot be rotated', v_old.id
-			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
-	END IF;
-	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
-		RAISE EXCEPTION 'key % has expired and cannot be rotated', v_old.id
-			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
-	END IF;
-
-	v_new := apikey._new_token(v_old.prefix);
+	v_new := apikey._new_token(from_key.prefix);
 	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
 							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
-			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
-	RETURNING apikey.keys.id INTO v_id;
+	VALUES (from_key.owner, from_key.name, from_key.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			from_key.expires_at, from_key.metadata, from_key.id, from_key.rate_limit, from_key.rate_window,
+			from_key.quota, from_key.quota_refill, from_key.allowed_cidrs)
+	RETURNING apikey.keys.id INTO _successor.key_id;
 
 	INSERT INTO apikey.key_scopes (key_id, scope)
-	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
+	SELECT _successor.key_id, ks.scope FROM apikey.key_scopes ks
+	 WHERE ks.key_id OPERATOR(pg_catalog.=) from_key.id;
 
-	-- the rate-limit bucket and the quota move to the new key; the old one
-	-- draws on them from now on
-	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
+	PERFORM apikey._rate_state_copy(b.id, b.hash, _successor.key_id, v_new.hash)
 	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	IF v_old.quota IS NOT NULL THEN
+	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+	IF from_key.quota IS NOT NULL THEN
 		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
-		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
+		SELECT _successor.key_id, q.remaining, q.refilled_at FROM apikey.quotas q
+		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
 	END IF;
-	DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id;
-
-	-- the old key (and keys still in grace from earlier rotations of it)
-	-- share the new key's budget, and the old one expires after grace
-	UPDATE apikey.keys k
-	   SET budget_key_id = v_id,
-		   expires_at = CASE WHEN k.id OPERATOR(pg_catalog.=) v_old.id
-							 THEN LEAST(COALESCE(k.expires_at, 'infinity'),
-										pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
-							 ELSE k.expires_at END
-	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id OR k.budget_key_id OPERATOR(pg_catalog.=) v_old.id;
-
-	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+	token := v_new.token;
+	hint := v_new.hint;
 END
 $$;
+COMMENT ON FUNCTION apikey._successor(apikey.keys)
+	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget';
+REVOKE ALL ON FUNCTION apikey._successor(apikey.keys) FROM PUBLIC;
+
+-- rotate() itself (the old key draws on the new key's budget until its
+-- grace ends) is defined once, with its audit row: see "Audit trail" below.
 COMMENT ON FUNCTION apikey.rotate(bigint, interval)
 	IS 'Replace a key with a new one that has the same owner, scopes and settings; the old key expires after grace and, until then, shares the new key''s rate limit and quota';
 
@@ -781,27 +759,10 @@ BEGIN
 			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
 	END IF;
 
-	v_new := apikey._new_token(v_old.prefix);
-	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
-			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
-	RETURNING apikey.keys.id INTO v_id;
-
-	INSERT INTO apikey.key_scopes (key_id, scope)
-	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
-
 	-- the rate-limit bucket and the quota move to the new key; the old one
 	-- draws on them from now on
-	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
-	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	IF v_old.quota IS NOT NULL THEN
-		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
-		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	END IF;
+	v_new := apikey._successor(v_old);
+	v_id := v_new.key_id;
 	DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id;
 
 	-- the old key (and keys still in grace from earlier rotations of it)
@@ -2026,25 +1987,9 @@ BEGIN
 			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
 	END IF;
 
-	v_new := apikey._new_token(v_old.prefix);
-	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
-			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
-	RETURNING apikey.keys.id INTO v_id;
-	INSERT INTO apikey.key_scopes (key_id, scope)
-	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
-
 	-- the new key starts from the old budget (reissuing never refills it)
-	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
-	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	IF v_old.quota IS NOT NULL THEN
-		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
-		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	END IF;
+	v_new := apikey._successor(v_old);
+	v_id := v_new.key_id;
 
 	-- no grace: the old key is revoked in the same transaction
 	v_revoked := apikey._revoke(v_old.id, 'reissued as key ' OPERATOR(pg_catalog.||) v_id);

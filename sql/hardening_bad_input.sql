@@ -357,6 +357,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_response_key', 'NULL', $$SELECT (apikey._response_key(NULL, NULL, NULL, NULL)).id::text$$),
 ('_lock_key', 'NULL', $$SELECT (apikey._lock_key(NULL)).id::text$$),
 ('_lock_key', 'no such key', $$SELECT (apikey._lock_key(-1)).id::text$$),
+('_successor', 'NULL', $$SELECT (apikey._successor(NULL)).key_id::text$$),
 ('throttle', 'NULL', $$SELECT apikey.throttle(NULL, NULL, NULL)::text$$),
 ('throttle', 'no such key', $$SELECT apikey.throttle(-1, 1, '1 hour')::text$$),
 ('throttle', 'rate 0', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 0, '1 hour')::text$$),
