@@ -562,29 +562,39 @@ COMMENT ON FUNCTION apikey._audit_dml()
 	IS 'Internal: statement trigger recording direct DML on a key table in apikey.audit_log';
 REVOKE ALL ON FUNCTION apikey._audit_dml() FROM PUBLIC;
 
-DO $$
+-- Give a table of the extension the four statement triggers above (no
+-- UPDATE trigger where updates are not audited), enabled always.
+CREATE FUNCTION apikey._audit_dml_attach(table_name name, audit_updates boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
-	t text;
+	op text;
 BEGIN
-	FOREACH t IN ARRAY ARRAY['keys', 'key_scopes', 'revocations', 'scopes', 'quotas'] LOOP
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
-		IF t OPERATOR(pg_catalog.<>) 'quotas' THEN
-			EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-									  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
-									  t || '_audit_update', t);
-			EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
-		END IF;
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
+	IF table_name IS NULL OR audit_updates IS NULL THEN
+		RAISE EXCEPTION 'table_name and audit_updates must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+		CONTINUE WHEN op OPERATOR(pg_catalog.=) 'update' AND NOT audit_updates;
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER %s ON apikey.%I %s FOR EACH STATEMENT '
+								  'EXECUTE FUNCTION apikey._audit_dml()',
+								  table_name OPERATOR(pg_catalog.||) '_audit_' OPERATOR(pg_catalog.||) op,
+								  pg_catalog.upper(op), table_name,
+								  CASE op WHEN 'insert' THEN 'REFERENCING NEW TABLE AS new_rows'
+										  WHEN 'update' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+										  WHEN 'delete' THEN 'REFERENCING OLD TABLE AS old_rows'
+										  ELSE '' END);
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', table_name,
+								  table_name OPERATOR(pg_catalog.||) '_audit_' OPERATOR(pg_catalog.||) op);
 	END LOOP;
 END
 $$;
+COMMENT ON FUNCTION apikey._audit_dml_attach(name, boolean)
+	IS 'Internal: create the audit trail''s statement triggers on a table of the extension (upgrade scripts)';
+REVOKE ALL ON FUNCTION apikey._audit_dml_attach(name, boolean) FROM PUBLIC;
+
+SELECT apikey._audit_dml_attach(t, t OPERATOR(pg_catalog.<>) 'quotas')
+  FROM pg_catalog.unnest('{keys,key_scopes,revocations,scopes,quotas}'::pg_catalog.name[]) t;
 
 -- The administrative functions, each now writing its audit row.  Their
 -- behaviour is otherwise unchanged.
@@ -1022,27 +1032,8 @@ REVOKE ALL ON apikey.exposures FROM PUBLIC;
 REVOKE ALL ON SEQUENCE apikey.exposures_id_seq FROM PUBLIC;
 
 -- Direct DML on the two new tables is audited like the key tables'.
-DO $$
-DECLARE
-	t text;
-BEGIN
-	FOREACH t IN ARRAY ARRAY['prefixes', 'exposures'] LOOP
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
-								  t || '_audit_update', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
-	END LOOP;
-END
-$$;
+SELECT apikey._audit_dml_attach('prefixes');
+SELECT apikey._audit_dml_attach('exposures');
 
 -- The hash of a text that is exactly one well-formed token, else NULL.
 CREATE FUNCTION apikey._token_hash_or_null(token text) RETURNS bytea
@@ -1480,10 +1471,18 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION apikey._tokens_redacted()
 	IS 'Internal: token-shaped spans the log redactor hid since the server started (behind apikey.stats.tokens_redacted)';
 REVOKE ALL ON FUNCTION apikey._tokens_redacted() FROM PUBLIC;
-DO $$
+
+-- Let every role that may execute apikey._stats() execute fn too.
+CREATE FUNCTION apikey._grant_like_stats(fn pg_catalog.regprocedure)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
 	grantee text;
 BEGIN
+	IF fn IS NULL THEN
+		RAISE EXCEPTION 'fn must not be NULL' USING ERRCODE = '22004';
+	END IF;
 	FOR grantee IN
 		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
 					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
@@ -1492,10 +1491,14 @@ BEGIN
 		   AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
 		   AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
 	LOOP
-		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION apikey._tokens_redacted() TO %s', grantee);
+		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, grantee);
 	END LOOP;
 END
 $$;
+COMMENT ON FUNCTION apikey._grant_like_stats(pg_catalog.regprocedure)
+	IS 'Internal: grant EXECUTE on a function behind a new apikey.stats column to the roles that may execute apikey._stats() (upgrade scripts)';
+REVOKE ALL ON FUNCTION apikey._grant_like_stats(pg_catalog.regprocedure) FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._tokens_redacted()');
 
 CREATE OR REPLACE VIEW apikey.stats AS
 SELECT s.*, apikey._tokens_redacted() AS tokens_redacted FROM apikey._stats() s;
@@ -1688,27 +1691,8 @@ COMMENT ON FUNCTION apikey._key_changed()
 	IS 'Internal: row trigger recording which keys the transaction changed (keys, key_scopes, revocations, suspensions, quarantines); issued keys are not changes';
 
 -- The audit trail: direct DML on them is recorded like the key tables'.
-DO $$
-DECLARE
-	t text;
-BEGIN
-	FOREACH t IN ARRAY ARRAY['suspensions', 'quarantines'] LOOP
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
-								  t || '_audit_update', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
-	END LOOP;
-END
-$$;
+SELECT apikey._audit_dml_attach('suspensions');
+SELECT apikey._audit_dml_attach('quarantines');
 
 -- The key a response acts on: the audit lock first (every administrative
 -- function queues there before any other lock), then the key's row,
@@ -1736,8 +1720,28 @@ COMMENT ON FUNCTION apikey._lock_key(bigint)
 	IS 'Internal: take the audit lock, then lock and return the key''s row (42704 if there is none)';
 REVOKE ALL ON FUNCTION apikey._lock_key(bigint) FROM PUBLIC;
 
--- Arguments suspend() and quarantine() check the same way: the key exists,
--- the reason is given, for_ is positive.
+-- The arguments every timed response checks the same way: the reason is
+-- given, for_ is positive or NULL.  what: "the key is suspended", ...
+CREATE FUNCTION apikey._check_response(reason text, for_ interval, what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF _check_response.reason IS NULL OR _check_response.reason OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
+		RAISE EXCEPTION 'reason must not be empty'
+			USING ERRCODE = '22004', HINT = pg_catalog.format('Say why %s, e.g. ''credential stuffing from 203.0.113.7''.', _check_response.what);
+	END IF;
+	IF _check_response.for_ IS NOT NULL AND _check_response.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'for_ must be a positive interval, got %', _check_response.for_
+			USING ERRCODE = '22023', HINT = 'Pass NULL for a response that lasts until it is lifted.';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION apikey._check_response(text, interval, text)
+	IS 'Internal: check a response''s reason and duration (suspend, quarantine, suspend_owner)';
+REVOKE ALL ON FUNCTION apikey._check_response(text, interval, text) FROM PUBLIC;
+
+-- suspend() and quarantine(): their arguments checked, then the key locked.
 CREATE FUNCTION apikey._response_key(key_id bigint, reason text, for_ interval, what text)
 RETURNS apikey.keys
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -1746,14 +1750,7 @@ BEGIN
 	IF _response_key.key_id IS NULL THEN
 		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
 	END IF;
-	IF _response_key.reason IS NULL OR _response_key.reason OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
-		RAISE EXCEPTION 'reason must not be empty'
-			USING ERRCODE = '22004', HINT = pg_catalog.format('Say why the key is %s, e.g. ''credential stuffing from 203.0.113.7''.', _response_key.what);
-	END IF;
-	IF _response_key.for_ IS NOT NULL AND _response_key.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
-		RAISE EXCEPTION 'for_ must be a positive interval, got %', _response_key.for_
-			USING ERRCODE = '22023', HINT = pg_catalog.format('Pass NULL to keep the key %s until lifted.', _response_key.what);
-	END IF;
+	PERFORM apikey._check_response(_response_key.reason, _response_key.for_, _response_key.what);
 	RETURN apikey._lock_key(_response_key.key_id);
 END
 $$;
@@ -1772,7 +1769,7 @@ DECLARE
 	v_until timestamptz;
 	v_was boolean;
 BEGIN
-	v_key := apikey._response_key(suspend.key_id, suspend.reason, suspend.for_, 'suspended');
+	v_key := apikey._response_key(suspend.key_id, suspend.reason, suspend.for_, 'the key is suspended');
 	SELECT * INTO v_old FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id;
 	v_was := v_old.key_id IS NOT NULL AND (v_old.until IS NULL OR v_old.until OPERATOR(pg_catalog.>) pg_catalog.now());
 	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) suspend.for_;
@@ -1833,14 +1830,7 @@ BEGIN
 	IF suspend_owner.owner IS NULL OR suspend_owner.owner OPERATOR(pg_catalog.=) '' THEN
 		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
 	END IF;
-	IF suspend_owner.reason IS NULL OR suspend_owner.reason OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
-		RAISE EXCEPTION 'reason must not be empty'
-			USING ERRCODE = '22004', HINT = 'Say why the owner''s keys are suspended.';
-	END IF;
-	IF suspend_owner.for_ IS NOT NULL AND suspend_owner.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
-		RAISE EXCEPTION 'for_ must be a positive interval, got %', suspend_owner.for_
-			USING ERRCODE = '22023', HINT = 'Pass NULL to keep the keys suspended until resumed.';
-	END IF;
+	PERFORM apikey._check_response(suspend_owner.reason, suspend_owner.for_, 'the owner''s keys are suspended');
 	PERFORM apikey._audit_lock();
 	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) suspend_owner.for_;
 	WITH suspended AS (
@@ -1908,7 +1898,7 @@ DECLARE
 	v_until timestamptz;
 	v_was boolean;
 BEGIN
-	v_key := apikey._response_key(quarantine.key_id, quarantine.reason, quarantine.for_, 'quarantined');
+	v_key := apikey._response_key(quarantine.key_id, quarantine.reason, quarantine.for_, 'the key is quarantined');
 	IF quarantine.allowed_scopes IS NULL THEN
 		RAISE EXCEPTION 'allowed_scopes must not be NULL'
 			USING ERRCODE = '22004', HINT = 'Use apikey.suspend() to stop every scope.';
@@ -2038,22 +2028,7 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION apikey._failure_networks_untracked()
 	IS 'Internal: failures from client networks the failure limiter had no room to track, since the server started (behind apikey.stats.failure_networks_untracked)';
 REVOKE ALL ON FUNCTION apikey._failure_networks_untracked() FROM PUBLIC;
-DO $$
-DECLARE
-	grantee text;
-BEGIN
-	FOR grantee IN
-		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
-					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
-		  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
-		 WHERE p.oid OPERATOR(pg_catalog.=) 'apikey._stats()'::pg_catalog.regprocedure
-		   AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
-		   AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
-	LOOP
-		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION apikey._failure_networks_untracked() TO %s', grantee);
-	END LOOP;
-END
-$$;
+SELECT apikey._grant_like_stats('apikey._failure_networks_untracked()');
 
 CREATE OR REPLACE VIEW apikey.stats AS
 SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,

@@ -210,6 +210,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_stats', 'no arguments', $$SELECT (apikey._stats()).shared_memory$$),
 ('_tokens_redacted', 'no arguments', $$SELECT apikey._tokens_redacted() >= 0$$),
 ('_failure_networks_untracked', 'no arguments', $$SELECT apikey._failure_networks_untracked() >= 0$$),
+('_grant_like_stats', 'NULL', $$SELECT apikey._grant_like_stats(NULL)::text$$),
+('_grant_like_stats', 'no such function', $$SELECT apikey._grant_like_stats('apikey.no_such()')::text$$),
 ('_live_usage', 'no arguments', $$SELECT count(*) FROM apikey._live_usage()$$),
 -- internal helpers
 ('_new_token', 'NULL', $$SELECT apikey._new_token(NULL)$$),
@@ -275,6 +277,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_audit_chain', 'called directly', $$SELECT apikey._audit_chain()::text$$),
 ('_audit_guard', 'called directly', $$SELECT apikey._audit_guard()::text$$),
 ('_audit_dml', 'called directly', $$SELECT apikey._audit_dml()::text$$),
+('_audit_dml_attach', 'NULL', $$SELECT apikey._audit_dml_attach(NULL)::text$$),
+('_audit_dml_attach', 'no such table', $$SELECT apikey._audit_dml_attach('no_such_table')::text$$),
 ('_revoke', 'NULL', $$SELECT apikey._revoke(NULL, NULL)::text$$),
 ('_revoke', 'no such key', $$SELECT apikey._revoke(-1, NULL)::text$$),
 -- leak response
@@ -357,6 +361,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_response_key', 'NULL', $$SELECT (apikey._response_key(NULL, NULL, NULL, NULL)).id::text$$),
 ('_lock_key', 'NULL', $$SELECT (apikey._lock_key(NULL)).id::text$$),
 ('_lock_key', 'no such key', $$SELECT (apikey._lock_key(-1)).id::text$$),
+('_check_response', 'NULL', $$SELECT apikey._check_response(NULL, NULL, NULL)::text$$),
+('_check_response', 'for_ negative', $$SELECT apikey._check_response('r', '-1 day', 'x')::text$$),
 ('_successor', 'NULL', $$SELECT (apikey._successor(NULL)).key_id::text$$),
 ('throttle', 'NULL', $$SELECT apikey.throttle(NULL, NULL, NULL)::text$$),
 ('throttle', 'no such key', $$SELECT apikey.throttle(-1, 1, '1 hour')::text$$),
