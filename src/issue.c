@@ -164,8 +164,8 @@ check_owner(text *owner, Oid collation, int elem)
 }
 
 /* An address allowlist is NULL (anywhere) or a non-empty list without NULLs. */
-static void
-check_cidrs(ArrayType *cidrs)
+void
+apikey_cidrs_check(ArrayType *cidrs)
 {
 	if (cidrs == NULL)
 		return;
@@ -189,9 +189,9 @@ check_cidrs(ArrayType *cidrs)
  * Rate limit and quota settings.  NULL pointers are SQL NULLs; a NULL
  * window is refused (it has a default).
  */
-static void
-check_limits(const int32 *rate_limit, Interval *rate_window,
-			 const int64 *quota, Interval *quota_refill)
+void
+apikey_limits_check(const int32 *rate_limit, Interval *rate_window,
+					const int64 *quota, Interval *quota_refill)
 {
 	if (rate_limit != NULL && *rate_limit <= 0)
 		ereport(ERROR,
@@ -253,8 +253,8 @@ scope_in_catalog(const char *name, int len, bool prefix)
  * returns them in order without duplicates (an empty array for NULL).
  * "*" grants everything; "prefix:*" needs a scope under that prefix.
  */
-static ArrayType *
-check_scopes(ArrayType *scopes)
+ArrayType *
+apikey_scopes_checked(ArrayType *scopes)
 {
 	Datum	   *elems;
 	bool	   *enulls;
@@ -363,12 +363,12 @@ check_settings(FunctionCallInfo fcinfo, IssueSettings *s)
 
 	/* allowed_cidrs, then limits */
 	cidrs = PG_ARGISNULL(10) ? NULL : PG_GETARG_ARRAYTYPE_P(10);
-	check_cidrs(cidrs);
+	apikey_cidrs_check(cidrs);
 	rate_limit = PG_ARGISNULL(6) ? 0 : PG_GETARG_INT32(6);
 	rate_window = PG_ARGISNULL(7) ? NULL : PG_GETARG_INTERVAL_P(7);
 	quota = PG_ARGISNULL(8) ? 0 : PG_GETARG_INT64(8);
 	quota_refill = PG_ARGISNULL(9) ? NULL : PG_GETARG_INTERVAL_P(9);
-	check_limits(PG_ARGISNULL(6) ? NULL : &rate_limit, rate_window,
+	apikey_limits_check(PG_ARGISNULL(6) ? NULL : &rate_limit, rate_window,
 				 PG_ARGISNULL(8) ? NULL : &quota, quota_refill);
 	s->values[KP_ALLOWED_CIDRS] = PointerGetDatum(cidrs);
 	s->nulls[KP_ALLOWED_CIDRS] = cidrs ? ' ' : 'n';
@@ -383,7 +383,7 @@ check_settings(FunctionCallInfo fcinfo, IssueSettings *s)
 	s->nulls[KP_QUOTA_REFILL] = quota_refill ? ' ' : 'n';
 
 	/* scopes */
-	s->scopes = check_scopes(PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1));
+	s->scopes = apikey_scopes_checked(PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1));
 	if (ArrayGetNItems(ARR_NDIM(s->scopes), ARR_DIMS(s->scopes)) == 0)
 		s->scopes = NULL;
 
@@ -722,9 +722,8 @@ return_keys(FunctionCallInfo fcinfo, NewKey *keys, int n)
  *				rate_window interval, quota bigint, quota_refill interval,
  *				allowed_cidrs cidr[]) RETURNS SETOF apikey.new_key
  */
-PG_FUNCTION_INFO_V1(apikey_issue);
-Datum
-apikey_issue(PG_FUNCTION_ARGS)
+void
+apikey_issue_one(FunctionCallInfo fcinfo)
 {
 	IssueSettings s;
 	NewKey		key;
@@ -737,7 +736,6 @@ apikey_issue(PG_FUNCTION_ARGS)
 	write_keys(&s, &owner, &key, 1, false);
 	return_keys(fcinfo, &key, 1);
 	explicit_bzero(&key, sizeof(key));
-	return (Datum) 0;
 }
 
 /*
@@ -745,9 +743,8 @@ apikey_issue(PG_FUNCTION_ARGS)
  * apikey.new_key: one key per element of owners, in order, all with the
  * same settings.  The owners are checked first, then the settings once.
  */
-PG_FUNCTION_INFO_V1(apikey_issue_many);
-Datum
-apikey_issue_many(PG_FUNCTION_ARGS)
+void
+apikey_issue_batch(FunctionCallInfo fcinfo)
 {
 	ArrayType  *arr;
 	Datum	   *owners;
@@ -801,43 +798,4 @@ apikey_issue_many(PG_FUNCTION_ARGS)
 	return_keys(fcinfo, keys, n);
 	explicit_bzero(keys, sizeof(NewKey) * n);
 	pfree(keys);
-	return (Datum) 0;
-}
-
-/*
- * apikey._check_scopes(scopes text[]) RETURNS text[]: the checked grants
- * without duplicates (set_limits and earlier callers).
- */
-PG_FUNCTION_INFO_V1(apikey_check_scopes);
-Datum
-apikey_check_scopes(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_ARRAYTYPE_P(check_scopes(PG_ARGISNULL(0) ? NULL : PG_GETARG_ARRAYTYPE_P(0)));
-}
-
-/*
- * apikey._check_limits(rate_limit integer, rate_window interval,
- *						quota bigint, quota_refill interval) RETURNS void
- */
-PG_FUNCTION_INFO_V1(apikey_check_limits);
-Datum
-apikey_check_limits(PG_FUNCTION_ARGS)
-{
-	int32		rate_limit = PG_ARGISNULL(0) ? 0 : PG_GETARG_INT32(0);
-	int64		quota = PG_ARGISNULL(2) ? 0 : PG_GETARG_INT64(2);
-
-	check_limits(PG_ARGISNULL(0) ? NULL : &rate_limit,
-				 PG_ARGISNULL(1) ? NULL : PG_GETARG_INTERVAL_P(1),
-				 PG_ARGISNULL(2) ? NULL : &quota,
-				 PG_ARGISNULL(3) ? NULL : PG_GETARG_INTERVAL_P(3));
-	PG_RETURN_VOID();
-}
-
-/* apikey._check_cidrs(allowed_cidrs cidr[]) RETURNS void */
-PG_FUNCTION_INFO_V1(apikey_check_cidrs);
-Datum
-apikey_check_cidrs(PG_FUNCTION_ARGS)
-{
-	check_cidrs(PG_ARGISNULL(0) ? NULL : PG_GETARG_ARRAYTYPE_P(0));
-	PG_RETURN_VOID();
 }
