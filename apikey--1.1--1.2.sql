@@ -1651,3 +1651,14 @@ SET apikey.audit_context = 'issue_many';
 COMMENT ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])
 	IS 'Issue one key per element of owners (at most 10000), all with the same settings; the tokens are shown once and never stored';
 REVOKE ALL ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[]) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- The table states every bound the functions check (issue 10): a refill
+-- without a quota was refused by issue()/set_limits() but accepted by a
+-- direct write.  Such a refill never did anything (no quota, nothing to
+-- refill), so existing ones are cleared before the constraint is added.
+-------------------------------------------------------------------------------
+UPDATE apikey.keys SET quota_refill = NULL
+ WHERE quota IS NULL AND quota_refill IS NOT NULL;
+ALTER TABLE apikey.keys ADD CONSTRAINT keys_quota_refill_needs_quota
+	CHECK (quota_refill IS NULL OR quota IS NOT NULL);
