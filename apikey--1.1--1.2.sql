@@ -62,72 +62,8 @@ COMMENT ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea)
 	IS 'Internal: start a new key''s rate-limit bucket where another key''s stands (rotate)';
 REVOKE ALL ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION apikey.rotate(key_id bigint, grace interval DEFAULT '1 day')
-RETURNS SETOF apikey.new_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	v_old apikey.keys;
-	v_new record;
-	v_id bigint;
-BEGIN
-	IF rotate.key_id IS NULL THEN
-		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
-	END IF;
-	IF rotate.grace IS NULL OR rotate.grace OPERATOR(pg_catalog.<) '0'::interval THEN
-		RAISE EXCEPTION 'grace must be a non-negative interval'
-			USING ERRCODE = '22023';
-	END IF;
-	SELECT * INTO v_old FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) rotate.key_id FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'key % does not exist', rotate.key_id
-			USING ERRCODE = '42704';
-	END IF;
-	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id) THEN
-		RAISE EXCEPTION 'key % is revoked and cannot be rotated', v_old.id
-			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
-	END IF;
-	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
-		RAISE EXCEPTION 'key % has expired and cannot be rotated', v_old.id
-			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
-	END IF;
-
-	v_new := apikey._new_token(v_old.prefix);
-	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
-			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
-	RETURNING apikey.keys.id INTO v_id;
-
-	INSERT INTO apikey.key_scopes (key_id, scope)
-	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
-
-	-- the rate-limit bucket and the quota move to the new key; the old one
-	-- draws on them from now on
-	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
-	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	IF v_old.quota IS NOT NULL THEN
-		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
-		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	END IF;
-	DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id;
-
-	-- the old key (and keys still in grace from earlier rotations of it)
-	-- share the new key's budget, and the old one expires after grace
-	UPDATE apikey.keys k
-	   SET budget_key_id = v_id,
-		   expires_at = CASE WHEN k.id OPERATOR(pg_catalog.=) v_old.id
-							 THEN LEAST(COALESCE(k.expires_at, 'infinity'),
-										pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
-							 ELSE k.expires_at END
-	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id OR k.budget_key_id OPERATOR(pg_catalog.=) v_old.id;
-
-	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
-END
-$$;
+-- rotate() itself, which sets budget_key_id and copies the bucket and the
+-- quota row, is defined with its audit row in "Audit trail" below.
 COMMENT ON FUNCTION apikey.rotate(bigint, interval)
 	IS 'Replace a key with a new one that has the same owner, scopes and settings; the old key expires after grace and, until then, shares the new key''s rate limit and quota';
 
