@@ -608,8 +608,12 @@ insert_quotas(IssueSettings *s, NewKey *keys, int n)
  * The audit row of the call (issue 13), in the caller's transaction: issue()
  * writes one per key (target: the key and its owner), issue_many() one for
  * the batch, listing every key id, owner and hint.  The settings are those
- * checked, as issue()'s PL/pgSQL version recorded them.  apikey._audit()
- * writes only under the audit_context the function's SET clause gives it.
+ * checked, as issue()'s PL/pgSQL version recorded them.  The statements
+ * are apikey._audit() and _audit_lock() inlined: a call of an SQL function
+ * from a kept plan parses and plans its body again every time.  The chain
+ * trigger on apikey.audit_log fills in the rest (sequence, time, actor,
+ * hashes) and refuses the row outside the audit_context that the
+ * function's SET clause gives it.
  */
 static void
 audit_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
@@ -654,20 +658,23 @@ audit_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
 		values[1] = PointerGetDatum(construct_array(owners, n, TEXTOID, -1, false, TYPALIGN_INT));
 		values[4] = PointerGetDatum(construct_array(hints, n, TEXTOID, -1, false, TYPALIGN_INT));
 	}
+#define AUDIT_INSERT \
+	"INSERT INTO apikey.audit_log (action, target_key_id, target_owner, details) "
 #define AUDIT_SETTINGS \
 	"'name', $3, 'prefix', $4, 'scopes', $6, 'expires_at', $7, 'metadata', $8, " \
 	"'rate_limit', $9, 'rate_window', $10, 'quota', $11, 'quota_refill', $12, " \
 	"'allowed_cidrs', $13"
 	rc = SPI_execute_plan(apikey_prepare_kept(&plans[many], many ?
-											  "SELECT apikey._audit('issue_many', NULL, NULL, "
+											  AUDIT_INSERT "VALUES ('issue_many', NULL, NULL, "
 											  "pg_catalog.jsonb_build_object('key_ids', $1, 'owners', $2, "
 											  "'hints', $5, " AUDIT_SETTINGS "))" :
-											  "SELECT apikey._audit('issue', $1, $2, "
+											  AUDIT_INSERT "VALUES ('issue', $1, $2, "
 											  "pg_catalog.jsonb_build_object('hint', $5, " AUDIT_SETTINGS "))",
 											  13, argtypes),
 						  values, nulls, false, 0);
 #undef AUDIT_SETTINGS
-	if (rc != SPI_OK_SELECT)
+#undef AUDIT_INSERT
+	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "audit row insert failed: %s", SPI_result_code_string(rc));
 }
 
@@ -685,7 +692,8 @@ write_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_plan(apikey_prepare_kept(&audit_lock_plan, "SELECT apikey._audit_lock()", 0, NULL),
+	if (SPI_execute_plan(apikey_prepare_kept(&audit_lock_plan,
+											 "SELECT FROM apikey.audit_head FOR UPDATE", 0, NULL),
 						 NULL, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "audit lock failed");
 	insert_keys(s, owners, keys, n);
