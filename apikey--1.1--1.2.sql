@@ -104,8 +104,8 @@ COMMENT ON FUNCTION apikey._successor(apikey.keys)
 	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget';
 REVOKE ALL ON FUNCTION apikey._successor(apikey.keys) FROM PUBLIC;
 
--- rotate() itself (the old key draws on the new key's budget until its
--- grace ends) is defined once, with its audit row: see "Audit trail" below.
+-- rotate() itself, which sets budget_key_id and copies the bucket and the
+-- quota row, is defined with its audit row in "Audit trail" below.
 COMMENT ON FUNCTION apikey.rotate(bigint, interval)
 	IS 'Replace a key with a new one that has the same owner, scopes and settings; the old key expires after grace and, until then, shares the new key''s rate limit and quota';
 
@@ -1615,6 +1615,17 @@ SET apikey.audit_context = 'issue_many';
 COMMENT ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])
 	IS 'Issue one key per element of owners (at most 10000), all with the same settings; the tokens are shown once and never stored';
 REVOKE ALL ON FUNCTION apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[]) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- The table states every bound the functions check (issue 10): a refill
+-- without a quota was refused by issue()/set_limits() but accepted by a
+-- direct write.  Such a refill never did anything (no quota, nothing to
+-- refill), so existing ones are cleared before the constraint is added.
+-------------------------------------------------------------------------------
+UPDATE apikey.keys SET quota_refill = NULL
+ WHERE quota IS NULL AND quota_refill IS NOT NULL;
+ALTER TABLE apikey.keys ADD CONSTRAINT keys_quota_refill_needs_quota
+	CHECK (quota_refill IS NULL OR quota IS NOT NULL);
 
 -------------------------------------------------------------------------------
 -- Reversible responses (issue 12): suspend and resume a key or an owner,

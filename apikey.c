@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * apikey.c
- *	  The front door of the apikey extension: module magic, _PG_init, the
- *	  GUCs, and every SQL-callable function.  The work is done by the
- *	  modules under src/ (see src/apikey.h for the map).
+ *	  The front door of the apikey extension: module magic, _PG_init (a
+ *	  table of contents), and every SQL-callable function.  The work is
+ *	  done by the modules under src/ (see src/apikey.h for the map); each
+ *	  defines its own settings.
  *
  * Without shared_preload_libraries the extension still works: keys are
  * issued, verified, cached and bound to transactions as usual, usage is
@@ -477,6 +478,25 @@ apikey_invalidate(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._key_changed(): AFTER row trigger on keys, key_scopes and
+ * revocations; records which keys the transaction changed (invalidation.c).
+ */
+PG_FUNCTION_INFO_V1(apikey_key_changed);
+Datum
+apikey_key_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_AFTER(td->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("apikey._key_changed() must be called as an AFTER ... FOR EACH ROW trigger")));
+	apikey_inval_key_changed(td);
+	return PointerGetDatum(NULL);
+}
+
+/*
  * apikey._live_usage(): this database's counters not yet in usage_log.
  */
 PG_FUNCTION_INFO_V1(apikey_live_usage);
@@ -631,4 +651,119 @@ apikey_flush_usage(PG_FUNCTION_ARGS)
 		}
 	}
 	PG_RETURN_INT32(rows);
+}
+
+/*
+ * apikey.issue(owner text, scopes text[], name text, expires_at timestamptz,
+ *				prefix text, metadata jsonb, rate_limit integer,
+ *				rate_window interval, quota bigint, quota_refill interval,
+ *				allowed_cidrs cidr[]) RETURNS SETOF apikey.new_key (issue.c)
+ */
+PG_FUNCTION_INFO_V1(apikey_issue);
+Datum
+apikey_issue(PG_FUNCTION_ARGS)
+{
+	apikey_issue_one(fcinfo);
+	return (Datum) 0;
+}
+
+/*
+ * apikey.issue_many(owners text[], ...the rest as issue()...) RETURNS SETOF
+ * apikey.new_key: one key per owner, in order, all with the same settings.
+ */
+PG_FUNCTION_INFO_V1(apikey_issue_many);
+Datum
+apikey_issue_many(PG_FUNCTION_ARGS)
+{
+	apikey_issue_batch(fcinfo);
+	return (Datum) 0;
+}
+
+/*
+ * apikey._check_scopes(scopes text[]) RETURNS text[]: the checked grants
+ * without duplicates (set_limits and earlier callers).
+ */
+PG_FUNCTION_INFO_V1(apikey_check_scopes);
+Datum
+apikey_check_scopes(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_ARRAYTYPE_P(apikey_scopes_checked(PG_ARGISNULL(0) ? NULL : PG_GETARG_ARRAYTYPE_P(0)));
+}
+
+/*
+ * apikey._check_limits(rate_limit integer, rate_window interval,
+ *						quota bigint, quota_refill interval) RETURNS void
+ */
+PG_FUNCTION_INFO_V1(apikey_check_limits);
+Datum
+apikey_check_limits(PG_FUNCTION_ARGS)
+{
+	int32		rate_limit = PG_ARGISNULL(0) ? 0 : PG_GETARG_INT32(0);
+	int64		quota = PG_ARGISNULL(2) ? 0 : PG_GETARG_INT64(2);
+
+	apikey_limits_check(PG_ARGISNULL(0) ? NULL : &rate_limit,
+						PG_ARGISNULL(1) ? NULL : PG_GETARG_INTERVAL_P(1),
+						PG_ARGISNULL(2) ? NULL : &quota,
+						PG_ARGISNULL(3) ? NULL : PG_GETARG_INTERVAL_P(3));
+	PG_RETURN_VOID();
+}
+
+/* apikey._check_cidrs(allowed_cidrs cidr[]) RETURNS void */
+PG_FUNCTION_INFO_V1(apikey_check_cidrs);
+Datum
+apikey_check_cidrs(PG_FUNCTION_ARGS)
+{
+	apikey_cidrs_check(PG_ARGISNULL(0) ? NULL : PG_GETARG_ARRAYTYPE_P(0));
+	PG_RETURN_VOID();
+}
+
+/*
+ * apikey._audit_hash(prev_hash bytea, seq bigint, at timestamptz,
+ * xact xid8, action text, actor_role name, session_role name,
+ * actor_key_id bigint, actor_claim text, client_addr inet,
+ * application_name text, target_key_id bigint, target_owner text,
+ * details jsonb) RETURNS bytea: an audit row's row_hash (audit.c).
+ */
+PG_FUNCTION_INFO_V1(apikey_audit_hash);
+Datum
+apikey_audit_hash(PG_FUNCTION_ARGS)
+{
+	Assert(PG_NARGS() == APIKEY_AUDIT_FIELDS);
+	PG_RETURN_BYTEA_P(apikey_audit_row_hash(fcinfo->args));
+}
+
+/*
+ * apikey._audit_context() RETURNS text: the administrative function that
+ * is running, or NULL outside one.
+ */
+PG_FUNCTION_INFO_V1(apikey_audit_context);
+Datum
+apikey_audit_context(PG_FUNCTION_ARGS)
+{
+	const char *name = apikey_audit_context_name();
+
+	if (name == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(name));
+}
+
+/*
+ * apikey._scan_tokens(body text) RETURNS TABLE (pos int, len int,
+ * prefix text, hint text, hash bytea): every checksum-valid token in body
+ * (leak.c).
+ */
+PG_FUNCTION_INFO_V1(apikey_scan_tokens);
+Datum
+apikey_scan_tokens(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	text	   *body;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0))
+		return (Datum) 0;
+	body = PG_GETARG_TEXT_PP(0);
+	apikey_leak_scan(VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+					 rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
 }

@@ -122,5 +122,50 @@ SELECT id = :b1 AS is_b1, rate_limit, rate_window, quota, quota_refill, allowed_
   FROM apikey.keys WHERE id IN (:b1, :b2) ORDER BY id;
 SELECT key_id = :b1 AS is_b1, remaining FROM apikey.quotas WHERE key_id IN (:b1, :b2) ORDER BY key_id;
 
+-- The bounds are written twice, in the functions' checks (C: issue.c,
+-- for their messages) and in the table's CHECK constraints (for direct
+-- writes): both must accept and refuse the same values at every edge
+-- (the table refused a refill without a quota only from 1.2 on).
+-- The table's verdict comes from an UPDATE in a subtransaction that is
+-- always rolled back.
+CREATE FUNCTION limits_agree(rl int, rw interval, q bigint, qr interval, k bigint, OUT by_function text, OUT by_table text)
+LANGUAGE plpgsql AS $$
+BEGIN
+	by_function := CASE WHEN limits_bad_input_try(format('SELECT apikey._check_limits(%L, %L, %L, %L)', rl, rw, q, qr)) = 'ok'
+	                    THEN 'accepts' ELSE 'refuses' END;
+	BEGIN
+		UPDATE apikey.keys SET rate_limit = rl, rate_window = rw, quota = q, quota_refill = qr WHERE id = k;
+		by_table := 'accepts';
+		RAISE EXCEPTION USING ERRCODE = 'P0001', MESSAGE = 'undo';
+	EXCEPTION
+		WHEN raise_exception THEN NULL;
+		WHEN check_violation OR not_null_violation THEN by_table := 'refuses';
+	END;
+END
+$$;
+SELECT e.label, a.by_function, a.by_table, a.by_function = a.by_table AS agree
+  FROM (VALUES (1, 'rate_limit 0', 0, '1 minute'::interval, NULL::bigint, NULL::interval),
+               (2, 'rate_limit 1', 1, '1 minute', NULL, NULL),
+               (3, 'rate_window -1 day', NULL, '-1 day', NULL, NULL),
+               (4, 'rate_window 0', NULL, '0', NULL, NULL),
+               (5, 'rate_window 1 microsecond', NULL, '1 microsecond', NULL, NULL),
+               (6, 'rate_window 1 year', NULL, '1 year', NULL, NULL),
+               (7, 'rate_window 360 days', NULL, '360 days', NULL, NULL),
+               (8, 'rate_window 1 year 1 microsecond', NULL, '1 year 1 microsecond', NULL, NULL),
+               (9, 'rate_window 361 days', NULL, '361 days', NULL, NULL),
+               (10, 'rate_window 1 year -1 day', NULL, '1 year -1 day', NULL, NULL),
+               (11, 'quota -1', NULL, '1 minute', -1, NULL),
+               (12, 'quota 0', NULL, '1 minute', 0, NULL),
+               (13, 'quota_refill 0', NULL, '1 minute', 5, '0'),
+               (14, 'quota_refill 1 microsecond', NULL, '1 minute', 5, '1 microsecond'),
+               (15, 'quota_refill 10 years', NULL, '1 minute', 5, '10 years'),
+               (16, 'quota_refill 3600 days', NULL, '1 minute', 5, '3600 days'),
+               (17, 'quota_refill 10 years 1 microsecond', NULL, '1 minute', 5, '10 years 1 microsecond'),
+               (18, 'quota_refill 3601 days', NULL, '1 minute', 5, '3601 days'),
+               (19, 'quota_refill without a quota', NULL, '1 minute', NULL, '1 day')) AS e(n, label, rl, rw, q, qr),
+       LATERAL limits_agree(e.rl, e.rw, e.q, e.qr, :b1) a
+ ORDER BY e.n;
+DROP FUNCTION limits_agree(int, interval, bigint, interval, bigint);
+
 DROP FUNCTION limits_bad_input_try(text);
 DROP FUNCTION limits_bad_input_state();

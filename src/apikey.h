@@ -56,6 +56,8 @@
 #include "datatype/timestamp.h"
 #include "lib/ilist.h"
 #include "access/tupdesc.h"
+#include "fmgr.h"
+#include "utils/array.h"
 #include "utils/inet.h"
 #include "utils/tuplestore.h"
 
@@ -149,6 +151,7 @@ typedef struct ApikeyVerdict
 } ApikeyVerdict;
 
 struct LWLock;
+struct TriggerData;
 
 /* hash.c */
 extern void apikey_sha256(const char *data, size_t len, uint8 *out);
@@ -220,6 +223,7 @@ extern bool apikey_inval_bypass(void);
 extern bool apikey_inval_leaving_recovery(void);
 extern void apikey_inval_forget(void);
 extern bool apikey_inval_catch_up(void (*evict) (int64 *ids, int nids));
+extern void apikey_inval_key_changed(struct TriggerData *td);
 
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,
@@ -333,6 +337,21 @@ extern int	apikey_worker_request_flush(void);
 /* audit.c */
 extern void apikey_audit_init(void);
 extern void apikey_audit_mark_usage_write(void);
+#define APIKEY_AUDIT_FIELDS 14
+extern bytea *apikey_audit_row_hash(const NullableDatum *fields);
+extern const char *apikey_audit_context_name(void);
+
+/* leak.c */
+extern void apikey_leak_scan(const char *s, size_t len, Tuplestorestate *out,
+							 TupleDesc desc);
+
+/* issue.c */
+extern void apikey_issue_one(FunctionCallInfo fcinfo);
+extern void apikey_issue_batch(FunctionCallInfo fcinfo);
+extern ArrayType *apikey_scopes_checked(ArrayType *scopes);
+extern void apikey_limits_check(const int32 *rate_limit, Interval *rate_window,
+								const int64 *quota, Interval *quota_refill);
+extern void apikey_cidrs_check(ArrayType *cidrs);
 
 /* redact.c */
 extern void apikey_redact_init(void);

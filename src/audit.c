@@ -143,23 +143,23 @@ put_text(StringInfo buf, const char *s, int len)
 }
 
 /*
- * apikey._audit_hash(prev_hash bytea, seq bigint, at timestamptz,
- * xact xid8, action text, actor_role name, session_role name,
- * actor_key_id bigint, actor_claim text, client_addr inet,
+ * An audit row's row_hash from its APIKEY_AUDIT_FIELDS fields, in the
+ * order of apikey._audit_hash()'s arguments: prev_hash bytea, seq bigint,
+ * at timestamptz, xact xid8, action text, actor_role name, session_role
+ * name, actor_key_id bigint, actor_claim text, client_addr inet,
  * application_name text, target_key_id bigint, target_owner text,
- * details jsonb) RETURNS bytea: an audit row's row_hash.
+ * details jsonb.
  */
-PG_FUNCTION_INFO_V1(apikey_audit_hash);
-Datum
-apikey_audit_hash(PG_FUNCTION_ARGS)
+bytea *
+apikey_audit_row_hash(const NullableDatum *f)
 {
 	StringInfoData buf;
 	int			i;
 
 	initStringInfo(&buf);
-	for (i = 0; i < 14; i++)
+	for (i = 0; i < APIKEY_AUDIT_FIELDS; i++)
 	{
-		if (PG_ARGISNULL(i))
+		if (f[i].isnull)
 		{
 			put_field(&buf, NULL, -1);
 			continue;
@@ -168,7 +168,7 @@ apikey_audit_hash(PG_FUNCTION_ARGS)
 		{
 			case 0:				/* prev_hash */
 				{
-					bytea	   *b = PG_GETARG_BYTEA_PP(i);
+					bytea	   *b = DatumGetByteaPP(f[i].value);
 
 					put_field(&buf, VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
 					break;
@@ -176,18 +176,18 @@ apikey_audit_hash(PG_FUNCTION_ARGS)
 			case 1:				/* seq, actor_key_id, target_key_id */
 			case 7:
 			case 11:
-				put_uint64(&buf, (uint64) PG_GETARG_INT64(i));
+				put_uint64(&buf, (uint64) DatumGetInt64(f[i].value));
 				break;
 			case 2:				/* at */
-				put_uint64(&buf, (uint64) PG_GETARG_TIMESTAMPTZ(i));
+				put_uint64(&buf, (uint64) DatumGetTimestampTz(f[i].value));
 				break;
 			case 3:				/* xact */
-				put_uint64(&buf, U64FromFullTransactionId(PG_GETARG_FULLTRANSACTIONID(i)));
+				put_uint64(&buf, U64FromFullTransactionId(DatumGetFullTransactionId(f[i].value)));
 				break;
 			case 5:				/* actor_role, session_role */
 			case 6:
 				{
-					const char *n = NameStr(*PG_GETARG_NAME(i));
+					const char *n = NameStr(*DatumGetName(f[i].value));
 
 					put_text(&buf, n, strlen(n));
 					break;
@@ -195,14 +195,14 @@ apikey_audit_hash(PG_FUNCTION_ARGS)
 			case 9:				/* client_addr */
 				{
 					char	   *a = DatumGetCString(DirectFunctionCall1(inet_out,
-																		PG_GETARG_DATUM(i)));
+																		f[i].value));
 
 					put_text(&buf, a, strlen(a));
 					break;
 				}
 			case 13:			/* details */
 				{
-					Jsonb	   *jb = PG_GETARG_JSONB_P(i);
+					Jsonb	   *jb = DatumGetJsonbP(f[i].value);
 					char	   *j = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
 
 					put_text(&buf, j, strlen(j));
@@ -211,25 +211,21 @@ apikey_audit_hash(PG_FUNCTION_ARGS)
 			default:			/* action, actor_claim, application_name,
 								 * target_owner */
 				{
-					text	   *t = PG_GETARG_TEXT_PP(i);
+					text	   *t = DatumGetTextPP(f[i].value);
 
 					put_text(&buf, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 					break;
 				}
 		}
 	}
-	PG_RETURN_BYTEA_P(apikey_sha256_bytea(buf.data, buf.len));
+	return apikey_sha256_bytea(buf.data, buf.len);
 }
 
-/*
- * apikey._audit_context() RETURNS text: the administrative function that
- * is running, or NULL outside one.
- */
-PG_FUNCTION_INFO_V1(apikey_audit_context);
-Datum
-apikey_audit_context(PG_FUNCTION_ARGS)
+/* The administrative function that is running, or NULL outside one. */
+const char *
+apikey_audit_context_name(void)
 {
 	if (audit_context == NULL || audit_context[0] == '\0')
-		PG_RETURN_NULL();
-	PG_RETURN_TEXT_P(cstring_to_text(audit_context));
+		return NULL;
+	return audit_context;
 }

@@ -305,25 +305,18 @@ key_id_attnum(Relation rel, bool *is_keys)
 }
 
 /*
- * apikey._key_changed(): AFTER row trigger on keys, key_scopes and
- * revocations.  Records which keys the transaction changed; sends nothing
- * until the transaction commits.
+ * The row trigger apikey._key_changed() (AFTER, FOR EACH ROW, on keys,
+ * key_scopes and revocations): records which keys the transaction
+ * changed; sends nothing until the transaction commits.
  */
-PG_FUNCTION_INFO_V1(apikey_key_changed);
-Datum
-apikey_key_changed(PG_FUNCTION_ARGS)
+void
+apikey_inval_key_changed(TriggerData *td)
 {
-	TriggerData *td = (TriggerData *) fcinfo->context;
 	TupleDesc	desc;
 	AttrNumber	attnum;
 	bool		is_keys;
 	int64		key_id;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
-		!TRIGGER_FIRED_AFTER(td->tg_event))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("apikey._key_changed() must be called as an AFTER ... FOR EACH ROW trigger")));
 	if (!callback_registered)
 	{
 		RegisterXactCallback(inval_xact_callback, NULL);
@@ -352,7 +345,6 @@ apikey_key_changed(PG_FUNCTION_ARGS)
 			tuple_key_id(td->tg_newtuple, desc, attnum, &key_id))
 			note_changed(key_id, false);
 	}
-	return PointerGetDatum(NULL);
 }
 
 /*

@@ -164,8 +164,8 @@ check_owner(text *owner, Oid collation, int elem)
 }
 
 /* An address allowlist is NULL (anywhere) or a non-empty list without NULLs. */
-static void
-check_cidrs(ArrayType *cidrs)
+void
+apikey_cidrs_check(ArrayType *cidrs)
 {
 	if (cidrs == NULL)
 		return;
@@ -189,9 +189,9 @@ check_cidrs(ArrayType *cidrs)
  * Rate limit and quota settings.  NULL pointers are SQL NULLs; a NULL
  * window is refused (it has a default).
  */
-static void
-check_limits(const int32 *rate_limit, Interval *rate_window,
-			 const int64 *quota, Interval *quota_refill)
+void
+apikey_limits_check(const int32 *rate_limit, Interval *rate_window,
+					const int64 *quota, Interval *quota_refill)
 {
 	if (rate_limit != NULL && *rate_limit <= 0)
 		ereport(ERROR,
@@ -253,8 +253,8 @@ scope_in_catalog(const char *name, int len, bool prefix)
  * returns them in order without duplicates (an empty array for NULL).
  * "*" grants everything; "prefix:*" needs a scope under that prefix.
  */
-static ArrayType *
-check_scopes(ArrayType *scopes)
+ArrayType *
+apikey_scopes_checked(ArrayType *scopes)
 {
 	Datum	   *elems;
 	bool	   *enulls;
@@ -363,12 +363,12 @@ check_settings(FunctionCallInfo fcinfo, IssueSettings *s)
 
 	/* allowed_cidrs, then limits */
 	cidrs = PG_ARGISNULL(10) ? NULL : PG_GETARG_ARRAYTYPE_P(10);
-	check_cidrs(cidrs);
+	apikey_cidrs_check(cidrs);
 	rate_limit = PG_ARGISNULL(6) ? 0 : PG_GETARG_INT32(6);
 	rate_window = PG_ARGISNULL(7) ? NULL : PG_GETARG_INTERVAL_P(7);
 	quota = PG_ARGISNULL(8) ? 0 : PG_GETARG_INT64(8);
 	quota_refill = PG_ARGISNULL(9) ? NULL : PG_GETARG_INTERVAL_P(9);
-	check_limits(PG_ARGISNULL(6) ? NULL : &rate_limit, rate_window,
+	apikey_limits_check(PG_ARGISNULL(6) ? NULL : &rate_limit, rate_window,
 				 PG_ARGISNULL(8) ? NULL : &quota, quota_refill);
 	s->values[KP_ALLOWED_CIDRS] = PointerGetDatum(cidrs);
 	s->nulls[KP_ALLOWED_CIDRS] = cidrs ? ' ' : 'n';
@@ -383,7 +383,7 @@ check_settings(FunctionCallInfo fcinfo, IssueSettings *s)
 	s->nulls[KP_QUOTA_REFILL] = quota_refill ? ' ' : 'n';
 
 	/* scopes */
-	s->scopes = check_scopes(PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1));
+	s->scopes = apikey_scopes_checked(PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1));
 	if (ArrayGetNItems(ARR_NDIM(s->scopes), ARR_DIMS(s->scopes)) == 0)
 		s->scopes = NULL;
 
@@ -608,8 +608,12 @@ insert_quotas(IssueSettings *s, NewKey *keys, int n)
  * The audit row of the call (issue 13), in the caller's transaction: issue()
  * writes one per key (target: the key and its owner), issue_many() one for
  * the batch, listing every key id, owner and hint.  The settings are those
- * checked, as issue()'s PL/pgSQL version recorded them.  apikey._audit()
- * writes only under the audit_context the function's SET clause gives it.
+ * checked, as issue()'s PL/pgSQL version recorded them.  The statements
+ * are apikey._audit() and _audit_lock() inlined: a call of an SQL function
+ * from a kept plan parses and plans its body again every time.  The chain
+ * trigger on apikey.audit_log fills in the rest (sequence, time, actor,
+ * hashes) and refuses the row outside the audit_context that the
+ * function's SET clause gives it.
  */
 static void
 audit_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
@@ -654,20 +658,23 @@ audit_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
 		values[1] = PointerGetDatum(construct_array(owners, n, TEXTOID, -1, false, TYPALIGN_INT));
 		values[4] = PointerGetDatum(construct_array(hints, n, TEXTOID, -1, false, TYPALIGN_INT));
 	}
+#define AUDIT_INSERT \
+	"INSERT INTO apikey.audit_log (action, target_key_id, target_owner, details) "
 #define AUDIT_SETTINGS \
 	"'name', $3, 'prefix', $4, 'scopes', $6, 'expires_at', $7, 'metadata', $8, " \
 	"'rate_limit', $9, 'rate_window', $10, 'quota', $11, 'quota_refill', $12, " \
 	"'allowed_cidrs', $13"
 	rc = SPI_execute_plan(apikey_prepare_kept(&plans[many], many ?
-											  "SELECT apikey._audit('issue_many', NULL, NULL, "
+											  AUDIT_INSERT "VALUES ('issue_many', NULL, NULL, "
 											  "pg_catalog.jsonb_build_object('key_ids', $1, 'owners', $2, "
 											  "'hints', $5, " AUDIT_SETTINGS "))" :
-											  "SELECT apikey._audit('issue', $1, $2, "
+											  AUDIT_INSERT "VALUES ('issue', $1, $2, "
 											  "pg_catalog.jsonb_build_object('hint', $5, " AUDIT_SETTINGS "))",
 											  13, argtypes),
 						  values, nulls, false, 0);
 #undef AUDIT_SETTINGS
-	if (rc != SPI_OK_SELECT)
+#undef AUDIT_INSERT
+	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "audit row insert failed: %s", SPI_result_code_string(rc));
 }
 
@@ -685,7 +692,8 @@ write_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_plan(apikey_prepare_kept(&audit_lock_plan, "SELECT apikey._audit_lock()", 0, NULL),
+	if (SPI_execute_plan(apikey_prepare_kept(&audit_lock_plan,
+											 "SELECT FROM apikey.audit_head FOR UPDATE", 0, NULL),
 						 NULL, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "audit lock failed");
 	insert_keys(s, owners, keys, n);
@@ -722,9 +730,8 @@ return_keys(FunctionCallInfo fcinfo, NewKey *keys, int n)
  *				rate_window interval, quota bigint, quota_refill interval,
  *				allowed_cidrs cidr[]) RETURNS SETOF apikey.new_key
  */
-PG_FUNCTION_INFO_V1(apikey_issue);
-Datum
-apikey_issue(PG_FUNCTION_ARGS)
+void
+apikey_issue_one(FunctionCallInfo fcinfo)
 {
 	IssueSettings s;
 	NewKey		key;
@@ -737,7 +744,6 @@ apikey_issue(PG_FUNCTION_ARGS)
 	write_keys(&s, &owner, &key, 1, false);
 	return_keys(fcinfo, &key, 1);
 	explicit_bzero(&key, sizeof(key));
-	return (Datum) 0;
 }
 
 /*
@@ -745,9 +751,8 @@ apikey_issue(PG_FUNCTION_ARGS)
  * apikey.new_key: one key per element of owners, in order, all with the
  * same settings.  The owners are checked first, then the settings once.
  */
-PG_FUNCTION_INFO_V1(apikey_issue_many);
-Datum
-apikey_issue_many(PG_FUNCTION_ARGS)
+void
+apikey_issue_batch(FunctionCallInfo fcinfo)
 {
 	ArrayType  *arr;
 	Datum	   *owners;
@@ -801,43 +806,4 @@ apikey_issue_many(PG_FUNCTION_ARGS)
 	return_keys(fcinfo, keys, n);
 	explicit_bzero(keys, sizeof(NewKey) * n);
 	pfree(keys);
-	return (Datum) 0;
-}
-
-/*
- * apikey._check_scopes(scopes text[]) RETURNS text[]: the checked grants
- * without duplicates (set_limits and earlier callers).
- */
-PG_FUNCTION_INFO_V1(apikey_check_scopes);
-Datum
-apikey_check_scopes(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_ARRAYTYPE_P(check_scopes(PG_ARGISNULL(0) ? NULL : PG_GETARG_ARRAYTYPE_P(0)));
-}
-
-/*
- * apikey._check_limits(rate_limit integer, rate_window interval,
- *						quota bigint, quota_refill interval) RETURNS void
- */
-PG_FUNCTION_INFO_V1(apikey_check_limits);
-Datum
-apikey_check_limits(PG_FUNCTION_ARGS)
-{
-	int32		rate_limit = PG_ARGISNULL(0) ? 0 : PG_GETARG_INT32(0);
-	int64		quota = PG_ARGISNULL(2) ? 0 : PG_GETARG_INT64(2);
-
-	check_limits(PG_ARGISNULL(0) ? NULL : &rate_limit,
-				 PG_ARGISNULL(1) ? NULL : PG_GETARG_INTERVAL_P(1),
-				 PG_ARGISNULL(2) ? NULL : &quota,
-				 PG_ARGISNULL(3) ? NULL : PG_GETARG_INTERVAL_P(3));
-	PG_RETURN_VOID();
-}
-
-/* apikey._check_cidrs(allowed_cidrs cidr[]) RETURNS void */
-PG_FUNCTION_INFO_V1(apikey_check_cidrs);
-Datum
-apikey_check_cidrs(PG_FUNCTION_ARGS)
-{
-	check_cidrs(PG_ARGISNULL(0) ? NULL : PG_GETARG_ARRAYTYPE_P(0));
-	PG_RETURN_VOID();
 }

@@ -37,7 +37,8 @@
  * suspensions, quarantines, scopes) are locked once a first probe of the
  * hash index has found it, and then the whole load runs as above, every
  * lock held before its snapshot; a token that matches no key costs two
- * locks and one probe.
+ * locks and one probe of the index that takes no snapshot (any row version
+ * with the hash counts).
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -421,15 +422,19 @@ read_budget(Relation keys, int64 budget_id, Snapshot snapshot, ApikeyKey *key)
 }
 
 /*
- * Does a key have this hash?  The probe that lets a token matching no key
+ * Could a key have this hash?  The probe that lets a token matching no key
  * (unknown: the common failure, and what a guesser sends) take two locks
- * instead of eleven; a key that exists is then loaded with every relation
- * locked first.
+ * instead of eleven, and no snapshot: it looks for any version of a row
+ * with this hash (SnapshotAny), live, dead or not yet committed.  None
+ * means no key has it now, since every key's row is in the index before
+ * its insert commits.  One found is only a maybe: the key is then loaded
+ * with every relation locked first and a fresh snapshot taken after.
+ * Taking that snapshot here cost every unknown token a shared acquisition
+ * of ProcArrayLock, which all backends contend for.
  */
 static bool
 key_exists(bytea *hash_datum)
 {
-	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
 	Relation	rel = table_open(catalog.keys, NoLock);
 	ScanKeyData skey;
 	SysScanDesc scan;
@@ -437,11 +442,10 @@ key_exists(bytea *hash_datum)
 
 	ScanKeyInit(&skey, catalog.att_hash, BTEqualStrategyNumber, F_BYTEAEQ,
 				PointerGetDatum(hash_datum));
-	scan = systable_beginscan(rel, catalog.keys_hash_key, true, snapshot, 1, &skey);
+	scan = systable_beginscan(rel, catalog.keys_hash_key, true, SnapshotAny, 1, &skey);
 	found = HeapTupleIsValid(systable_getnext(scan));
 	systable_endscan(scan);
 	table_close(rel, NoLock);
-	UnregisterSnapshot(snapshot);
 	return found;
 }
 

@@ -29,28 +29,16 @@
 #include "token.h"
 
 /*
- * apikey._scan_tokens(body text) RETURNS TABLE (pos int, len int,
- * prefix text, hint text, hash bytea): every checksum-valid token in body,
- * left to right, without overlaps.  pos counts characters from 1, as
- * strpos() and substr() do.
+ * Every checksum-valid token in s[0..len), left to right, without
+ * overlaps, as rows (pos int, len int, prefix text, hint text, hash bytea)
+ * of apikey._scan_tokens().  pos counts characters from 1, as strpos()
+ * and substr() do.
  */
-PG_FUNCTION_INFO_V1(apikey_scan_tokens);
-Datum
-apikey_scan_tokens(PG_FUNCTION_ARGS)
+void
+apikey_leak_scan(const char *s, size_t len, Tuplestorestate *out, TupleDesc desc)
 {
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	text	   *body;
-	const char *s;
-	size_t		len;
 	size_t		pos = 0;
 	int64		chars = 0;		/* characters in s[0..pos) */
-
-	InitMaterializedSRF(fcinfo, 0);
-	if (PG_ARGISNULL(0))
-		return (Datum) 0;
-	body = PG_GETARG_TEXT_PP(0);
-	s = VARDATA_ANY(body);
-	len = VARSIZE_ANY_EXHDR(body);
 
 	while (pos < len)
 	{
@@ -75,10 +63,9 @@ apikey_scan_tokens(PG_FUNCTION_ARGS)
 		values[2] = PointerGetDatum(cstring_to_text_with_len(s + start, plen));
 		values[3] = CStringGetTextDatum(hint);
 		values[4] = PointerGetDatum(apikey_sha256_bytea(s + start, tlen));
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		tuplestore_putvalues(out, desc, values, nulls);
 
 		chars += tlen;			/* a token is ASCII */
 		pos = start + tlen;
 	}
-	return (Datum) 0;
 }
