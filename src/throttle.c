@@ -13,8 +13,9 @@
  * a full table is an error in the call, never at commit) and records the
  * throttle in a per-transaction list; a transaction callback makes it
  * active when the transaction commits and forgets it on abort (or when
- * its savepoint is rolled back).  PREPARE TRANSACTION is refused.  Shared memory is per server: a throttle is not
- * replicated to standbys, and a restart ends every throttle.
+ * its savepoint is rolled back).  PREPARE TRANSACTION is refused.  Shared
+ * memory is per server: a throttle is not replicated to standbys, and a
+ * restart ends every throttle.
  *
  * Cost on the valid path: one atomic read.  horizon holds the latest end
  * of any throttle ever made active; once the clock has passed it, no table
