@@ -4,6 +4,7 @@ OBJS = \
 	apikey.o \
 	src/audit.o \
 	src/binding.o \
+	src/failurelimit.o \
 	src/hash.o \
 	src/invalidation.o \
 	src/issue.o \
@@ -17,6 +18,7 @@ OBJS = \
 	src/shmem.o \
 	src/stats.o \
 	src/support.o \
+	src/throttle.o \
 	src/token.o \
 	src/usage.o \
 	src/verdict.o \

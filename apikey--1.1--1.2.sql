@@ -62,6 +62,48 @@ COMMENT ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea)
 	IS 'Internal: start a new key''s rate-limit bucket where another key''s stands (rotate)';
 REVOKE ALL ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea) FROM PUBLIC;
 
+-- The key that replaces from_key (rotate, reissue): a new token with the
+-- same owner, name, prefix, expiry, metadata, limits and scopes, linked by
+-- rotated_from, carrying on from the budget from_key drew on (its
+-- rate-limit bucket and remaining quota), so replacing a key never refills
+-- its allowance.  The callers decide what becomes of from_key.
+CREATE FUNCTION apikey._successor(from_key apikey.keys, OUT key_id bigint, OUT token text, OUT hint text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_new record;
+BEGIN
+	IF from_key.id IS NULL THEN
+		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
+	END IF;
+	v_new := apikey._new_token(from_key.prefix);
+	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
+							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+	VALUES (from_key.owner, from_key.name, from_key.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			from_key.expires_at, from_key.metadata, from_key.id, from_key.rate_limit, from_key.rate_window,
+			from_key.quota, from_key.quota_refill, from_key.allowed_cidrs)
+	RETURNING apikey.keys.id INTO _successor.key_id;
+
+	INSERT INTO apikey.key_scopes (key_id, scope)
+	SELECT _successor.key_id, ks.scope FROM apikey.key_scopes ks
+	 WHERE ks.key_id OPERATOR(pg_catalog.=) from_key.id;
+
+	PERFORM apikey._rate_state_copy(b.id, b.hash, _successor.key_id, v_new.hash)
+	   FROM apikey.keys b
+	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+	IF from_key.quota IS NOT NULL THEN
+		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
+		SELECT _successor.key_id, q.remaining, q.refilled_at FROM apikey.quotas q
+		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+	END IF;
+	token := v_new.token;
+	hint := v_new.hint;
+END
+$$;
+COMMENT ON FUNCTION apikey._successor(apikey.keys)
+	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget';
+REVOKE ALL ON FUNCTION apikey._successor(apikey.keys) FROM PUBLIC;
+
 -- rotate() itself, which sets budget_key_id and copies the bucket and the
 -- quota row, is defined with its audit row in "Audit trail" below.
 COMMENT ON FUNCTION apikey.rotate(bigint, interval)
@@ -520,29 +562,39 @@ COMMENT ON FUNCTION apikey._audit_dml()
 	IS 'Internal: statement trigger recording direct DML on a key table in apikey.audit_log';
 REVOKE ALL ON FUNCTION apikey._audit_dml() FROM PUBLIC;
 
-DO $$
+-- Give a table of the extension the four statement triggers above (no
+-- UPDATE trigger where updates are not audited), enabled always.
+CREATE FUNCTION apikey._audit_dml_attach(table_name name, audit_updates boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
-	t text;
+	op text;
 BEGIN
-	FOREACH t IN ARRAY ARRAY['keys', 'key_scopes', 'revocations', 'scopes', 'quotas'] LOOP
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
-		IF t OPERATOR(pg_catalog.<>) 'quotas' THEN
-			EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-									  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
-									  t || '_audit_update', t);
-			EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
-		END IF;
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
+	IF table_name IS NULL OR audit_updates IS NULL THEN
+		RAISE EXCEPTION 'table_name and audit_updates must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+		CONTINUE WHEN op OPERATOR(pg_catalog.=) 'update' AND NOT audit_updates;
+		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER %s ON apikey.%I %s FOR EACH STATEMENT '
+								  'EXECUTE FUNCTION apikey._audit_dml()',
+								  table_name OPERATOR(pg_catalog.||) '_audit_' OPERATOR(pg_catalog.||) op,
+								  pg_catalog.upper(op), table_name,
+								  CASE op WHEN 'insert' THEN 'REFERENCING NEW TABLE AS new_rows'
+										  WHEN 'update' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+										  WHEN 'delete' THEN 'REFERENCING OLD TABLE AS old_rows'
+										  ELSE '' END);
+		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', table_name,
+								  table_name OPERATOR(pg_catalog.||) '_audit_' OPERATOR(pg_catalog.||) op);
 	END LOOP;
 END
 $$;
+COMMENT ON FUNCTION apikey._audit_dml_attach(name, boolean)
+	IS 'Internal: create the audit trail''s statement triggers on a table of the extension (upgrade scripts)';
+REVOKE ALL ON FUNCTION apikey._audit_dml_attach(name, boolean) FROM PUBLIC;
+
+SELECT apikey._audit_dml_attach(t, t OPERATOR(pg_catalog.<>) 'quotas')
+  FROM pg_catalog.unnest('{keys,key_scopes,revocations,scopes,quotas}'::pg_catalog.name[]) t;
 
 -- The administrative functions, each now writing its audit row.  Their
 -- behaviour is otherwise unchanged.
@@ -717,27 +769,10 @@ BEGIN
 			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
 	END IF;
 
-	v_new := apikey._new_token(v_old.prefix);
-	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-	VALUES (v_old.owner, v_old.name, v_old.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			v_old.expires_at, v_old.metadata, v_old.id, v_old.rate_limit, v_old.rate_window,
-			v_old.quota, v_old.quota_refill, v_old.allowed_cidrs)
-	RETURNING apikey.keys.id INTO v_id;
-
-	INSERT INTO apikey.key_scopes (key_id, scope)
-	SELECT v_id, ks.scope FROM apikey.key_scopes ks WHERE ks.key_id OPERATOR(pg_catalog.=) v_old.id;
-
 	-- the rate-limit bucket and the quota move to the new key; the old one
 	-- draws on them from now on
-	PERFORM apikey._rate_state_copy(b.id, b.hash, v_id, v_new.hash)
-	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	IF v_old.quota IS NOT NULL THEN
-		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
-		SELECT v_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(v_old.budget_key_id, v_old.id);
-	END IF;
+	v_new := apikey._successor(v_old);
+	v_id := v_new.key_id;
 	DELETE FROM apikey.quotas q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id;
 
 	-- the old key (and keys still in grace from earlier rotations of it)
@@ -997,27 +1032,8 @@ REVOKE ALL ON apikey.exposures FROM PUBLIC;
 REVOKE ALL ON SEQUENCE apikey.exposures_id_seq FROM PUBLIC;
 
 -- Direct DML on the two new tables is audited like the key tables'.
-DO $$
-DECLARE
-	t text;
-BEGIN
-	FOREACH t IN ARRAY ARRAY['prefixes', 'exposures'] LOOP
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON apikey.%I REFERENCING NEW TABLE AS new_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_insert', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER UPDATE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()',
-								  t || '_audit_update', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER DELETE ON apikey.%I REFERENCING OLD TABLE AS old_rows '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_delete', t);
-		EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER TRUNCATE ON apikey.%I '
-								  'FOR EACH STATEMENT EXECUTE FUNCTION apikey._audit_dml()', t || '_audit_truncate', t);
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_insert');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_update');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_delete');
-		EXECUTE pg_catalog.format('ALTER TABLE apikey.%I ENABLE ALWAYS TRIGGER %I', t, t || '_audit_truncate');
-	END LOOP;
-END
-$$;
+SELECT apikey._audit_dml_attach('prefixes');
+SELECT apikey._audit_dml_attach('exposures');
 
 -- The hash of a text that is exactly one well-formed token, else NULL.
 CREATE FUNCTION apikey._token_hash_or_null(token text) RETURNS bytea
@@ -1455,10 +1471,18 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION apikey._tokens_redacted()
 	IS 'Internal: token-shaped spans the log redactor hid since the server started (behind apikey.stats.tokens_redacted)';
 REVOKE ALL ON FUNCTION apikey._tokens_redacted() FROM PUBLIC;
-DO $$
+
+-- Let every role that may execute apikey._stats() execute fn too.
+CREATE FUNCTION apikey._grant_like_stats(fn pg_catalog.regprocedure)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
 	grantee text;
 BEGIN
+	IF fn IS NULL THEN
+		RAISE EXCEPTION 'fn must not be NULL' USING ERRCODE = '22004';
+	END IF;
 	FOR grantee IN
 		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
 					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
@@ -1467,10 +1491,14 @@ BEGIN
 		   AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
 		   AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
 	LOOP
-		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION apikey._tokens_redacted() TO %s', grantee);
+		EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, grantee);
 	END LOOP;
 END
 $$;
+COMMENT ON FUNCTION apikey._grant_like_stats(pg_catalog.regprocedure)
+	IS 'Internal: grant EXECUTE on a function behind a new apikey.stats column to the roles that may execute apikey._stats() (upgrade scripts)';
+REVOKE ALL ON FUNCTION apikey._grant_like_stats(pg_catalog.regprocedure) FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._tokens_redacted()');
 
 CREATE OR REPLACE VIEW apikey.stats AS
 SELECT s.*, apikey._tokens_redacted() AS tokens_redacted FROM apikey._stats() s;
@@ -1598,3 +1626,472 @@ UPDATE apikey.keys SET quota_refill = NULL
  WHERE quota IS NULL AND quota_refill IS NOT NULL;
 ALTER TABLE apikey.keys ADD CONSTRAINT keys_quota_refill_needs_quota
 	CHECK (quota_refill IS NULL OR quota IS NOT NULL);
+
+-------------------------------------------------------------------------------
+-- Reversible responses (issue 12): suspend and resume a key or an owner,
+-- quarantine a key to some of its scopes and release it, reissue a key,
+-- throttle it for a while.  A row in suspensions or quarantines takes
+-- effect at commit in every backend (and on standbys, through WAL): row
+-- triggers name the key, and every backend evicts just that key, as for
+-- revocations (targeted cache invalidation, above).  A timed one (until)
+-- ends by the clock, judged at each call.  Every response is an
+-- administrative function: it takes the audit lock first and writes its
+-- audit row in its own transaction.
+-------------------------------------------------------------------------------
+
+CREATE TABLE apikey.suspensions (
+	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	since		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	until		timestamptz,
+	reason		text NOT NULL,
+	by			name NOT NULL,
+	finding_id	bigint,
+	CONSTRAINT suspensions_until_check CHECK (until OPERATOR(pg_catalog.>) since)
+);
+COMMENT ON TABLE apikey.suspensions IS 'One row per suspended key: verifications answer suspended until the row is deleted (apikey.resume) or its until passes';
+COMMENT ON COLUMN apikey.suspensions.key_id IS 'The suspended key';
+COMMENT ON COLUMN apikey.suspensions.since IS 'When it was suspended';
+COMMENT ON COLUMN apikey.suspensions.until IS 'When the suspension ends by itself; NULL = until resumed';
+COMMENT ON COLUMN apikey.suspensions.reason IS 'Why, free text';
+COMMENT ON COLUMN apikey.suspensions.by IS 'Role that suspended it (acting in the session)';
+COMMENT ON COLUMN apikey.suspensions.finding_id IS 'The detector finding that caused it; NULL when a person did';
+
+CREATE TABLE apikey.quarantines (
+	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	allowed_scopes text[] NOT NULL
+				CONSTRAINT quarantines_allowed_scopes_check
+				CHECK (pg_catalog.cardinality(allowed_scopes) OPERATOR(pg_catalog.>) 0),
+	since		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	until		timestamptz,
+	reason		text NOT NULL,
+	by			name NOT NULL,
+	finding_id	bigint,
+	CONSTRAINT quarantines_until_check CHECK (until OPERATOR(pg_catalog.>) since)
+);
+COMMENT ON TABLE apikey.quarantines IS 'One row per quarantined key: only the scopes in allowed_scopes keep working, others answer quarantined, until apikey.release or until passes';
+COMMENT ON COLUMN apikey.quarantines.key_id IS 'The quarantined key';
+COMMENT ON COLUMN apikey.quarantines.allowed_scopes IS 'Grants (names, prefix:* or *) the key may still use, within its own scopes';
+COMMENT ON COLUMN apikey.quarantines.since IS 'When it was quarantined';
+COMMENT ON COLUMN apikey.quarantines.until IS 'When the quarantine ends by itself; NULL = until released';
+COMMENT ON COLUMN apikey.quarantines.reason IS 'Why, free text';
+COMMENT ON COLUMN apikey.quarantines.by IS 'Role that quarantined it (acting in the session)';
+COMMENT ON COLUMN apikey.quarantines.finding_id IS 'The detector finding that caused it; NULL when a person did';
+
+SELECT pg_catalog.pg_extension_config_dump('apikey.suspensions', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.quarantines', '');
+REVOKE ALL ON apikey.suspensions, apikey.quarantines FROM PUBLIC;
+
+-- The cache: a row changed evicts its key; TRUNCATE empties every cache.
+CREATE TRIGGER suspensions_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.suspensions
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER quarantines_changed
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.quarantines
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER suspensions_invalidate
+	AFTER TRUNCATE ON apikey.suspensions
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+CREATE TRIGGER quarantines_invalidate
+	AFTER TRUNCATE ON apikey.quarantines
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.suspensions ENABLE ALWAYS TRIGGER suspensions_changed;
+ALTER TABLE apikey.quarantines ENABLE ALWAYS TRIGGER quarantines_changed;
+ALTER TABLE apikey.suspensions ENABLE ALWAYS TRIGGER suspensions_invalidate;
+ALTER TABLE apikey.quarantines ENABLE ALWAYS TRIGGER quarantines_invalidate;
+COMMENT ON FUNCTION apikey._key_changed()
+	IS 'Internal: row trigger recording which keys the transaction changed (keys, key_scopes, revocations, suspensions, quarantines); issued keys are not changes';
+
+-- The audit trail: direct DML on them is recorded like the key tables'.
+SELECT apikey._audit_dml_attach('suspensions');
+SELECT apikey._audit_dml_attach('quarantines');
+
+-- The key a response acts on: the audit lock first (every administrative
+-- function queues there before any other lock), then the key's row,
+-- locked against a concurrent response.
+CREATE FUNCTION apikey._lock_key(key_id bigint)
+RETURNS apikey.keys
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_key apikey.keys;
+BEGIN
+	IF _lock_key.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_key FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) _lock_key.key_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'key % does not exist', _lock_key.key_id
+			USING ERRCODE = '42704';
+	END IF;
+	RETURN v_key;
+END
+$$;
+COMMENT ON FUNCTION apikey._lock_key(bigint)
+	IS 'Internal: take the audit lock, then lock and return the key''s row (42704 if there is none)';
+REVOKE ALL ON FUNCTION apikey._lock_key(bigint) FROM PUBLIC;
+
+-- The arguments every timed response checks the same way: the reason is
+-- given, for_ is positive or NULL.  what: "the key is suspended", ...
+CREATE FUNCTION apikey._check_response(reason text, for_ interval, what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF _check_response.reason IS NULL OR _check_response.reason OPERATOR(pg_catalog.!~) '[^[:space:]]' THEN
+		RAISE EXCEPTION 'reason must not be empty'
+			USING ERRCODE = '22004', HINT = pg_catalog.format('Say why %s, e.g. ''credential stuffing from 203.0.113.7''.', _check_response.what);
+	END IF;
+	IF _check_response.for_ IS NOT NULL AND _check_response.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'for_ must be a positive interval, got %', _check_response.for_
+			USING ERRCODE = '22023', HINT = 'Pass NULL for a response that lasts until it is lifted.';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION apikey._check_response(text, interval, text)
+	IS 'Internal: check a response''s reason and duration (suspend, quarantine, suspend_owner)';
+REVOKE ALL ON FUNCTION apikey._check_response(text, interval, text) FROM PUBLIC;
+
+-- suspend() and quarantine(): their arguments checked, then the key locked.
+CREATE FUNCTION apikey._response_key(key_id bigint, reason text, for_ interval, what text)
+RETURNS apikey.keys
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF _response_key.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._check_response(_response_key.reason, _response_key.for_, _response_key.what);
+	RETURN apikey._lock_key(_response_key.key_id);
+END
+$$;
+COMMENT ON FUNCTION apikey._response_key(bigint, text, interval, text)
+	IS 'Internal: check a response''s arguments, take the audit lock and lock the key row (suspend, quarantine)';
+REVOKE ALL ON FUNCTION apikey._response_key(bigint, text, interval, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.suspend(key_id bigint, reason text, for_ interval DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'suspend'
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_old apikey.suspensions;
+	v_until timestamptz;
+	v_was boolean;
+BEGIN
+	v_key := apikey._response_key(suspend.key_id, suspend.reason, suspend.for_, 'the key is suspended');
+	SELECT * INTO v_old FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id;
+	v_was := v_old.key_id IS NOT NULL AND (v_old.until IS NULL OR v_old.until OPERATOR(pg_catalog.>) pg_catalog.now());
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) suspend.for_;
+	INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
+	VALUES (v_key.id, v_until, suspend.reason, apikey._acting_role())
+	ON CONFLICT ON CONSTRAINT suspensions_pkey
+	DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
+				  by = excluded.by, finding_id = NULL;
+	PERFORM apikey._audit('suspend', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'reason', suspend.reason, 'for', suspend.for_, 'until', v_until,
+		'old', CASE WHEN v_was THEN pg_catalog.jsonb_build_object('since', v_old.since, 'until', v_old.until,
+																   'reason', v_old.reason) END));
+	RETURN NOT v_was;
+END
+$$;
+COMMENT ON FUNCTION apikey.suspend(bigint, text, interval)
+	IS 'Suspend a key: it answers suspended (authenticate raises 28000) from this commit on, for for_ or until resumed; true if it was not suspended (suspending again replaces the suspension)';
+REVOKE ALL ON FUNCTION apikey.suspend(bigint, text, interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.resume(key_id bigint, note text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'resume'
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_old apikey.suspensions;
+BEGIN
+	v_key := apikey._lock_key(resume.key_id);
+	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_key.id) THEN
+		RAISE EXCEPTION 'key % is revoked and cannot be resumed', v_key.id
+			USING ERRCODE = '55000', HINT = 'Revocation is permanent: issue a new key with apikey.reissue().';
+	END IF;
+	DELETE FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id
+	RETURNING s.* INTO v_old;
+	PERFORM apikey._audit('resume', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'note', resume.note, 'resumed', v_old.key_id IS NOT NULL,
+		'old', CASE WHEN v_old.key_id IS NOT NULL
+					THEN pg_catalog.jsonb_build_object('since', v_old.since, 'until', v_old.until,
+													   'reason', v_old.reason) END));
+	RETURN v_old.key_id IS NOT NULL;
+END
+$$;
+COMMENT ON FUNCTION apikey.resume(bigint, text)
+	IS 'Lift a key''s suspension from this commit on; true if it was suspended.  A revoked key cannot be resumed';
+REVOKE ALL ON FUNCTION apikey.resume(bigint, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.suspend_owner(owner text, reason text, for_ interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'suspend_owner'
+AS $$
+DECLARE
+	n bigint;
+	v_ids jsonb;
+	v_until timestamptz;
+BEGIN
+	IF suspend_owner.owner IS NULL OR suspend_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._check_response(suspend_owner.reason, suspend_owner.for_, 'the owner''s keys are suspended');
+	PERFORM apikey._audit_lock();
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) suspend_owner.for_;
+	WITH suspended AS (
+		INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
+		SELECT k.id, v_until, suspend_owner.reason, apikey._acting_role()
+		  FROM apikey.keys k
+		 WHERE k.owner OPERATOR(pg_catalog.=) suspend_owner.owner
+		   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)
+		 ORDER BY k.id
+		ON CONFLICT ON CONSTRAINT suspensions_pkey
+		DO UPDATE SET since = excluded.since, until = excluded.until, reason = excluded.reason,
+					  by = excluded.by, finding_id = NULL
+		RETURNING s.key_id)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(x.key_id ORDER BY x.key_id), '[]')
+	  INTO n, v_ids FROM suspended x;
+	PERFORM apikey._audit('suspend_owner', NULL, suspend_owner.owner, pg_catalog.jsonb_build_object(
+		'reason', suspend_owner.reason, 'for', suspend_owner.for_, 'until', v_until,
+		'suspended', n, 'key_ids', v_ids));
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.suspend_owner(text, text, interval)
+	IS 'Suspend every unrevoked key of an owner (keys issued later are not); returns how many';
+REVOKE ALL ON FUNCTION apikey.suspend_owner(text, text, interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.resume_owner(owner text, note text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'resume_owner'
+AS $$
+DECLARE
+	n bigint;
+	v_ids jsonb;
+BEGIN
+	IF resume_owner.owner IS NULL OR resume_owner.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	WITH resumed AS (
+		DELETE FROM apikey.suspensions s
+		 USING apikey.keys k
+		 WHERE k.id OPERATOR(pg_catalog.=) s.key_id AND k.owner OPERATOR(pg_catalog.=) resume_owner.owner
+		RETURNING s.key_id)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(x.key_id ORDER BY x.key_id), '[]')
+	  INTO n, v_ids FROM resumed x;
+	PERFORM apikey._audit('resume_owner', NULL, resume_owner.owner, pg_catalog.jsonb_build_object(
+		'note', resume_owner.note, 'resumed', n, 'key_ids', v_ids));
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey.resume_owner(text, text)
+	IS 'Lift the suspension of every key of an owner; returns how many were suspended (revoked keys stay revoked)';
+REVOKE ALL ON FUNCTION apikey.resume_owner(text, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.quarantine(key_id bigint, allowed_scopes text[], reason text,
+								  for_ interval DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'quarantine'
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_allowed text[];
+	v_old apikey.quarantines;
+	v_until timestamptz;
+	v_was boolean;
+BEGIN
+	v_key := apikey._response_key(quarantine.key_id, quarantine.reason, quarantine.for_, 'the key is quarantined');
+	IF quarantine.allowed_scopes IS NULL THEN
+		RAISE EXCEPTION 'allowed_scopes must not be NULL'
+			USING ERRCODE = '22004', HINT = 'Use apikey.suspend() to stop every scope.';
+	END IF;
+	IF pg_catalog.cardinality(quarantine.allowed_scopes) OPERATOR(pg_catalog.=) 0 THEN
+		RAISE EXCEPTION 'allowed_scopes must not be empty'
+			USING ERRCODE = '22023', HINT = 'Use apikey.suspend() to stop every scope.';
+	END IF;
+	v_allowed := apikey._check_scopes(quarantine.allowed_scopes);
+	SELECT * INTO v_old FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_key.id;
+	v_was := v_old.key_id IS NOT NULL AND (v_old.until IS NULL OR v_old.until OPERATOR(pg_catalog.>) pg_catalog.now());
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) quarantine.for_;
+	INSERT INTO apikey.quarantines AS q (key_id, allowed_scopes, until, reason, by)
+	VALUES (v_key.id, v_allowed, v_until, quarantine.reason, apikey._acting_role())
+	ON CONFLICT ON CONSTRAINT quarantines_pkey
+	DO UPDATE SET allowed_scopes = excluded.allowed_scopes, since = excluded.since,
+				  until = excluded.until, reason = excluded.reason, by = excluded.by,
+				  finding_id = NULL;
+	PERFORM apikey._audit('quarantine', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'allowed_scopes', v_allowed, 'reason', quarantine.reason, 'for', quarantine.for_, 'until', v_until,
+		'old', CASE WHEN v_was THEN pg_catalog.jsonb_build_object('allowed_scopes', v_old.allowed_scopes,
+			'since', v_old.since, 'until', v_old.until, 'reason', v_old.reason) END));
+	RETURN NOT v_was;
+END
+$$;
+COMMENT ON FUNCTION apikey.quarantine(bigint, text[], text, interval)
+	IS 'Quarantine a key from this commit on: scopes outside allowed_scopes answer quarantined (authenticate raises 42501), the rest keep working; for for_ or until released; true if it was not quarantined';
+REVOKE ALL ON FUNCTION apikey.quarantine(bigint, text[], text, interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.release(key_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'release'
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_old apikey.quarantines;
+BEGIN
+	v_key := apikey._lock_key(release.key_id);
+	DELETE FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_key.id
+	RETURNING q.* INTO v_old;
+	PERFORM apikey._audit('release', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'released', v_old.key_id IS NOT NULL,
+		'old', CASE WHEN v_old.key_id IS NOT NULL
+					THEN pg_catalog.jsonb_build_object('allowed_scopes', v_old.allowed_scopes, 'since', v_old.since,
+													   'until', v_old.until, 'reason', v_old.reason) END));
+	RETURN v_old.key_id IS NOT NULL;
+END
+$$;
+COMMENT ON FUNCTION apikey.release(bigint)
+	IS 'Lift a key''s quarantine from this commit on; true if it was quarantined';
+REVOKE ALL ON FUNCTION apikey.release(bigint) FROM PUBLIC;
+
+CREATE FUNCTION apikey.reissue(key_id bigint)
+RETURNS SETOF apikey.new_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'reissue'
+AS $$
+DECLARE
+	v_old apikey.keys;
+	v_new record;
+	v_id bigint;
+	v_revoked boolean;
+BEGIN
+	v_old := apikey._lock_key(reissue.key_id);
+	IF NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id)
+	   AND NOT EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_old.id
+						  AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()))
+	   AND NOT EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id
+						  AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now())) THEN
+		RAISE EXCEPTION 'key % is not revoked, suspended or quarantined', v_old.id
+			USING ERRCODE = '55000', HINT = 'Use apikey.rotate() to replace a key in good standing.';
+	END IF;
+	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+		RAISE EXCEPTION 'key % has expired and cannot be reissued', v_old.id
+			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
+	END IF;
+
+	-- the new key starts from the old budget (reissuing never refills it)
+	v_new := apikey._successor(v_old);
+	v_id := v_new.key_id;
+
+	-- no grace: the old key is revoked in the same transaction
+	v_revoked := apikey._revoke(v_old.id, 'reissued as key ' OPERATOR(pg_catalog.||) v_id);
+	PERFORM apikey._audit('reissue', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
+		'new_key_id', v_id, 'new_hint', v_new.hint, 'revoked', v_revoked,
+		'key_ids', pg_catalog.jsonb_build_array(v_old.id, v_id)));
+
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+END
+$$;
+COMMENT ON FUNCTION apikey.reissue(bigint)
+	IS 'Replace a revoked, suspended or quarantined key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace';
+REVOKE ALL ON FUNCTION apikey.reissue(bigint) FROM PUBLIC;
+
+CREATE OR REPLACE VIEW apikey.key_status AS
+SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
+	   k.last_used_at, k.rotated_from,
+	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
+			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+			WHEN s.key_id IS NOT NULL THEN 'suspended'
+			WHEN q.key_id IS NOT NULL THEN 'quarantined'
+			ELSE 'active' END AS status,
+	   r.revoked_at, r.reason AS revoked_reason,
+	   ARRAY(SELECT ks.scope FROM apikey.key_scopes ks
+			  WHERE ks.key_id OPERATOR(pg_catalog.=) k.id ORDER BY ks.scope) AS scopes
+  FROM apikey.keys k
+  LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
+  LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
+		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
+  LEFT JOIN apikey.quarantines q ON q.key_id OPERATOR(pg_catalog.=) k.id
+		AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now());
+COMMENT ON VIEW apikey.key_status IS 'Every key with its status (active, revoked, expired, suspended, quarantined) and scopes; no hashes';
+COMMENT ON COLUMN apikey.key_status.status IS 'revoked, expired, suspended, quarantined or active (the first that applies; a timed suspension or quarantine counts until its until)';
+
+-------------------------------------------------------------------------------
+-- Failure limiter (issue 12): a client network asserted by a trusted proxy
+-- that keeps presenting bad tokens is answered address_blocked, in shared
+-- memory, before any lookup (src/failurelimit.c).  apikey.stats counts the
+-- failures of networks it had no room to track, in a new last column read
+-- through its own function, granted like tokens_redacted's (above).
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._failure_networks_untracked() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_failure_networks_untracked'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._failure_networks_untracked()
+	IS 'Internal: failures from client networks the failure limiter had no room to track, since the server started (behind apikey.stats.failure_networks_untracked)';
+REVOKE ALL ON FUNCTION apikey._failure_networks_untracked() FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._failure_networks_untracked()');
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,
+	   apikey._failure_networks_untracked() AS failure_networks_untracked
+  FROM apikey._stats() s;
+COMMENT ON VIEW apikey.stats IS 'Live counters of this server: calls per verdict code, flushes, pending and dropped entries, tokens redacted, networks the failure limiter could not track';
+COMMENT ON COLUMN apikey.stats.failure_networks_untracked
+	IS 'Verifications from a client network the failure limiter had no room to track (apikey.failure_max_networks), so not limited';
+
+-------------------------------------------------------------------------------
+-- Throttle (issue 12): a temporary rate limit in shared memory that ends by
+-- itself (src/throttle.c).  Active from the caller's commit, on this server
+-- only (not replicated; a restart ends it).  Audited like the other
+-- responses.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._throttle(key_id bigint, hash bytea, rate_limit integer, until timestamptz)
+RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_throttle'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION apikey._throttle(bigint, bytea, integer, timestamptz)
+	IS 'Internal: throttle a key in shared memory from this commit on (throttle)';
+REVOKE ALL ON FUNCTION apikey._throttle(bigint, bytea, integer, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION apikey.throttle(key_id bigint, rate_limit integer, for_ interval)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'throttle'
+AS $$
+DECLARE
+	v_key apikey.keys;
+	v_until timestamptz;
+BEGIN
+	IF throttle.key_id IS NULL THEN
+		RAISE EXCEPTION 'key_id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF throttle.rate_limit IS NULL OR throttle.rate_limit OPERATOR(pg_catalog.<=) 0 THEN
+		RAISE EXCEPTION 'rate_limit must be a positive number of requests per minute'
+			USING ERRCODE = '22023', HINT = 'Use apikey.suspend() to stop the key.';
+	END IF;
+	IF throttle.for_ IS NULL OR throttle.for_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'for_ must be a positive interval'
+			USING ERRCODE = '22023', HINT = 'A throttle always ends by itself; use apikey.set_limits() for a lasting rate limit.';
+	END IF;
+	v_key := apikey._lock_key(throttle.key_id);
+	v_until := pg_catalog.now() OPERATOR(pg_catalog.+) throttle.for_;
+	PERFORM apikey._throttle(v_key.id, v_key.hash, throttle.rate_limit, v_until);
+	PERFORM apikey._audit('throttle', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
+		'rate_limit', throttle.rate_limit, 'for', throttle.for_, 'until', v_until));
+	RETURN v_until;
+END
+$$;
+COMMENT ON FUNCTION apikey.throttle(bigint, integer, interval)
+	IS 'Limit a key to rate_limit requests a minute (on top of its own limits) from this commit until for_ has passed, on this server; returns the end';
+REVOKE ALL ON FUNCTION apikey.throttle(bigint, integer, interval) FROM PUBLIC;

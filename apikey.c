@@ -62,6 +62,8 @@ _PG_init(void)
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
 	apikey_ratelimit_init();	/* apikey.rate_limit_max_keys */
+	apikey_failurelimit_init(); /* apikey.failure_limit, _window, _exempt,
+								 * _max_networks */
 	MarkGUCPrefixReserved("apikey");
 
 	if (!process_shared_preload_libraries_in_progress)
@@ -216,6 +218,28 @@ apikey_rate_state_copy(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._throttle(key_id bigint, hash bytea, rate_limit integer,
+ *					until timestamptz) RETURNS void: throttle() after its
+ * checks; active from this transaction's commit.
+ */
+PG_FUNCTION_INFO_V1(apikey_throttle);
+Datum
+apikey_throttle(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("key id, rate limit and end must not be NULL")));
+	if (PG_GETARG_INT32(2) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rate_limit must be positive")));
+	apikey_throttle_set(PG_GETARG_INT64(0), hash_arg(fcinfo, 1), PG_GETARG_INT32(2),
+						PG_GETARG_TIMESTAMPTZ(3));
+	PG_RETURN_VOID();
+}
+
+/*
  * apikey._acting_role() RETURNS name: the role the session acts as (its
  * login role or SET ROLE), ignoring SECURITY DEFINER functions in between.
  */
@@ -329,7 +353,8 @@ apikey_authenticate(PG_FUNCTION_ARGS)
 	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), scope, inet_arg_or_null(fcinfo, 2), &v);
 	if (v.code != APIKEY_VALID)
-		apikey_verdict_report(&v, v.code == APIKEY_SCOPE_DENIED ?
+		apikey_verdict_report(&v, (v.code == APIKEY_SCOPE_DENIED ||
+								   v.code == APIKEY_QUARANTINED) ?
 							  clip_for_message(scope) : NULL);
 	apikey_binding_set(v.key, session);
 	PG_RETURN_INT64(v.key->key_id);
@@ -544,6 +569,22 @@ apikey_tokens_redacted(PG_FUNCTION_ARGS)
 	if (!apikey_stats_read(&st))
 		PG_RETURN_NULL();
 	PG_RETURN_INT64((int64) st.tokens_redacted);
+}
+
+/*
+ * apikey._failure_networks_untracked(): failure claims on client networks
+ * the failure limiter had no room to track, so did not limit, since the
+ * server started (a column of apikey.stats); NULL without shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_failure_networks_untracked);
+Datum
+apikey_failure_networks_untracked(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64((int64) st.failure_untracked);
 }
 
 /*

@@ -36,6 +36,13 @@ INSERT INTO calls (fn, q) VALUES
 	('issue', $$INSERT INTO tok SELECT 'k', key_id, token FROM apikey.issue('acme', '{orders:read}', 'checkout', metadata => '{"team": "ops"}')$$),
 	('issue_many', $$INSERT INTO tok SELECT 'm' || row_number() OVER (), key_id, token FROM apikey.issue_many('{initech,hooli}', '{orders:read}', 'batch')$$),
 	('set_limits', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'k'), 10, '1 minute', 100)$$),
+	('suspend', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'k'), 'credential stuffing', '1 hour')$$),
+	('resume', $$SELECT apikey.resume((SELECT id FROM tok WHERE name = 'k'), 'false alarm')$$),
+	('quarantine', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'k'), '{orders:read}', 'writes look stolen')$$),
+	('release', $$SELECT apikey.release((SELECT id FROM tok WHERE name = 'k'))$$),
+	('suspend_owner', $$SELECT apikey.suspend_owner('acme', 'tenant breach')$$),
+	('resume_owner', $$SELECT apikey.resume_owner('acme', 'contained')$$),
+	('throttle', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'k'), 60, '1 hour')$$),
 	('rotate', $$INSERT INTO tok SELECT 'k2', key_id, token FROM apikey.rotate((SELECT id FROM tok WHERE name = 'k'), '1 hour')$$),
 	('revoke', $$SELECT apikey.revoke((SELECT id FROM tok WHERE name = 'k'), 'rotated away')$$),
 	('revoke_token', $$SELECT apikey.revoke_token((SELECT token FROM tok WHERE name = 'k2'), 'leaked in a ticket')$$),
@@ -44,7 +51,8 @@ INSERT INTO calls (fn, q) VALUES
 	('report_leak', $$SELECT apikey.report_leak((SELECT token FROM tok WHERE name = 'spare'), 'support', 'T-1')$$),
 	('report_leak_hash', $$SELECT apikey.report_leak_hash(apikey.hash((SELECT token FROM tok WHERE name = 'byhash')), 'partner')$$),
 	('report_leaks', $$SELECT apikey.report_leaks(jsonb_build_array(jsonb_build_object('token', (SELECT token FROM tok WHERE name = 'spare'), 'type', 't', 'url', 'https://example.com/1')))$$),
-	('revoke_leaked', $$SELECT apikey.revoke_leaked(ARRAY[(SELECT token FROM tok WHERE name = 'spare')])$$);
+	('revoke_leaked', $$SELECT apikey.revoke_leaked(ARRAY[(SELECT token FROM tok WHERE name = 'spare')])$$),
+	('reissue', $$INSERT INTO tok SELECT 'k3', key_id, token FROM apikey.reissue((SELECT id FROM tok WHERE name = 'k'))$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p
@@ -97,6 +105,17 @@ SELECT action, details - 'exposure_id' - 'exposure_ids' - 'key_ids' AS details F
  WHERE action IN ('set_limits', 'revoke', 'revoke_token', 'revoke_owner', 'audit_prune', 'report_leak',
                   'report_leak_hash', 'report_leaks', 'revoke_leaked')
  ORDER BY seq;
+-- The responses: old and new values (times, which depend on now(), as
+-- whether they are an hour on), the keys an owner-wide call touched.
+SELECT action, target_key_id = (SELECT id FROM tok WHERE name = 'k') AS targets_k,
+       details - 'until' - 'old' - 'key_ids' - 'new_key_id' - 'new_hint' AS details,
+       (details->>'until')::timestamptz - at BETWEEN '59 minutes' AND '1 hour' AS until_in_an_hour,
+       nullif(details->'old', 'null') - 'since' - 'until' AS old,
+       details->'key_ids' = jsonb_build_array((SELECT id FROM tok WHERE name = 'k')) AS key_ids_k,
+       details->'key_ids' = jsonb_build_array((SELECT id FROM tok WHERE name = 'k'), (SELECT id FROM tok WHERE name = 'k3')) AS key_ids_k_k3
+  FROM apikey.audit_log
+ WHERE action IN ('suspend', 'resume', 'quarantine', 'release', 'suspend_owner', 'resume_owner', 'throttle', 'reissue')
+ ORDER BY seq;
 
 -- The actor is the session's role, not the function's owner; a bound key
 -- is recorded too.
@@ -114,6 +133,7 @@ SELECT action, actor_role, session_role = session_user AS session, actor_key_id 
 SELECT count(*) AS rows_before FROM apikey.audit_log \gset
 SELECT apikey.revoke(-1);
 SELECT apikey.issue('');
+SELECT apikey.suspend(-1, 'no such key');
 BEGIN;
 SELECT count(*) FROM apikey.issue('rolled back');
 ROLLBACK;

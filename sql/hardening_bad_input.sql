@@ -45,10 +45,11 @@ $$;
 -- Row counts of every apikey table, as one text value.
 CREATE FUNCTION regress_hardening_counts() RETURNS text
 LANGUAGE sql AS $$
-SELECT format('keys=%s key_scopes=%s revocations=%s quotas=%s scopes=%s usage_log=%s',
+SELECT format('keys=%s key_scopes=%s revocations=%s quotas=%s scopes=%s usage_log=%s suspensions=%s quarantines=%s',
 	(SELECT count(*) FROM apikey.keys), (SELECT count(*) FROM apikey.key_scopes),
 	(SELECT count(*) FROM apikey.revocations), (SELECT count(*) FROM apikey.quotas),
-	(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.usage_log))
+	(SELECT count(*) FROM apikey.scopes), (SELECT count(*) FROM apikey.usage_log),
+	(SELECT count(*) FROM apikey.suspensions), (SELECT count(*) FROM apikey.quarantines))
 $$;
 
 -- The cases: function name, label, statement (returning one printable value).
@@ -208,6 +209,9 @@ INSERT INTO cases (fn, label, q) VALUES
 ('flush_usage', 'no arguments', $$SELECT apikey.flush_usage() >= 0$$),
 ('_stats', 'no arguments', $$SELECT (apikey._stats()).shared_memory$$),
 ('_tokens_redacted', 'no arguments', $$SELECT apikey._tokens_redacted() >= 0$$),
+('_failure_networks_untracked', 'no arguments', $$SELECT apikey._failure_networks_untracked() >= 0$$),
+('_grant_like_stats', 'NULL', $$SELECT apikey._grant_like_stats(NULL)::text$$),
+('_grant_like_stats', 'no such function', $$SELECT apikey._grant_like_stats('apikey.no_such()')::text$$),
 ('_live_usage', 'no arguments', $$SELECT count(*) FROM apikey._live_usage()$$),
 -- internal helpers
 ('_new_token', 'NULL', $$SELECT apikey._new_token(NULL)$$),
@@ -273,6 +277,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_audit_chain', 'called directly', $$SELECT apikey._audit_chain()::text$$),
 ('_audit_guard', 'called directly', $$SELECT apikey._audit_guard()::text$$),
 ('_audit_dml', 'called directly', $$SELECT apikey._audit_dml()::text$$),
+('_audit_dml_attach', 'NULL', $$SELECT apikey._audit_dml_attach(NULL)::text$$),
+('_audit_dml_attach', 'no such table', $$SELECT apikey._audit_dml_attach('no_such_table')::text$$),
 ('_revoke', 'NULL', $$SELECT apikey._revoke(NULL, NULL)::text$$),
 ('_revoke', 'no such key', $$SELECT apikey._revoke(-1, NULL)::text$$),
 -- leak response
@@ -324,7 +330,48 @@ INSERT INTO cases (fn, label, q) VALUES
 ('issue_many', 'prefix 1 MB', $$SELECT count(*) FROM apikey.issue_many('{acme}', prefix => repeat('a', 1048576))$$),
 ('issue_many', 'rate_window NULL', $$SELECT count(*) FROM apikey.issue_many('{acme}', rate_window => NULL)$$),
 ('issue_many', 'metadata 1 MB object', $$SELECT count(*) FROM apikey.issue_many('{acme}', metadata => jsonb_build_object('x', repeat('m', 1048576)))$$),
-('issue_many', 'two owners', $$SELECT count(DISTINCT (apikey.check(token)).key_id) FROM apikey.issue_many('{acme,acme}')$$);
+('issue_many', 'two owners', $$SELECT count(DISTINCT (apikey.check(token)).key_id) FROM apikey.issue_many('{acme,acme}')$$),
+-- reversible responses (issue 12)
+('suspend', 'NULL', $$SELECT apikey.suspend(NULL, NULL)::text$$),
+('suspend', 'no reason', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), NULL)::text$$),
+('suspend', 'no such key', $$SELECT apikey.suspend(-1, 'r')::text$$),
+('suspend', 'for_ 0', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), 'r', '0')::text$$),
+('suspend', 'for_ beyond the calendar', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), 'r', '178000000 years')::text$$),
+('suspend', '1 MB reason', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'valid'), repeat('r', 1048576))::text$$),
+('resume', 'NULL', $$SELECT apikey.resume(NULL)::text$$),
+('resume', 'no such key', $$SELECT apikey.resume(-1)::text$$),
+('resume', 'revoked key', $$SELECT apikey.resume((SELECT id FROM tok WHERE name = 'revoked'))::text$$),
+('resume', 'suspended key', $$SELECT apikey.resume((SELECT id FROM tok WHERE name = 'valid'), repeat('n', 1048576))::text$$),
+('suspend_owner', 'NULL', $$SELECT apikey.suspend_owner(NULL, NULL)::text$$),
+('suspend_owner', 'no reason', $$SELECT apikey.suspend_owner('acme', NULL)::text$$),
+('suspend_owner', '1 MB owner', $$SELECT apikey.suspend_owner(repeat('o', 1048577), 'r')::text$$),
+('suspend_owner', 'for_ negative', $$SELECT apikey.suspend_owner('acme', 'r', '-1 second')::text$$),
+('resume_owner', 'NULL', $$SELECT apikey.resume_owner(NULL)::text$$),
+('resume_owner', 'no such owner', $$SELECT apikey.resume_owner('nobody')::text$$),
+('quarantine', 'NULL', $$SELECT apikey.quarantine(NULL, NULL, NULL)::text$$),
+('quarantine', 'NULL scopes', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), NULL, 'r')::text$$),
+('quarantine', 'empty scopes', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), '{}', 'r')::text$$),
+('quarantine', '1 MB scope', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), ARRAY[repeat('s', 1048576)], 'r')::text$$),
+('quarantine', 'for_ 0', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'valid'), '{orders:read}', 'r', '0')::text$$),
+('release', 'NULL', $$SELECT apikey.release(NULL)::text$$),
+('release', 'not quarantined', $$SELECT apikey.release((SELECT id FROM tok WHERE name = 'valid'))::text$$),
+('reissue', 'NULL', $$SELECT count(*) FROM apikey.reissue(NULL)$$),
+('reissue', 'no such key', $$SELECT count(*) FROM apikey.reissue(-1)$$),
+('reissue', 'key in good standing', $$SELECT count(*) FROM apikey.reissue((SELECT id FROM tok WHERE name = 'valid'))$$),
+('_response_key', 'NULL', $$SELECT (apikey._response_key(NULL, NULL, NULL, NULL)).id::text$$),
+('_lock_key', 'NULL', $$SELECT (apikey._lock_key(NULL)).id::text$$),
+('_lock_key', 'no such key', $$SELECT (apikey._lock_key(-1)).id::text$$),
+('_check_response', 'NULL', $$SELECT apikey._check_response(NULL, NULL, NULL)::text$$),
+('_check_response', 'for_ negative', $$SELECT apikey._check_response('r', '-1 day', 'x')::text$$),
+('_successor', 'NULL', $$SELECT (apikey._successor(NULL)).key_id::text$$),
+('throttle', 'NULL', $$SELECT apikey.throttle(NULL, NULL, NULL)::text$$),
+('throttle', 'no such key', $$SELECT apikey.throttle(-1, 1, '1 hour')::text$$),
+('throttle', 'rate 0', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 0, '1 hour')::text$$),
+('throttle', 'for_ NULL', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 1, NULL)::text$$),
+('throttle', 'for_ beyond the calendar', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 1, '178000000 years')::text$$),
+('_throttle', 'NULL', $$SELECT apikey._throttle(NULL, NULL, NULL, NULL)::text$$),
+('_throttle', 'short hash', $$SELECT apikey._throttle(1, '\x00', 1, now())::text$$),
+('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
@@ -362,7 +409,9 @@ SELECT n, fn, label, result FROM cases
 SELECT regress_hardening_counts() AS counts_before \gset
 \set VERBOSITY sqlstate
 SELECT q FROM cases
- WHERE fn IN ('issue', 'issue_many', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs')
+ WHERE fn IN ('issue', 'issue_many', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs',
+              'suspend', 'resume', 'suspend_owner', 'resume_owner', 'quarantine', 'release', 'reissue', '_response_key',
+              '_lock_key', 'throttle', '_throttle')
    AND result !~ '^ok'
  ORDER BY n \gexec
 \set VERBOSITY default

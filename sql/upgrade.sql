@@ -30,9 +30,10 @@ GRANT EXECUTE ON FUNCTION apikey._stats() TO regress_upgrade_monitor;
 ALTER EXTENSION apikey UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'apikey';
 
--- it still reads apikey.stats, whose 1.2 column has a function of its own
+-- it still reads apikey.stats, whose 1.2 columns have a function each
 SET ROLE regress_upgrade_monitor;
-SELECT shared_memory, tokens_redacted >= 0 AS has_tokens_redacted FROM apikey.stats;
+SELECT shared_memory, tokens_redacted >= 0 AS has_tokens_redacted,
+       failure_networks_untracked >= 0 AS has_failure_networks_untracked FROM apikey.stats;
 RESET ROLE;
 DROP OWNED BY regress_upgrade_monitor;
 DROP ROLE regress_upgrade_monitor;
@@ -85,3 +86,33 @@ UNION ALL
 SELECT a.fn, a.acl AS upgraded, p.proacl::text AS fresh
   FROM acl_upgraded a JOIN pg_proc p ON p.oid::regprocedure::text = a.fn
  WHERE a.acl IS DISTINCT FROM p.proacl::text;
+
+-- 1.1 -> 1.2: keys issued under 1.1 can be suspended, quarantined,
+-- reissued and throttled after the update, and apikey.stats gains its
+-- failure limiter column.
+SET client_min_messages = warning;
+DROP EXTENSION apikey CASCADE;
+CREATE EXTENSION apikey VERSION '1.1';
+RESET client_min_messages;
+SELECT to_regproc('apikey.suspend') IS NULL AS no_suspend,
+       to_regclass('apikey.suspensions') IS NULL AS no_suspensions;
+INSERT INTO apikey.scopes VALUES ('orders:read'), ('orders:write');
+SELECT key_id AS k11, token AS t11 FROM apikey.issue(owner => 'acme', scopes => '{orders:read,orders:write}') \gset
+SELECT key_id AS k12, token AS t12 FROM apikey.issue(owner => 'acme', scopes => '{orders:read}') \gset
+ALTER EXTENSION apikey UPDATE TO '1.2';
+SELECT extversion FROM pg_extension WHERE extname = 'apikey';
+SELECT code FROM apikey.check(:'t11', 'orders:write');
+SELECT apikey.suspend(:k11, 'after the update');
+SELECT code FROM apikey.check(:'t11', 'orders:write');
+SELECT apikey.resume(:k11);
+SELECT apikey.quarantine(:k11, '{orders:read}', 'after the update');
+SELECT code FROM apikey.check(:'t11', 'orders:write');
+SELECT code FROM apikey.check(:'t11', 'orders:read');
+SELECT key_id = :k11 AS is_k11, status FROM apikey.key_status ORDER BY key_id;
+SELECT count(*) AS reissued FROM apikey.reissue(:k11);
+SELECT code FROM apikey.check(:'t11', 'orders:read');
+SELECT failure_networks_untracked IS NOT NULL AS has_failure_column FROM apikey.stats;
+SELECT apikey.throttle(:k12, 1000, '1 second') > now() AS throttled;
+SET client_min_messages = warning;
+DROP EXTENSION apikey CASCADE;
+RESET client_min_messages;

@@ -15,6 +15,9 @@
  *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies
  *	 verify.c		the verification rules that produce a verdict
+ *	 failurelimit.c	per-network failure limiter in shared memory, before the
+ *					hash lookup; apikey.failure_limit, apikey.failure_window,
+ *					apikey.failure_exempt, apikey.failure_max_networks
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
  *					writes; apikey.database, apikey.usage_max_entries
  *	 quota.c		per-key quotas debited in the caller's transaction
@@ -27,6 +30,8 @@
  *					key through their indexes (no SPI); owns apikey.keys' OID
  *					and the generation counts of its invalidations and of
  *					apikey._cache_signal's
+ *	 throttle.c		temporary rate limits (apikey.throttle) in shared memory,
+ *					made active at commit
  *	 ratelimit.c	per-key rate limits enforced in shared memory;
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
@@ -74,10 +79,13 @@ typedef enum ApikeyCode
 	APIKEY_RATE_LIMITED,
 	APIKEY_RATE_LIMIT_UNAVAILABLE,
 	APIKEY_QUOTA_EXHAUSTED,
-	APIKEY_QUOTA_UNAVAILABLE
+	APIKEY_QUOTA_UNAVAILABLE,
+	APIKEY_SUSPENDED,
+	APIKEY_QUARANTINED,
+	APIKEY_ADDRESS_BLOCKED
 } ApikeyCode;
 
-#define APIKEY_NUM_CODES	(APIKEY_QUOTA_UNAVAILABLE + 1)
+#define APIKEY_NUM_CODES	(APIKEY_ADDRESS_BLOCKED + 1)
 
 /*
  * Everything verification needs to know about one key.  Variable-length
@@ -111,7 +119,20 @@ typedef struct ApikeyKey
 	bool		has_quota;
 	int			ncidrs;
 	inet	  **cidrs;
-	void	   *chunk;			/* owns owner, scopes and cidrs */
+	/*
+	 * Reversible responses (apikey.suspensions, apikey.quarantines).  Their
+	 * end is judged at each call (verify.c), never at load, so a cached key
+	 * is never judged suspended past its until.  DT_NOEND = until lifted.
+	 */
+	bool		suspended;
+	TimestampTz suspended_until;
+	bool		quarantined;
+	TimestampTz quarantined_until;
+	int			nallowed;		/* quarantine's allowed_scopes */
+	char	  **allowed_scopes;
+	void	   *chunk;			/* owns owner, scopes (room for nscopes +
+								 * nallowed pointers), allowed_scopes and
+								 * cidrs */
 	Size		chunk_size;
 } ApikeyKey;
 
@@ -147,6 +168,8 @@ typedef struct ApikeyStats
 {
 	uint64		calls[APIKEY_NUM_CODES];	/* every verification, by code */
 	uint64		usage_dropped;	/* usage counts lost to a full table */
+	uint64		failure_untracked;	/* failure claims on networks the
+									 * failure limiter had no room for */
 	uint64		flushes;		/* successful flushes */
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
@@ -158,6 +181,7 @@ extern Size apikey_stats_shmem_size(void);
 extern void apikey_stats_shmem_startup(void);
 extern void apikey_stats_count(ApikeyCode code);
 extern void apikey_stats_dropped(uint64 calls);
+extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
 extern bool apikey_stats_read(ApikeyStats *out);
@@ -206,6 +230,9 @@ extern void apikey_verify(text *token, text *scope, inet *client_addr,
 						  ApikeyVerdict *verdict);
 extern bool apikey_scope_granted(char *const *scopes, int nscopes,
 								 const char *want, size_t wantlen);
+extern bool apikey_key_suspended(const ApikeyKey *key, TimestampTz now,
+								 int64 *retry_after);
+extern void apikey_key_quarantine_scopes(ApikeyKey *key, TimestampTz now);
 
 /* binding.c */
 extern void apikey_binding_init(void);
@@ -217,7 +244,59 @@ extern bool apikey_binding_get(int64 *key_id, const char **owner,
 /* shmem.c */
 extern void apikey_shmem_init(void);
 
+/* failurelimit.c */
+typedef struct ApikeyNetwork
+{
+	Oid			dboid;
+	uint8		family;			/* PGSQL_AF_INET or PGSQL_AF_INET6 */
+	uint8		prefix[8];		/* the /32 or /64; the rest zero */
+} ApikeyNetwork;
+
+typedef struct ApikeyFailureClaim
+{
+	bool		held;			/* one unit of net's budget was taken */
+	ApikeyNetwork net;
+	double		emission;		/* the unit, microseconds */
+} ApikeyFailureClaim;
+
+extern void apikey_failurelimit_init(void);
+extern Size apikey_failurelimit_shmem_size(void);
+extern void apikey_failurelimit_shmem_startup(struct LWLock *lock);
+extern bool apikey_failurelimit_claim(inet *addr, TimestampTz now,
+									  int64 *retry_after,
+									  ApikeyFailureClaim *claim);
+extern void apikey_failurelimit_settle(const ApikeyFailureClaim *claim,
+									   ApikeyCode code);
+
+/* throttle.c */
+extern Size apikey_throttle_shmem_size(void);
+extern void apikey_throttle_shmem_startup(struct LWLock *lock);
+extern void apikey_throttle_set(int64 key_id, const uint8 *hash, int32 rate_limit,
+								TimestampTz until);
+extern ApikeyCode apikey_throttle_take(const ApikeyKey *key, TimestampTz now,
+									   int64 *retry_after);
+
 /* ratelimit.c */
+
+/*
+ * One GCRA step (see ratelimit.c) on a bucket whose theoretical arrival
+ * time is *tat: emission interval T, burst tolerance tau, request at t.
+ * True, with *tat advanced, when the request conforms.  *seen is the TAT
+ * the decision was made on (for retry_after = seen - t - tau).  The caller
+ * holds what protects *tat: this is plain arithmetic, safe under a spinlock.
+ */
+static inline bool
+apikey_gcra_take(double *tat, double t, double T, double tau, double *seen)
+{
+	double		x = Max(*tat, t);
+
+	*seen = x;
+	if (x - t > tau)
+		return false;
+	*tat = x + T;
+	return true;
+}
+
 extern void apikey_ratelimit_init(void);
 extern Size apikey_ratelimit_shmem_size(void);
 extern void apikey_ratelimit_shmem_startup(struct LWLock *lock);

@@ -343,6 +343,8 @@ binding_recheck(void)
 	ApikeyKey	key;
 	bool		found = false;
 	const char *why = NULL;
+	TimestampTz now = GetCurrentTimestamp();
+	int64		retry_after;
 
 	/* a revocation committed since this transaction began counts */
 	AcceptInvalidationMessages();
@@ -353,8 +355,12 @@ binding_recheck(void)
 		why = "unknown";
 	else if (key.revoked)
 		why = "revoked";
-	else if (key.has_expiry && key.expires_at <= GetCurrentTimestamp())
+	else if (key.has_expiry && key.expires_at <= now)
 		why = "expired";
+	else if (apikey_key_suspended(&key, now, &retry_after))
+		why = "suspended";
+	else
+		apikey_key_quarantine_scopes(&key, now);
 
 	if (why != NULL)
 	{

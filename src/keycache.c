@@ -129,6 +129,9 @@ key_copy(const ApikeyKey *src, ApikeyKey *dst, MemoryContext cxt)
 		dst->scopes[i] = REBASE(src->scopes[i]);
 	for (i = 0; i < src->ncidrs; i++)
 		dst->cidrs[i] = REBASE(src->cidrs[i]);
+	dst->allowed_scopes = REBASE(src->allowed_scopes);
+	for (i = 0; i < src->nallowed; i++)
+		dst->allowed_scopes[i] = REBASE(src->allowed_scopes[i]);
 #undef REBASE
 }
 

@@ -4,8 +4,10 @@
  *	  Read one key's verification record straight from the apikey tables.
  *
  * This is the cache-miss path.  It goes through the unique index on
- * keys.hash and the primary keys of revocations and key_scopes with
- * systable scans: no SPI, no parser, no planner.
+ * keys.hash and the primary keys of revocations, suspensions, quarantines
+ * and key_scopes with systable scans: no SPI, no parser, no planner.  A
+ * suspension or quarantine is loaded with its end (until) and judged at
+ * each call (verify.c), so the cache never holds a decision past its end.
  *
  * Finding the tables.  Never by name alone: a schema called "apikey" can be
  * created in advance, renamed and replaced by anyone with CREATE on the
@@ -32,10 +34,11 @@
  * cache keeps the record only if the generation has not moved by the time
  * the read is over (a toast fetch, say, can accept invalidations
  * mid-read).  The tables read only for a key that exists (revocations,
- * scopes) are locked once a first probe of the hash index has found it,
- * and then the whole load runs as above, every lock held before its
- * snapshot; a token that matches no key costs two locks and one probe of
- * the index that takes no snapshot (any row version with the hash counts).
+ * suspensions, quarantines, scopes) are locked once a first probe of the
+ * hash index has found it, and then the whole load runs as above, every
+ * lock held before its snapshot; a token that matches no key costs two
+ * locks and one probe of the index that takes no snapshot (any row version
+ * with the hash counts).
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -88,6 +91,10 @@ typedef struct KeystoreCatalog
 	Oid			revocations_pkey;
 	Oid			key_scopes;
 	Oid			key_scopes_pkey;
+	Oid			suspensions;
+	Oid			suspensions_pkey;
+	Oid			quarantines;
+	Oid			quarantines_pkey;
 	Oid			signal;			/* apikey._cache_signal */
 	AttrNumber	att_id;
 	AttrNumber	att_hash;
@@ -99,6 +106,9 @@ typedef struct KeystoreCatalog
 	AttrNumber	att_allowed_cidrs;
 	AttrNumber	att_budget_key_id;
 	AttrNumber	att_scope;
+	AttrNumber	att_suspended_until;
+	AttrNumber	att_quarantined_until;
+	AttrNumber	att_allowed_scopes;
 } KeystoreCatalog;
 
 static KeystoreCatalog catalog;
@@ -310,6 +320,10 @@ catalog_resolve(void)
 	catalog.revocations_pkey = table_index(catalog.revocations, nsp, "revocations_pkey");
 	catalog.key_scopes = member_table(extoid, nsp, "key_scopes");
 	catalog.key_scopes_pkey = table_index(catalog.key_scopes, nsp, "key_scopes_pkey");
+	catalog.suspensions = member_table(extoid, nsp, "suspensions");
+	catalog.suspensions_pkey = table_index(catalog.suspensions, nsp, "suspensions_pkey");
+	catalog.quarantines = member_table(extoid, nsp, "quarantines");
+	catalog.quarantines_pkey = table_index(catalog.quarantines, nsp, "quarantines_pkey");
 	catalog.signal = member_relation(extoid, nsp, "_cache_signal", RELKIND_VIEW, "view");
 	catalog.att_id = attribute_number(keys, "id");
 	catalog.att_hash = attribute_number(keys, "hash");
@@ -321,6 +335,9 @@ catalog_resolve(void)
 	catalog.att_allowed_cidrs = attribute_number(keys, "allowed_cidrs");
 	catalog.att_budget_key_id = attribute_number(keys, "budget_key_id");
 	catalog.att_scope = attribute_number(catalog.key_scopes, "scope");
+	catalog.att_suspended_until = attribute_number(catalog.suspensions, "until");
+	catalog.att_quarantined_until = attribute_number(catalog.quarantines, "until");
+	catalog.att_allowed_scopes = attribute_number(catalog.quarantines, "allowed_scopes");
 	catalog.keys = keys;
 }
 
@@ -407,7 +424,7 @@ read_budget(Relation keys, int64 budget_id, Snapshot snapshot, ApikeyKey *key)
 /*
  * Could a key have this hash?  The probe that lets a token matching no key
  * (unknown: the common failure, and what a guesser sends) take two locks
- * instead of seven, and no snapshot: it looks for any version of a row
+ * instead of eleven, and no snapshot: it looks for any version of a row
  * with this hash (SnapshotAny), live, dead or not yet committed.  None
  * means no key has it now, since every key's row is in the index before
  * its insert commits.  One found is only a maybe: the key is then loaded
@@ -450,6 +467,39 @@ revoked(int64 key_id, Snapshot snapshot)
 }
 
 /*
+ * The row for key_id in a table keyed by key_id (attribute 1) through its
+ * primary key, or NULL: a copy in CurrentMemoryContext.  *until is its
+ * until column (DT_NOEND when NULL).
+ */
+static HeapTuple
+response_row(Oid relid, Oid pkey, AttrNumber att_until, int64 key_id,
+			 Snapshot snapshot, TupleDesc *desc, TimestampTz *until)
+{
+	Relation	rel = table_open(relid, NoLock);
+	ScanKeyData skey;
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(key_id));
+	scan = systable_beginscan(rel, pkey, true, snapshot, 1, &skey);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, att_until, RelationGetDescr(rel), &isnull);
+
+		*until = isnull ? DT_NOEND : DatumGetTimestampTz(d);
+		tup = heap_copytuple(tup);
+		*desc = CreateTupleDescCopy(RelationGetDescr(rel));
+	}
+	else
+		tup = NULL;
+	systable_endscan(scan);
+	table_close(rel, NoLock);
+	return tup;
+}
+
+/*
  * Lock what finding a key by its hash reads (apikey.keys and its hash
  * index), until the end of the transaction, and resolve the catalog again
  * if an invalidation arrived while locking.
@@ -482,6 +532,10 @@ lock_catalog(void)
 		LockRelationOid(catalog.revocations_pkey, AccessShareLock);
 		LockRelationOid(catalog.key_scopes, AccessShareLock);
 		LockRelationOid(catalog.key_scopes_pkey, AccessShareLock);
+		LockRelationOid(catalog.suspensions, AccessShareLock);
+		LockRelationOid(catalog.suspensions_pkey, AccessShareLock);
+		LockRelationOid(catalog.quarantines, AccessShareLock);
+		LockRelationOid(catalog.quarantines_pkey, AccessShareLock);
 	} while (!OidIsValid(catalog.keys));
 }
 
@@ -508,6 +562,8 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	Datum		d;
 	char	   *owner = NULL;
 	ArrayType  *cidr_array = NULL;
+	Datum	   *allowed = NULL;
+	int			nallowed = 0;
 	List	   *scope_list = NIL;
 	ListCell   *lc;
 	Size		size;
@@ -570,8 +626,24 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	{
 		Datum	   *cidrs = NULL;
 		int			ncidrs = 0;
+		TupleDesc	tupdesc;
 
 		key->revoked = revoked(key->key_id, snapshot);
+		tup = response_row(catalog.suspensions, catalog.suspensions_pkey,
+						   catalog.att_suspended_until, key->key_id, snapshot,
+						   &tupdesc, &key->suspended_until);
+		key->suspended = (tup != NULL);
+		tup = response_row(catalog.quarantines, catalog.quarantines_pkey,
+						   catalog.att_quarantined_until, key->key_id, snapshot,
+						   &tupdesc, &key->quarantined_until);
+		key->quarantined = (tup != NULL);
+		if (key->quarantined)
+		{
+			d = heap_getattr(tup, catalog.att_allowed_scopes, tupdesc, &isnull);
+			if (!isnull)
+				deconstruct_array(DatumGetArrayTypePCopy(d), TEXTOID, -1, false,
+								  TYPALIGN_INT, &allowed, NULL, &nallowed);
+		}
 
 		/* scopes: key_scopes_pkey is (key_id, scope) */
 		rel = table_open(catalog.key_scopes, NoLock);
@@ -591,18 +663,24 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 							  &cidrs, NULL, &ncidrs);
 
 		/* pack owner, scopes and CIDRs into one chunk */
-		size = MAXALIGN(sizeof(char *) * list_length(scope_list)) +
+		size = MAXALIGN(sizeof(char *) * (list_length(scope_list) + nallowed)) +
+			MAXALIGN(sizeof(char *) * nallowed) +
 			MAXALIGN(sizeof(inet *) * ncidrs) + strlen(owner) + 1;
 		foreach(lc, scope_list)
 			size += strlen((char *) lfirst(lc)) + 1;
+		for (i = 0; i < nallowed; i++)
+			size += VARSIZE_ANY_EXHDR(DatumGetPointer(allowed[i])) + 1;
 		for (i = 0; i < ncidrs; i++)
 			size += MAXALIGN(VARSIZE_ANY(DatumGetPointer(cidrs[i])));
 
 		key->chunk = MemoryContextAlloc(chunk_cxt, size);
 		key->chunk_size = size;
 		p = key->chunk;
+		/* room to narrow the scopes to a quarantine's (verify.c) */
 		key->scopes = (char **) p;
-		p += MAXALIGN(sizeof(char *) * list_length(scope_list));
+		p += MAXALIGN(sizeof(char *) * (list_length(scope_list) + nallowed));
+		key->allowed_scopes = (char **) p;
+		p += MAXALIGN(sizeof(char *) * nallowed);
 		key->cidrs = (inet **) p;
 		p += MAXALIGN(sizeof(inet *) * ncidrs);
 		for (i = 0; i < ncidrs; i++)
@@ -620,6 +698,17 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 			strcpy(p, (char *) lfirst(lc));
 			key->scopes[key->nscopes++] = p;
 			p += strlen(p) + 1;
+		}
+		key->nallowed = 0;
+		for (i = 0; i < nallowed; i++)
+		{
+			text	   *t = DatumGetTextPP(allowed[i]);
+			Size		len = VARSIZE_ANY_EXHDR(t);
+
+			memcpy(p, VARDATA_ANY(t), len);
+			p[len] = '\0';
+			key->allowed_scopes[key->nallowed++] = p;
+			p += len + 1;
 		}
 		strcpy(p, owner);
 		key->owner = p;

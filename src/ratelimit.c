@@ -22,6 +22,9 @@
  * restart gives every key a full bucket.  A key in a rotation's grace period
  * takes from the new key's bucket (ApikeyKey.budget_id).
  *
+ * The GCRA step itself is apikey_gcra_take() (apikey.h), shared with the
+ * failure limiter (failurelimit.c).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -228,10 +231,7 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 		entry->rate_limit = key->rate_limit;
 		entry->rate_window = key->rate_window;
 	}
-	tat = Max(entry->tat, t);
-	allowed = (tat - t <= tau);
-	if (allowed)
-		entry->tat = tat + T;
+	allowed = apikey_gcra_take(&entry->tat, t, T, tau, &tat);
 	SpinLockRelease(&entry->mutex);
 	LWLockRelease(rate_lock);
 

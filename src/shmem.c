@@ -6,7 +6,8 @@
  * Each module owns its shared state and states its locking rule next to
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
  * (rate-limit buckets), worker.c (the usage writer and flush requests),
- * invalidation.c (the ring of changed keys).
+ * invalidation.c (the ring of changed keys), failurelimit.c (failure
+ * buckets per client network), throttle.c (temporary rate limits).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -14,8 +15,9 @@
  * Without it every module falls back: no live statistics, usage is
  * appended to apikey.usage_pending in the caller's transaction, a key with
  * a rate limit is refused with rate_limit_unavailable (a limit that cannot
- * be enforced never allows), and a change to a key empties every backend's
- * key cache instead of evicting just that key.
+ * be enforced never allows), a change to a key empties every backend's
+ * key cache instead of evicting just that key, the failure limiter is off
+ * and apikey.throttle() refuses.
  *
  *-------------------------------------------------------------------------
  */
@@ -32,7 +34,9 @@
 #define LOCK_USAGE		0
 #define LOCK_RATE		1
 #define LOCK_INVAL		2
-#define NUM_LOCKS		3
+#define LOCK_FAILURE	3
+#define LOCK_THROTTLE	4
+#define NUM_LOCKS		5
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -47,6 +51,8 @@ shmem_request(void)
 	size = add_size(size, apikey_stats_shmem_size());
 	size = add_size(size, apikey_usage_shmem_size());
 	size = add_size(size, apikey_ratelimit_shmem_size());
+	size = add_size(size, apikey_failurelimit_shmem_size());
+	size = add_size(size, apikey_throttle_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
@@ -66,6 +72,8 @@ shmem_startup(void)
 	apikey_stats_shmem_startup();
 	apikey_usage_shmem_startup(&locks[LOCK_USAGE].lock);
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
+	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
+	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
 	apikey_worker_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);

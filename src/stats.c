@@ -2,8 +2,8 @@
  *
  * stats.c
  *	  The live counters behind apikey.stats: verifications per verdict code,
- *	  usage counts dropped, the usage writer's flushes, and tokens the log
- *	  redactor hid.
+ *	  usage counts dropped, the usage writer's flushes, tokens the log
+ *	  redactor hid, and networks the failure limiter could not track.
  *
  * Verification counts are kept per backend, so that counting a call
  * writes a cache line no other backend writes: each backend owns one row
@@ -14,7 +14,8 @@
  * practice) counts in the shared row instead.
  *
  * Locking: none.  Every counter is an atomic that only grows; the rarely
- * written ones (drops, flushes, redactions) are shared by all backends.
+ * written ones (drops, flushes, redactions, untracked failures) are shared
+ * by all backends.
  *
  * Without shared memory (no preload) there are no counters, and
  * apikey_stats_read() says so.
@@ -42,6 +43,8 @@ typedef union BackendCounts
 typedef struct StatsShared
 {
 	pg_atomic_uint64 usage_dropped; /* counts lost to a full usage table */
+	pg_atomic_uint64 failure_untracked; /* networks the failure limiter had
+										 * no room for */
 	pg_atomic_uint64 flushes;	/* successful flushes */
 	pg_atomic_uint64 flush_errors;	/* failed flushes (counts kept) */
 	pg_atomic_uint64 flushed_calls; /* calls written to usage_log */
@@ -72,6 +75,7 @@ apikey_stats_shmem_startup(void)
 	if (found)
 		return;
 	pg_atomic_init_u64(&stats->usage_dropped, 0);
+	pg_atomic_init_u64(&stats->failure_untracked, 0);
 	pg_atomic_init_u64(&stats->flushes, 0);
 	pg_atomic_init_u64(&stats->flush_errors, 0);
 	pg_atomic_init_u64(&stats->flushed_calls, 0);
@@ -128,6 +132,14 @@ apikey_stats_redacted(uint64 spans)
 		pg_atomic_fetch_add_u64(&stats->tokens_redacted, spans);
 }
 
+/* Count a failure claim on a network the failure limiter had no room for. */
+void
+apikey_stats_failure_untracked(void)
+{
+	if (stats != NULL)
+		pg_atomic_fetch_add_u64(&stats->failure_untracked, 1);
+}
+
 /* Record the outcome of one flush by the usage writer. */
 void
 apikey_stats_flushed(uint64 calls, bool ok)
@@ -158,6 +170,7 @@ apikey_stats_read(ApikeyStats *out)
 		for (c = 0; c < APIKEY_NUM_CODES; c++)
 			out->calls[c] += pg_atomic_read_u64(&stats->backends[i].calls[c]);
 	out->usage_dropped = pg_atomic_read_u64(&stats->usage_dropped);
+	out->failure_untracked = pg_atomic_read_u64(&stats->failure_untracked);
 	out->flushes = pg_atomic_read_u64(&stats->flushes);
 	out->flush_errors = pg_atomic_read_u64(&stats->flush_errors);
 	out->flushed_calls = pg_atomic_read_u64(&stats->flushed_calls);

@@ -26,7 +26,8 @@ typedef struct VerdictInfo
 {
 	const char *name;			/* verdict code as SQL sees it */
 	int			sqlstate;		/* raised by authenticate() */
-	const char *message;		/* errmsg; for scope_denied, %s is the scope */
+	const char *message;		/* errmsg; for scope_denied and quarantined,
+								 * %s is the scope */
 	const char *hint;			/* errhint or NULL; %s is retry_after where
 								 * hint_takes_retry */
 	bool		hint_takes_retry;
@@ -61,6 +62,15 @@ static const VerdictInfo verdicts[APIKEY_NUM_CODES] = {
 		"API key quota cannot be debited in a read-only transaction",
 		"Authenticate keys that have a quota in a read-write transaction on the primary.",
 		false},
+	[APIKEY_SUSPENDED] = {"suspended", REJECTED_KEY,
+		"API key is suspended", "The suspension ends in %s.", true},
+	[APIKEY_QUARANTINED] = {"quarantined", ERRCODE_INSUFFICIENT_PRIVILEGE,
+		"API key is quarantined and may not use scope \"%s\"",
+		"The key may still use the scopes its quarantine allows; an administrator lifts it with apikey.release().",
+		false},
+	[APIKEY_ADDRESS_BLOCKED] = {"address_blocked", ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+		"too many failed API key verifications from this client network",
+		"Retry after %s.", true},
 };
 
 /* The SQL name of a verdict code. */
@@ -98,7 +108,7 @@ apikey_verdict_report(const ApikeyVerdict *v, const char *scope)
 													apikey_interval_datum(v->retry_after)));
 	ereport(ERROR,
 			(errcode(info->sqlstate),
-			 v->code == APIKEY_SCOPE_DENIED ?
+			 (v->code == APIKEY_SCOPE_DENIED || v->code == APIKEY_QUARANTINED) ?
 			 errmsg(info->message, scope) : errmsg("%s", info->message),
 			 errdetail("Verdict: %s.", info->name),
 			 info->hint == NULL ? 0 :

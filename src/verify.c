@@ -5,12 +5,21 @@
  *
  * The checks run in this order, and the first that fails decides the code:
  *
+ *	 address_blocked  the client network asserted by a trusted proxy has
+ *					  spent its failure budget (failurelimit.c); nothing
+ *					  is parsed, hashed or read
  *	 malformed		  not a well-formed token (length, prefix, charset, CRC)
  *	 unknown		  no key has this token's hash
  *	 revoked		  the key has a row in apikey.revocations
  *	 expired		  expires_at <= the time of the call (clock_timestamp())
+ *	 suspended		  the key has a suspension whose until is NULL or later
+ *					  than the time of the call
  *	 address_denied	  the key has allowed_cidrs and the client is outside
  *	 scope_denied	  a scope was asked for and the key does not hold it
+ *	 quarantined	  the key is quarantined (until as for a suspension) and
+ *					  the scope asked for is outside its allowed_scopes
+ *	 rate_limited	  the key is throttled (apikey.throttle) and its throttle
+ *					  is spent
  *	 rate_limit_unavailable / rate_limited
  *	 quota_unavailable / quota_exhausted
  *	 valid
@@ -23,6 +32,11 @@
  * the call began is seen even inside a transaction that began earlier.
  * The verdict owns its copy of the key (verdict->key_copy), so nothing that
  * runs after the lookup can free it.
+ *
+ * A quarantined key keeps working for the scopes that both it and the
+ * quarantine's allowed_scopes grant: while the quarantine lasts, the
+ * verdict (and so a binding) carries only those scopes, so has_scope() and
+ * require_scope() enforce it too, also when no scope was asked for.
  *
  *-------------------------------------------------------------------------
  */
@@ -126,21 +140,90 @@ address_allowed(const ApikeyKey *key, inet *addr)
 	return false;
 }
 
+/*
+ * Is key suspended at now?  A timed suspension ends by the clock, judged at
+ * each call; *retry_after is then the time left (else -1).
+ */
+bool
+apikey_key_suspended(const ApikeyKey *key, TimestampTz now, int64 *retry_after)
+{
+	if (!key->suspended || key->suspended_until <= now)
+		return false;
+	*retry_after = TIMESTAMP_IS_NOEND(key->suspended_until) ? -1 :
+		key->suspended_until - now;
+	return true;
+}
+
+/*
+ * If key is quarantined at now, narrow its scopes to those that both it and
+ * the quarantine grant.  Grants are exact names, prefix:* or *, so two
+ * grants either nest or are disjoint: the narrower of each nesting pair is
+ * kept.  The scopes array has room for nscopes + nallowed (keystore.c).
+ */
+void
+apikey_key_quarantine_scopes(ApikeyKey *key, TimestampTz now)
+{
+	char	  **kept;
+	int			nkept = 0;
+	int			i;
+
+	if (!key->quarantined || key->quarantined_until <= now)
+		return;
+	kept = palloc(sizeof(char *) * (key->nscopes + key->nallowed + 1));
+	for (i = 0; i < key->nallowed; i++)
+	{
+		const char *a = key->allowed_scopes[i];
+
+		if (apikey_scope_granted(key->scopes, key->nscopes, a, strlen(a)))
+			kept[nkept++] = key->allowed_scopes[i];
+	}
+	for (i = 0; i < key->nscopes; i++)
+	{
+		const char *g = key->scopes[i];
+		int			j;
+
+		if (!apikey_scope_granted(key->allowed_scopes, key->nallowed, g, strlen(g)))
+			continue;
+		for (j = 0; j < nkept && strcmp(kept[j], g) != 0; j++)
+			;
+		if (j == nkept)
+			kept[nkept++] = key->scopes[i];
+	}
+	memcpy(key->scopes, kept, sizeof(char *) * nkept);
+	key->nscopes = nkept;
+	pfree(kept);
+}
+
 /* Checks on a known key, in order; returns the first code that applies. */
 static ApikeyCode
-judge(const ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
+judge(ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 	  ApikeyVerdict *verdict)
 {
 	if (key->revoked)
 		return APIKEY_REVOKED;
 	if (key->has_expiry && key->expires_at <= now)
 		return APIKEY_EXPIRED;
+	if (apikey_key_suspended(key, now, &verdict->retry_after))
+	{
+		verdict->has_retry_after = (verdict->retry_after >= 0);
+		return APIKEY_SUSPENDED;
+	}
 	if (key->ncidrs > 0 && !address_allowed(key, addr))
 		return APIKEY_ADDRESS_DENIED;
 	if (scope != NULL &&
 		!apikey_scope_granted(key->scopes, key->nscopes, VARDATA_ANY(scope),
 							  VARSIZE_ANY_EXHDR(scope)))
 		return APIKEY_SCOPE_DENIED;
+	apikey_key_quarantine_scopes(key, now);
+	if (scope != NULL &&
+		!apikey_scope_granted(key->scopes, key->nscopes, VARDATA_ANY(scope),
+							  VARSIZE_ANY_EXHDR(scope)))
+		return APIKEY_QUARANTINED;
+	if (apikey_throttle_take(key, now, &verdict->retry_after) != APIKEY_VALID)
+	{
+		verdict->has_retry_after = true;
+		return APIKEY_RATE_LIMITED;
+	}
 	if (key->rate_limit > 0)
 	{
 		ApikeyCode	code = apikey_ratelimit_take(key, now,
@@ -180,11 +263,21 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	TimestampTz now = GetCurrentTimestamp();
 	size_t		prefix_len;
 	inet	   *addr = NULL;
+	ApikeyFailureClaim claim;
 
 	if (client_addr != NULL && may_assert_address())
 		addr = client_addr;
 	memset(verdict, 0, offsetof(ApikeyVerdict, key_copy));
 	verdict->code = APIKEY_MALFORMED;
+
+	/* only an asserted address is limited: see failurelimit.c */
+	if (!apikey_failurelimit_claim(addr, now, &verdict->retry_after, &claim))
+	{
+		verdict->code = APIKEY_ADDRESS_BLOCKED;
+		verdict->has_retry_after = true;
+		apikey_usage_count(verdict, addr, now);
+		return;
+	}
 
 	if (token != NULL &&
 		apikey_token_parse(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token),
@@ -198,7 +291,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 			verdict->code = APIKEY_UNKNOWN;
 		else
 		{
-			const ApikeyKey *key = &verdict->key_copy;
+			ApikeyKey  *key = &verdict->key_copy;
 
 			if (addr == NULL && key->ncidrs > 0)
 				addr = connection_addr();
@@ -207,6 +300,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 		}
 	}
 
+	apikey_failurelimit_settle(&claim, verdict->code);
 	if (verdict->code != APIKEY_VALID && addr == NULL)
 		addr = connection_addr();
 	apikey_usage_count(verdict, addr, now);

@@ -133,6 +133,20 @@ SELECT code || ':' || remaining FROM apikey.check(tok('quota'));
 SELECT code || ':' || remaining FROM apikey.check(tok('quota'));}),
 	"valid:1\nvalid:0\nquota_exhausted:0", 'quota enforced without shared memory');
 
+# The responses in tables work; the ones in shared memory are off or refuse.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT apikey.suspend(kid('quota'), 'no preload');
+SELECT code FROM apikey.check(tok('quota'));
+SELECT apikey.resume(kid('quota'));}),
+	"t\nsuspended\nt", 'suspend and resume work without shared memory');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT apikey.throttle(kid('quota'), 1, '1 hour')});
+like($err, qr/API keys cannot be throttled without shared memory/, 'throttle() refuses without shared memory');
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT string_agg(code, ' ') FROM (SELECT (apikey.check('ak_bad', NULL, '203.0.113.1')).code FROM generate_series(1, 40)) c}),
+	join(' ', ('malformed') x 40), 'the failure limiter is off');
+
 ok(!$node->log_contains(qr/LOG:  apikey usage writer started/), 'the usage writer never started');
 ok(!$node->log_contains(qr/FATAL|PANIC/), 'no session was lost');
 

@@ -17,9 +17,10 @@ our @EXPORT = qw(apikey_node apikey_db token_table);
 
 # A started cluster with apikey preloaded and its usage writer in the
 # database postgres (apikey.database's default, stated because most tests
-# watch the writer there).  $conf: more postgresql.conf lines, which win
-# over these (a later line wins); %init: parameters of init(), such as
-# allows_streaming.
+# watch the writer there), and the failure limiter off (the tests assert
+# client addresses far past 30 failures a minute; as in apikey.conf).
+# $conf: more postgresql.conf lines, which win over these (a later line
+# wins); %init: parameters of init(), such as allows_streaming.
 sub apikey_node
 {
 	my ($name, $conf, %init) = @_;
@@ -28,6 +29,7 @@ sub apikey_node
 	$node->append_conf(
 		'postgresql.conf', "shared_preload_libraries = 'apikey'\n"
 		  . "apikey.database = 'postgres'\n"
+		  . "apikey.failure_limit = 0\n"
 		  . ($conf // ''));
 	$node->start;
 	return $node;
