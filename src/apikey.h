@@ -36,6 +36,7 @@
  *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
  *	 verdict.c		the verdict codes: name, SQLSTATE, message (one table)
+ *	 address.c		client addresses and allowlists: IPv4-mapped IPv6 in IPv4 form
  *	 hash.c			SHA-256
  *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
  *					(no server calls: fuzzed on its own)
@@ -200,6 +201,9 @@ extern bool apikey_inval_leaving_recovery(void);
 extern void apikey_inval_forget(void);
 extern bool apikey_inval_catch_up(void (*evict) (int64 *ids, int nids));
 extern void apikey_inval_key_changed(struct TriggerData *td);
+
+/* address.c */
+extern inet *apikey_address_normal(const inet *addr, MemoryContext cxt);
 
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,
