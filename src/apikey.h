@@ -13,7 +13,8 @@
  *					apikey.usage_flush_interval
  *	 issue.c		issuing keys (issue, issue_many) and the argument checks
  *					they share with set_limits
- *	 binding.c		the key bound to the transaction, for row-level policies
+ *	 binding.c		the key bound to the transaction, for row-level policies;
+ *					apikey.allow_session_binding
  *	 verify.c		the verification rules that produce a verdict
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
  *					writes; apikey.database, apikey.usage_max_entries
@@ -213,6 +214,7 @@ extern bool apikey_scope_granted(char *const *scopes, int nscopes,
 
 /* binding.c */
 extern void apikey_binding_init(void);
+extern void apikey_binding_check_kind(bool session);
 extern void apikey_binding_set(const ApikeyKey *key, bool session);
 extern void apikey_binding_clear(void);
 extern bool apikey_binding_get(int64 *key_id, const char **owner,
