@@ -2,6 +2,7 @@
 MODULE_big = apikey
 OBJS = \
 	apikey.o \
+	src/address.o \
 	src/audit.o \
 	src/binding.o \
 	src/failurelimit.o \

@@ -53,7 +53,8 @@ _PG_init(void)
 {
 	/* every backend */
 	apikey_keycache_init();		/* apikey.cache_size */
-	apikey_binding_init();		/* apikey.binding and its guards */
+	apikey_binding_init();		/* apikey.binding and its guards,
+								 * apikey.allow_session_binding */
 	apikey_redact_init();		/* apikey.redact_logs, log and utility hooks */
 	apikey_worker_init();		/* apikey.usage_flush_interval */
 	apikey_keystore_init();		/* invalidation callbacks */
@@ -351,6 +352,7 @@ apikey_authenticate(PG_FUNCTION_ARGS)
 	bool		session = !PG_ARGISNULL(3) && PG_GETARG_BOOL(3);
 
 	apikey_redact_require_early_load();
+	apikey_binding_check_kind(session);
 	apikey_verify(token_arg(fcinfo, 0), scope, inet_arg_or_null(fcinfo, 2), &v);
 	if (v.code != APIKEY_VALID)
 		apikey_verdict_report(&v, (v.code == APIKEY_SCOPE_DENIED ||

@@ -17,8 +17,8 @@ SELECT key_id AS a1, token AS ta1
 SELECT allowed_cidrs FROM apikey.keys WHERE id = :a1;
 
 -- Inside and outside, IPv4 and IPv6, hosts and networks.  A client that
--- claims a network wider than an allowed one is outside.  As in pg_hba.conf,
--- an IPv4 network does not match an IPv4-mapped IPv6 address.
+-- claims a network wider than an allowed one is outside.  An IPv4-mapped
+-- IPv6 address is its IPv4 client (security_mapped_addresses).
 SELECT a.addr, c.valid, c.code, c.key_id = :a1 AS same_key
   FROM (VALUES (1, '10.1.2.3'::inet), (2, '10.255.255.255'), (3, '192.168.1.77'),
                (4, '2001:db8::1'), (5, '2001:db8:ffff::42'), (6, '10.1.0.0/16'),

@@ -13,7 +13,8 @@
  *					apikey.usage_flush_interval
  *	 issue.c		issuing keys (issue, issue_many) and the argument checks
  *					they share with set_limits
- *	 binding.c		the key bound to the transaction, for row-level policies
+ *	 binding.c		the key bound to the transaction, for row-level policies;
+ *					apikey.allow_session_binding
  *	 verify.c		the verification rules that produce a verdict
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
@@ -41,6 +42,7 @@
  *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
  *	 verdict.c		the verdict codes: name, SQLSTATE, message (one table)
+ *	 address.c		client addresses and allowlists: IPv4-mapped IPv6 in IPv4 form
  *	 hash.c			SHA-256
  *	 token.c		token format: base62, CRC-32 checksum, parse, build, scan
  *					(no server calls: fuzzed on its own)
@@ -225,6 +227,9 @@ extern void apikey_inval_forget(void);
 extern bool apikey_inval_catch_up(void (*evict) (int64 *ids, int nids));
 extern void apikey_inval_key_changed(struct TriggerData *td);
 
+/* address.c */
+extern inet *apikey_address_normal(const inet *addr, MemoryContext cxt);
+
 /* verify.c */
 extern void apikey_verify(text *token, text *scope, inet *client_addr,
 						  ApikeyVerdict *verdict);
@@ -236,6 +241,7 @@ extern void apikey_key_quarantine_scopes(ApikeyKey *key, TimestampTz now);
 
 /* binding.c */
 extern void apikey_binding_init(void);
+extern void apikey_binding_check_kind(bool session);
 extern void apikey_binding_set(const ApikeyKey *key, bool session);
 extern void apikey_binding_clear(void);
 extern bool apikey_binding_get(int64 *key_id, const char **owner,

@@ -43,6 +43,14 @@
  * session binding, which behind a transaction-mode pooler the next client
  * would inherit.
  *
+ * Forbidding session bindings.  apikey.allow_session_binding (on by default,
+ * so existing callers keep working) set off for a role - ALTER ROLE app SET ... = off, for
+ * the role a transaction-mode pooler connects as - makes authenticate(...,
+ * session => true) raise before the token is even verified.  It is
+ * PGC_SUSET, so the restricted role cannot lift it: not with SET, SET
+ * LOCAL, set_config(), RESET, ALTER ROLE/DATABASE SET, connection options
+ * or a function's SET clause.  It governs new bindings only.
+ *
  * Re-checks.  A session binding outlives the transaction that made it, so
  * before the helpers use it in a later transaction it is checked again
  * against the key cache: if the key has been revoked, has expired (by the
@@ -121,6 +129,7 @@ typedef struct Binding
 static char *binding_string = NULL;
 static Binding *binding_current = NULL;
 static bool binding_in_progress = false;
+static bool allow_session_binding = true;
 static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 static ExecutorStart_hook_type prev_ExecutorStart = NULL;
 
@@ -306,6 +315,21 @@ apikey_binding_set(const ApikeyKey *key, bool session)
 {
 	binding_write(session ? BINDING_SESSION : BINDING_TRANSACTION,
 				  key->key_id, key->hash, key->owner, key->scopes, key->nscopes);
+}
+
+/*
+ * Refuse a session binding where apikey.allow_session_binding is off: called
+ * before the token is verified, so a refused call counts nothing.
+ */
+void
+apikey_binding_check_kind(bool session)
+{
+	if (session && !allow_session_binding)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("session bindings are not allowed in this session"),
+				 errdetail("apikey.allow_session_binding is off (for this role, database or server)."),
+				 errhint("Bind the key to the transaction instead: call apikey.authenticate(token) without session => true in each transaction.")));
 }
 
 /* End every binding: the transaction's and the session's. */
@@ -512,7 +536,10 @@ binding_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 		apikey_binding_clear();
 }
 
-/* Define apikey.binding and install the hooks that guard it. */
+/*
+ * Define apikey.binding and apikey.allow_session_binding, and install the
+ * hooks that guard the binding.
+ */
 void
 apikey_binding_init(void)
 {
@@ -527,6 +554,15 @@ apikey_binding_init(void)
 							   binding_check_hook,
 							   binding_assign_hook,
 							   NULL);
+
+	/* apikey.allow_session_binding: superusers only, so a role cannot lift it */
+	DefineCustomBoolVariable("apikey.allow_session_binding",
+							 "Allows apikey.authenticate(..., session => true).",
+							 "Turn off for roles behind a transaction-mode pooler, where the next client would inherit a session binding.",
+							 &allow_session_binding,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
 
 	prev_ProcessUtility = ProcessUtility_hook;
 	ProcessUtility_hook = binding_ProcessUtility;

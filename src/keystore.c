@@ -661,6 +661,10 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 		if (cidr_array != NULL)
 			deconstruct_array(cidr_array, CIDROID, -1, false, TYPALIGN_INT,
 							  &cidrs, NULL, &ncidrs);
+		/* mapped networks in IPv4 form, as client addresses are */
+		for (i = 0; i < ncidrs; i++)
+			cidrs[i] = InetPGetDatum(apikey_address_normal(DatumGetInetPP(cidrs[i]),
+														   CurrentMemoryContext));
 
 		/* pack owner, scopes and CIDRs into one chunk */
 		size = MAXALIGN(sizeof(char *) * (list_length(scope_list) + nallowed)) +

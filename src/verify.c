@@ -96,7 +96,10 @@ may_assert_address(void)
 	return OidIsValid(proxy) ? has_privs_of_role(GetUserId(), proxy) : superuser();
 }
 
-/* The connecting client's address, or NULL (Unix socket): computed once. */
+/*
+ * The connecting client's address in IPv4 form if mapped (address.c), or
+ * NULL (Unix socket): computed once.
+ */
 static inet *
 connection_addr(void)
 {
@@ -111,12 +114,7 @@ connection_addr(void)
 		InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
 		d = inet_client_addr(fcinfo);
 		if (!fcinfo->isnull)
-		{
-			inet	   *tmp = DatumGetInetPP(d);
-
-			addr = MemoryContextAlloc(TopMemoryContext, VARSIZE_ANY(tmp));
-			memcpy(addr, tmp, VARSIZE_ANY(tmp));
-		}
+			addr = apikey_address_normal(DatumGetInetPP(d), TopMemoryContext);
 		computed = true;
 	}
 	return addr;
@@ -253,7 +251,7 @@ judge(ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
  * Verify token (may be NULL) for scope (may be NULL) from client_addr, count
  * the call, and fill *verdict.  client_addr counts only from a role that may
  * assert it (may_assert_address); otherwise, or when it is NULL, the
- * connection's address is used.  Never raises for bad input: bad input is a
+ * connection's address is used.  Either is taken in IPv4 form if mapped.  Never raises for bad input: bad input is a
  * verdict.
  */
 void
@@ -266,7 +264,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	ApikeyFailureClaim claim;
 
 	if (client_addr != NULL && may_assert_address())
-		addr = client_addr;
+		addr = apikey_address_normal(client_addr, CurrentMemoryContext);
 	memset(verdict, 0, offsetof(ApikeyVerdict, key_copy));
 	verdict->code = APIKEY_MALFORMED;
 

@@ -8,6 +8,12 @@
 # owner after its own authenticate(), and row-level security shows it only
 # its own tenant's rows.  Every transaction reports pg_backend_pid(), to show
 # that the server connection really was shared.
+#
+# The application role has apikey.allow_session_binding = off (ALTER ROLE,
+# as the README advises for a role behind a transaction-mode pooler): its
+# authenticate(..., session => true) is refused, the other client does not
+# inherit anything, and the role cannot lift the setting, neither through
+# PgBouncer nor with a connection option on a direct connection.
 
 use strict;
 use warnings;
@@ -38,6 +44,7 @@ $node->safe_psql(
 	CREATE POLICY orders_read ON orders FOR SELECT
 		USING (tenant = apikey.current_owner() AND apikey.has_scope('orders:read'));
 	GRANT SELECT ON orders TO regress_pgb_app;
+	ALTER ROLE regress_pgb_app SET apikey.allow_session_binding = off;
 });
 
 # One key per client; the tokens go straight into the clients' psql
@@ -147,6 +154,17 @@ sub wait_result
 	return $out;
 }
 
+# Wait until a client's stderr matches $re (psql writes an error to stderr
+# before the \echo that ends wait_result, but the pipes are read apart);
+# the stderr, or '' after the time-out.
+sub wait_stderr
+{
+	my ($c, $re) = @_;
+	$c->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	eval { $c->{run}->pump until $c->{stderr} =~ $re; };
+	return $c->{stderr} =~ $re ? $c->{stderr} : '';
+}
+
 # One request: what the transaction sees before and after authenticate().
 my $request = q{BEGIN;
 SELECT 'start', coalesce(apikey.current_owner(), '-'), pg_backend_pid(), (SELECT count(*) FROM orders);
@@ -237,6 +255,34 @@ ok($ok_start, "every one of $requests transactions started with no binding and n
 ok($ok_after, 'every transaction saw its own owner and rows after authenticate');
 is(scalar(keys %pids), 1, 'all transactions ran on one server connection');
 is($ac->{stderr} . $gc->{stderr}, '', 'no errors in either client');
+
+# A session binding would be inherited by the next client on this server
+# connection: the role may not make one, nor lift the setting.
+send_sql($ac, q{SELECT 'session', apikey.authenticate(:'tok', session => true);});
+my $session_out = wait_result($ac);
+send_sql($gc, q{SELECT 'peek', coalesce(apikey.current_owner(), '-');});
+my $session_peek = wait_result($gc);
+is($session_out, '', 'session => true returned nothing');
+like(wait_stderr($ac, qr/session bindings are not allowed/),
+	qr/ERROR:  session bindings are not allowed in this session/,
+	'session => true refused for the pooled role');
+is($session_peek, "peek|-\n", 'the other client inherits no binding');
+$ac->{stderr} = '';
+send_sql($ac, q{SET apikey.allow_session_binding = on;
+SELECT 'after-set', current_setting('apikey.allow_session_binding');});
+is(wait_result($ac), "after-set|off\n", 'SET does not lift it');
+like(wait_stderr($ac, qr/permission denied/),
+	qr/permission denied to set parameter "apikey.allow_session_binding"/,
+	'SET refused');
+my ($opt_ret, $opt_out, $opt_err) = $node->psql(
+	'postgres', 'SHOW apikey.allow_session_binding',
+	connstr => $node->connstr('postgres')
+	  . " user=regress_pgb_app options='-capikey.allow_session_binding=on'",
+	extra_params => ['-w'],
+	on_error_stop => 0);
+isnt($opt_ret, 0, 'a connection option cannot lift it: connection refused');
+like($opt_err, qr/permission denied to set parameter "apikey.allow_session_binding"/,
+	'connection option refused');
 
 for my $c ($ac, $gc)
 {
