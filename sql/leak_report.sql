@@ -16,6 +16,9 @@ INSERT INTO tok SELECT 'notify', key_id, token FROM apikey.issue('acme', prefix 
 INSERT INTO tok SELECT 'unknown', NULL, token FROM apikey._new_token('ak');
 SELECT apikey.revoke(id, 'earlier') FROM tok WHERE name = 'gh_revoked';
 CREATE FUNCTION t(n text) RETURNS text LANGUAGE sql AS 'SELECT token FROM tok WHERE name = n';
+-- A token with its last character changed (so its checksum no longer holds).
+CREATE FUNCTION broken(tok text) RETURNS text LANGUAGE sql
+    AS $$SELECT left(tok, -1) || CASE right(tok, 1) WHEN 'x' THEN 'y' ELSE 'x' END$$;
 CREATE FUNCTION k(n text) RETURNS bigint LANGUAGE sql AS 'SELECT id FROM tok WHERE name = n';
 
 -- Leak policies per prefix.  suspend cannot be carried out yet: refused.
@@ -91,14 +94,14 @@ SELECT jsonb_build_array(
 	jsonb_build_object('token', t('gh_live'), 'type', 'apikey_token', 'url', 'https://github.com/o/r/blob/abc/config.yml', 'source', 'content'),
 	jsonb_build_object('token', t('gh_revoked'), 'type', 'apikey_token', 'url', 'https://github.com/o/r/issues/1', 'source', 'issue_comment'),
 	jsonb_build_object('token', t('unknown'), 'type', 'apikey_token', 'url', 'https://gist.github.com/x', 'source', 'gist'),
-	jsonb_build_object('token', left(t('gh_live'), -1) || 'x', 'type', 'apikey_token', 'url', 'https://github.com/o/r/2', 'source', 'content'),
+	jsonb_build_object('token', broken(t('gh_live')), 'type', 'apikey_token', 'url', 'https://github.com/o/r/2', 'source', 'content'),
 	jsonb_build_object('token', 42, 'type', 'apikey_token'),
 	jsonb_build_object('type', 'apikey_token'),
 	'"not an object"'::jsonb) AS p;
 -- The feedback, with each raw token replaced by its name here.
 SELECT f->>'label' AS label, f->>'token_type' AS token_type,
        COALESCE((SELECT name FROM tok WHERE token = f->>'token_raw'),
-                CASE WHEN f->>'token_raw' = left(t('gh_live'), -1) || 'x' THEN 'broken checksum' END,
+                CASE WHEN f->>'token_raw' = broken(t('gh_live')) THEN 'broken checksum' END,
                 (f->'token_raw')::text) AS token
   FROM payload, jsonb_array_elements(apikey.report_leaks(p)) WITH ORDINALITY AS x(f, i) ORDER BY i;
 SELECT (apikey.check(t('gh_live'))).code AS gh_live,
@@ -166,4 +169,5 @@ SELECT p.oid::regprocedure AS reporter_may_execute FROM pg_proc p
 DROP ROLE regress_leak_scanner;
 DROP ROLE regress_leak_stranger;
 DROP FUNCTION t(text);
+DROP FUNCTION broken(text);
 DROP FUNCTION k(text);
