@@ -74,6 +74,12 @@ SELECT apikey.verify('ak_not_a_token');
 SELECT apikey.flush_usage();
 });
 
+# Store the rotated key's row after its successor's (an update writes a
+# new row version at the end; last_used_at alone is not audited), so the
+# dump's COPY of keys names a later row in rotated_from.
+$old->safe_psql('app',
+	"UPDATE apikey.keys SET last_used_at = last_used_at WHERE id = $id{rotated}");
+
 # Everything that must survive, as text: whole rows of every table, and the
 # verdict of every token.
 my $tables_sql = q{
@@ -136,8 +142,32 @@ like($verdicts_before->{rotated_new}, qr/^valid /, 'its successor is valid');
 
 # Dump, and restore into a fresh database of a new cluster.
 my $dump = $old->basedir . '/app.dump';
-$old->command_ok([ 'pg_dump', '-Fc', '-f', $dump, '-d', $old->connstr('app') ],
+my ($dump_out, $dump_err);
+ok( IPC::Run::run(
+		[ 'pg_dump', '-Fc', '-f', $dump, '-d', $old->connstr('app') ],
+		'>', \$dump_out, '2>', \$dump_err),
 	'pg_dump -Fc');
+# pg_dump warns about every self-referencing foreign key of an extension's
+# configuration table, though a table's rows are restored by one COPY and
+# checked at its end.  apikey.keys has two (rotated_from, budget_key_id):
+# that warning, and no other, is expected (README, Troubleshooting).
+my $known = qr/^pg_dump: warning: there are circular foreign-key constraints on this table:\n/
+  . qr/pg_dump: detail: keys\n(?:pg_dump: hint: [^\n]*\n)*/;
+(my $other = $dump_err) =~ s/$known//;
+is($other, '', 'pg_dump printed no warning but the known one about apikey.keys');
+# The restore below copes with references both ways within the table: the
+# rotated key's row comes after the row whose rotated_from names it, and
+# names that row in budget_key_id.
+is( $old->safe_psql(
+		'app', qq{
+SELECT o.ctid > n.ctid AND n.rotated_from = o.id AND o.budget_key_id = n.id
+  FROM apikey.keys o, apikey.keys n WHERE o.id = $id{rotated} AND n.id = $id{rotated_new}}),
+	't', 'the dump holds a key whose rotated_from names a later row');
+TODO:
+{
+	local $TODO = 'apikey.keys references itself (rotated_from, budget_key_id)';
+	is($dump_err, '', 'pg_dump printed no warning at all');
+}
 
 my $new = apikey_node('new');
 $new->safe_psql('postgres', 'CREATE DATABASE restored');
