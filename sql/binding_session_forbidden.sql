@@ -21,7 +21,10 @@ CREATE ROLE regress_pooled LOGIN;
 CREATE ROLE regress_direct LOGIN;
 ALTER ROLE regress_pooled SET apikey.allow_session_binding = off;
 -- only a superuser may set it for a role: not even a role with CREATEROLE
+-- (with the ADMIN option on the role, which PostgreSQL 16 and later require
+-- to alter it at all)
 CREATE ROLE regress_admin CREATEROLE;
+GRANT regress_direct TO regress_admin WITH ADMIN OPTION;
 SET ROLE regress_admin;
 ALTER ROLE regress_direct SET apikey.allow_session_binding = off;
 RESET ROLE;
