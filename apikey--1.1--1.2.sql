@@ -2095,3 +2095,100 @@ $$;
 COMMENT ON FUNCTION apikey.throttle(bigint, integer, interval)
 	IS 'Limit a key to rate_limit requests a minute (on top of its own limits) from this commit until for_ has passed, on this server; returns the end';
 REVOKE ALL ON FUNCTION apikey.throttle(bigint, integer, interval) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- Leak policy suspend (issue 13, now that issue 12 can suspend keys): a
+-- prefix's leak_action may be suspend.  A leak report of such a key
+-- suspends it with no end (reason naming the exposure) instead of revoking
+-- it, in the report's transaction, with its audit row; the exposure's
+-- action_taken says suspended or already_suspended.  The trigger that
+-- refused suspend is gone.
+-------------------------------------------------------------------------------
+
+DROP TRIGGER prefixes_check ON apikey.prefixes;
+DROP FUNCTION apikey._prefixes_check();
+COMMENT ON COLUMN apikey.prefixes.leak_action
+	IS 'What a leak report does: revoke (the key, reason leaked), suspend (the key, with no end) or notify (record only)';
+
+ALTER TABLE apikey.exposures DROP CONSTRAINT exposures_action_taken_check;
+ALTER TABLE apikey.exposures ADD CONSTRAINT exposures_action_taken_check
+	CHECK (action_taken OPERATOR(pg_catalog.=) ANY
+		   ('{revoked,already_revoked,suspended,already_suspended,notified,public_prefix}'::text[]));
+COMMENT ON COLUMN apikey.exposures.action_taken
+	IS 'revoked, already_revoked, suspended, already_suspended (leak_action suspend), notified (leak_action notify) or public_prefix (nothing done)';
+
+-- Suspend a leaked key with no end.  A revoked key stays revoked (that is
+-- stronger); a key already suspended with no end keeps its suspension; a
+-- timed or ended one is replaced, so the leak never lapses by the clock.
+CREATE FUNCTION apikey._suspend_leaked(key_id bigint, exposure_id bigint, source text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) _suspend_leaked.key_id) THEN
+		RETURN 'already_revoked';
+	END IF;
+	IF EXISTS (SELECT FROM apikey.suspensions s
+				WHERE s.key_id OPERATOR(pg_catalog.=) _suspend_leaked.key_id AND s.until IS NULL) THEN
+		RETURN 'already_suspended';
+	END IF;
+	INSERT INTO apikey.suspensions AS s (key_id, until, reason, by)
+	VALUES (_suspend_leaked.key_id, NULL,
+			pg_catalog.format('leaked: exposure %s (%s)', _suspend_leaked.exposure_id, _suspend_leaked.source),
+			apikey._acting_role())
+	ON CONFLICT ON CONSTRAINT suspensions_pkey
+	DO UPDATE SET since = excluded.since, until = NULL, reason = excluded.reason,
+				  by = excluded.by, finding_id = NULL;
+	RETURN 'suspended';
+END
+$$;
+COMMENT ON FUNCTION apikey._suspend_leaked(bigint, bigint, text)
+	IS 'Internal: suspend a leaked key with no end (leak_action suspend); returns the exposure''s action_taken';
+REVOKE ALL ON FUNCTION apikey._suspend_leaked(bigint, bigint, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION apikey._report_leak(hash bytea, source text, reference text,
+											   OUT exposure_id bigint, OUT key_id bigint, OUT owner text,
+											   OUT action_taken text, OUT repeated boolean)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_prefix text;
+	v_policy apikey.prefixes;
+BEGIN
+	repeated := false;
+	SELECT k.id, k.owner, k.prefix INTO key_id, owner, v_prefix
+	  FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) _report_leak.hash;
+	IF key_id IS NULL THEN
+		RETURN;
+	END IF;
+	SELECT e.id, e.action_taken INTO exposure_id, action_taken
+	  FROM apikey.exposures e
+	 WHERE e.key_id OPERATOR(pg_catalog.=) _report_leak.key_id
+	   AND e.reference IS NOT DISTINCT FROM _report_leak.reference;
+	IF exposure_id IS NOT NULL THEN
+		UPDATE apikey.exposures e SET reported_at = pg_catalog.now()
+		 WHERE e.id OPERATOR(pg_catalog.=) exposure_id;
+		repeated := true;
+		RETURN;
+	END IF;
+
+	-- the id first, so a suspension's reason can name the exposure
+	exposure_id := pg_catalog.nextval('apikey.exposures_id_seq'::pg_catalog.regclass);
+	SELECT * INTO v_policy FROM apikey.prefixes p WHERE p.prefix OPERATOR(pg_catalog.=) v_prefix;
+	IF v_policy.public THEN
+		action_taken := 'public_prefix';
+	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'notify' THEN
+		action_taken := 'notified';
+	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'suspend' THEN
+		action_taken := apikey._suspend_leaked(key_id, exposure_id, _report_leak.source);
+	ELSE
+		-- revoke, the default; anything else fails closed to it
+		action_taken := CASE WHEN apikey._revoke(key_id, 'leaked') THEN 'revoked' ELSE 'already_revoked' END;
+	END IF;
+	INSERT INTO apikey.exposures (id, key_id, token_hash, source, reference, action_taken, reported_by)
+	VALUES (exposure_id, key_id, _report_leak.hash, _report_leak.source, _report_leak.reference, action_taken,
+			apikey._acting_role());
+END
+$$;
+COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
+	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy (revoke, suspend, notify)';

@@ -310,7 +310,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('scanner_rules', 'unknown format', $$SELECT apikey.scanner_rules('yara')$$),
 ('scanner_rules', 'github', $$SELECT length(apikey.scanner_rules('github')) > 0$$),
 ('leak_guard', 'called directly', $$SELECT apikey.leak_guard()::text$$),
-('_prefixes_check', 'called directly', $$SELECT apikey._prefixes_check()::text$$),
+('_suspend_leaked', 'NULL', $$SELECT apikey._suspend_leaked(NULL, NULL, NULL)$$),
 ('_report_leak', 'NULL', $$SELECT (apikey._report_leak(NULL, NULL, NULL)).exposure_id$$),
 ('_report_leak_audited', 'outside a function', $$SELECT apikey._report_leak_audited('x', apikey.hash('x'), 'x', NULL)$$),
 ('_check_leak_note', 'NULL', $$SELECT apikey._check_leak_note(NULL, NULL, NULL)::text$$),
