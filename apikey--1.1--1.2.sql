@@ -2192,3 +2192,33 @@ END
 $$;
 COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
 	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy (revoke, suspend, notify)';
+
+-------------------------------------------------------------------------------
+-- find_tokens() status (issue 13 item 1, now that issue 12 can suspend and
+-- quarantine keys): suspended and quarantined join live, revoked, expired
+-- and unknown.  Judged as verification judges them (src/verify.c): at the
+-- time of the call (clock_timestamp()), a suspension or quarantine counting
+-- while its until is NULL or later; the first that applies, in
+-- verification's order.
+-------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION apikey.find_tokens(body text)
+RETURNS TABLE (pos integer, len integer, prefix text, hint text, key_id bigint, status text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT s.pos, s.len, s.prefix, s.hint, k.id,
+		   CASE WHEN k.id IS NULL THEN 'unknown'
+				WHEN EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id) THEN 'revoked'
+				WHEN k.expires_at OPERATOR(pg_catalog.<=) c.now THEN 'expired'
+				WHEN EXISTS (SELECT FROM apikey.suspensions x WHERE x.key_id OPERATOR(pg_catalog.=) k.id
+							   AND (x.until IS NULL OR x.until OPERATOR(pg_catalog.>) c.now)) THEN 'suspended'
+				WHEN EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) k.id
+							   AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) c.now)) THEN 'quarantined'
+				ELSE 'live' END
+	  FROM apikey._scan_tokens(find_tokens.body) s
+	  LEFT JOIN apikey.keys k ON k.hash OPERATOR(pg_catalog.=) s.hash
+	  CROSS JOIN LATERAL (SELECT pg_catalog.clock_timestamp() AS now) c
+	 ORDER BY s.pos;
+$$;
+COMMENT ON FUNCTION apikey.find_tokens(text)
+	IS 'Every checksum-valid token in a text: position, length, prefix, hint, its key and status (live, revoked, expired, suspended, quarantined, unknown), judged as verification judges it';
