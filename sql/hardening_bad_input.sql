@@ -371,7 +371,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('throttle', 'for_ beyond the calendar', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 1, '178000000 years')::text$$),
 ('_throttle', 'NULL', $$SELECT apikey._throttle(NULL, NULL, NULL, NULL)::text$$),
 ('_throttle', 'short hash', $$SELECT apikey._throttle(1, '\x00', 1, now())::text$$),
-('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$);
+('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$),
+('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
