@@ -118,16 +118,22 @@ SELECT action, target_key_id = (SELECT id FROM tok WHERE name = 'k') AS targets_
  ORDER BY seq;
 
 -- The actor is the session's role, not the function's owner; a bound key
--- is recorded too.
-GRANT SELECT ON tok TO regress_audit_admin;
+-- is recorded too.  The key bound is a live one issued for this step (the
+-- keys above are revoked by now), so authenticate() succeeds; issue()
+-- writes its row in C, set_limits() in PL/pgSQL: both record it.
+INSERT INTO tok SELECT 'actor', key_id, token FROM apikey.issue('actor');
+GRANT SELECT, INSERT ON tok TO regress_audit_admin;
 SET ROLE regress_audit_admin;
 BEGIN;
-SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'byhash')) IS NOT NULL AS bound;
-SELECT count(*) FROM apikey.issue('globex');
+SELECT apikey.authenticate((SELECT token FROM tok WHERE name = 'actor')) = (SELECT id FROM tok WHERE name = 'actor')
+       AS bound_actor_key;
+INSERT INTO tok SELECT 'by_bound', key_id, token FROM apikey.issue('globex');
+SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'by_bound'), 10);
 COMMIT;
 RESET ROLE;
-SELECT action, actor_role, session_role = session_user AS session, actor_key_id = (SELECT id FROM tok WHERE name = 'byhash') AS actor_key
-  FROM apikey.audit_log ORDER BY seq DESC LIMIT 1;
+SELECT action, actor_role, session_role = session_user AS session,
+       actor_key_id IS NOT DISTINCT FROM (SELECT id FROM tok WHERE name = 'actor') AS actor_key_is_bound_key
+  FROM apikey.audit_log ORDER BY seq DESC LIMIT 2;
 
 -- A call that fails leaves no row; a rolled-back call neither.
 SELECT count(*) AS rows_before FROM apikey.audit_log \gset

@@ -310,7 +310,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('scanner_rules', 'unknown format', $$SELECT apikey.scanner_rules('yara')$$),
 ('scanner_rules', 'github', $$SELECT length(apikey.scanner_rules('github')) > 0$$),
 ('leak_guard', 'called directly', $$SELECT apikey.leak_guard()::text$$),
-('_prefixes_check', 'called directly', $$SELECT apikey._prefixes_check()::text$$),
+('_suspend_leaked', 'NULL', $$SELECT apikey._suspend_leaked(NULL, NULL, NULL)$$),
 ('_report_leak', 'NULL', $$SELECT (apikey._report_leak(NULL, NULL, NULL)).exposure_id$$),
 ('_report_leak_audited', 'outside a function', $$SELECT apikey._report_leak_audited('x', apikey.hash('x'), 'x', NULL)$$),
 ('_check_leak_note', 'NULL', $$SELECT apikey._check_leak_note(NULL, NULL, NULL)::text$$),
@@ -371,7 +371,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('throttle', 'for_ beyond the calendar', $$SELECT apikey.throttle((SELECT id FROM tok WHERE name = 'valid'), 1, '178000000 years')::text$$),
 ('_throttle', 'NULL', $$SELECT apikey._throttle(NULL, NULL, NULL, NULL)::text$$),
 ('_throttle', 'short hash', $$SELECT apikey._throttle(1, '\x00', 1, now())::text$$),
-('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$);
+('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$),
+('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

@@ -13,10 +13,29 @@ INSERT INTO tok SELECT 'live2', key_id, token FROM apikey.issue('acme', prefix =
 INSERT INTO tok SELECT 'revoked', key_id, token FROM apikey.issue('acme');
 INSERT INTO tok SELECT 'expired', key_id, token FROM apikey.issue('acme', expires_at => now() + interval '1 hour');
 INSERT INTO tok SELECT 'unknown', NULL, token FROM apikey._new_token('zz');
+INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
+INSERT INTO tok SELECT n, key_id, token
+  FROM unnest(ARRAY['suspended', 'suspended_timed', 'suspension_ended', 'quarantined', 'quarantine_ended',
+                    'revoked_suspended']) n,
+       LATERAL apikey.issue('acme', name => n, scopes => '{orders:read,orders:write}') i;
 SELECT apikey.revoke(id) FROM tok WHERE name = 'revoked';
 UPDATE apikey.keys SET expires_at = now() - interval '1 second' WHERE id = (SELECT id FROM tok WHERE name = 'expired');
 CREATE FUNCTION t(n text) RETURNS text LANGUAGE sql AS 'SELECT token FROM tok WHERE name = n';
 CREATE FUNCTION k(n text) RETURNS bigint LANGUAGE sql AS 'SELECT id FROM tok WHERE name = n';
+SELECT apikey.suspend(k('suspended'), 'test'), apikey.suspend(k('suspended_timed'), 'test', '1 hour'),
+       apikey.suspend(k('suspension_ended'), 'test', '1 hour'), apikey.suspend(k('revoked_suspended'), 'test'),
+       apikey.quarantine(k('quarantined'), '{orders:read}', 'test'),
+       apikey.quarantine(k('quarantine_ended'), '{orders:read}', 'test', '1 hour');
+SELECT apikey.revoke(k('revoked_suspended'));
+-- Responses whose time has passed (moved back, as the clock would).
+ALTER TABLE apikey.suspensions DISABLE TRIGGER USER;
+ALTER TABLE apikey.quarantines DISABLE TRIGGER USER;
+UPDATE apikey.suspensions SET since = now() - interval '2 hours', until = now() - interval '1 hour'
+ WHERE key_id = k('suspension_ended');
+UPDATE apikey.quarantines SET since = now() - interval '2 hours', until = now() - interval '1 hour'
+ WHERE key_id = k('quarantine_ended');
+ALTER TABLE apikey.suspensions ENABLE TRIGGER USER;
+ALTER TABLE apikey.quarantines ENABLE TRIGGER USER;
 
 -- No token.
 SELECT count(*) FROM apikey.find_tokens('');
@@ -32,6 +51,14 @@ SELECT f.pos, f.len, f.prefix, tok.name, f.status
                           || ' (' || t('unknown') || ')') f
   LEFT JOIN tok ON tok.id = f.key_id OR (f.key_id IS NULL AND tok.name = 'unknown')
  ORDER BY f.pos;
+-- Suspended and quarantined keys, judged as verification judges them (an
+-- ended suspension or quarantine no longer counts; revoked outranks
+-- suspended): find_tokens' status and check()'s code agree.
+SELECT tok.name, f.status, (apikey.check(tok.token, 'orders:write')).code AS check_code
+  FROM tok, apikey.find_tokens(tok.token) f
+ WHERE tok.name IN ('suspended', 'suspended_timed', 'suspension_ended', 'quarantined', 'quarantine_ended',
+                    'revoked_suspended')
+ ORDER BY tok.name;
 -- Edges: the whole text, at the start, at the end, glued to other text.
 SELECT (SELECT string_agg(pos || '/' || len, ' ') FROM apikey.find_tokens(t('live'))) AS whole,
        (SELECT string_agg(pos || '/' || len, ' ') FROM apikey.find_tokens(t('live') || ' tail')) AS at_start,

@@ -14,6 +14,10 @@ INSERT INTO tok SELECT n, key_id, token FROM unnest(ARRAY['a', 'b', 'c', 'gh_liv
 INSERT INTO tok SELECT 'public', key_id, token FROM apikey.issue('acme', prefix => 'pk');
 INSERT INTO tok SELECT 'notify', key_id, token FROM apikey.issue('acme', prefix => 'ak_test');
 INSERT INTO tok SELECT 'unknown', NULL, token FROM apikey._new_token('ak');
+INSERT INTO tok SELECT n, key_id, token
+  FROM unnest(ARRAY['sus', 'sus_timed', 'sus_revoked', 'sus_gh', 'sus_rl']) n,
+       LATERAL apikey.issue('acme', name => n, prefix => 'ak_live') i;
+INSERT INTO tok SELECT 'public2', key_id, token FROM apikey.issue('acme', prefix => 'pk');
 SELECT apikey.revoke(id, 'earlier') FROM tok WHERE name = 'gh_revoked';
 CREATE FUNCTION t(n text) RETURNS text LANGUAGE sql AS 'SELECT token FROM tok WHERE name = n';
 -- A token with its last character changed (so its checksum no longer holds).
@@ -21,12 +25,11 @@ CREATE FUNCTION broken(tok text) RETURNS text LANGUAGE sql
     AS $$SELECT left(tok, -1) || CASE right(tok, 1) WHEN 'x' THEN 'y' ELSE 'x' END$$;
 CREATE FUNCTION k(n text) RETURNS bigint LANGUAGE sql AS 'SELECT id FROM tok WHERE name = n';
 
--- Leak policies per prefix.  suspend cannot be carried out yet: refused.
+-- Leak policies per prefix: revoke (the default), suspend, notify.
 INSERT INTO apikey.prefixes (prefix, public, description) VALUES ('pk', true, 'publishable keys');
 INSERT INTO apikey.prefixes (prefix, leak_action) VALUES ('ak_test', 'notify');
 INSERT INTO apikey.prefixes (prefix, leak_action) VALUES ('ak_live', 'suspend');
-UPDATE apikey.prefixes SET leak_action = 'suspend' WHERE prefix = 'ak_test';
-INSERT INTO apikey.prefixes (prefix, leak_action) VALUES ('ak_live', 'delete');
+INSERT INTO apikey.prefixes (prefix, leak_action) VALUES ('ak_other', 'delete');
 INSERT INTO apikey.prefixes (prefix) VALUES ('AK');
 SELECT * FROM apikey.prefixes ORDER BY prefix;
 
@@ -143,6 +146,57 @@ SELECT apikey.revoke_leaked(NULL);
 SELECT apikey.revoke_leaked(array_fill('x'::text, ARRAY[1001]));
 \set VERBOSITY default
 SELECT (apikey.check(:'r2')).code AS r2_untouched;
+
+-------------------------------------------------------------------------------
+-- leak_action suspend (prefix ak_live): each way of reporting suspends the
+-- key with no end instead of revoking it; the reason names the exposure.
+-------------------------------------------------------------------------------
+SELECT apikey.report_leak(t('sus'), 'support', 'TICKET-9') AS exposure_sus \gset
+SELECT (apikey.check(t('sus'))).code, s.until IS NULL AS no_end,
+       s.reason = format('leaked: exposure %s (support)', :exposure_sus) AS reason_names_exposure,
+       NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id = k('sus')) AS not_revoked,
+       (SELECT action_taken FROM apikey.exposures WHERE id = :exposure_sus) AS action_taken
+  FROM apikey.suspensions s WHERE s.key_id = k('sus');
+SELECT status FROM apikey.key_status WHERE key_id = k('sus');
+-- A resend is the same exposure and changes nothing; another reference
+-- finds the key already suspended.
+SELECT apikey.report_leak(t('sus'), 'support', 'TICKET-9') = :exposure_sus AS same_exposure;
+SELECT apikey.report_leak(t('sus'), 'gitleaks', 'commit abc') AS exposure_sus2 \gset
+SELECT action_taken, (SELECT reason FROM apikey.suspensions WHERE key_id = k('sus'))
+                     = format('leaked: exposure %s (support)', :exposure_sus) AS first_reason_kept
+  FROM apikey.exposures WHERE id = :exposure_sus2;
+-- A timed suspension is replaced by one with no end: a leak does not lapse.
+SELECT apikey.suspend(k('sus_timed'), 'cool down', '1 hour') AS newly_suspended;
+SELECT apikey.report_leak_hash(apikey.hash(t('sus_timed')), 'partner') IS NOT NULL AS recorded;
+SELECT (apikey.check(t('sus_timed'))).code, s.until IS NULL AS no_end, e.action_taken
+  FROM apikey.suspensions s, apikey.exposures e
+ WHERE s.key_id = k('sus_timed') AND e.key_id = k('sus_timed');
+-- A revoked key stays revoked, nothing suspended.
+SELECT apikey.revoke(k('sus_revoked'), 'earlier');
+SELECT apikey.report_leak(t('sus_revoked'), 'support') IS NOT NULL AS recorded;
+SELECT e.action_taken, NOT EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id = k('sus_revoked')) AS not_suspended
+  FROM apikey.exposures e WHERE e.key_id = k('sus_revoked');
+-- GitHub's payload and revoke_leaked follow the same policy.
+SELECT f->>'label' AS label
+  FROM jsonb_array_elements(apikey.report_leaks(jsonb_build_array(jsonb_build_object(
+       'token', t('sus_gh'), 'type', 'apikey_token', 'url', 'https://github.com/o/r/3', 'source', 'content')))) f;
+SELECT t('sus_rl') AS sus_rl \gset
+SET ROLE regress_leak_scanner;
+SELECT apikey.revoke_leaked(ARRAY[:'sus_rl']) AS well_formed;
+RESET ROLE;
+SELECT k.name, (apikey.check(k.token)).code, e.source, e.action_taken,
+       s.reason = format('leaked: exposure %s (%s)', e.id, e.source) AS reason_names_exposure
+  FROM tok k JOIN apikey.exposures e ON e.key_id = k.id JOIN apikey.suspensions s ON s.key_id = k.id
+ WHERE k.name IN ('sus_gh', 'sus_rl') ORDER BY k.name;
+-- A public prefix is still only reported, whatever its leak_action.
+UPDATE apikey.prefixes SET leak_action = 'suspend' WHERE prefix = 'pk';
+SELECT apikey.report_leak(t('public2'), 'support') IS NOT NULL AS recorded;
+SELECT (apikey.check(t('public2'))).code, e.action_taken
+  FROM apikey.exposures e WHERE e.key_id = k('public2');
+-- The audit rows say what was done.
+SELECT action, details->>'action_taken' AS action_taken, details->>'repeated' AS repeated
+  FROM apikey.audit_log WHERE target_key_id IN (k('sus'), k('sus_timed'), k('sus_revoked'))
+   AND action LIKE 'report_leak%' ORDER BY seq;
 
 -------------------------------------------------------------------------------
 -- Each call wrote its audit row, and the chain holds.

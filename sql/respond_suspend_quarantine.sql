@@ -162,6 +162,51 @@ UPDATE apikey.keys SET expires_at = now() - interval '1 second' WHERE id = :k6;
 SELECT respond_try(format('SELECT apikey.reissue(%s)', :k6));
 
 -------------------------------------------------------------------------------
+-- An exposed key (a row in apikey.exposures, whatever its action_taken)
+-- cannot be resumed, and resume_owner skips it; reissue is its remedy, and
+-- its audit row says the old key was exposed.
+-------------------------------------------------------------------------------
+INSERT INTO apikey.prefixes (prefix, leak_action) VALUES ('ak_live', 'suspend'), ('ak_test', 'notify');
+INSERT INTO apikey.prefixes (prefix, public) VALUES ('pk', true);
+SELECT key_id AS k7, token AS t7 FROM apikey.issue('initech', '{orders:read}', prefix => 'ak_live') \gset
+SELECT key_id AS k8, token AS t8 FROM apikey.issue('initech', '{orders:read}', prefix => 'pk') \gset
+SELECT key_id AS k9, token AS t9 FROM apikey.issue('initech', '{orders:read}') \gset
+SELECT key_id AS k10, token AS t10 FROM apikey.issue('initech', '{orders:read}', prefix => 'ak_test') \gset
+-- k7 suspended by its leak policy; k8 leaked under a public prefix (nothing
+-- done), then suspended by hand.
+SELECT apikey.report_leak(:'t7', 'support', 'TICKET-7') AS exposure7 \gset
+SELECT apikey.report_leak(:'t8', 'support', 'TICKET-8') AS exposure8 \gset
+SELECT apikey.suspend(:k8, 'abuse') AS newly_suspended;
+SELECT key_id = :k7 AS k7, action_taken FROM apikey.exposures WHERE key_id IN (:k7, :k8) ORDER BY id;
+SELECT respond_try(format('SELECT apikey.resume(%s, ''fixed'')', :k7));
+SELECT respond_try(format('SELECT apikey.resume(%s)', :k8));
+SELECT apikey.resume(:k7);
+SELECT code FROM apikey.check(:'t7') UNION ALL SELECT code FROM apikey.check(:'t8');
+-- resume_owner lifts k9's suspension only, and says what it skipped.
+SELECT apikey.suspend_owner('initech', 'tenant breach');
+SELECT apikey.resume_owner('initech', 'contained') AS resumed;
+SELECT key_id = :k7 AS k7, key_id = :k8 AS k8, key_id = :k9 AS k9, status
+  FROM apikey.key_status WHERE owner = 'initech' ORDER BY key_id;
+SELECT details->'resumed' AS resumed, details->'key_ids' = jsonb_build_array(:k9, :k10) AS resumed_k9_k10,
+       details->'skipped_exposed' AS skipped,
+       details->'exposed_key_ids' = jsonb_build_array(:k7, :k8) AS skipped_k7_k8
+  FROM apikey.audit_log WHERE action = 'resume_owner' ORDER BY seq DESC LIMIT 1;
+-- reissue: allowed for an exposed key, suspended or live (leak_action
+-- notify), and the audit row names the exposures; a reissue of a key that
+-- never leaked says exposed false.
+SELECT key_id AS k11 FROM apikey.reissue(:k8) \gset
+SELECT apikey.report_leak(:'t10', 'support', 'TICKET-10') AS exposure10 \gset
+SELECT code FROM apikey.check(:'t10');
+SELECT key_id IS NOT NULL AS reissued_live_exposed_key FROM apikey.reissue(:k10);
+SELECT target_key_id = :k8 AS k8, details->'exposed' AS exposed,
+       details->'exposure_ids' = jsonb_build_array(:exposure8) AS names_exposure8,
+       details->'exposure_ids' = jsonb_build_array(:exposure10) AS names_exposure10
+  FROM apikey.audit_log WHERE action = 'reissue' AND target_key_id IN (:k8, :k10) ORDER BY seq;
+SELECT details->'exposed' AS exposed, details->'exposure_ids' AS exposure_ids
+  FROM apikey.audit_log WHERE action = 'reissue' AND target_key_id = :k2;
+SELECT code FROM apikey.check(:'t8') UNION ALL SELECT code FROM apikey.check(:'t10');
+
+-------------------------------------------------------------------------------
 -- Bad input: every function, a specific SQLSTATE, nothing written.
 -------------------------------------------------------------------------------
 SELECT (SELECT count(*) FROM apikey.suspensions) AS susp, (SELECT count(*) FROM apikey.quarantines) AS quar,
