@@ -1069,8 +1069,8 @@ REVOKE ALL ON FUNCTION apikey._check_leak_note(text, text, integer) FROM PUBLIC;
 -- and reference) and apply the prefix's policy.  No audit row: the
 -- calling function writes it.  key_id is NULL when no key has the hash.
 CREATE FUNCTION apikey._report_leak(hash bytea, source text, reference text,
-									OUT exposure_id bigint, OUT key_id bigint, OUT owner text,
-									OUT action_taken text, OUT repeated boolean)
+											   OUT exposure_id bigint, OUT key_id bigint, OUT owner text,
+											   OUT action_taken text, OUT repeated boolean)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1094,19 +1094,22 @@ BEGIN
 		RETURN;
 	END IF;
 
+	-- the id first, so a suspension's reason can name the exposure
+	exposure_id := pg_catalog.nextval('apikey.exposures_id_seq'::pg_catalog.regclass);
 	SELECT * INTO v_policy FROM apikey.prefixes p WHERE p.prefix OPERATOR(pg_catalog.=) v_prefix;
 	IF v_policy.public THEN
 		action_taken := 'public_prefix';
 	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'notify' THEN
 		action_taken := 'notified';
+	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'suspend' THEN
+		action_taken := apikey._suspend_leaked(key_id, exposure_id, _report_leak.source);
 	ELSE
 		-- revoke, the default; anything else fails closed to it
 		action_taken := CASE WHEN apikey._revoke(key_id, 'leaked') THEN 'revoked' ELSE 'already_revoked' END;
 	END IF;
-	INSERT INTO apikey.exposures (key_id, token_hash, source, reference, action_taken, reported_by)
-	VALUES (key_id, _report_leak.hash, _report_leak.source, _report_leak.reference, action_taken,
-			apikey._acting_role())
-	RETURNING apikey.exposures.id INTO exposure_id;
+	INSERT INTO apikey.exposures (id, key_id, token_hash, source, reference, action_taken, reported_by)
+	VALUES (exposure_id, key_id, _report_leak.hash, _report_leak.source, _report_leak.reference, action_taken,
+			apikey._acting_role());
 END
 $$;
 COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
@@ -1808,11 +1811,19 @@ AS $$
 DECLARE
 	v_key apikey.keys;
 	v_old apikey.suspensions;
+	v_exposures bigint[];
 BEGIN
 	v_key := apikey._lock_key(resume.key_id);
 	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_key.id) THEN
 		RAISE EXCEPTION 'key % is revoked and cannot be resumed', v_key.id
 			USING ERRCODE = '55000', HINT = 'Revocation is permanent: issue a new key with apikey.reissue().';
+	END IF;
+	v_exposures := apikey._exposure_ids(v_key.id);
+	IF pg_catalog.cardinality(v_exposures) OPERATOR(pg_catalog.>) 0 THEN
+		RAISE EXCEPTION 'key % was reported leaked and cannot be resumed', v_key.id
+			USING ERRCODE = '55000',
+				  DETAIL = pg_catalog.format('Its exposures in apikey.exposures: %s.', pg_catalog.array_to_string(v_exposures, ', ')),
+				  HINT = 'Its token is known to others: replace it with apikey.reissue(), which revokes it and issues a new key.';
 	END IF;
 	DELETE FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id
 	RETURNING s.* INTO v_old;
@@ -1875,20 +1886,33 @@ AS $$
 DECLARE
 	n bigint;
 	v_ids jsonb;
+	v_exposed jsonb;
 BEGIN
 	IF resume_owner.owner IS NULL OR resume_owner.owner OPERATOR(pg_catalog.=) '' THEN
 		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
 	END IF;
 	PERFORM apikey._audit_lock();
+	-- an exposed key stays suspended: its token is known to others
+	SELECT COALESCE(pg_catalog.jsonb_agg(s.key_id ORDER BY s.key_id), '[]') INTO v_exposed
+	  FROM apikey.suspensions s JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) s.key_id
+	 WHERE k.owner OPERATOR(pg_catalog.=) resume_owner.owner
+	   AND EXISTS (SELECT FROM apikey.exposures e WHERE e.key_id OPERATOR(pg_catalog.=) s.key_id);
 	WITH resumed AS (
 		DELETE FROM apikey.suspensions s
 		 USING apikey.keys k
 		 WHERE k.id OPERATOR(pg_catalog.=) s.key_id AND k.owner OPERATOR(pg_catalog.=) resume_owner.owner
+		   AND NOT v_exposed OPERATOR(pg_catalog.@>) pg_catalog.to_jsonb(s.key_id)
 		RETURNING s.key_id)
 	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(x.key_id ORDER BY x.key_id), '[]')
 	  INTO n, v_ids FROM resumed x;
+	IF pg_catalog.jsonb_array_length(v_exposed) OPERATOR(pg_catalog.>) 0 THEN
+		RAISE NOTICE '% suspended keys of owner "%" were reported leaked and stay suspended: %',
+			pg_catalog.jsonb_array_length(v_exposed), resume_owner.owner, v_exposed
+			USING HINT = 'Replace each with apikey.reissue(key_id).';
+	END IF;
 	PERFORM apikey._audit('resume_owner', NULL, resume_owner.owner, pg_catalog.jsonb_build_object(
-		'note', resume_owner.note, 'resumed', n, 'key_ids', v_ids));
+		'note', resume_owner.note, 'resumed', n, 'key_ids', v_ids,
+		'skipped_exposed', pg_catalog.jsonb_array_length(v_exposed), 'exposed_key_ids', v_exposed));
 	RETURN n;
 END
 $$;
@@ -1973,14 +1997,17 @@ DECLARE
 	v_new record;
 	v_id bigint;
 	v_revoked boolean;
+	v_exposures bigint[];
 BEGIN
 	v_old := apikey._lock_key(reissue.key_id);
-	IF NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id)
+	v_exposures := apikey._exposure_ids(v_old.id);
+	IF pg_catalog.cardinality(v_exposures) OPERATOR(pg_catalog.=) 0
+	   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id)
 	   AND NOT EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_old.id
 						  AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()))
 	   AND NOT EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id
 						  AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now())) THEN
-		RAISE EXCEPTION 'key % is not revoked, suspended or quarantined', v_old.id
+		RAISE EXCEPTION 'key % is not revoked, suspended, quarantined or reported leaked', v_old.id
 			USING ERRCODE = '55000', HINT = 'Use apikey.rotate() to replace a key in good standing.';
 	END IF;
 	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
@@ -1994,8 +2021,11 @@ BEGIN
 
 	-- no grace: the old key is revoked in the same transaction
 	v_revoked := apikey._revoke(v_old.id, 'reissued as key ' OPERATOR(pg_catalog.||) v_id);
+	-- never silently: the row says the old key was exposed, and where
 	PERFORM apikey._audit('reissue', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
 		'new_key_id', v_id, 'new_hint', v_new.hint, 'revoked', v_revoked,
+		'exposed', pg_catalog.cardinality(v_exposures) OPERATOR(pg_catalog.>) 0,
+		'exposure_ids', pg_catalog.to_jsonb(v_exposures),
 		'key_ids', pg_catalog.jsonb_build_array(v_old.id, v_id)));
 
 	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
@@ -2146,50 +2176,6 @@ COMMENT ON FUNCTION apikey._suspend_leaked(bigint, bigint, text)
 	IS 'Internal: suspend a leaked key with no end (leak_action suspend); returns the exposure''s action_taken';
 REVOKE ALL ON FUNCTION apikey._suspend_leaked(bigint, bigint, text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION apikey._report_leak(hash bytea, source text, reference text,
-											   OUT exposure_id bigint, OUT key_id bigint, OUT owner text,
-											   OUT action_taken text, OUT repeated boolean)
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	v_prefix text;
-	v_policy apikey.prefixes;
-BEGIN
-	repeated := false;
-	SELECT k.id, k.owner, k.prefix INTO key_id, owner, v_prefix
-	  FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) _report_leak.hash;
-	IF key_id IS NULL THEN
-		RETURN;
-	END IF;
-	SELECT e.id, e.action_taken INTO exposure_id, action_taken
-	  FROM apikey.exposures e
-	 WHERE e.key_id OPERATOR(pg_catalog.=) _report_leak.key_id
-	   AND e.reference IS NOT DISTINCT FROM _report_leak.reference;
-	IF exposure_id IS NOT NULL THEN
-		UPDATE apikey.exposures e SET reported_at = pg_catalog.now()
-		 WHERE e.id OPERATOR(pg_catalog.=) exposure_id;
-		repeated := true;
-		RETURN;
-	END IF;
-
-	-- the id first, so a suspension's reason can name the exposure
-	exposure_id := pg_catalog.nextval('apikey.exposures_id_seq'::pg_catalog.regclass);
-	SELECT * INTO v_policy FROM apikey.prefixes p WHERE p.prefix OPERATOR(pg_catalog.=) v_prefix;
-	IF v_policy.public THEN
-		action_taken := 'public_prefix';
-	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'notify' THEN
-		action_taken := 'notified';
-	ELSIF v_policy.leak_action OPERATOR(pg_catalog.=) 'suspend' THEN
-		action_taken := apikey._suspend_leaked(key_id, exposure_id, _report_leak.source);
-	ELSE
-		-- revoke, the default; anything else fails closed to it
-		action_taken := CASE WHEN apikey._revoke(key_id, 'leaked') THEN 'revoked' ELSE 'already_revoked' END;
-	END IF;
-	INSERT INTO apikey.exposures (id, key_id, token_hash, source, reference, action_taken, reported_by)
-	VALUES (exposure_id, key_id, _report_leak.hash, _report_leak.source, _report_leak.reference, action_taken,
-			apikey._acting_role());
-END
-$$;
 COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
 	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy (revoke, suspend, notify)';
 
@@ -2243,125 +2229,11 @@ COMMENT ON FUNCTION apikey._exposure_ids(bigint)
 	IS 'Internal: the ids of a key''s exposures (leak reports), oldest first; empty if it never leaked';
 REVOKE ALL ON FUNCTION apikey._exposure_ids(bigint) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION apikey.resume(key_id bigint, note text DEFAULT NULL)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET apikey.audit_context = 'resume'
-AS $$
-DECLARE
-	v_key apikey.keys;
-	v_old apikey.suspensions;
-	v_exposures bigint[];
-BEGIN
-	v_key := apikey._lock_key(resume.key_id);
-	IF EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_key.id) THEN
-		RAISE EXCEPTION 'key % is revoked and cannot be resumed', v_key.id
-			USING ERRCODE = '55000', HINT = 'Revocation is permanent: issue a new key with apikey.reissue().';
-	END IF;
-	v_exposures := apikey._exposure_ids(v_key.id);
-	IF pg_catalog.cardinality(v_exposures) OPERATOR(pg_catalog.>) 0 THEN
-		RAISE EXCEPTION 'key % was reported leaked and cannot be resumed', v_key.id
-			USING ERRCODE = '55000',
-				  DETAIL = pg_catalog.format('Its exposures in apikey.exposures: %s.', pg_catalog.array_to_string(v_exposures, ', ')),
-				  HINT = 'Its token is known to others: replace it with apikey.reissue(), which revokes it and issues a new key.';
-	END IF;
-	DELETE FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_key.id
-	RETURNING s.* INTO v_old;
-	PERFORM apikey._audit('resume', v_key.id, v_key.owner, pg_catalog.jsonb_build_object(
-		'note', resume.note, 'resumed', v_old.key_id IS NOT NULL,
-		'old', CASE WHEN v_old.key_id IS NOT NULL
-					THEN pg_catalog.jsonb_build_object('since', v_old.since, 'until', v_old.until,
-													   'reason', v_old.reason) END));
-	RETURN v_old.key_id IS NOT NULL;
-END
-$$;
 COMMENT ON FUNCTION apikey.resume(bigint, text)
 	IS 'Lift a key''s suspension from this commit on; true if it was suspended.  A revoked key or one reported leaked (in apikey.exposures) cannot be resumed (55000): reissue it';
 
-CREATE OR REPLACE FUNCTION apikey.resume_owner(owner text, note text DEFAULT NULL)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET apikey.audit_context = 'resume_owner'
-AS $$
-DECLARE
-	n bigint;
-	v_ids jsonb;
-	v_exposed jsonb;
-BEGIN
-	IF resume_owner.owner IS NULL OR resume_owner.owner OPERATOR(pg_catalog.=) '' THEN
-		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023';
-	END IF;
-	PERFORM apikey._audit_lock();
-	-- an exposed key stays suspended: its token is known to others
-	SELECT COALESCE(pg_catalog.jsonb_agg(s.key_id ORDER BY s.key_id), '[]') INTO v_exposed
-	  FROM apikey.suspensions s JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) s.key_id
-	 WHERE k.owner OPERATOR(pg_catalog.=) resume_owner.owner
-	   AND EXISTS (SELECT FROM apikey.exposures e WHERE e.key_id OPERATOR(pg_catalog.=) s.key_id);
-	WITH resumed AS (
-		DELETE FROM apikey.suspensions s
-		 USING apikey.keys k
-		 WHERE k.id OPERATOR(pg_catalog.=) s.key_id AND k.owner OPERATOR(pg_catalog.=) resume_owner.owner
-		   AND NOT v_exposed OPERATOR(pg_catalog.@>) pg_catalog.to_jsonb(s.key_id)
-		RETURNING s.key_id)
-	SELECT pg_catalog.count(*), COALESCE(pg_catalog.jsonb_agg(x.key_id ORDER BY x.key_id), '[]')
-	  INTO n, v_ids FROM resumed x;
-	IF pg_catalog.jsonb_array_length(v_exposed) OPERATOR(pg_catalog.>) 0 THEN
-		RAISE NOTICE '% suspended keys of owner "%" were reported leaked and stay suspended: %',
-			pg_catalog.jsonb_array_length(v_exposed), resume_owner.owner, v_exposed
-			USING HINT = 'Replace each with apikey.reissue(key_id).';
-	END IF;
-	PERFORM apikey._audit('resume_owner', NULL, resume_owner.owner, pg_catalog.jsonb_build_object(
-		'note', resume_owner.note, 'resumed', n, 'key_ids', v_ids,
-		'skipped_exposed', pg_catalog.jsonb_array_length(v_exposed), 'exposed_key_ids', v_exposed));
-	RETURN n;
-END
-$$;
 COMMENT ON FUNCTION apikey.resume_owner(text, text)
 	IS 'Lift the suspension of every key of an owner; returns how many were suspended.  Revoked keys stay revoked; keys reported leaked stay suspended (a NOTICE says how many)';
 
-CREATE OR REPLACE FUNCTION apikey.reissue(key_id bigint)
-RETURNS SETOF apikey.new_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET apikey.audit_context = 'reissue'
-AS $$
-DECLARE
-	v_old apikey.keys;
-	v_new record;
-	v_id bigint;
-	v_revoked boolean;
-	v_exposures bigint[];
-BEGIN
-	v_old := apikey._lock_key(reissue.key_id);
-	v_exposures := apikey._exposure_ids(v_old.id);
-	IF pg_catalog.cardinality(v_exposures) OPERATOR(pg_catalog.=) 0
-	   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) v_old.id)
-	   AND NOT EXISTS (SELECT FROM apikey.suspensions s WHERE s.key_id OPERATOR(pg_catalog.=) v_old.id
-						  AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now()))
-	   AND NOT EXISTS (SELECT FROM apikey.quarantines q WHERE q.key_id OPERATOR(pg_catalog.=) v_old.id
-						  AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now())) THEN
-		RAISE EXCEPTION 'key % is not revoked, suspended, quarantined or reported leaked', v_old.id
-			USING ERRCODE = '55000', HINT = 'Use apikey.rotate() to replace a key in good standing.';
-	END IF;
-	IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
-		RAISE EXCEPTION 'key % has expired and cannot be reissued', v_old.id
-			USING ERRCODE = '55000', HINT = 'Issue a new key instead.';
-	END IF;
-
-	-- the new key starts from the old budget (reissuing never refills it)
-	v_new := apikey._successor(v_old);
-	v_id := v_new.key_id;
-
-	-- no grace: the old key is revoked in the same transaction
-	v_revoked := apikey._revoke(v_old.id, 'reissued as key ' OPERATOR(pg_catalog.||) v_id);
-	-- never silently: the row says the old key was exposed, and where
-	PERFORM apikey._audit('reissue', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
-		'new_key_id', v_id, 'new_hint', v_new.hint, 'revoked', v_revoked,
-		'exposed', pg_catalog.cardinality(v_exposures) OPERATOR(pg_catalog.>) 0,
-		'exposure_ids', pg_catalog.to_jsonb(v_exposures),
-		'key_ids', pg_catalog.jsonb_build_array(v_old.id, v_id)));
-
-	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
-END
-$$;
 COMMENT ON FUNCTION apikey.reissue(bigint)
 	IS 'Replace a revoked, suspended, quarantined or leaked key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace; the audit row names the old key''s exposures';
