@@ -2413,7 +2413,7 @@ BEGIN
 		RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = '22004';
 	END IF;
 	IF role::pg_catalog.oid OPERATOR(pg_catalog.=) 0 THEN
-		RAISE EXCEPTION 'apikey roles cannot be granted to PUBLIC' USING ERRCODE = '22023',
+		RAISE EXCEPTION 'apikey roles are never granted to PUBLIC' USING ERRCODE = '22023',
 			HINT = 'Create a role, grant it, and grant that role to the roles that need it.';
 	END IF;
 	IF grant_ AND (SELECT a.rolsuper FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) role::pg_catalog.oid) THEN
