@@ -2325,6 +2325,14 @@ AS $$
 DECLARE
 	g apikey._grant_sets;
 BEGIN
+	-- a recorded role dropped since (DROP OWNED BY, then DROP ROLE): its
+	-- OID names nobody, and GRANT would fail the whole upgrade or restore
+	IF role IS NOT NULL AND NOT EXISTS (SELECT FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) role::pg_catalog.oid) THEN
+		RAISE WARNING 'a role recorded in apikey.role_grants no longer exists'
+			USING DETAIL = pg_catalog.format('Role OID %s, set %s.', role::pg_catalog.oid, kind),
+				  HINT = 'Delete its row from apikey.role_grants.';
+		RETURN;
+	END IF;
 	FOR g IN SELECT * FROM apikey._grant_sets s WHERE s.kind OPERATOR(pg_catalog.=) _apply_grants.kind
 			  ORDER BY s.object, s.privilege LOOP
 		IF g.privilege OPERATOR(pg_catalog.=) 'MEMBER' THEN
@@ -2367,7 +2375,7 @@ CREATE TRIGGER role_grants_apply AFTER INSERT ON apikey.role_grants
 
 -- Run at the end of every upgrade script: the recorded roles get every
 -- object their kind now lists.  A recorded role that was dropped since is
--- skipped with a WARNING (its row stays until revoked).
+-- skipped with a WARNING (its row stays until deleted).
 CREATE FUNCTION apikey._regrant()
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -2377,19 +2385,16 @@ DECLARE
 	n integer := 0;
 BEGIN
 	FOR r IN SELECT * FROM apikey.role_grants g ORDER BY g.role::pg_catalog.oid, g.kind LOOP
-		IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) r.role::pg_catalog.oid) THEN
-			RAISE WARNING 'role with OID % recorded in apikey.role_grants (%) no longer exists', r.role::pg_catalog.oid, r.kind
-				USING HINT = 'Delete its row from apikey.role_grants.';
-			CONTINUE;
-		END IF;
 		PERFORM apikey._apply_grants(r.role, r.kind, true);
-		n := n OPERATOR(pg_catalog.+) 1;
+		IF EXISTS (SELECT FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) r.role::pg_catalog.oid) THEN
+			n := n OPERATOR(pg_catalog.+) 1;
+		END IF;
 	END LOOP;
 	RETURN n;
 END
 $$;
 COMMENT ON FUNCTION apikey._regrant()
-	IS 'Internal: give every role recorded in apikey.role_grants its kind''s set again (every upgrade script calls it last); returns how many grants were applied';
+	IS 'Internal: give every role recorded in apikey.role_grants its kind''s set again (every upgrade script calls it last); returns how many recorded grants were applied (a dropped role is skipped with a WARNING)';
 REVOKE ALL ON FUNCTION apikey._regrant() FROM PUBLIC;
 
 -- The checks and the record shared by grant_* and revoke_*.  Only the
