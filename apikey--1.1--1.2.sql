@@ -2237,3 +2237,292 @@ COMMENT ON FUNCTION apikey.resume_owner(text, text)
 
 COMMENT ON FUNCTION apikey.reissue(bigint)
 	IS 'Replace a revoked, suspended, quarantined or leaked key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace; the audit row names the old key''s exposures';
+
+-------------------------------------------------------------------------------
+-- Roles that survive upgrades (issue 15 item 6).  grant_admin(),
+-- grant_monitor() and grant_reporter() give a role a defined set of
+-- privileges (apikey._grant_sets) and record it (apikey.role_grants, kept
+-- by pg_dump); apikey._regrant() applies every recorded grant again.
+--
+-- RULE FOR EVERY FUTURE UPGRADE SCRIPT: add each new object an operator,
+-- a monitor or a reporter needs to apikey._grant_sets, and end the script
+-- with `SELECT apikey._regrant();`, so the roles recorded here get it
+-- without anyone re-running grants by hand.
+-------------------------------------------------------------------------------
+
+-- What each kind of role is given.  Rows are the extension's own (written
+-- by its scripts, not dumped); privilege and object are spelled as GRANT
+-- spells them, but privilege MEMBER with object ROLE r is membership in r.
+CREATE TABLE apikey._grant_sets (
+	kind text NOT NULL CHECK (kind OPERATOR(pg_catalog.=) ANY (ARRAY['admin', 'monitor', 'reporter'])),
+	privilege text NOT NULL,
+	object text NOT NULL,
+	PRIMARY KEY (kind, privilege, object)
+);
+COMMENT ON TABLE apikey._grant_sets IS 'Internal: the privileges grant_admin(), grant_monitor() and grant_reporter() give; every upgrade script adds its new objects here and calls apikey._regrant()';
+COMMENT ON COLUMN apikey._grant_sets.kind IS 'admin, monitor or reporter';
+COMMENT ON COLUMN apikey._grant_sets.privilege IS 'As GRANT spells it (EXECUTE, SELECT, SELECT (id, owner), ...), or MEMBER for membership in the role named by object';
+COMMENT ON COLUMN apikey._grant_sets.object IS 'As GRANT spells it after ON (FUNCTION apikey.f(integer), TABLE apikey.t), or ROLE r with privilege MEMBER';
+REVOKE ALL ON apikey._grant_sets FROM PUBLIC;
+
+INSERT INTO apikey._grant_sets (kind, privilege, object)
+SELECT 'admin', 'EXECUTE', 'FUNCTION ' OPERATOR(pg_catalog.||) f
+  FROM pg_catalog.unnest(ARRAY[
+	'apikey.issue(text, text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])',
+	'apikey.issue_many(text[], text[], text, timestamptz, text, jsonb, integer, interval, bigint, interval, cidr[])',
+	'apikey.revoke(bigint, text)', 'apikey.revoke_token(text, text)', 'apikey.revoke_owner(text, text)',
+	'apikey.rotate(bigint, interval)', 'apikey.set_limits(bigint, integer, interval, bigint, interval, cidr[])',
+	'apikey.suspend(bigint, text, interval)', 'apikey.resume(bigint, text)',
+	'apikey.suspend_owner(text, text, interval)', 'apikey.resume_owner(text, text)',
+	'apikey.quarantine(bigint, text[], text, interval)', 'apikey.release(bigint)',
+	'apikey.throttle(bigint, integer, interval)', 'apikey.reissue(bigint)',
+	'apikey.report_leak(text, text, text)', 'apikey.report_leak_hash(bytea, text, text)',
+	'apikey.report_leaks(jsonb)', 'apikey.find_tokens(text)', 'apikey.scanner_rules(text)']) f
+UNION ALL
+SELECT 'admin', 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) t
+  FROM pg_catalog.unnest(ARRAY['apikey.key_scopes', 'apikey.revocations', 'apikey.quotas', 'apikey.key_status',
+							   'apikey.suspensions', 'apikey.quarantines', 'apikey.prefixes']) t
+UNION ALL
+VALUES ('admin', 'SELECT (id, owner, name, prefix, hint, created_at, created_by, expires_at, metadata, rotated_from, '
+				 'last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs, budget_key_id)', 'TABLE apikey.keys'),
+	   ('admin', 'SELECT (id, key_id, found_at, reported_at, source, reference, action_taken, reported_by)',
+		'TABLE apikey.exposures'),
+	   ('admin', 'SELECT, INSERT, UPDATE, DELETE', 'TABLE apikey.scopes')
+UNION ALL
+SELECT 'monitor', 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) t
+  FROM pg_catalog.unnest(ARRAY['apikey.stats', 'apikey.live_usage', 'apikey.key_usage', 'apikey.key_status',
+							   'apikey.usage_log']) t
+UNION ALL
+SELECT 'monitor', 'EXECUTE', 'FUNCTION ' OPERATOR(pg_catalog.||) f
+  FROM pg_catalog.unnest(ARRAY['apikey._stats()', 'apikey._tokens_redacted()', 'apikey._failure_networks_untracked()',
+							   'apikey._live_usage()', 'apikey.flush_usage()', 'apikey.cache_stats()']) f
+UNION ALL
+VALUES ('monitor', 'SELECT (id, owner, name)', 'TABLE apikey.keys'),
+	   ('reporter', 'MEMBER', 'ROLE apikey_reporter');
+
+-- Who was given what, so _regrant() can give it again.  A regrole is
+-- dumped by its name: restore the roles (pg_dumpall --globals-only) first.
+CREATE TABLE apikey.role_grants (
+	role pg_catalog.regrole NOT NULL,
+	kind text NOT NULL CHECK (kind OPERATOR(pg_catalog.=) ANY (ARRAY['admin', 'monitor', 'reporter'])),
+	granted_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	granted_by name NOT NULL,
+	PRIMARY KEY (role, kind)
+);
+COMMENT ON TABLE apikey.role_grants IS 'Roles given a set by grant_admin(), grant_monitor() or grant_reporter(); apikey._regrant() (run by every upgrade) gives them the set again';
+COMMENT ON COLUMN apikey.role_grants.role IS 'The role (dumped by name)';
+COMMENT ON COLUMN apikey.role_grants.kind IS 'admin, monitor or reporter';
+COMMENT ON COLUMN apikey.role_grants.granted_at IS 'When it was first granted';
+COMMENT ON COLUMN apikey.role_grants.granted_by IS 'The role that granted it (acting in the session)';
+REVOKE ALL ON apikey.role_grants FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('apikey.role_grants', '');
+
+-- Grant (or revoke) one kind's set to a role, in GRANT's own words.
+CREATE FUNCTION apikey._apply_grants(role pg_catalog.regrole, kind text, grant_ boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	g apikey._grant_sets;
+BEGIN
+	-- a recorded role dropped since (DROP OWNED BY, then DROP ROLE): its
+	-- OID names nobody, and GRANT would fail the whole upgrade or restore
+	IF role IS NOT NULL AND NOT EXISTS (SELECT FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) role::pg_catalog.oid) THEN
+		RAISE WARNING 'a role recorded in apikey.role_grants no longer exists'
+			USING DETAIL = pg_catalog.format('Role OID %s, set %s.', role::pg_catalog.oid, kind),
+				  HINT = 'Delete its row from apikey.role_grants.';
+		RETURN;
+	END IF;
+	FOR g IN SELECT * FROM apikey._grant_sets s WHERE s.kind OPERATOR(pg_catalog.=) _apply_grants.kind
+			  ORDER BY s.object, s.privilege LOOP
+		IF g.privilege OPERATOR(pg_catalog.=) 'MEMBER' THEN
+			-- as a direct member already (or not), GRANT (REVOKE) would only say so
+			CONTINUE WHEN grant_ OPERATOR(pg_catalog.=) EXISTS (
+				SELECT FROM pg_catalog.pg_auth_members m
+				 WHERE m.member OPERATOR(pg_catalog.=) role::pg_catalog.oid
+				   AND m.roleid OPERATOR(pg_catalog.=) pg_catalog.substr(g.object, 6)::pg_catalog.regrole::pg_catalog.oid);
+			EXECUTE pg_catalog.format(CASE WHEN grant_ THEN 'GRANT %s TO %s' ELSE 'REVOKE %s FROM %s' END,
+									  pg_catalog.substr(g.object, 6), role);
+		ELSE
+			EXECUTE pg_catalog.format(CASE WHEN grant_ THEN 'GRANT %s ON %s TO %s' ELSE 'REVOKE %s ON %s FROM %s' END,
+									  g.privilege, g.object, role);
+		END IF;
+	END LOOP;
+END
+$$;
+COMMENT ON FUNCTION apikey._apply_grants(pg_catalog.regrole, text, boolean)
+	IS 'Internal: grant (true) or revoke (false) the privileges apikey._grant_sets lists for a kind to or from a role';
+REVOKE ALL ON FUNCTION apikey._apply_grants(pg_catalog.regrole, text, boolean) FROM PUBLIC;
+
+-- A row of apikey.role_grants grants its set as it is inserted: by
+-- _grant_kind(), and by pg_restore, which restores the table's rows after
+-- CREATE EXTENSION.  (Privileges granted by an extension script are the
+-- extension's initial privileges, which pg_dump leaves out; this trigger
+-- is what gives them back after a restore.)
+CREATE FUNCTION apikey._role_grants_apply() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM apikey._apply_grants(NEW.role, NEW.kind, true);
+	RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikey._role_grants_apply()
+	IS 'Internal: trigger granting the set of a row inserted into apikey.role_grants (by grant_*() or by pg_restore)';
+REVOKE ALL ON FUNCTION apikey._role_grants_apply() FROM PUBLIC;
+CREATE TRIGGER role_grants_apply AFTER INSERT ON apikey.role_grants
+	FOR EACH ROW EXECUTE FUNCTION apikey._role_grants_apply();
+
+-- Run at the end of every upgrade script: the recorded roles get every
+-- object their kind now lists.  A recorded role that was dropped since is
+-- skipped with a WARNING (its row stays until deleted).
+CREATE FUNCTION apikey._regrant()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	r apikey.role_grants;
+	n integer := 0;
+BEGIN
+	FOR r IN SELECT * FROM apikey.role_grants g ORDER BY g.role::pg_catalog.oid, g.kind LOOP
+		PERFORM apikey._apply_grants(r.role, r.kind, true);
+		IF EXISTS (SELECT FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) r.role::pg_catalog.oid) THEN
+			n := n OPERATOR(pg_catalog.+) 1;
+		END IF;
+	END LOOP;
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION apikey._regrant()
+	IS 'Internal: give every role recorded in apikey.role_grants its kind''s set again (every upgrade script calls it last); returns how many recorded grants were applied (a dropped role is skipped with a WARNING)';
+REVOKE ALL ON FUNCTION apikey._regrant() FROM PUBLIC;
+
+-- The checks and the record shared by grant_* and revoke_*.  Only the
+-- extension's owner (a superuser) and superusers may hand out privileges,
+-- whoever was granted EXECUTE; a superuser (who needs nothing) and PUBLIC
+-- (everyone) are refused.
+CREATE FUNCTION apikey._grant_kind(role pg_catalog.regrole, kind text, grant_ boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_actor name := apikey._acting_role();
+	v_rows integer;
+BEGIN
+	IF NOT pg_catalog.pg_has_role(v_actor,
+			(SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'apikey'), 'USAGE') THEN
+		RAISE EXCEPTION 'permission denied to % apikey roles', CASE WHEN grant_ THEN 'grant' ELSE 'revoke' END
+			USING ERRCODE = '42501', HINT = 'Only the extension''s owner or a superuser may.';
+	END IF;
+	IF role IS NULL THEN
+		RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF role::pg_catalog.oid OPERATOR(pg_catalog.=) 0 THEN
+		RAISE EXCEPTION 'apikey roles are never granted to PUBLIC' USING ERRCODE = '22023',
+			HINT = 'Create a role, grant it, and grant that role to the roles that need it.';
+	END IF;
+	IF grant_ AND (SELECT a.rolsuper FROM pg_catalog.pg_roles a WHERE a.oid OPERATOR(pg_catalog.=) role::pg_catalog.oid) THEN
+		RAISE EXCEPTION 'role "%" is a superuser', role USING ERRCODE = '22023',
+			HINT = 'A superuser already holds every privilege: grant a role that is not.';
+	END IF;
+	IF grant_ THEN
+		-- a new row is granted by its trigger; an old one is granted again,
+		-- so a repeated call restores whatever was taken away by hand
+		INSERT INTO apikey.role_grants AS g (role, kind, granted_by) VALUES (role, kind, v_actor)
+		ON CONFLICT DO NOTHING;
+		GET DIAGNOSTICS v_rows = ROW_COUNT;
+		IF v_rows OPERATOR(pg_catalog.=) 0 THEN
+			PERFORM apikey._apply_grants(role, kind, true);
+		END IF;
+	ELSE
+		DELETE FROM apikey.role_grants g
+		 WHERE g.role OPERATOR(pg_catalog.=) _grant_kind.role AND g.kind OPERATOR(pg_catalog.=) _grant_kind.kind;
+		GET DIAGNOSTICS v_rows = ROW_COUNT;
+		PERFORM apikey._apply_grants(role, kind, false);
+		-- what another recorded kind of this role also lists stays granted
+		PERFORM apikey._apply_grants(g.role, g.kind, true)
+		   FROM apikey.role_grants g WHERE g.role OPERATOR(pg_catalog.=) _grant_kind.role;
+	END IF;
+	PERFORM apikey._audit(CASE WHEN grant_ THEN 'grant_' ELSE 'revoke_' END OPERATOR(pg_catalog.||) kind,
+						  NULL, NULL, pg_catalog.jsonb_build_object('role', role::pg_catalog.text, 'changed', v_rows OPERATOR(pg_catalog.>) 0));
+	RETURN v_rows OPERATOR(pg_catalog.>) 0;
+END
+$$;
+COMMENT ON FUNCTION apikey._grant_kind(pg_catalog.regrole, text, boolean)
+	IS 'Internal: check the caller and the role, grant or revoke a kind''s set, record it and write the audit row';
+REVOKE ALL ON FUNCTION apikey._grant_kind(pg_catalog.regrole, text, boolean) FROM PUBLIC;
+
+CREATE FUNCTION apikey.grant_admin(role pg_catalog.regrole)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'grant_admin'
+AS $$
+	SELECT apikey._audit_lock();
+	SELECT apikey._grant_kind(grant_admin.role, 'admin', true);
+$$;
+COMMENT ON FUNCTION apikey.grant_admin(pg_catalog.regrole)
+	IS 'Give a role the administrative functions (issue, revoke, rotate, set_limits, suspend, quarantine, throttle, reissue, leak reports ...) and the key tables but hashes to read; recorded, so upgrades extend it; true if newly recorded';
+REVOKE ALL ON FUNCTION apikey.grant_admin(pg_catalog.regrole) FROM PUBLIC;
+
+CREATE FUNCTION apikey.revoke_admin(role pg_catalog.regrole)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_admin'
+AS $$
+	SELECT apikey._audit_lock();
+	SELECT apikey._grant_kind(revoke_admin.role, 'admin', false);
+$$;
+COMMENT ON FUNCTION apikey.revoke_admin(pg_catalog.regrole)
+	IS 'Take back what grant_admin() gave (privileges another recorded grant of the role lists stay) and delete the record; true if it was recorded';
+REVOKE ALL ON FUNCTION apikey.revoke_admin(pg_catalog.regrole) FROM PUBLIC;
+
+CREATE FUNCTION apikey.grant_monitor(role pg_catalog.regrole)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'grant_monitor'
+AS $$
+	SELECT apikey._audit_lock();
+	SELECT apikey._grant_kind(grant_monitor.role, 'monitor', true);
+$$;
+COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
+	IS 'Give a role SELECT on every monitoring view (stats, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
+REVOKE ALL ON FUNCTION apikey.grant_monitor(pg_catalog.regrole) FROM PUBLIC;
+
+CREATE FUNCTION apikey.revoke_monitor(role pg_catalog.regrole)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_monitor'
+AS $$
+	SELECT apikey._audit_lock();
+	SELECT apikey._grant_kind(revoke_monitor.role, 'monitor', false);
+$$;
+COMMENT ON FUNCTION apikey.revoke_monitor(pg_catalog.regrole)
+	IS 'Take back what grant_monitor() gave (privileges another recorded grant of the role lists stay) and delete the record; true if it was recorded';
+REVOKE ALL ON FUNCTION apikey.revoke_monitor(pg_catalog.regrole) FROM PUBLIC;
+
+CREATE FUNCTION apikey.grant_reporter(role pg_catalog.regrole)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'grant_reporter'
+AS $$
+	SELECT apikey._audit_lock();
+	SELECT apikey._grant_kind(grant_reporter.role, 'reporter', true);
+$$;
+COMMENT ON FUNCTION apikey.grant_reporter(pg_catalog.regrole)
+	IS 'Make a role a member of apikey_reporter (revoke_leaked); recorded; true if newly recorded';
+REVOKE ALL ON FUNCTION apikey.grant_reporter(pg_catalog.regrole) FROM PUBLIC;
+
+CREATE FUNCTION apikey.revoke_reporter(role pg_catalog.regrole)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'revoke_reporter'
+AS $$
+	SELECT apikey._audit_lock();
+	SELECT apikey._grant_kind(revoke_reporter.role, 'reporter', false);
+$$;
+COMMENT ON FUNCTION apikey.revoke_reporter(pg_catalog.regrole)
+	IS 'Take back what grant_reporter() gave (privileges another recorded grant of the role lists stay) and delete the record; true if it was recorded';
+REVOKE ALL ON FUNCTION apikey.revoke_reporter(pg_catalog.regrole) FROM PUBLIC;
+
+-- Like every later upgrade script: last, re-apply the recorded grants.
+SELECT apikey._regrant();

@@ -22,6 +22,7 @@ GRANT EXECUTE ON FUNCTION
 	apikey.set_limits(bigint, integer, interval, bigint, interval, cidr[]), apikey.revoke_owner(text, text)
 	TO regress_audit_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON apikey.scopes TO regress_audit_admin;
+CREATE ROLE regress_audit_granted;
 
 -------------------------------------------------------------------------------
 -- One row per administrative call.  The administrative functions are the
@@ -52,7 +53,13 @@ INSERT INTO calls (fn, q) VALUES
 	('report_leak_hash', $$SELECT apikey.report_leak_hash(apikey.hash((SELECT token FROM tok WHERE name = 'byhash')), 'partner')$$),
 	('report_leaks', $$SELECT apikey.report_leaks(jsonb_build_array(jsonb_build_object('token', (SELECT token FROM tok WHERE name = 'spare'), 'type', 't', 'url', 'https://example.com/1')))$$),
 	('revoke_leaked', $$SELECT apikey.revoke_leaked(ARRAY[(SELECT token FROM tok WHERE name = 'spare')])$$),
-	('reissue', $$INSERT INTO tok SELECT 'k3', key_id, token FROM apikey.reissue((SELECT id FROM tok WHERE name = 'k'))$$);
+	('reissue', $$INSERT INTO tok SELECT 'k3', key_id, token FROM apikey.reissue((SELECT id FROM tok WHERE name = 'k'))$$),
+	('grant_admin', $$SELECT apikey.grant_admin('regress_audit_granted')$$),
+	('revoke_admin', $$SELECT apikey.revoke_admin('regress_audit_granted')$$),
+	('grant_monitor', $$SELECT apikey.grant_monitor('regress_audit_granted')$$),
+	('revoke_monitor', $$SELECT apikey.revoke_monitor('regress_audit_granted')$$),
+	('grant_reporter', $$SELECT apikey.grant_reporter('regress_audit_granted')$$),
+	('revoke_reporter', $$SELECT apikey.revoke_reporter('regress_audit_granted')$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p
@@ -234,4 +241,4 @@ DROP EXTENSION apikey CASCADE;
 CREATE EXTENSION apikey;
 RESET client_min_messages;
 DROP TABLE tok;
-DROP ROLE regress_audit_admin;
+DROP ROLE regress_audit_admin, regress_audit_granted;

@@ -372,7 +372,18 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_throttle', 'NULL', $$SELECT apikey._throttle(NULL, NULL, NULL, NULL)::text$$),
 ('_throttle', 'short hash', $$SELECT apikey._throttle(1, '\x00', 1, now())::text$$),
 ('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$),
-('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$);
+('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$),
+('grant_admin', 'NULL', $$SELECT apikey.grant_admin(NULL)::text$$),
+('grant_monitor', 'PUBLIC', $$SELECT apikey.grant_monitor('-')::text$$),
+('grant_monitor', 'no such role', $$SELECT apikey.grant_monitor('regress_no_such_role')::text$$),
+('grant_reporter', 'NULL', $$SELECT apikey.grant_reporter(NULL)::text$$),
+('revoke_admin', 'NULL', $$SELECT apikey.revoke_admin(NULL)::text$$),
+('revoke_monitor', 'PUBLIC', $$SELECT apikey.revoke_monitor(0::oid::regrole)::text$$),
+('revoke_reporter', 'never granted', $$SELECT apikey.revoke_reporter('pg_monitor')::text$$),
+('_grant_kind', 'NULL', $$SELECT apikey._grant_kind(NULL, NULL, NULL)::text$$),
+('_apply_grants', 'NULL', $$SELECT apikey._apply_grants(NULL, NULL, NULL)::text$$),
+('_regrant', 'nothing recorded', $$SELECT apikey._regrant()::text$$),
+('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

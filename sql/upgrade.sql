@@ -113,6 +113,13 @@ SELECT count(*) AS reissued FROM apikey.reissue(:k11);
 SELECT code FROM apikey.check(:'t11', 'orders:read');
 SELECT failure_networks_untracked IS NOT NULL AS has_failure_column FROM apikey.stats;
 SELECT apikey.throttle(:k12, 1000, '1 second') > now() AS throttled;
+-- Grants made after the update are recorded in a table pg_dump keeps, and
+-- the monitor set covers key_status.
+CREATE ROLE regress_upgrade_monitor;
+SELECT apikey.grant_monitor('regress_upgrade_monitor') AS granted;
+SELECT has_table_privilege('regress_upgrade_monitor', 'apikey.key_status', 'SELECT') AS monitor_reads_key_status;
+SELECT 'apikey.role_grants'::regclass = ANY (extconfig) AS role_grants_dumped FROM pg_extension WHERE extname = 'apikey';
 SET client_min_messages = warning;
 DROP EXTENSION apikey CASCADE;
 RESET client_min_messages;
+DROP ROLE regress_upgrade_monitor;
