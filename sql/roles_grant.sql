@@ -143,3 +143,16 @@ DROP EXTENSION apikey CASCADE;
 CREATE EXTENSION apikey;
 RESET client_min_messages;
 DROP ROLE regress_roles_admin, regress_roles_monitor, regress_roles_reporter, regress_roles_nobody, regress_roles_super;
+
+-- The rule for upgrade scripts: from 1.2 on, each one's last statement
+-- re-applies the recorded grants, so a role granted a set gets what the
+-- upgrade adds to it.  Checked on the installed scripts (none listed).
+SELECT f AS upgrade_script_not_ending_in_regrant
+  FROM pg_ls_dir((SELECT setting FROM pg_config WHERE name = 'SHAREDIR') || '/extension') AS f
+ WHERE f ~ '^apikey--[0-9.]+--[0-9.]+\.sql$' AND f <> 'apikey--1.0--1.1.sql'
+   AND rtrim(pg_read_file((SELECT setting FROM pg_config WHERE name = 'SHAREDIR') || '/extension/' || f), E'\n')
+       NOT LIKE '%SELECT apikey._regrant();'
+ ORDER BY 1;
+SELECT count(*) >= 1 AS scripts_checked
+  FROM pg_ls_dir((SELECT setting FROM pg_config WHERE name = 'SHAREDIR') || '/extension') AS f
+ WHERE f ~ '^apikey--[0-9.]+--[0-9.]+\.sql$' AND f <> 'apikey--1.0--1.1.sql';
