@@ -372,7 +372,9 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_throttle', 'NULL', $$SELECT apikey._throttle(NULL, NULL, NULL, NULL)::text$$),
 ('_throttle', 'short hash', $$SELECT apikey._throttle(1, '\x00', 1, now())::text$$),
 ('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$),
-('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$);
+('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$),
+('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= now()$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

@@ -38,6 +38,8 @@
  *	 redact.c		hooks that keep tokens out of the log and
  *					pg_stat_statements; apikey.redact_logs
  *	 stats.c		live statistics, counted per backend
+ *	 metrics.c		the stats as plain rows and columns for monitoring
+ *					(stats_by_code, writer_heartbeat)
  *	 support.c		planner support for the row-level helpers
  *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
@@ -176,6 +178,7 @@ typedef struct ApikeyStats
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
+	TimestampTz heartbeat;		/* the writer's last round, 0 = never */
 	uint64		tokens_redacted;	/* spans the log redactor hid */
 } ApikeyStats;
 
@@ -186,6 +189,7 @@ extern void apikey_stats_dropped(uint64 calls);
 extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
+extern void apikey_stats_heartbeat(void);
 extern bool apikey_stats_read(ApikeyStats *out);
 
 /* support.c */
