@@ -374,7 +374,7 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_throttle', 'negative rate', $$SELECT apikey._throttle(1, apikey.hash('x'), -1, now())::text$$),
 ('_exposure_ids', 'NULL', $$SELECT apikey._exposure_ids(NULL)::text$$),
 ('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
-('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= now()$$);
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
