@@ -2524,5 +2524,75 @@ COMMENT ON FUNCTION apikey.revoke_reporter(pg_catalog.regrole)
 	IS 'Take back what grant_reporter() gave (privileges another recorded grant of the role lists stay) and delete the record; true if it was recorded';
 REVOKE ALL ON FUNCTION apikey.revoke_reporter(pg_catalog.regrole) FROM PUBLIC;
 
+
+-------------------------------------------------------------------------------
+-- Metrics without jsonb, and a writer heartbeat (issue 15 item 5).
+-- apikey.stats_by_code is apikey.stats.calls as rows, one per verdict code
+-- of the C verdict table (src/verdict.c), 0 for a code never seen, so an
+-- exporter needs no jsonb.  apikey.stats gains writer_heartbeat, which
+-- moves on every round of the usage writer, empty and failed ones too
+-- (last_flush moves only when something was written, so it cannot tell a
+-- quiet server from a dead writer).  Both through C functions
+-- (src/metrics.c), granted like apikey._stats(); the new view is granted
+-- like apikey.stats.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._stats_by_code(OUT code text, OUT calls bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'apikey_stats_by_code'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._stats_by_code()
+	IS 'Internal: verifications per verdict code since the server started, one row per code (behind apikey.stats_by_code)';
+REVOKE ALL ON FUNCTION apikey._stats_by_code() FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._stats_by_code()');
+
+CREATE VIEW apikey.stats_by_code AS
+SELECT s.code, s.calls FROM apikey._stats_by_code() s;
+COMMENT ON VIEW apikey.stats_by_code
+	IS 'Verifications per verdict code since the server started: apikey.stats.calls as rows, one per code (0 if never seen; NULL without shared memory)';
+COMMENT ON COLUMN apikey.stats_by_code.code IS 'Verdict code (every code apikey.check() can return)';
+COMMENT ON COLUMN apikey.stats_by_code.calls IS 'Verifications with this verdict since the server started; 0 if none, NULL without shared memory';
+REVOKE ALL ON apikey.stats_by_code FROM PUBLIC;
+-- Whoever may read apikey.stats may read this too.
+DO $$
+DECLARE
+	grantee text;
+BEGIN
+	FOR grantee IN
+		SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+					ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::pg_catalog.text) END
+		  FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+		 WHERE c.oid OPERATOR(pg_catalog.=) 'apikey.stats'::pg_catalog.regclass
+		   AND a.privilege_type OPERATOR(pg_catalog.=) 'SELECT'
+		   AND a.grantee OPERATOR(pg_catalog.<>) c.relowner
+	LOOP
+		EXECUTE pg_catalog.format('GRANT SELECT ON apikey.stats_by_code TO %s', grantee);
+	END LOOP;
+END
+$$;
+
+CREATE FUNCTION apikey._writer_heartbeat() RETURNS timestamptz
+AS 'MODULE_PATHNAME', 'apikey_writer_heartbeat'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._writer_heartbeat()
+	IS 'Internal: when the usage writer last finished a round, written, empty or failed (behind apikey.stats.writer_heartbeat)';
+REVOKE ALL ON FUNCTION apikey._writer_heartbeat() FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._writer_heartbeat()');
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,
+	   apikey._failure_networks_untracked() AS failure_networks_untracked,
+	   apikey._writer_heartbeat() AS writer_heartbeat
+  FROM apikey._stats() s;
+COMMENT ON VIEW apikey.stats IS 'Live counters of this server: calls per verdict code, flushes, pending and dropped entries, tokens redacted, networks the failure limiter could not track, the usage writer''s heartbeat';
+COMMENT ON COLUMN apikey.stats.writer_heartbeat
+	IS 'When the usage writer last finished a round (every apikey.usage_flush_interval), even one with nothing to write or that failed; NULL = never (no writer, or not preloaded).  now() - writer_heartbeat is its liveness';
+
+-- A monitor (grant_monitor()) reads these too.
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('monitor', 'SELECT', 'TABLE apikey.stats_by_code'),
+	('monitor', 'EXECUTE', 'FUNCTION apikey._stats_by_code()'),
+	('monitor', 'EXECUTE', 'FUNCTION apikey._writer_heartbeat()');
+
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();

@@ -558,6 +558,49 @@ apikey_stats(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._stats_by_code(): verifications per verdict code since the server
+ * started, one row per code of the verdict table.
+ */
+PG_FUNCTION_INFO_V1(apikey_stats_by_code);
+Datum
+apikey_stats_by_code(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	ApikeyStats st;
+	bool		shared;
+	int			c;
+
+	InitMaterializedSRF(fcinfo, 0);
+	shared = apikey_stats_read(&st);
+	for (c = 0; c < APIKEY_NUM_CODES; c++)
+	{
+		Datum		values[2];
+		bool		nulls[2] = {false, !shared};
+
+		values[0] = CStringGetTextDatum(apikey_verdict_name(c));
+		values[1] = shared ? Int64GetDatum((int64) st.calls[c]) : (Datum) 0;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * apikey._writer_heartbeat(): when the usage writer last finished a flush
+ * round, empty or failed ones included; NULL if it never has, or without
+ * shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_writer_heartbeat);
+Datum
+apikey_writer_heartbeat(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st) || st.heartbeat == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_TIMESTAMPTZ(st.heartbeat);
+}
+
+/*
  * apikey._tokens_redacted(): token-shaped spans the log redactor hid since
  * the server started (the tokens_redacted column of apikey.stats); NULL
  * without shared memory.

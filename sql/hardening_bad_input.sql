@@ -383,7 +383,9 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_grant_kind', 'NULL', $$SELECT apikey._grant_kind(NULL, NULL, NULL)::text$$),
 ('_apply_grants', 'NULL', $$SELECT apikey._apply_grants(NULL, NULL, NULL)::text$$),
 ('_regrant', 'nothing recorded', $$SELECT apikey._regrant()::text$$),
-('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$);
+('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$),
+('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

@@ -141,3 +141,11 @@ DROP ROLE regress_limits_stats_nobody;
 SELECT tokens_redacted AS redacted_before FROM apikey.stats \gset
 DO $$ BEGIN RAISE LOG 'two tokens: % and %', (SELECT token FROM apikey._new_token('ak')), (SELECT token FROM apikey._new_token('ak_live')); END $$;
 SELECT tokens_redacted - :redacted_before AS newly_redacted FROM apikey.stats;
+
+-- apikey.stats_by_code: the same counts as stats.calls, one row per code of
+-- the verdict table, 0 (not NULL) for codes never seen.
+SELECT (SELECT count(*) FROM apikey.stats_by_code) =
+	   (SELECT count(*) FROM apikey.stats, jsonb_object_keys(calls)) AS one_row_per_code,
+	   (SELECT count(*) FROM apikey.stats_by_code WHERE calls IS NULL) AS null_counts;
+SELECT b.code, b.calls = (s.calls ->> b.code)::bigint AS same_as_jsonb
+  FROM apikey.stats_by_code b, apikey.stats s ORDER BY b.code;

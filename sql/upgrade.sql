@@ -33,7 +33,10 @@ SELECT extversion FROM pg_extension WHERE extname = 'apikey';
 -- it still reads apikey.stats, whose 1.2 columns have a function each
 SET ROLE regress_upgrade_monitor;
 SELECT shared_memory, tokens_redacted >= 0 AS has_tokens_redacted,
-       failure_networks_untracked >= 0 AS has_failure_networks_untracked FROM apikey.stats;
+       failure_networks_untracked >= 0 AS has_failure_networks_untracked,
+       writer_heartbeat IS NULL OR writer_heartbeat <= clock_timestamp() AS has_writer_heartbeat FROM apikey.stats;
+-- and the per-code view added with it
+SELECT count(*) > 0 AS reads_stats_by_code FROM apikey.stats_by_code;
 RESET ROLE;
 DROP OWNED BY regress_upgrade_monitor;
 DROP ROLE regress_upgrade_monitor;

@@ -37,7 +37,8 @@
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
  *					pg_stat_statements; apikey.redact_logs
- *	 stats.c		live statistics, counted per backend
+ *	 stats.c		live statistics, counted per backend, and the usage
+ *					writer's heartbeat
  *	 support.c		planner support for the row-level helpers
  *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
@@ -176,6 +177,7 @@ typedef struct ApikeyStats
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
+	TimestampTz heartbeat;		/* the writer's last round, 0 = never */
 	uint64		tokens_redacted;	/* spans the log redactor hid */
 } ApikeyStats;
 
@@ -186,6 +188,7 @@ extern void apikey_stats_dropped(uint64 calls);
 extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
+extern void apikey_stats_heartbeat(void);
 extern bool apikey_stats_read(ApikeyStats *out);
 
 /* support.c */

@@ -235,6 +235,7 @@ flush_round(void)
 	SpinLockRelease(&writer->mutex);
 
 	ok = flush_once(&rows);
+	apikey_stats_heartbeat();
 
 	SpinLockAcquire(&writer->mutex);
 	if (requested > writer->flush_served)

@@ -61,6 +61,11 @@ SELECT shared_memory || ' ' || (calls IS NULL) || ' ' || (entries_pending IS NUL
   FROM apikey.stats}),
 	'false true true true true', 'apikey.stats: no shared memory');
 is( $node->safe_psql(
+		'postgres', q{
+SELECT (SELECT writer_heartbeat IS NULL FROM apikey.stats) || ' ' ||
+	   (SELECT count(*) || ' ' || count(calls) FROM apikey.stats_by_code)}),
+	'true 14 0', 'no heartbeat; stats_by_code: every code, no counts');
+is( $node->safe_psql(
 		'postgres',
 		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),
 	'0', 'no usage writer');
