@@ -2593,6 +2593,8 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('monitor', 'SELECT', 'TABLE apikey.stats_by_code'),
 	('monitor', 'EXECUTE', 'FUNCTION apikey._stats_by_code()'),
 	('monitor', 'EXECUTE', 'FUNCTION apikey._writer_heartbeat()');
+COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
+	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
 
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();
