@@ -1113,7 +1113,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
-	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy';
+	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy (revoke, suspend, notify)';
 REVOKE ALL ON FUNCTION apikey._report_leak(bytea, text, text) FROM PUBLIC;
 
 -- report_leak() and report_leak_hash(): one leak, audited.
@@ -1836,7 +1836,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey.resume(bigint, text)
-	IS 'Lift a key''s suspension from this commit on; true if it was suspended.  A revoked key cannot be resumed';
+	IS 'Lift a key''s suspension from this commit on; true if it was suspended.  A revoked key or one reported leaked (in apikey.exposures) cannot be resumed (55000): reissue it';
 REVOKE ALL ON FUNCTION apikey.resume(bigint, text) FROM PUBLIC;
 
 CREATE FUNCTION apikey.suspend_owner(owner text, reason text, for_ interval DEFAULT NULL)
@@ -1917,7 +1917,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey.resume_owner(text, text)
-	IS 'Lift the suspension of every key of an owner; returns how many were suspended (revoked keys stay revoked)';
+	IS 'Lift the suspension of every key of an owner; returns how many were suspended.  Revoked keys stay revoked; keys reported leaked stay suspended (a NOTICE says how many)';
 REVOKE ALL ON FUNCTION apikey.resume_owner(text, text) FROM PUBLIC;
 
 CREATE FUNCTION apikey.quarantine(key_id bigint, allowed_scopes text[], reason text,
@@ -2032,7 +2032,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey.reissue(bigint)
-	IS 'Replace a revoked, suspended or quarantined key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace';
+	IS 'Replace a revoked, suspended, quarantined or leaked key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace; the audit row names the old key''s exposures';
 REVOKE ALL ON FUNCTION apikey.reissue(bigint) FROM PUBLIC;
 
 CREATE OR REPLACE VIEW apikey.key_status AS
@@ -2176,8 +2176,6 @@ COMMENT ON FUNCTION apikey._suspend_leaked(bigint, bigint, text)
 	IS 'Internal: suspend a leaked key with no end (leak_action suspend); returns the exposure''s action_taken';
 REVOKE ALL ON FUNCTION apikey._suspend_leaked(bigint, bigint, text) FROM PUBLIC;
 
-COMMENT ON FUNCTION apikey._report_leak(bytea, text, text)
-	IS 'Internal: record one leak of a key (once per key and reference) and apply its prefix''s leak policy (revoke, suspend, notify)';
 
 -------------------------------------------------------------------------------
 -- find_tokens() status (issue 13 item 1, now that issue 12 can suspend and
@@ -2229,14 +2227,8 @@ COMMENT ON FUNCTION apikey._exposure_ids(bigint)
 	IS 'Internal: the ids of a key''s exposures (leak reports), oldest first; empty if it never leaked';
 REVOKE ALL ON FUNCTION apikey._exposure_ids(bigint) FROM PUBLIC;
 
-COMMENT ON FUNCTION apikey.resume(bigint, text)
-	IS 'Lift a key''s suspension from this commit on; true if it was suspended.  A revoked key or one reported leaked (in apikey.exposures) cannot be resumed (55000): reissue it';
 
-COMMENT ON FUNCTION apikey.resume_owner(text, text)
-	IS 'Lift the suspension of every key of an owner; returns how many were suspended.  Revoked keys stay revoked; keys reported leaked stay suspended (a NOTICE says how many)';
 
-COMMENT ON FUNCTION apikey.reissue(bigint)
-	IS 'Replace a revoked, suspended, quarantined or leaked key with a new one (same owner, scopes, limits, metadata, remaining quota); the old key is revoked at once, no grace; the audit row names the old key''s exposures';
 
 -------------------------------------------------------------------------------
 -- Roles that survive upgrades (issue 15 item 6).  grant_admin(),
@@ -2485,7 +2477,7 @@ AS $$
 	SELECT apikey._grant_kind(grant_monitor.role, 'monitor', true);
 $$;
 COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
-	IS 'Give a role SELECT on every monitoring view (stats, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
+	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
 REVOKE ALL ON FUNCTION apikey.grant_monitor(pg_catalog.regrole) FROM PUBLIC;
 
 CREATE FUNCTION apikey.revoke_monitor(role pg_catalog.regrole)
@@ -2593,8 +2585,6 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('monitor', 'SELECT', 'TABLE apikey.stats_by_code'),
 	('monitor', 'EXECUTE', 'FUNCTION apikey._stats_by_code()'),
 	('monitor', 'EXECUTE', 'FUNCTION apikey._writer_heartbeat()');
-COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
-	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
 
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();
