@@ -111,7 +111,7 @@ my %targets = (
 	pgbouncer => "postgresql://example_app\@127.0.0.1:$bouncer_port/appdb",);
 
 my %apps = (
-	node => { dir => "$examples/node", cmd => [ 'node', '--test', 'test/' ] },
+	node => { dir => "$examples/node", cmd => [ 'node', '--test', 'test/app.test.js' ] },
 	python => {
 		dir => "$examples/python",
 		cmd => [ $python, '-m', 'unittest', '-v', 'test_app' ]

@@ -2,7 +2,7 @@
 // app's role, directly or through PgBouncer), issue keys through
 // ADMIN_DATABASE_URL (a role that may call apikey.issue and revoke, e.g. a
 // superuser, always a direct connection), and check what HTTP clients see.
-// The database is examples/schema.sql's.  Run: node --test test/
+// The database is examples/schema.sql's.  Run: node --test test/app.test.js
 //
 // The tokens live in this process only; the test checks that none of them
 // reaches the app's output.
