@@ -154,6 +154,9 @@ class ExampleApp(unittest.TestCase):
         self.assertEqual(len(body["orders"]), self.expected["acme"])
         status, _, body = self.get(token, headers={"X-Forwarded-For": "198.51.100.7"})
         self.assertEqual((status, body["error"]), (403, "address_denied"))
+        # An IPv4-mapped IPv6 address is the IPv4 client.
+        status, _, body = self.get(token, headers={"X-Forwarded-For": "::ffff:203.0.113.7"})
+        self.assertEqual(status, 200, body)
         # The nearest untrusted hop counts: a client cannot prepend an allowed address.
         status, _, _ = self.get(token, headers={"X-Forwarded-For": "203.0.113.7, 198.51.100.7"})
         self.assertEqual(status, 403)

@@ -9,7 +9,7 @@
 
 'use strict';
 
-const { test, before, after } = require('node:test');
+const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
 const path = require('node:path');
@@ -65,108 +65,115 @@ async function get({ token, authorization, headers = {} } = {}) {
   return { status: res.status, headers: res.headers, body: await res.json() };
 }
 
-before(async () => {
-  admin = new pg.Client({ connectionString: adminUrl });
-  await admin.connect();
-  await issue('acme', 'acme');
-  await issue('globex', 'globex');
-  await issue('writer', 'acme', { scopes: ['orders:write'] });
-  await issue('limited', 'acme', { rate_limit: 1, rate_window: '1 hour' });
-  await issue('quota', 'globex', { quota: 1, quota_refill: '1 day' });
-  await issue('doomed', 'globex');
-  await issue('office', 'acme', { allowed_cidrs: ['203.0.113.0/24'] });
-  // A superuser bypasses row-level security: the true counts.
-  const r = await admin.query('SELECT tenant, count(*)::int AS n FROM orders GROUP BY tenant');
-  for (const row of r.rows) expectedRows[row.tenant] = row.n;
-  base = await startApp();
-});
-
-after(async () => {
-  if (app && app.exitCode === null) {
-    app.removeAllListeners('exit');
-    await new Promise((resolve) => { app.on('exit', resolve); app.kill('SIGTERM'); });
-  }
-  if (admin) await admin.end();
-});
-
-test('each key sees its own tenant only, under concurrent requests', async () => {
-  const asks = [];
-  for (let i = 0; i < 40; i++) asks.push(i % 2 === 0 ? 'acme' : 'globex');
-  const answers = await Promise.all(asks.map((k) => get({ token: keys[k].token })));
-  answers.forEach((a, i) => {
-    const owner = keys[asks[i]].owner;
-    assert.equal(a.status, 200, `request ${i} (${owner}): ${JSON.stringify(a.body)}`);
-    assert.equal(a.body.orders.length, expectedRows[owner], `request ${i}: ${owner}'s row count`);
-    for (const row of a.body.orders) assert.equal(row.tenant, owner, `request ${i}: a row of another tenant`);
+// One suite, whose before/after hooks bracket its tests (suite hooks exist
+// since Node 18.8; Debian 12 ships 18).
+describe('the example API', () => {
+  before(async () => {
+    admin = new pg.Client({ connectionString: adminUrl });
+    await admin.connect();
+    await issue('acme', 'acme');
+    await issue('globex', 'globex');
+    await issue('writer', 'acme', { scopes: ['orders:write'] });
+    await issue('limited', 'acme', { rate_limit: 1, rate_window: '1 hour' });
+    await issue('quota', 'globex', { quota: 1, quota_refill: '1 day' });
+    await issue('doomed', 'globex');
+    await issue('office', 'acme', { allowed_cidrs: ['203.0.113.0/24'] });
+    // A superuser bypasses row-level security: the true counts.
+    const r = await admin.query('SELECT tenant, count(*)::int AS n FROM orders GROUP BY tenant');
+    for (const row of r.rows) expectedRows[row.tenant] = row.n;
+    base = await startApp();
   });
-});
 
-test('missing or bad token: 401', async () => {
-  let a = await get();
-  assert.equal(a.status, 401);
-  assert.equal(a.body.error, 'missing');
-  assert.equal(a.headers.get('www-authenticate'), 'Bearer');
-  a = await get({ authorization: `Basic ${Buffer.from('acme:secret').toString('base64')}` });
-  assert.equal(a.status, 401);
-  a = await get({ token: 'ak_not_a_real_key' });
-  assert.equal(a.status, 401);
-  assert.equal(a.body.error, 'malformed');
-  assert.match(a.headers.get('www-authenticate'), /invalid_token/);
-});
+  after(async () => {
+    if (app && app.exitCode === null) {
+      app.removeAllListeners('exit');
+      await new Promise((resolve) => { app.on('exit', resolve); app.kill('SIGTERM'); });
+    }
+    if (admin) await admin.end();
+  });
 
-test('a key without the scope: 403', async () => {
-  const a = await get({ token: keys.writer.token });
-  assert.equal(a.status, 403);
-  assert.equal(a.body.error, 'scope_denied');
-  assert.match(a.headers.get('www-authenticate'), /insufficient_scope/);
-});
+  test('each key sees its own tenant only, under concurrent requests', async () => {
+    const asks = [];
+    for (let i = 0; i < 40; i++) asks.push(i % 2 === 0 ? 'acme' : 'globex');
+    const answers = await Promise.all(asks.map((k) => get({ token: keys[k].token })));
+    answers.forEach((a, i) => {
+      const owner = keys[asks[i]].owner;
+      assert.equal(a.status, 200, `request ${i} (${owner}): ${JSON.stringify(a.body)}`);
+      assert.equal(a.body.orders.length, expectedRows[owner], `request ${i}: ${owner}'s row count`);
+      for (const row of a.body.orders) assert.equal(row.tenant, owner, `request ${i}: a row of another tenant`);
+    });
+  });
 
-test('a rate-limited key: 429 with Retry-After', async () => {
-  assert.equal((await get({ token: keys.limited.token })).status, 200);
-  const a = await get({ token: keys.limited.token });
-  assert.equal(a.status, 429);
-  assert.equal(a.body.error, 'rate_limited');
-  const wait = Number(a.headers.get('retry-after'));
-  assert.ok(Number.isInteger(wait) && wait > 3000 && wait <= 3600, `Retry-After: ${a.headers.get('retry-after')}`);
-});
+  test('missing or bad token: 401', async () => {
+    let a = await get();
+    assert.equal(a.status, 401);
+    assert.equal(a.body.error, 'missing');
+    assert.equal(a.headers.get('www-authenticate'), 'Bearer');
+    a = await get({ authorization: `Basic ${Buffer.from('acme:secret').toString('base64')}` });
+    assert.equal(a.status, 401);
+    a = await get({ token: 'ak_not_a_real_key' });
+    assert.equal(a.status, 401);
+    assert.equal(a.body.error, 'malformed');
+    assert.match(a.headers.get('www-authenticate'), /invalid_token/);
+  });
 
-test('an exhausted quota: 429 with Retry-After until the refill', async () => {
-  assert.equal((await get({ token: keys.quota.token })).status, 200);
-  const a = await get({ token: keys.quota.token });
-  assert.equal(a.status, 429);
-  assert.equal(a.body.error, 'quota_exhausted');
-  const wait = Number(a.headers.get('retry-after'));
-  assert.ok(Number.isInteger(wait) && wait > 86000 && wait <= 86400, `Retry-After: ${a.headers.get('retry-after')}`);
-});
+  test('a key without the scope: 403', async () => {
+    const a = await get({ token: keys.writer.token });
+    assert.equal(a.status, 403);
+    assert.equal(a.body.error, 'scope_denied');
+    assert.match(a.headers.get('www-authenticate'), /insufficient_scope/);
+  });
 
-test('a revoked key: 401 from the next request on', async () => {
-  assert.equal((await get({ token: keys.doomed.token })).status, 200);
-  await admin.query('SELECT apikey.revoke($1, $2)', [keys.doomed.id, 'example test']);
-  const a = await get({ token: keys.doomed.token });
-  assert.equal(a.status, 401);
-  assert.equal(a.body.error, 'revoked');
-});
+  test('a rate-limited key: 429 with Retry-After', async () => {
+    assert.equal((await get({ token: keys.limited.token })).status, 200);
+    const a = await get({ token: keys.limited.token });
+    assert.equal(a.status, 429);
+    assert.equal(a.body.error, 'rate_limited');
+    const wait = Number(a.headers.get('retry-after'));
+    assert.ok(Number.isInteger(wait) && wait > 3000 && wait <= 3600, `Retry-After: ${a.headers.get('retry-after')}`);
+  });
 
-test('the end client address from X-Forwarded-For reaches the allowlist', async () => {
-  let a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '203.0.113.7' } });
-  assert.equal(a.status, 200, JSON.stringify(a.body));
-  assert.equal(a.body.orders.length, expectedRows.acme);
-  a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '198.51.100.7' } });
-  assert.equal(a.status, 403);
-  assert.equal(a.body.error, 'address_denied');
-  // The nearest untrusted hop counts: a client cannot prepend an allowed address.
-  a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '203.0.113.7, 198.51.100.7' } });
-  assert.equal(a.status, 403);
-  // Without the header the client is the proxy itself (loopback): not allowed.
-  a = await get({ token: keys.office.token });
-  assert.equal(a.status, 403);
-});
+  test('an exhausted quota: 429 with Retry-After until the refill', async () => {
+    assert.equal((await get({ token: keys.quota.token })).status, 200);
+    const a = await get({ token: keys.quota.token });
+    assert.equal(a.status, 429);
+    assert.equal(a.body.error, 'quota_exhausted');
+    const wait = Number(a.headers.get('retry-after'));
+    assert.ok(Number.isInteger(wait) && wait > 86000 && wait <= 86400, `Retry-After: ${a.headers.get('retry-after')}`);
+  });
 
-test('no token reaches the app output', () => {
-  assert.match(output, /GET \/orders 200 valid/);
-  for (const [label, k] of Object.entries(keys)) {
-    assert.ok(!output.includes(k.token), `the ${label} token was logged`);
-  }
-  // Token-free, so it may be shown: the app's own account of the requests.
-  process.stderr.write(`app output:\n${output}`);
+  test('a revoked key: 401 from the next request on', async () => {
+    assert.equal((await get({ token: keys.doomed.token })).status, 200);
+    await admin.query('SELECT apikey.revoke($1, $2)', [keys.doomed.id, 'example test']);
+    const a = await get({ token: keys.doomed.token });
+    assert.equal(a.status, 401);
+    assert.equal(a.body.error, 'revoked');
+  });
+
+  test('the end client address from X-Forwarded-For reaches the allowlist', async () => {
+    let a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '203.0.113.7' } });
+    assert.equal(a.status, 200, JSON.stringify(a.body));
+    assert.equal(a.body.orders.length, expectedRows.acme);
+    a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '198.51.100.7' } });
+    assert.equal(a.status, 403);
+    assert.equal(a.body.error, 'address_denied');
+    // An IPv4-mapped IPv6 address is the IPv4 client.
+    a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '::ffff:203.0.113.7' } });
+    assert.equal(a.status, 200, JSON.stringify(a.body));
+    // The nearest untrusted hop counts: a client cannot prepend an allowed address.
+    a = await get({ token: keys.office.token, headers: { 'x-forwarded-for': '203.0.113.7, 198.51.100.7' } });
+    assert.equal(a.status, 403);
+    // Without the header the client is the proxy itself (loopback): not allowed.
+    a = await get({ token: keys.office.token });
+    assert.equal(a.status, 403);
+  });
+
+  test('no token reaches the app output', () => {
+    assert.match(output, /GET \/orders 200 valid/);
+    for (const [label, k] of Object.entries(keys)) {
+      assert.ok(!output.includes(k.token), `the ${label} token was logged`);
+    }
+    // Token-free, so it may be shown: the app's own account of the requests.
+    process.stderr.write(`app output:\n${output}`);
+  });
 });
