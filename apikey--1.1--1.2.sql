@@ -2453,7 +2453,7 @@ AS $$
 	SELECT apikey._grant_kind(grant_admin.role, 'admin', true);
 $$;
 COMMENT ON FUNCTION apikey.grant_admin(pg_catalog.regrole)
-	IS 'Give a role the administrative functions (issue, revoke, rotate, set_limits, suspend, quarantine, throttle, reissue, leak reports ...) and the key tables but hashes to read; recorded, so upgrades extend it; true if newly recorded';
+	IS 'Give a role the administrative functions (issue, revoke, rotate, set_limits, suspend, quarantine, throttle, reissue, leak reports, run_events, expire_unused ...) and the key tables but hashes, and apikey.events, to read; recorded, so upgrades extend it; true if newly recorded';
 REVOKE ALL ON FUNCTION apikey.grant_admin(pg_catalog.regrole) FROM PUBLIC;
 
 CREATE FUNCTION apikey.revoke_admin(role pg_catalog.regrole)
@@ -2477,7 +2477,7 @@ AS $$
 	SELECT apikey._grant_kind(grant_monitor.role, 'monitor', true);
 $$;
 COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
-	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
+	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log), apikey.events and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
 REVOKE ALL ON FUNCTION apikey.grant_monitor(pg_catalog.regrole) FROM PUBLIC;
 
 CREATE FUNCTION apikey.revoke_monitor(role pg_catalog.regrole)
@@ -2597,8 +2597,8 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 --
 -- Changes to a key (key.suspended, key.resumed, key.quarantined,
 -- key.released, key.revoked) come from row triggers on suspensions,
--- quarantines and revocations, in the changing transaction, whatever
--- changed them.  Conditions that arrive with time (key.expiring,
+-- quarantines and revocations, in the changing transaction, whichever
+-- apikey function changed them (not direct DML, such as a restore).  Conditions that arrive with time (key.expiring,
 -- quota.low, rate_limit.saturated) come from a periodic pass,
 -- apikey._run_events(), which the background worker runs every
 -- apikey.events_interval; apikey.event_marks remembers what each has
@@ -2688,8 +2688,11 @@ COMMENT ON FUNCTION apikey._event(text, bigint, text, text, jsonb)
 	IS 'Internal: the only writer of apikey.events: append one event (refusing a payload with a token or hash) and NOTIFY apikey_events with its seq at commit; returns the seq';
 REVOKE ALL ON FUNCTION apikey._event(text, bigint, text, text, jsonb) FROM PUBLIC;
 
--- A key's suspension, quarantine or revocation changed: say so.  A row
--- deleted because its key was deleted says nothing (the key is gone).
+-- A key's suspension, quarantine or revocation changed: say so, when an
+-- apikey function changed it (apikey.audit_context names one; "usage" is
+-- apikey's own bookkeeping, not a change to announce).  Direct DML, which
+-- a restore is (pg_restore's COPY), says nothing: the audit trail records
+-- it.  A row deleted because its key was deleted says nothing.
 CREATE FUNCTION apikey._event_key_changed() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -2697,6 +2700,9 @@ DECLARE
 	v_key record;
 	v_row jsonb;
 BEGIN
+	IF COALESCE(apikey._audit_context(), 'usage') OPERATOR(pg_catalog.=) 'usage' THEN
+		RETURN NULL;
+	END IF;
 	v_row := pg_catalog.to_jsonb(CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN OLD ELSE NEW END);
 	SELECT k.id, k.owner, k.hint, k.name INTO v_key
 	  FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) (v_row OPERATOR(pg_catalog.->>) 'key_id')::bigint;

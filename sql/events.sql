@@ -91,6 +91,10 @@ SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'd'), 'about to go');
 SELECT next_mark();
 DELETE FROM apikey.keys WHERE id = (SELECT id FROM tok WHERE name = 'd');
 SELECT count(*) AS events_after_delete FROM new_events();
+-- Direct DML (what pg_restore does) says nothing; the audit trail has it.
+INSERT INTO apikey.revocations (key_id, revoked_by, reason) VALUES (:a2, 'regress', 'by hand');
+SELECT count(*) AS events_after_direct_insert FROM new_events();
+SELECT action FROM apikey.audit_log ORDER BY seq DESC LIMIT 1;
 
 -------------------------------------------------------------------------------
 -- Never a token or a hash: not in any payload written above, and refused
