@@ -2851,10 +2851,12 @@ BEGIN
 	v_settings := apikey._event_settings();
 
 	-- key.expiring: 7 days, then 1 day before expires_at (only the nearer
-	-- one when both are due at once); not for a rotated key in its grace
+	-- one when both are due at once); not for a rotated key in its grace,
+	-- nor for a key issued inside the window (a short-lived key is meant to
+	-- expire: its issuer knows)
 	FOR r IN
 		WITH due AS (
-			SELECT k.id, k.owner, k.hint, k.name, k.expires_at,
+			SELECT k.id, k.owner, k.hint, k.name, k.expires_at, k.created_at,
 				   CASE WHEN k.expires_at OPERATOR(pg_catalog.<=) (pg_catalog.now() OPERATOR(pg_catalog.+) '1 day'::interval)
 						THEN 1 ELSE 7 END AS level
 			  FROM apikey.keys k
@@ -2870,6 +2872,8 @@ BEGIN
 			ON CONFLICT DO NOTHING
 			RETURNING m.key_id, m.level)
 		SELECT d.* FROM due d JOIN marked m ON m.key_id OPERATOR(pg_catalog.=) d.id AND m.level OPERATOR(pg_catalog.=) d.level
+		 WHERE d.created_at OPERATOR(pg_catalog.<)
+			   (d.expires_at OPERATOR(pg_catalog.-) pg_catalog.make_interval(days => d.level))
 		 ORDER BY d.id
 	LOOP
 		PERFORM apikey._event('key.expiring', r.id, r.owner, CASE r.level WHEN 1 THEN 'warning' ELSE 'info' END,

@@ -134,6 +134,10 @@ SELECT next_mark();
 INSERT INTO tok SELECT 'x3d', key_id, token FROM apikey.issue('hooli', '{}', 'x3d', now() + interval '3 days');
 INSERT INTO tok SELECT 'x12h', key_id, token FROM apikey.issue('hooli', '{}', 'x12h', now() + interval '12 hours');
 INSERT INTO tok SELECT 'x30d', key_id, token FROM apikey.issue('hooli', '{}', 'x30d', now() + interval '30 days');
+-- issued ten days ago (a key issued inside the window is meant to be short-lived)
+UPDATE apikey.keys SET created_at = now() - interval '10 days'
+ WHERE id IN (SELECT id FROM tok WHERE name IN ('x3d', 'x12h', 'x30d'));
+INSERT INTO tok SELECT 'short', key_id, token FROM apikey.issue('hooli', '{}', 'short', now() + interval '1 hour');
 SELECT apikey.run_events() AS first_pass;
 SELECT * FROM new_events();
 SELECT apikey.run_events() AS second_pass;
@@ -168,6 +172,9 @@ SELECT kind, payload->'level' AS level FROM new_events();
 SELECT next_mark();
 
 -- rate_limit.saturated: refused by its rate limit this hour, once
+-- (not in the last 30 seconds of an hour: the pass counts this hour only)
+SELECT pg_sleep(CASE WHEN date_trunc('hour', clock_timestamp()) + interval '1 hour' - clock_timestamp() < interval '30 seconds'
+					 THEN 31 ELSE 0 END);
 INSERT INTO tok SELECT 'rl', key_id, token FROM apikey.issue('ratey', '{}', 'rl', rate_limit => 2);
 SELECT id AS rl, token AS trl FROM tok WHERE name = 'rl' \gset
 SELECT apikey.run_events() AS pass_before;

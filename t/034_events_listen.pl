@@ -55,7 +55,10 @@ is($node->safe_psql('postgres', q{SELECT count(*) FROM apikey.events WHERE kind 
 # The worker's pass: a key expiring in 2 days gets key.expiring (7 days)
 # once, without anyone calling run_events().
 $node->safe_psql('postgres',
-	q{INSERT INTO tok SELECT 'x', key_id, token FROM apikey.issue('acme', expires_at => now() + interval '2 days')});
+	q{BEGIN;
+	  INSERT INTO tok SELECT 'x', key_id, token FROM apikey.issue('acme', expires_at => now() + interval '2 days');
+	  UPDATE apikey.keys SET created_at = now() - interval '30 days' WHERE id = kid('x');   -- a long-lived key
+	  COMMIT;});
 ok( $node->poll_query_until(
 		'postgres',
 		q{SELECT count(*) = 1 FROM apikey.events WHERE kind = 'key.expiring' AND key_id = kid('x')}),
