@@ -26,7 +26,10 @@
  *								(0 = off, the default)
  *	 apikey.events_notify		NOTIFY for each event (on); a transaction
  *								that will be PREPAREd turns it off, since
- *								two-phase commit refuses NOTIFY
+ *								two-phase commit refuses NOTIFY.  Superuser
+ *								only (GRANT SET ON PARAMETER to delegate): a
+ *								caller whose own transaction writes an event
+ *								(a canary's use, say) must not silence it
  *
  *-------------------------------------------------------------------------
  */
@@ -103,7 +106,7 @@ apikey_events_init(void)
 							 "Turn it off (SET LOCAL) in a transaction that will be PREPAREd: two-phase commit refuses NOTIFY.  The events are written either way.",
 							 &events_notify,
 							 true,
-							 PGC_USERSET, 0,
+							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
 }
 
