@@ -16,6 +16,7 @@ OBJS = \
 	src/quota.o \
 	src/ratelimit.o \
 	src/redact.o \
+	src/retention.o \
 	src/shmem.o \
 	src/stats.o \
 	src/support.o \

@@ -385,7 +385,15 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_regrant', 'nothing recorded', $$SELECT apikey._regrant()::text$$),
 ('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$),
 ('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
-('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$);
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$),
+('_rate_limit_state', 'no arguments', $$SELECT count(*) >= 0 FROM apikey._rate_limit_state()$$),
+('_retention_settings', 'no arguments', $$SELECT usage_retention > '0' FROM apikey._retention_settings()$$),
+('run_retention', 'NULL', $$SELECT apikey.run_retention(NULL)::text$$),
+('run_retention', 'zero', $$SELECT apikey.run_retention(0)::text$$),
+('run_retention', 'negative', $$SELECT apikey.run_retention(-5)::text$$),
+('run_retention', 'too large', $$SELECT apikey.run_retention(2000000000)::text$$),
+('run_retention', 'garbage', $$SELECT apikey.run_retention('lots')::text$$),
+('run_retention', 'one row per step', $$SELECT (apikey.run_retention(1)).more::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

@@ -11,6 +11,10 @@
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
  *	 worker.c		background worker that persists usage counters;
  *					apikey.usage_flush_interval
+ *	 retention.c	how long usage history is kept, and running
+ *					run_retention() from the worker; apikey.usage_retention,
+ *					apikey.hourly_retention, apikey.daily_retention,
+ *					apikey.address_retention, apikey.retention_interval
  *	 issue.c		issuing keys (issue, issue_many) and the argument checks
  *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies;
@@ -313,6 +317,7 @@ extern void apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash,
 								  int64 to_id, const uint8 *to_hash);
 extern ApikeyCode apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 										int64 *retry_after, int64 *remaining);
+extern void apikey_ratelimit_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
 
 /* quota.c */
 extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
@@ -342,6 +347,11 @@ extern Size apikey_worker_shmem_size(void);
 extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
 extern int	apikey_worker_request_flush(void);
+
+/* retention.c */
+extern void apikey_retention_init(void);
+extern void apikey_retention_settings(int64 *secs);
+extern void apikey_retention_maybe_run(void);
 
 /* audit.c */
 extern void apikey_audit_init(void);

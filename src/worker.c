@@ -344,6 +344,9 @@ apikey_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 		flush_round();
+
+		/* retention and rollups, every apikey.retention_interval */
+		apikey_retention_maybe_run();
 	}
 
 	/* write what there is now, and again once clients are gone */
