@@ -2730,19 +2730,19 @@ BEGIN
 		RETURNING p.key_id, p.bucket, p.code, p.client_addr, p.calls OPERATOR(pg_catalog.-) p.rolled_up AS n),
 	hourly AS (
 		INSERT INTO apikey.usage_hourly AS h (key_id, bucket, code, calls)
-		SELECT m.key_id, pg_catalog.date_trunc('hour', m.bucket, 'UTC'), m.code, pg_catalog.sum(m.n)
+		SELECT m.key_id, pg_catalog.date_bin('1 hour'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz), m.code, pg_catalog.sum(m.n)
 		  FROM marked m GROUP BY 1, 2, 3
 		ON CONFLICT ((COALESCE(key_id, 0)), bucket, code)
 		DO UPDATE SET calls = h.calls OPERATOR(pg_catalog.+) excluded.calls),
 	daily AS (
 		INSERT INTO apikey.usage_daily AS d (key_id, bucket, code, calls)
-		SELECT m.key_id, pg_catalog.date_trunc('day', m.bucket, 'UTC'), m.code, pg_catalog.sum(m.n)
+		SELECT m.key_id, pg_catalog.date_bin('1 day'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz), m.code, pg_catalog.sum(m.n)
 		  FROM marked m GROUP BY 1, 2, 3
 		ON CONFLICT ((COALESCE(key_id, 0)), bucket, code)
 		DO UPDATE SET calls = d.calls OPERATOR(pg_catalog.+) excluded.calls),
 	addressed AS (
 		INSERT INTO apikey.usage_address_hourly AS a (key_id, bucket, code, client_addr, calls)
-		SELECT m.key_id, pg_catalog.date_trunc('hour', m.bucket, 'UTC'), m.code, m.client_addr, pg_catalog.sum(m.n)
+		SELECT m.key_id, pg_catalog.date_bin('1 hour'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz), m.code, m.client_addr, pg_catalog.sum(m.n)
 		  FROM marked m
 		 WHERE m.key_id IS NOT NULL AND m.client_addr IS NOT NULL
 		   AND m.bucket OPERATOR(pg_catalog.>=) v_address_cutoff
@@ -2830,14 +2830,14 @@ CREATE VIEW apikey.hourly_usage AS
 SELECT u.key_id, u.bucket, u.code, pg_catalog.sum(u.calls)::bigint AS calls
   FROM (SELECT h.key_id, h.bucket, h.code, h.calls FROM apikey.usage_hourly h
 		UNION ALL
-		SELECT l.key_id, pg_catalog.date_trunc('hour', l.bucket, 'UTC'), l.code,
+		SELECT l.key_id, pg_catalog.date_bin('1 hour'::interval, l.bucket, '2000-01-01 00:00:00+00'::timestamptz), l.code,
 			   l.calls OPERATOR(pg_catalog.-) l.rolled_up
 		  FROM apikey.usage_log l WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up
 		UNION ALL
-		SELECT p.key_id, pg_catalog.date_trunc('hour', p.bucket, 'UTC'), p.code, 1::pg_catalog.int8
+		SELECT p.key_id, pg_catalog.date_bin('1 hour'::interval, p.bucket, '2000-01-01 00:00:00+00'::timestamptz), p.code, 1::pg_catalog.int8
 		  FROM apikey.usage_pending p
 		UNION ALL
-		SELECT v.key_id, pg_catalog.date_trunc('hour', v.bucket, 'UTC'), v.code, v.calls
+		SELECT v.key_id, pg_catalog.date_bin('1 hour'::interval, v.bucket, '2000-01-01 00:00:00+00'::timestamptz), v.code, v.calls
 		  FROM apikey._live_usage() v) u
  GROUP BY u.key_id, u.bucket, u.code;
 COMMENT ON VIEW apikey.hourly_usage IS 'Calls per key, UTC hour and verdict code, exact at any time: the hourly rollups plus what usage_log, pending rows and live counters hold beyond them (as far back as apikey.hourly_retention)';
@@ -2875,7 +2875,7 @@ SELECT u.key_id, k.owner, k.name AS key_name,
 	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.=) 'rate_limited'), 0)::bigint AS rate_limited_calls
   FROM apikey.hourly_usage u
   LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) u.key_id
- WHERE u.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_trunc('hour', pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, 'UTC')
+ WHERE u.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
  GROUP BY u.key_id, k.owner, k.name
 HAVING pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.<>) 'valid') OPERATOR(pg_catalog.>) 0
  ORDER BY failed_calls DESC, u.key_id;
@@ -2888,37 +2888,42 @@ COMMENT ON COLUMN apikey.top_failing_keys.calls IS 'Verifications, every verdict
 COMMENT ON COLUMN apikey.top_failing_keys.rate_limited_calls IS 'Verifications refused by the rate limit';
 
 CREATE VIEW apikey.top_failing_networks AS
-SELECT pg_catalog.network(pg_catalog.set_masklen(u.client_addr,
-		   CASE pg_catalog.family(u.client_addr) WHEN 4 THEN 32 ELSE 64 END)) AS network,
-	   pg_catalog.sum(u.calls)::bigint AS failed_calls,
-	   pg_catalog.count(DISTINCT u.key_id) AS keys
-  FROM (SELECT a.key_id, a.client_addr, a.calls FROM apikey.usage_address_hourly a
-		 WHERE a.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_trunc('hour', pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, 'UTC')
-		UNION ALL
-		SELECT l.key_id, l.client_addr, l.calls OPERATOR(pg_catalog.-) l.rolled_up
-		  FROM apikey.usage_log l
-		 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up AND l.client_addr IS NOT NULL
-		   AND l.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_trunc('hour', pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, 'UTC')
-		UNION ALL
-		SELECT p.key_id, p.client_addr, 1::pg_catalog.int8 FROM apikey.usage_pending p
-		 WHERE p.client_addr IS NOT NULL AND p.code OPERATOR(pg_catalog.<>) 'valid'
-		UNION ALL
-		SELECT v.key_id, v.client_addr, v.calls FROM apikey._live_usage() v
-		 WHERE v.client_addr IS NOT NULL AND v.code OPERATOR(pg_catalog.<>) 'valid') u
- GROUP BY 1
- ORDER BY failed_calls DESC, network;
+SELECT n.network, pg_catalog.sum(n.calls)::bigint AS failed_calls, pg_catalog.count(*) AS keys
+  FROM (SELECT pg_catalog.network(pg_catalog.set_masklen(u.client_addr,
+				   CASE pg_catalog.family(u.client_addr) WHEN 4 THEN 32 ELSE 64 END)) AS network,
+			   u.key_id, pg_catalog.sum(u.calls) AS calls
+		  FROM (SELECT a.key_id, a.client_addr, a.calls FROM apikey.usage_address_hourly a
+				 WHERE a.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+				UNION ALL
+				SELECT l.key_id, l.client_addr, l.calls OPERATOR(pg_catalog.-) l.rolled_up
+				  FROM apikey.usage_log l
+				 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up AND l.client_addr IS NOT NULL
+				   AND l.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+				UNION ALL
+				SELECT p.key_id, p.client_addr, 1::pg_catalog.int8 FROM apikey.usage_pending p
+				 WHERE p.client_addr IS NOT NULL AND p.code OPERATOR(pg_catalog.<>) 'valid'
+				UNION ALL
+				SELECT v.key_id, v.client_addr, v.calls FROM apikey._live_usage() v
+				 WHERE v.client_addr IS NOT NULL AND v.code OPERATOR(pg_catalog.<>) 'valid') u
+		 GROUP BY 1, 2) n
+ GROUP BY n.network
+ ORDER BY failed_calls DESC, n.network;
 COMMENT ON VIEW apikey.top_failing_networks IS 'Client networks (the /32 of an IPv4 address, the /64 of an IPv6 one, as the failure limiter counts them) by failed verifications of known keys over the last 24 hours, most first; only as far back as apikey.address_retention';
 COMMENT ON COLUMN apikey.top_failing_networks.network IS 'Client network';
 COMMENT ON COLUMN apikey.top_failing_networks.failed_calls IS 'Failed verifications from it (addresses are kept for at most 16 per key and minute)';
 COMMENT ON COLUMN apikey.top_failing_networks.keys IS 'Distinct keys that failed from it';
 
+-- one row per verdict code: say so, so plans over it stay small
+ALTER FUNCTION apikey._stats_by_code() ROWS 14;
+
 CREATE VIEW apikey.code_usage_24h AS
 SELECT h.bucket, c.code, COALESCE(pg_catalog.sum(u.calls), 0)::bigint AS calls
-  FROM pg_catalog.generate_series(pg_catalog.date_trunc('hour', pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, 'UTC'),
-								  pg_catalog.date_trunc('hour', pg_catalog.now(), 'UTC'), '1 hour'::interval) h(bucket)
+  FROM (SELECT pg_catalog.date_bin('1 hour'::interval, pg_catalog.now(), '2000-01-01 00:00:00+00'::timestamptz)
+			   OPERATOR(pg_catalog.-) pg_catalog.make_interval(hours => g) AS bucket
+		  FROM pg_catalog.generate_series(0, 23) g) h
  CROSS JOIN (SELECT s.code FROM apikey._stats_by_code() s) c
   LEFT JOIN (SELECT x.bucket, x.code, x.calls FROM apikey.hourly_usage x
-			  WHERE x.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_trunc('hour', pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, 'UTC')) u
+			  WHERE x.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)) u
 		 ON u.bucket OPERATOR(pg_catalog.=) h.bucket AND u.code OPERATOR(pg_catalog.=) c.code
  GROUP BY h.bucket, c.code;
 COMMENT ON VIEW apikey.code_usage_24h IS 'Verifications per UTC hour and verdict code over the last 24 hours: every hour and every code, 0 where there were none';
