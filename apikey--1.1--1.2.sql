@@ -2682,9 +2682,12 @@ COMMENT ON FUNCTION apikey._retention_settings()
 	IS 'Internal: apikey.usage_retention, hourly_retention, daily_retention and address_retention as intervals (read in C, so defined without the preload)';
 REVOKE ALL ON FUNCTION apikey._retention_settings() FROM PUBLIC;
 
--- One bounded batch of each step; the audit lock (taken first, as by every
--- administrative function) makes concurrent runs take turns, and each
--- statement then sees what the previous run committed.
+-- One bounded batch of each step.  Concurrent runs take turns on a lock of
+-- usage_hourly that only run_retention() takes (readers and the usage
+-- writer never wait for it), and each statement then sees what the
+-- previous run committed.  The audit lock is taken last, just before the
+-- audit row: the rollup holds no lock another administrative function
+-- takes, so no deadlock, and they need not wait for a long batch.
 CREATE FUNCTION apikey.run_retention(batch_size integer DEFAULT 10000,
 	OUT rows_rolled_up bigint, OUT calls_rolled_up bigint, OUT addresses_erased bigint,
 	OUT usage_deleted bigint, OUT hourly_deleted bigint, OUT daily_deleted bigint,
@@ -2706,7 +2709,7 @@ BEGIN
 			USING ERRCODE = '22023',
 				  HINT = 'It bounds the rows each step handles in one call; call again while more is true.';
 	END IF;
-	PERFORM apikey._audit_lock();
+	LOCK TABLE apikey.usage_hourly IN SHARE ROW EXCLUSIVE MODE;
 	SELECT * INTO s FROM apikey._retention_settings();
 	v_usage_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.usage_retention;
 	v_hourly_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.hourly_retention;
@@ -2715,11 +2718,15 @@ BEGIN
 
 	-- 1. Roll up what rows hold beyond rolled_up.  A row a flush changed
 	-- since it was read no longer matches (calls, rolled_up) and is left
-	-- for the next run: counted once, never twice.
+	-- for the next run: counted once, never twice.  Minutes the writer is
+	-- still flushing (this one and the last) are left for later: rows
+	-- locked in different orders by a flush and a rollup could deadlock.
 	WITH picked AS (
 		SELECT l.ctid AS t, l.key_id, l.bucket, l.code, l.client_addr, l.calls, l.rolled_up
 		  FROM apikey.usage_log l
 		 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up
+		   AND l.bucket OPERATOR(pg_catalog.<) (pg_catalog.date_bin('1 minute'::interval, pg_catalog.now(), '2000-01-01 00:00:00+00'::timestamptz)
+												OPERATOR(pg_catalog.-) '1 minute'::interval)
 		 ORDER BY l.bucket
 		 LIMIT run_retention.batch_size),
 	marked AS (
@@ -2800,6 +2807,7 @@ BEGIN
 
 	more := GREATEST(rows_rolled_up, addresses_erased, address_rollups_deleted, usage_deleted,
 								hourly_deleted, daily_deleted) OPERATOR(pg_catalog.>=) run_retention.batch_size;
+	PERFORM apikey._audit_lock();
 	PERFORM apikey._audit('run_retention', NULL, NULL, pg_catalog.jsonb_build_object(
 		'batch_size', run_retention.batch_size, 'rows_rolled_up', rows_rolled_up,
 		'calls_rolled_up', calls_rolled_up, 'addresses_erased', addresses_erased,

@@ -128,7 +128,7 @@ SELECT (SELECT sum(calls) FROM apikey.usage_hourly) AS hourly_calls,
 
 -- Bounded batches: more is true until a call finds less than batch_size.
 SELECT count(*) AS upserts
-  FROM (SELECT regress_upsert(:k1, (SELECT h FROM t0) - make_interval(mins => m), 'unknown', NULL, 1)
+  FROM (SELECT regress_upsert(:k1, (SELECT h FROM t0) - make_interval(hours => 1, mins => m), 'unknown', NULL, 1)
           FROM generate_series(1, 5) m) s;
 SELECT network, failed_calls, keys FROM apikey.top_failing_networks;
 SELECT rows_rolled_up, more FROM apikey.run_retention(2);
@@ -168,7 +168,9 @@ SELECT count(*) AS cells, count(DISTINCT bucket) AS hours, count(DISTINCT code) 
        sum(calls) = (SELECT sum(calls) FROM apikey.hourly_usage
                       WHERE bucket >= date_trunc('hour', now() - '23 hours'::interval, 'UTC')) AS sums_match
   FROM apikey.code_usage_24h;
--- (which minutes fall in the last hour depends on the clock: compare)
+-- (which minutes fall in the last hour depends on the clock: compare;
+-- this minute's row, not rolled up, is there for sure)
+SELECT regress_upsert(:k1, date_trunc('minute', now()), 'valid', NULL, 2);
 SELECT bool_and(x.calls_match) AS calls_match, bool_and(x.valid_plus_failed) AS valid_plus_failed,
        sum(x.nulls) AS nulls, bool_or(x.owner = 'acme') AS acme_seen
   FROM (SELECT o.owner,
