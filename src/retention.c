@@ -18,8 +18,10 @@
  *	 apikey.retention_interval	how often the usage writer runs it (0: never)
  *
  * The writer calls apikey_retention_maybe_run() once per round; every
- * apikey.retention_interval it calls run_retention() in transactions of
- * its own, one bounded batch each, until nothing is left.  The function
+ * apikey.retention_interval it calls run_retention() in a transaction of
+ * its own, one bounded batch, and while the function says more is left,
+ * one more batch per round: flushes go on between batches, so a backlog
+ * (the first run after an upgrade) never holds the counters back.  The function
  * is found through the extension's schema (never by a schema name someone
  * could pre-create); a database whose apikey predates it is skipped.
  * Without the preload there is no writer: a scheduler (pg_cron) calls
@@ -56,9 +58,6 @@ static int	hourly_retention = 90 * SECS_PER_DAY_INT;
 static int	daily_retention = 5 * 366 * SECS_PER_DAY_INT;
 static int	address_retention = 7 * SECS_PER_DAY_INT;
 static int	retention_interval = 15 * 60;
-
-/* Batches one writer run may take at most, so a backlog never hogs it. */
-#define RETENTION_MAX_BATCHES	100
 
 /* The settings; defined in every backend, so run_retention() reads them. */
 void
@@ -197,26 +196,25 @@ retention_batch(bool *failed)
 /*
  * Called by the usage writer once per round, outside a transaction: every
  * apikey.retention_interval (the first time one interval after it
- * started), run retention in this database.
+ * started) one batch of retention in this database, then one batch a
+ * round while more is left.  A failed batch waits for the next interval.
  */
 void
 apikey_retention_maybe_run(void)
 {
 	static TimestampTz last_run = 0;
+	static bool backlog = false;
 	TimestampTz now = GetCurrentTimestamp();
 	bool		failed = false;
-	int			i;
 
 	if (last_run == 0)
 		last_run = now;
-	if (retention_interval <= 0 ||
+	if (retention_interval <= 0 || ShutdownRequestPending)
+		return;
+	if (!backlog &&
 		!TimestampDifferenceExceeds(last_run, now, retention_interval * 1000))
 		return;
-	last_run = now;
-	for (i = 0; i < RETENTION_MAX_BATCHES && !failed; i++)
-	{
-		CHECK_FOR_INTERRUPTS();
-		if (ShutdownRequestPending || !retention_batch(&failed))
-			break;
-	}
+	if (!backlog)
+		last_run = now;
+	backlog = retention_batch(&failed) && !failed;
 }
