@@ -2477,7 +2477,7 @@ AS $$
 	SELECT apikey._grant_kind(grant_monitor.role, 'monitor', true);
 $$;
 COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
-	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
+	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, the dashboard views, usage_log and its rollups) and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
 REVOKE ALL ON FUNCTION apikey.grant_monitor(pg_catalog.regrole) FROM PUBLIC;
 
 CREATE FUNCTION apikey.revoke_monitor(role pg_catalog.regrole)
