@@ -244,6 +244,16 @@ DROP ROLE regress_owner_user;
 DROP ROLE regress_owner_admin;
 DROP ROLE regress_owner_monitor;
 
+-- No table read per call: the owner's limits are cached with the key, for
+-- an owner with a row and one without.
+SELECT token AS c1 FROM apikey.issue('kappa') \gset
+SELECT apikey.set_owner_limits('kappa', rate_limit => 1000000, rate_window => '1 hour');
+SELECT (apikey.check(:'c1')).code AS kappa, (apikey.check(:'t_solo')).code AS solo;
+SELECT misses AS misses_before FROM apikey.cache_stats() \gset
+SELECT count(*) FILTER (WHERE (apikey.check(:'c1')).valid AND (apikey.check(:'t_solo')).valid) AS both_valid
+  FROM generate_series(1, 20);
+SELECT misses - :misses_before AS table_reads FROM apikey.cache_stats();
+
 -- issue() called once per row of a query, owners read from a tuple (short
 -- varlena headers): the max_keys check must leave issue()'s arguments alone
 SELECT apikey.set_owner_limits('lambda', max_keys => 3);
