@@ -39,13 +39,12 @@
  *
  * max_keys.  Issuing a key for an owner with max_keys locks the owner's
  * row (FOR NO KEY UPDATE, in owner order) and then counts its live keys
- * with a new statement, hence a new snapshot under READ COMMITTED: a
- * concurrent issue for the same owner waits for the lock, then counts the
- * key the first one committed.  Live: not revoked, not expired, not
- * replaced by a rotation (budget_key_id set).  A rotation or reissue does
- * not count the key it replaces.  Under REPEATABLE READ the count's
- * snapshot is the transaction's and may miss a concurrent issue: issue
- * keys in READ COMMITTED transactions (the default).
+ * with a snapshot taken after the lock (GetLatestSnapshot, as the foreign
+ * key checks do), whatever the isolation level: a concurrent issue for the
+ * same owner waits for the lock, then counts the key the first one
+ * committed.  Live: not revoked, not expired, not replaced by a rotation
+ * (budget_key_id set).  A rotation or reissue does not count the key it
+ * replaces.
  *
  *-------------------------------------------------------------------------
  */
@@ -57,6 +56,7 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "apikey.h"
@@ -324,8 +324,11 @@ apikey_owner_admit(Datum *owners, int n, int64 replacing)
 		int64		live;
 		int64		adding;
 
-		/* a statement of its own: a new snapshot, taken after the lock */
-		rc = SPI_execute_plan(apikey_prepare_kept(&count_plan,
+		/*
+		 * A snapshot taken after the lock, also under REPEATABLE READ: the
+		 * transaction's own would miss the key of an issue we waited for.
+		 */
+		rc = SPI_execute_snapshot(apikey_prepare_kept(&count_plan,
 				"SELECT (SELECT pg_catalog.count(*) FROM apikey.keys k "
 				"         WHERE k.owner OPERATOR(pg_catalog.=) $2 AND k.id OPERATOR(pg_catalog.<>) $3 "
 				"           AND k.budget_key_id IS NULL "
@@ -334,7 +337,8 @@ apikey_owner_admit(Datum *owners, int n, int64 replacing)
 				"                            WHERE r.key_id OPERATOR(pg_catalog.=) k.id)), "
 				"       (SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1) u(o) "
 				"         WHERE u.o OPERATOR(pg_catalog.=) $2)",
-				3, count_types), values, NULL, false, 1);
+				3, count_types), values, NULL, GetLatestSnapshot(), InvalidSnapshot,
+								  false, false, 1);
 		if (rc != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "live key count failed: %s", SPI_result_code_string(rc));
 		live = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
