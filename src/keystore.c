@@ -4,8 +4,8 @@
  *	  Read one key's verification record straight from the apikey tables.
  *
  * This is the cache-miss path.  It goes through the unique index on
- * keys.hash and the primary keys of revocations, suspensions, quarantines
- * and key_scopes with systable scans: no SPI, no parser, no planner.  A
+ * keys.hash and the primary keys of revocations, suspensions, quarantines,
+ * key_scopes and owners (the owner's pooled limits) with systable scans: no SPI, no parser, no planner.  A
  * suspension or quarantine is loaded with its end (until) and judged at
  * each call (verify.c), so the cache never holds a decision past its end.
  *
@@ -77,6 +77,8 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "catalog/pg_collation.h"
+#include "lib/stringinfo.h"
 #include "utils/syscache.h"
 
 #include "apikey.h"
@@ -95,6 +97,8 @@ typedef struct KeystoreCatalog
 	Oid			suspensions_pkey;
 	Oid			quarantines;
 	Oid			quarantines_pkey;
+	Oid			owners;
+	Oid			owners_pkey;
 	Oid			signal;			/* apikey._cache_signal */
 	AttrNumber	att_id;
 	AttrNumber	att_hash;
@@ -109,6 +113,11 @@ typedef struct KeystoreCatalog
 	AttrNumber	att_suspended_until;
 	AttrNumber	att_quarantined_until;
 	AttrNumber	att_allowed_scopes;
+	AttrNumber	att_owner_rate_limit;	/* of apikey.owners */
+	AttrNumber	att_owner_rate_window;
+	AttrNumber	att_owner_quota;
+	AttrNumber	att_owner_allowed_cidrs;
+	AttrNumber	att_owner_created_at;
 } KeystoreCatalog;
 
 static KeystoreCatalog catalog;
@@ -324,6 +333,8 @@ catalog_resolve(void)
 	catalog.suspensions_pkey = table_index(catalog.suspensions, nsp, "suspensions_pkey");
 	catalog.quarantines = member_table(extoid, nsp, "quarantines");
 	catalog.quarantines_pkey = table_index(catalog.quarantines, nsp, "quarantines_pkey");
+	catalog.owners = member_table(extoid, nsp, "owners");
+	catalog.owners_pkey = table_index(catalog.owners, nsp, "owners_pkey");
 	catalog.signal = member_relation(extoid, nsp, "_cache_signal", RELKIND_VIEW, "view");
 	catalog.att_id = attribute_number(keys, "id");
 	catalog.att_hash = attribute_number(keys, "hash");
@@ -338,6 +349,11 @@ catalog_resolve(void)
 	catalog.att_suspended_until = attribute_number(catalog.suspensions, "until");
 	catalog.att_quarantined_until = attribute_number(catalog.quarantines, "until");
 	catalog.att_allowed_scopes = attribute_number(catalog.quarantines, "allowed_scopes");
+	catalog.att_owner_rate_limit = attribute_number(catalog.owners, "rate_limit");
+	catalog.att_owner_rate_window = attribute_number(catalog.owners, "rate_window");
+	catalog.att_owner_quota = attribute_number(catalog.owners, "quota");
+	catalog.att_owner_allowed_cidrs = attribute_number(catalog.owners, "allowed_cidrs");
+	catalog.att_owner_created_at = attribute_number(catalog.owners, "created_at");
 	catalog.keys = keys;
 }
 
@@ -500,6 +516,60 @@ response_row(Oid relid, Oid pkey, AttrNumber att_until, int64 key_id,
 }
 
 /*
+ * The owner's pooled limits (apikey.owners) into key, and a copy of the
+ * owner's allowlist or NULL.  An owner without a row has none.  Its bucket
+ * (ownerlimits.c) is named by SHA-256(owner, created_at): a row made again
+ * (or the extension) never inherits an old row's bucket.
+ */
+static ArrayType *
+read_owner(const char *owner, Snapshot snapshot, ApikeyKey *key)
+{
+	Relation	rel = table_open(catalog.owners, NoLock);
+	ScanKeyData skey;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	ArrayType  *cidrs = NULL;
+
+	/* the index's collation: the column's, the database default */
+	ScanKeyEntryInitialize(&skey, 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   DEFAULT_COLLATION_OID, F_TEXTEQ,
+						   CStringGetTextDatum(owner));
+	scan = systable_beginscan(rel, catalog.owners_pkey, true, snapshot, 1, &skey);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		TupleDesc	desc = RelationGetDescr(rel);
+		bool		isnull;
+		Datum		d;
+
+		TimestampTz created_at;
+		StringInfoData name;
+		uint8		owner_hash[APIKEY_HASH_LEN];
+
+		key->has_owner = true;
+		created_at = DatumGetTimestampTz(heap_getattr(tup, catalog.att_owner_created_at,
+													  desc, &isnull));
+		initStringInfo(&name);
+		appendBinaryStringInfo(&name, (char *) &created_at, sizeof(created_at));
+		appendStringInfoString(&name, owner);
+		apikey_sha256(name.data, name.len, owner_hash);
+		memcpy(key->owner_hash_prefix, owner_hash, sizeof(key->owner_hash_prefix));
+		d = heap_getattr(tup, catalog.att_owner_rate_limit, desc, &isnull);
+		key->owner_rate_limit = isnull ? 0 : DatumGetInt32(d);
+		d = heap_getattr(tup, catalog.att_owner_rate_window, desc, &isnull);
+		key->owner_rate_window = isnull ? USECS_PER_MINUTE : interval_usecs(DatumGetIntervalP(d));
+		(void) heap_getattr(tup, catalog.att_owner_quota, desc, &isnull);
+		key->owner_has_quota = !isnull;
+		d = heap_getattr(tup, catalog.att_owner_allowed_cidrs, desc, &isnull);
+		if (!isnull)
+			cidrs = DatumGetArrayTypePCopy(d);
+	}
+	systable_endscan(scan);
+	table_close(rel, NoLock);
+	return cidrs;
+}
+
+/*
  * Lock what finding a key by its hash reads (apikey.keys and its hash
  * index), until the end of the transaction, and resolve the catalog again
  * if an invalidation arrived while locking.
@@ -536,6 +606,8 @@ lock_catalog(void)
 		LockRelationOid(catalog.suspensions_pkey, AccessShareLock);
 		LockRelationOid(catalog.quarantines, AccessShareLock);
 		LockRelationOid(catalog.quarantines_pkey, AccessShareLock);
+		LockRelationOid(catalog.owners, AccessShareLock);
+		LockRelationOid(catalog.owners_pkey, AccessShareLock);
 	} while (!OidIsValid(catalog.keys));
 }
 
@@ -562,6 +634,7 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	Datum		d;
 	char	   *owner = NULL;
 	ArrayType  *cidr_array = NULL;
+	ArrayType  *owner_cidr_array = NULL;
 	Datum	   *allowed = NULL;
 	int			nallowed = 0;
 	List	   *scope_list = NIL;
@@ -626,9 +699,12 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	{
 		Datum	   *cidrs = NULL;
 		int			ncidrs = 0;
+		Datum	   *owner_cidrs = NULL;
+		int			owner_ncidrs = 0;
 		TupleDesc	tupdesc;
 
 		key->revoked = revoked(key->key_id, snapshot);
+		owner_cidr_array = read_owner(owner, snapshot, key);
 		tup = response_row(catalog.suspensions, catalog.suspensions_pkey,
 						   catalog.att_suspended_until, key->key_id, snapshot,
 						   &tupdesc, &key->suspended_until);
@@ -661,6 +737,20 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 		if (cidr_array != NULL)
 			deconstruct_array(cidr_array, CIDROID, -1, false, TYPALIGN_INT,
 							  &cidrs, NULL, &ncidrs);
+		/* the owner's networks follow the key's */
+		if (owner_cidr_array != NULL)
+		{
+			Datum	   *all;
+
+			deconstruct_array(owner_cidr_array, CIDROID, -1, false, TYPALIGN_INT,
+							  &owner_cidrs, NULL, &owner_ncidrs);
+			all = palloc(sizeof(Datum) * (ncidrs + owner_ncidrs));
+			if (ncidrs > 0)
+				memcpy(all, cidrs, sizeof(Datum) * ncidrs);
+			memcpy(all + ncidrs, owner_cidrs, sizeof(Datum) * owner_ncidrs);
+			cidrs = all;
+			ncidrs += owner_ncidrs;
+		}
 		/* mapped networks in IPv4 form, as client addresses are */
 		for (i = 0; i < ncidrs; i++)
 			cidrs[i] = InetPGetDatum(apikey_address_normal(DatumGetInetPP(cidrs[i]),
@@ -695,7 +785,8 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 			key->cidrs[i] = (inet *) p;
 			p += MAXALIGN(len);
 		}
-		key->ncidrs = ncidrs;
+		key->ncidrs = ncidrs - owner_ncidrs;
+		key->owner_ncidrs = owner_ncidrs;
 		key->nscopes = 0;
 		foreach(lc, scope_list)
 		{
