@@ -385,7 +385,21 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_regrant', 'nothing recorded', $$SELECT apikey._regrant()::text$$),
 ('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$),
 ('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
-('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$);
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$),
+('_network_overflow', 'no arguments', $$SELECT apikey._network_overflow() >= 0$$),
+('_network_of', 'NULL', $$SELECT apikey._network_of(NULL)::text$$),
+('_network_of', 'IPv6 /0', $$SELECT apikey._network_of('::/0')::text$$),
+('_network_of', 'IPv4 network', $$SELECT apikey._network_of('10.0.0.0/8')::text$$),
+('compute_baselines', 'NULL', $$SELECT apikey.compute_baselines(NULL)::text$$),
+('compute_baselines', 'negative window', $$SELECT apikey.compute_baselines('-1 day')::text$$),
+('compute_baselines', 'infinite window', $$SELECT apikey.compute_baselines('infinity')::text$$),
+('_compute_baselines', 'NULL', $$SELECT apikey._compute_baselines(NULL)::text$$),
+('_networks_maintain', 'NULL', $$SELECT apikey._networks_maintain(NULL)::text$$),
+('_networks_maintain', 'zero', $$SELECT apikey._networks_maintain('0')::text$$),
+('_rule_args_check', 'NULL', $$SELECT apikey._rule_args_check(NULL, NULL, NULL, NULL)::text$$),
+('_rule_shared_address_eval', 'NULL', $$SELECT count(*) FROM apikey._rule_shared_address_eval(NULL, NULL, NULL)$$),
+('_rule_new_networks_eval', 'huge threshold', $$SELECT count(*) FROM apikey._rule_new_networks_eval(1e30, '1 hour', 0)$$),
+('_rule_volume_spike_eval', 'zero window', $$SELECT count(*) FROM apikey._rule_volume_spike_eval(10, '0', 100)$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
