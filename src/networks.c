@@ -32,11 +32,15 @@
  * Flushing.  The usage writer calls apikey_networks_flush() in its flush
  * transaction: it takes the counts of every slot (by atomic exchange) and
  * reads those of the shared table, and upserts them into key_networks in
- * one statement.  At commit the shared counts written come off the table;
- * if the transaction aborts, the slot counts taken go into the shared
- * table (or, without room, into network_overflow), so no call is written
- * twice or, with room, lost.  Like usage, a call is counted whatever its
- * transaction does afterwards (rollback included).
+ * one statement, in a subtransaction: if that fails (a lock held past the
+ * writer's lock_timeout, say) it is a WARNING and the usage flush goes on.
+ * At commit the shared counts written come off the table; if the upsert or
+ * the transaction fails, the slot counts taken go into the shared table
+ * (or, without room, into network_overflow), so no call is written twice
+ * or, with room, lost.  Like usage, a call is counted whatever its
+ * transaction does afterwards (rollback included).  Hourly, in another
+ * subtransaction, the writer purges rows past apikey.network_retention and
+ * recomputes key_baselines (apikey._networks_maintain).
  *
  * Locking: net_lock protects the shared table's membership (shared to find
  * an entry, exclusive to add or remove one, or to read and reset counts);
@@ -68,6 +72,7 @@
 #include "utils/inet.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "apikey.h"
@@ -479,11 +484,22 @@ read_shared(NetSnap **out)
 	"  last_seen = GREATEST(n.last_seen, excluded.last_seen), " \
 	"  calls = n.calls OPERATOR(pg_catalog.+) excluded.calls"
 
-/* Write snaps (two arrays of them) to key_networks; returns rows written. */
-static int
-write_networks(const NetSnap *a, int na, const NetSnap *b, int nb)
+/* What one flush writes: the slot counts taken, then the shared ones read. */
+typedef struct FlushBatch
 {
-	int			n = na + nb;
+	const NetSnap *a;
+	int			na;
+	const NetSnap *b;
+	int			nb;
+	int			rows;			/* out: rows written */
+} FlushBatch;
+
+/* Write a batch to key_networks in one statement. */
+static void
+write_networks(void *arg)
+{
+	FlushBatch *batch = arg;
+	int			n = batch->na + batch->nb;
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *nets = palloc(sizeof(Datum) * n);
 	Datum	   *firsts = palloc(sizeof(Datum) * n);
@@ -497,7 +513,7 @@ write_networks(const NetSnap *a, int na, const NetSnap *b, int nb)
 
 	for (i = 0; i < n; i++)
 	{
-		const NetSnap *s = i < na ? &a[i] : &b[i - na];
+		const NetSnap *s = i < batch->na ? &batch->a[i] : &batch->b[i - batch->na];
 		inet	   *net = palloc0(sizeof(inet));
 
 		ip_family(net) = s->key.family;
@@ -521,54 +537,112 @@ write_networks(const NetSnap *a, int na, const NetSnap *b, int nb)
 	rc = SPI_execute_with_args(UPSERT_NETWORKS, 5, types, values, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "key_networks flush failed: %s", SPI_result_code_string(rc));
-	rc = (int) SPI_processed;
+	batch->rows = (int) SPI_processed;
 	SPI_finish();
-	return rc;
 }
 
-/*
- * Retention and baselines, at most once per MAINTAIN_EVERY, in the flush's
- * transaction (apikey._networks_maintain).
- */
+/* Purge and recompute baselines (apikey._networks_maintain). */
 static void
-maintain(void)
+run_maintain(void *arg)
 {
-	TimestampTz now = GetCurrentTimestamp();
-	Datum		arg;
-	Oid			type = INTERVALOID;
 	Interval   *retention = palloc0(sizeof(Interval));
+	Datum		value;
+	Oid			type = INTERVALOID;
 	int			rc;
 
-	if (maintained_at != 0 && now - maintained_at < MAINTAIN_EVERY)
-		return;
 	retention->time = (int64) network_retention * USECS_PER_SEC;
-	arg = IntervalPGetDatum(retention);
+	value = IntervalPGetDatum(retention);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	rc = SPI_execute_with_args("SELECT apikey._networks_maintain($1)", 1, &type, &arg,
+	rc = SPI_execute_with_args("SELECT apikey._networks_maintain($1)", 1, &type, &value,
 							   NULL, false, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "key_networks maintenance failed: %s", SPI_result_code_string(rc));
 	SPI_finish();
-	maintained_at = now;
+}
+
+/*
+ * Run fn(arg) in a subtransaction of the writer's flush: if it fails, the
+ * error is reported as a WARNING and undone, and the usage flush around it
+ * goes on.  Returns whether it succeeded.
+ */
+static bool
+run_isolated(void (*fn) (void *), void *arg, const char *what)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		fn(arg);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("apikey could not %s: %s", what, edata->message),
+				 errhint("It is tried again later; usage is flushed meanwhile.")));
+		FreeErrorData(edata);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(oldcxt);
+	CurrentResourceOwner = oldowner;
+	return ok;
+}
+
+/* Put taken slot counts into the shared table (or count them as overflow). */
+static void
+give_back(const NetSnap *snaps, int n)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		if (!add_shared(&snaps[i].key, snaps[i].calls, snaps[i].first_at, snaps[i].last_at))
+			apikey_stats_network_overflow((uint64) snaps[i].calls);
+	}
+}
+
+/* Forget the flush in progress (its counts are settled). */
+static void
+clear_pending(void)
+{
+	if (pending_shared != NULL)
+		pfree(pending_shared);
+	if (pending_taken != NULL)
+		pfree(pending_taken);
+	pending_shared = pending_taken = NULL;
+	pending_shared_n = pending_taken_n = 0;
 }
 
 /*
  * Write this database's recorded networks into apikey.key_networks, and
- * hourly purge and recompute baselines.  Only the usage writer calls this,
- * in its flush transaction, after the usage flush; a no-op before the 1.2
- * update (no key_networks) and without shared memory.  Returns the rows
- * written.
+ * at most hourly purge it and recompute baselines, each in a subtransaction
+ * (a failure is a WARNING, never a failed usage flush).  Only the usage
+ * writer calls this, in its flush transaction, after the usage flush; a
+ * no-op before the 1.2 update (no key_networks) and without shared memory.
+ * The shared counts written come off at commit (networks_xact_callback).
+ * Returns the rows written.
  */
 int
 apikey_networks_flush(void)
 {
+	Oid			keys = apikey_keystore_keys_relid(true);
+	FlushBatch	batch = {0};
 	NetSnap    *taken;
 	NetSnap    *shared;
-	int			ntaken;
-	int			nshared;
-	int			rows = 0;
-	Oid			keys = apikey_keystore_keys_relid(true);
+	TimestampTz now = GetCurrentTimestamp();
 
 	if (net_htab == NULL || pending_shared != NULL || pending_taken != NULL ||
 		!OidIsValid(keys) ||
@@ -580,23 +654,36 @@ apikey_networks_flush(void)
 		xact_callback_registered = true;
 	}
 
-	nshared = read_shared(&shared);
-	ntaken = take_slots(&taken);
-	if (ntaken + nshared > 0)
+	batch.nb = read_shared(&shared);
+	batch.na = take_slots(&taken);
+	batch.a = taken;
+	batch.b = shared;
+	if (batch.na + batch.nb > 0)
 	{
-		/* from here on the callback settles the counts, whatever happens */
+		/* from here on the counts are settled whatever happens */
 		pending_shared = MemoryContextAlloc(TopMemoryContext,
-											sizeof(NetSnap) * Max(nshared, 1));
-		memcpy(pending_shared, shared, sizeof(NetSnap) * nshared);
-		pending_shared_n = nshared;
+											sizeof(NetSnap) * Max(batch.nb, 1));
+		memcpy(pending_shared, shared, sizeof(NetSnap) * batch.nb);
+		pending_shared_n = batch.nb;
 		pending_taken = MemoryContextAlloc(TopMemoryContext,
-										   sizeof(NetSnap) * Max(ntaken, 1));
-		memcpy(pending_taken, taken, sizeof(NetSnap) * ntaken);
-		pending_taken_n = ntaken;
-		rows = write_networks(taken, ntaken, shared, nshared);
+										   sizeof(NetSnap) * Max(batch.na, 1));
+		memcpy(pending_taken, taken, sizeof(NetSnap) * batch.na);
+		pending_taken_n = batch.na;
+		if (!run_isolated(write_networks, &batch, "write apikey.key_networks"))
+		{
+			/* nothing was written: the shared counts stay, the taken go back */
+			give_back(pending_taken, pending_taken_n);
+			clear_pending();
+		}
 	}
-	maintain();
-	return rows;
+	if (maintained_at == 0 || now - maintained_at >= MAINTAIN_EVERY)
+	{
+		/* once an hour even if it fails: never a failing statement per flush */
+		maintained_at = now;
+		(void) run_isolated(run_maintain, NULL,
+							"purge apikey.key_networks and compute baselines");
+	}
+	return batch.rows;
 }
 
 /* Take written counts off the shared table; entries at zero go. */
@@ -627,26 +714,13 @@ subtract_shared(const NetSnap *snaps, int n)
 static void
 networks_xact_callback(XactEvent event, void *arg)
 {
-	int			i;
-
 	if (pending_shared == NULL && pending_taken == NULL)
 		return;
 	if (event == XACT_EVENT_COMMIT)
 		subtract_shared(pending_shared, pending_shared_n);
 	else if (event == XACT_EVENT_ABORT)
-	{
-		for (i = 0; i < pending_taken_n; i++)
-		{
-			const NetSnap *s = &pending_taken[i];
-
-			if (!add_shared(&s->key, s->calls, s->first_at, s->last_at))
-				apikey_stats_network_overflow((uint64) s->calls);
-		}
-	}
+		give_back(pending_taken, pending_taken_n);
 	else
 		return;
-	pfree(pending_shared);
-	pfree(pending_taken);
-	pending_shared = pending_taken = NULL;
-	pending_shared_n = pending_taken_n = 0;
+	clear_pending();
 }

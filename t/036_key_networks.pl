@@ -8,6 +8,8 @@
 #  - without an asserted address, the connection's address is recorded;
 #  - later calls add up, and a network unseen for 30 days is first seen
 #    again; key_status shows the latest network;
+#  - a failing write to key_networks does not stop the usage flush, and
+#    loses nothing;
 #  - when apikey.network_max_entries is full, what does not fit is counted
 #    in apikey.stats.network_overflow: recorded + overflow = calls made.
 use strict;
@@ -110,7 +112,24 @@ is($node->safe_psql('postgres',
 	'192.0.2.0/24:6:false 198.51.100.0/24:3:true',
 	'a network back after 30 days is first seen again, one back after 20 days is not');
 
-# 4. Overflow: 250 networks for one key, with room for 100 in shared
+# 4. A failing write to key_networks is a WARNING: usage is flushed all
+#    the same, and the networks' counts wait for a flush that succeeds.
+my $valid_b = q{SELECT sum(calls) FROM apikey.usage_log WHERE key_id = kid('b') AND code = 'valid'};
+my $usage_before = $node->safe_psql('postgres', $valid_b);
+$node->safe_psql('postgres',
+	'ALTER TABLE apikey.key_networks ADD CONSTRAINT regress_refuse CHECK (calls < 0) NOT VALID');
+$node->safe_psql('postgres',
+	"SELECT apikey.verify(tok('b'), NULL, '192.0.2.77') FROM generate_series(1, 6)");
+$node->safe_psql('postgres', 'SELECT apikey.flush_usage()');
+is($node->safe_psql('postgres', $valid_b), $usage_before + 6, 'usage is flushed while key_networks cannot be written');
+like(slurp_file($node->logfile), qr/WARNING:  apikey could not write apikey\.key_networks/,
+	'the failure is a WARNING in the log');
+is(networks_of('b'), '192.0.2.0/24:5 2001:db8:2::/48:4', 'nothing was written meanwhile');
+$node->safe_psql('postgres', 'ALTER TABLE apikey.key_networks DROP CONSTRAINT regress_refuse');
+$node->safe_psql('postgres', 'SELECT apikey.flush_usage()');
+is(networks_of('b'), '192.0.2.0/24:11 2001:db8:2::/48:4', 'the kept counts are written by the next flush, exactly');
+
+# 5. Overflow: 250 networks for one key, with room for 100 in shared
 #    memory (and a few in the backend's slot).
 $node->safe_psql('postgres',
 	"SELECT apikey.verify(tok('d'), NULL, ('10.0.' || g || '.1')::inet) FROM generate_series(0, 249) g");
