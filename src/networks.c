@@ -42,10 +42,11 @@
  * subtransaction, the writer purges rows past apikey.network_retention and
  * recomputes key_baselines (apikey._networks_maintain).
  *
- * Locking: net_lock protects the shared table's membership (shared to find
- * an entry, exclusive to add or remove one, or to read and reset counts);
- * an entry's counters are changed under its spinlock with net_lock held at
- * least shared.  A slot's mutex (spinlock) is taken by its owner to claim
+ * Locking: net_shared->lock protects the shared table's membership (shared
+ * to find an entry, exclusive to add or remove one); an entry's counters
+ * are read and changed under its spinlock with the lock held shared, or
+ * with the lock held exclusively alone (nobody holds a spinlock without
+ * the shared lock).  A slot's mutex (spinlock) is taken by its owner to claim
  * an entry for a new key, and by the flush to read keys and take counts;
  * the owner's counting takes no lock.
  *
@@ -78,8 +79,8 @@
 #include "apikey.h"
 #include "compat.h"
 
-#define SLOT_NETS		32		/* (key, network) pairs per backend slot */
-#define SLOT_PROBES		4		/* linear probes before the shared table */
+#define SLOT_NETS		256		/* (key, network) pairs per backend slot */
+#define SLOT_PROBES		8		/* linear probes before the shared table */
 
 /* Maintenance (retention, baselines) runs at most this often. */
 #define MAINTAIN_EVERY	(USECS_PER_SEC * 3600)
