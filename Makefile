@@ -5,13 +5,16 @@ OBJS = \
 	src/address.o \
 	src/audit.o \
 	src/binding.o \
+	src/canary.o \
 	src/failurelimit.o \
+	src/detector.o \
 	src/hash.o \
 	src/invalidation.o \
 	src/issue.o \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \
+	src/netwatch.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

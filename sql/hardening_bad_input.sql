@@ -385,7 +385,29 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_regrant', 'nothing recorded', $$SELECT apikey._regrant()::text$$),
 ('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$),
 ('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
-('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$);
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$),
+('issue_canary', 'NULL', $$SELECT apikey.issue_canary(NULL)::text$$),
+('issue_canary', 'empty owner', $$SELECT apikey.issue_canary('')::text$$),
+('issue_canary', 'NULL prefix', $$SELECT apikey.issue_canary('acme', 'x', NULL)::text$$),
+('issue_canary', 'bad prefix', $$SELECT (apikey.issue_canary('acme', 'x', 'no way')).key_id > 0$$),
+('_canary_uses', 'no arguments', $$SELECT count(*) >= 0 FROM apikey._canary_uses()$$),
+('_network', 'NULL', $$SELECT apikey._network(NULL)::text$$),
+('_network_failures', 'NULL', $$SELECT count(*) FROM apikey._network_failures(NULL)$$),
+('_network', 'IPv6', $$SELECT apikey._network('2001:db8::1')::text$$),
+('_detection_rules_check', 'called directly', $$SELECT apikey._detection_rules_check()::text$$),
+('_respond', 'NULL', $$SELECT apikey._respond(NULL, NULL, NULL)$$),
+('_rule_address_failures', 'NULL rule', $$SELECT count(*) FROM apikey._rule_address_failures(NULL)$$),
+('_rule_failure_spike', 'NULL rule', $$SELECT count(*) FROM apikey._rule_failure_spike(NULL)$$),
+('_rule_allowlist_violation', 'NULL rule', $$SELECT count(*) FROM apikey._rule_allowlist_violation(NULL)$$),
+('_rule_dormant_use', 'NULL rule', $$SELECT count(*) FROM apikey._rule_dormant_use(NULL)$$),
+('_rule_revoked_use', 'NULL rule', $$SELECT count(*) FROM apikey._rule_revoked_use(NULL)$$),
+('_rule_canary_use', 'NULL rule', $$SELECT count(*) FROM apikey._rule_canary_use(NULL)$$),
+('_detect', 'no arguments', $$SELECT apikey._detect() >= 0$$),
+('run_detection', 'no arguments', $$SELECT apikey.run_detection() >= 0$$),
+('resolve_finding', 'NULL', $$SELECT apikey.resolve_finding(NULL, NULL)::text$$),
+('resolve_finding', 'NULL resolution', $$SELECT apikey.resolve_finding(1, NULL)::text$$),
+('resolve_finding', 'bad resolution', $$SELECT apikey.resolve_finding(1, 'whatever')::text$$),
+('resolve_finding', 'no such finding', $$SELECT apikey.resolve_finding(-1, 'false_positive')::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$
@@ -425,7 +447,7 @@ SELECT regress_hardening_counts() AS counts_before \gset
 SELECT q FROM cases
  WHERE fn IN ('issue', 'issue_many', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs',
               'suspend', 'resume', 'suspend_owner', 'resume_owner', 'quarantine', 'release', 'reissue', '_response_key',
-              '_lock_key', 'throttle', '_throttle')
+              '_lock_key', 'throttle', '_throttle', 'issue_canary', 'resolve_finding')
    AND result !~ '^ok'
  ORDER BY n \gexec
 \set VERBOSITY default

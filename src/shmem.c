@@ -7,7 +7,9 @@
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
  * (rate-limit buckets), worker.c (the usage writer and flush requests),
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
- * buckets per client network), throttle.c (temporary rate limits).
+ * buckets per client network), throttle.c (temporary rate limits),
+ * canary.c (canary uses waiting for the detector), netwatch.c (failures
+ * per client network).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -16,8 +18,8 @@
  * appended to apikey.usage_pending in the caller's transaction, a key with
  * a rate limit is refused with rate_limit_unavailable (a limit that cannot
  * be enforced never allows), a change to a key empties every backend's
- * key cache instead of evicting just that key, the failure limiter is off
- * and apikey.throttle() refuses.
+ * key cache instead of evicting just that key, the failure limiter is off,
+ * apikey.throttle() refuses and a canary's use goes to the server log only.
  *
  *-------------------------------------------------------------------------
  */
@@ -36,7 +38,9 @@
 #define LOCK_INVAL		2
 #define LOCK_FAILURE	3
 #define LOCK_THROTTLE	4
-#define NUM_LOCKS		5
+#define LOCK_CANARY		5
+#define LOCK_NETWATCH	6
+#define NUM_LOCKS		7
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -53,6 +57,8 @@ shmem_request(void)
 	size = add_size(size, apikey_ratelimit_shmem_size());
 	size = add_size(size, apikey_failurelimit_shmem_size());
 	size = add_size(size, apikey_throttle_shmem_size());
+	size = add_size(size, apikey_canary_shmem_size());
+	size = add_size(size, apikey_netwatch_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
@@ -74,6 +80,8 @@ shmem_startup(void)
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
 	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
 	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
+	apikey_canary_shmem_startup(&locks[LOCK_CANARY].lock);
+	apikey_netwatch_shmem_startup(&locks[LOCK_NETWATCH].lock);
 	apikey_worker_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);

@@ -344,6 +344,7 @@ apikey_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 		flush_round();
+		apikey_detector_tick(); /* detector.c: a pass when one is due */
 	}
 
 	/* write what there is now, and again once clients are gone */
