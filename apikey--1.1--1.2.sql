@@ -2709,6 +2709,16 @@ AS $$
 DECLARE
 	v_nsp name;
 BEGIN
+	IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'
+	   AND EXISTS (SELECT FROM apikey.detection_rules d WHERE d.kind OPERATOR(pg_catalog.=) NEW.kind) THEN
+		UPDATE apikey.detection_rules d
+		   SET enabled = NEW.enabled, threshold = NEW.threshold, window_ = NEW.window_,
+			   min_calls = NEW.min_calls, action = NEW.action, action_for = NEW.action_for,
+			   severity = NEW.severity, throttle_rate = NEW.throttle_rate,
+			   quarantine_scopes = NEW.quarantine_scopes, description = NEW.description
+		 WHERE d.kind OPERATOR(pg_catalog.=) NEW.kind;
+		RETURN NULL;
+	END IF;
 	SELECT n.nspname INTO v_nsp FROM pg_catalog.pg_extension e
 	  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
 	 WHERE e.extname OPERATOR(pg_catalog.=) 'apikey';
@@ -2719,16 +2729,6 @@ BEGIN
 			USING ERRCODE = '42883',
 				  HINT = pg_catalog.format('Create %I._rule_%s(%I.detection_rules) first (see the rule interface in the README), or use one of the seeded kinds.',
 										   v_nsp, NEW.kind, v_nsp);
-	END IF;
-	IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'
-	   AND EXISTS (SELECT FROM apikey.detection_rules d WHERE d.kind OPERATOR(pg_catalog.=) NEW.kind) THEN
-		UPDATE apikey.detection_rules d
-		   SET enabled = NEW.enabled, threshold = NEW.threshold, window_ = NEW.window_,
-			   min_calls = NEW.min_calls, action = NEW.action, action_for = NEW.action_for,
-			   severity = NEW.severity, throttle_rate = NEW.throttle_rate,
-			   quarantine_scopes = NEW.quarantine_scopes, description = NEW.description
-		 WHERE d.kind OPERATOR(pg_catalog.=) NEW.kind;
-		RETURN NULL;
 	END IF;
 	RETURN NEW;
 END

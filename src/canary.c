@@ -12,11 +12,15 @@
  * canary is not a key, the key cache never holds one and verification
  * reaches it only on the unknown path: every token that matches no key
  * (canary or not) costs the same two locks and one probe of the unique
- * index on canaries.hash, with no snapshot (any row version with the hash
- * counts, as keystore.c probes keys).  Only a hit takes a snapshot, to
- * check the canary is still there.  The caller gets the verdict of an
- * unknown token: no key field, the same SQLSTATE from authenticate, the
- * same usage row, the same failure-limiter charge.
+ * index on canaries.hash, with no snapshot: any row version with the hash
+ * counts, as keystore.c probes keys, so a hit costs one heap fetch more
+ * and no snapshot either.  (A row version that is not, or no longer, a
+ * live canary - an aborted issue_canary, a deleted canary - is recorded
+ * too; its id matches no canary that the pass can name, and its use of a
+ * token only ever handed to a canary's issuer is worth reporting anyway.)
+ * The caller gets the verdict of an unknown token: no key field, the same
+ * SQLSTATE from authenticate, the same usage row, the same failure-limiter
+ * charge.
  *
  * Where a use is recorded.  Not in the caller's transaction (it may be
  * read-only, on a standby, or rolled back): in a small table in shared
@@ -219,7 +223,7 @@ probe(bytea *hash_datum, Snapshot snapshot, int64 *id)
 
 /*
  * Is hash a canary's?  Called for every token that matches no key, so it
- * costs every unknown token the same; only a hit takes a snapshot.
+ * costs every unknown token the same.
  */
 static bool
 canary_lookup(const uint8 *hash, int64 *id)
@@ -237,13 +241,7 @@ canary_lookup(const uint8 *hash, int64 *id)
 		LockRelationOid(canaries_hash_key, AccessShareLock);
 	} while (!OidIsValid(resolved_for_keys));
 
-	if (probe(hash_datum, SnapshotAny, id))
-	{
-		Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
-
-		found = probe(hash_datum, snapshot, id);
-		UnregisterSnapshot(snapshot);
-	}
+	found = probe(hash_datum, SnapshotAny, id);
 	pfree(hash_datum);
 	return found;
 }
@@ -369,7 +367,7 @@ record_use(int64 id, text *scope, inet *addr, TimestampTz now)
 void
 apikey_canary_check(const uint8 *hash, text *scope, inet *addr, TimestampTz now)
 {
-	int64		id;
+	int64		id = 0;
 
 	if (canary_lookup(hash, &id))
 		record_use(id, scope, addr, now);
