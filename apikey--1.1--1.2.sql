@@ -3119,8 +3119,15 @@ DECLARE
 	v_id bigint;
 	v_opened integer := 0;
 BEGIN
-	PERFORM apikey._audit_lock();
+	-- the rules first, then (if a rule may act) the audit lock, before any
+	-- finding's row: direct DML on the rules takes them in that order too
+	-- (its audit trigger runs after the change), and resolve_finding and
+	-- the responses take the audit lock before rows
 	LOCK TABLE apikey.detection_rules IN SHARE ROW EXCLUSIVE MODE;
+	IF EXISTS (SELECT FROM apikey.detection_rules d
+				WHERE d.enabled AND d.action OPERATOR(pg_catalog.<>) 'notify') THEN
+		PERFORM apikey._audit_lock();
+	END IF;
 	SELECT n.nspname INTO v_nsp FROM pg_catalog.pg_extension e
 	  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
 	 WHERE e.extname OPERATOR(pg_catalog.=) 'apikey';

@@ -6,7 +6,7 @@
 # finding per rule, and none for a key with a steady normal workload
 # (false-positive test).  Then the background worker's periodic pass
 # (apikey.detect_interval) files a new canary use with nobody calling
-# run_detection().
+# run_detection().  On a standby a canary use is logged.
 #
 # Tokens stay in a table on the server: no token appears in a script.
 use strict;
@@ -20,10 +20,11 @@ use ApikeyTest;
 
 # the failure limiter on (the default 30 a minute), the periodic pass off
 # until the last part
-my $node = apikey_node('detector', qq{
+my $node = apikey_node(
+	'detector', qq{
 apikey.failure_limit = 30
 apikey.detect_interval = 0
-});
+}, allows_streaming => 1);
 apikey_db($node);
 token_table($node);
 $node->safe_psql(
@@ -143,5 +144,21 @@ SELECT count(*) FROM apikey.audit_log WHERE action = 'run_detection'}),
 	'4', 'the periodic passes are not audit rows (the four on-demand ones are)');
 ok(!$node->log_contains(qr/apikey detector: rule \w+ failed/), 'no rule failed');
 
+# On a standby no pass can file a use: it answers unknown all the same,
+# and the use goes to the server log (never the token).
+$node->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('detector_standby');
+$standby->init_from_backup($node, 'b', has_streaming => 1);
+$standby->start;
+$node->wait_for_catchup($standby);
+is($standby->safe_psql('postgres', q{SELECT code FROM apikey.check(tok('canary'), 'orders:read')}),
+	'unknown', 'a canary on a standby answers unknown');
+my $canary_id = $node->safe_psql('postgres', q{SELECT kid('canary')});
+ok( $standby->wait_for_log(qr/apikey canary key $canary_id was used from a local socket \(on a standby/),
+	'the standby logged the canary use');
+my $canary_tail = substr($node->safe_psql('postgres', q{SELECT substr(tok('canary'), 4, 20)}), 0, 20);
+ok(!$standby->log_contains(qr/\Q$canary_tail\E/), 'without the token');
+
+$standby->stop;
 $node->stop;
 done_testing();
