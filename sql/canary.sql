@@ -115,3 +115,15 @@ SELECT hash FROM apikey.canaries;
 RESET ROLE;
 SELECT apikey.revoke_admin('regress_canary_admin');
 DROP ROLE regress_canary_nobody, regress_canary_admin;
+
+-- Ids restart with the extension: a use of a canary of the dropped
+-- extension, never filed, is not filed as the new canary with its id.
+SELECT code FROM apikey.check(:'canary', 'orders:read', '192.0.2.99');
+SET client_min_messages = warning;
+DROP EXTENSION apikey CASCADE;
+CREATE EXTENSION apikey;
+RESET client_min_messages;
+SELECT setval('apikey.keys_id_seq', :canary_id - 1) IS NOT NULL AS same_ids_again;
+SELECT key_id = :canary_id AS same_id_as_the_dropped_canary FROM apikey.issue_canary('globex', 'new');
+SELECT apikey.run_detection() AS opened;
+SELECT count(*) AS findings FROM apikey.findings;

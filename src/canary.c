@@ -39,8 +39,13 @@
  * like a token: a caller's text is a claim, and evidence never carries a
  * token.  Otherwise the use records that a scope was withheld.
  *
- * Locking: canary_lock protects the whole table (exclusive to record or
- * mark a use, shared to read).
+ * A slot remembers which apikey.canaries it was recorded against: canary
+ * ids restart when the extension is dropped and created again, and a use
+ * of a dropped canary must not be filed as a new one's.  The next pass
+ * frees such slots.
+ *
+ * Locking: canary_lock protects the whole table (exclusive to record, to
+ * read for a pass, and to mark uses reported).
  *
  *-------------------------------------------------------------------------
  */
@@ -83,6 +88,9 @@ typedef struct CanaryUse
 	bool		in_use;
 	uint32		gen;			/* bumped when the slot is freed */
 	Oid			dboid;
+	Oid			relid;			/* apikey.canaries then: ids restart with
+								 * the extension, so a use recorded for a
+								 * dropped one must not name a new canary */
 	int64		canary_id;
 	bool		has_addr;
 	inet_struct addr;
@@ -321,7 +329,8 @@ record_use(int64 id, text *scope, inet *addr, TimestampTz now)
 				free_slot = i;
 			continue;
 		}
-		if (u->dboid == MyDatabaseId && u->canary_id == id &&
+		if (u->dboid == MyDatabaseId && u->relid == canaries_relid &&
+			u->canary_id == id &&
 			u->has_addr == (addr != NULL) &&
 			memcmp(&u->addr, &a, sizeof(inet_struct)) == 0 &&
 			u->has_scope == (scope != NULL) &&
@@ -336,6 +345,7 @@ record_use(int64 id, text *scope, inet *addr, TimestampTz now)
 		i = free_slot;
 		u->in_use = true;
 		u->dboid = MyDatabaseId;
+		u->relid = canaries_relid;
 		u->canary_id = id;
 		u->has_addr = (addr != NULL);
 		u->addr = a;
@@ -445,8 +455,10 @@ apikey_canary_uses(Tuplestorestate *out, TupleDesc desc)
 		RegisterSubXactCallback(canary_subxact_callback, NULL);
 		callbacks_registered = true;
 	}
+	if (!resolve_canaries())
+		return;
 	copy = palloc(sizeof(CanaryUse) * CANARY_SLOTS);
-	LWLockAcquire(canary_lock, LW_SHARED);
+	LWLockAcquire(canary_lock, LW_EXCLUSIVE);
 	for (int i = 0; i < CANARY_SLOTS; i++)
 	{
 		CanaryUse  *u = &canary_shared->slots[i];
@@ -456,6 +468,13 @@ apikey_canary_uses(Tuplestorestate *out, TupleDesc desc)
 
 		if (!u->in_use || u->dboid != MyDatabaseId)
 			continue;
+		if (u->relid != canaries_relid)
+		{
+			/* recorded before the extension was dropped and created again */
+			u->in_use = false;
+			u->gen++;
+			continue;
+		}
 		/* an earlier pass of this transaction has read some already */
 		foreach(lc, reads)
 		{
