@@ -6,8 +6,8 @@ OBJS = \
 	src/audit.o \
 	src/binding.o \
 	src/canary.o \
-	src/failurelimit.o \
 	src/detector.o \
+	src/failurelimit.o \
 	src/hash.o \
 	src/invalidation.o \
 	src/issue.o \
