@@ -7,6 +7,7 @@ OBJS = \
 	src/binding.o \
 	src/canary.o \
 	src/detector.o \
+	src/events.o \
 	src/failurelimit.o \
 	src/hash.o \
 	src/invalidation.o \
