@@ -5,6 +5,8 @@ OBJS = \
 	src/address.o \
 	src/audit.o \
 	src/binding.o \
+	src/canary.o \
+	src/detector.o \
 	src/events.o \
 	src/failurelimit.o \
 	src/hash.o \
@@ -13,8 +15,9 @@ OBJS = \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \
-	src/ownerlimits.o \
 	src/networks.o \
+	src/netwatch.o \
+	src/ownerlimits.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

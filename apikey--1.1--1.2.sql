@@ -4034,35 +4034,727 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('monitor', 'SELECT', 'TABLE apikey.suggested_limits'),
 	('monitor', 'EXECUTE', 'FUNCTION apikey._network_overflow()');
 
--- wired at merge (needs apikey.detection_rules): the detector calls
--- apikey._rule_<kind>(r) for each enabled rule.  Suggested seeds: shared_address
--- (threshold 10 keys, window_ 1 hour, min_calls 0), new_networks (threshold 1,
--- window_ 1 hour, min_calls 1), volume_spike (threshold 10, window_ 10 minutes,
--- min_calls 100).
+
+-------------------------------------------------------------------------------
+-- Detector (issue 12, items 3 and 4): canary keys, detection rules,
+-- findings, and a pass that runs the rules (src/canary.c, src/detector.c).
 --
--- CREATE FUNCTION apikey._rule_shared_address(r apikey.detection_rules)
--- RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
--- LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
--- AS $$ SELECT * FROM apikey._rule_shared_address_eval(r.threshold::numeric, r.window_, r.min_calls::bigint) $$;
--- COMMENT ON FUNCTION apikey._rule_shared_address(apikey.detection_rules)
--- 	IS 'Internal: rule shared_address with its row''s parameters';
--- REVOKE ALL ON FUNCTION apikey._rule_shared_address(apikey.detection_rules) FROM PUBLIC;
+-- THE RULE INTERFACE.  A row of apikey.detection_rules names a kind k;
+-- its rule is the function
 --
--- CREATE FUNCTION apikey._rule_new_networks(r apikey.detection_rules)
--- RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
--- LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
--- AS $$ SELECT * FROM apikey._rule_new_networks_eval(r.threshold::numeric, r.window_, r.min_calls::bigint) $$;
--- COMMENT ON FUNCTION apikey._rule_new_networks(apikey.detection_rules)
--- 	IS 'Internal: rule new_networks with its row''s parameters';
--- REVOKE ALL ON FUNCTION apikey._rule_new_networks(apikey.detection_rules) FROM PUBLIC;
+--	   apikey._rule_<k>(r apikey.detection_rules)
+--	   RETURNS TABLE (key_id bigint, owner text, network cidr,
+--					  evidence jsonb, last_at timestamptz)
 --
--- CREATE FUNCTION apikey._rule_volume_spike(r apikey.detection_rules)
--- RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
--- LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
--- AS $$ SELECT * FROM apikey._rule_volume_spike_eval(r.threshold::numeric, r.window_, r.min_calls::bigint) $$;
--- COMMENT ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules)
--- 	IS 'Internal: rule volume_spike with its row''s parameters';
--- REVOKE ALL ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules) FROM PUBLIC;
+-- in the extension's schema, one row per subject that breaks the rule
+-- now: a key (key_id, owner), a client network (network), or both.  A pass
+-- (apikey._detect(): the worker every apikey.detect_interval, or
+-- apikey.run_detection() on demand) calls the function of every enabled
+-- rule, found as a regprocedure in the extension's schema (kinds are
+-- lower-case identifiers, checked), and for each row:
+--	 - if the subject has an open finding of this rule, replaces its
+--	   evidence with the new one and moves last_seen_at (no new finding,
+--	   no new action: one open finding per rule and subject);
+--	 - else, if a finding of this rule and subject was resolved at or after
+--	   last_at (the newest event the evidence counts), skips it: what the
+--	   operator resolved is not reported again;
+--	 - else opens a finding with the rule's severity and takes the rule's
+--	   action on key_id (notify: nothing; throttle, quarantine, suspend:
+--	   apikey.throttle(), quarantine(), suspend(), audited as theirs), in
+--	   the pass's transaction.  An action that fails is recorded in
+--	   action_taken ('failed: SQLSTATE') with a WARNING; the finding stays.
+-- A rule whose function does not exist is skipped (DEBUG1), so a rule can
+-- be seeded before its function ships.  A rule that raises is skipped
+-- with a WARNING; the other rules still run.  Evidence holds counts,
+-- addresses, scope names and times: never a token or a hash.  A rule
+-- function is STABLE SQL (or VOLATILE if it consumes something, as
+-- canary_use does), owned by the extension, REVOKEd from PUBLIC.
+-------------------------------------------------------------------------------
+
+-- A client network as the failure limiter counts them: /32 or /64.
+CREATE FUNCTION apikey._network(addr inet) RETURNS cidr
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT pg_catalog.network(pg_catalog.set_masklen(_network.addr,
+		CASE pg_catalog.family(_network.addr) WHEN 4 THEN 32 ELSE 64 END));
+$$;
+COMMENT ON FUNCTION apikey._network(inet)
+	IS 'Internal: the client network an address belongs to, /32 (IPv4) or /64 (IPv6), as the failure limiter counts them';
+REVOKE ALL ON FUNCTION apikey._network(inet) FROM PUBLIC;
+
+CREATE TABLE apikey.detection_rules (
+	kind		text PRIMARY KEY
+				CONSTRAINT detection_rules_kind_check
+				CHECK (kind OPERATOR(pg_catalog.~) '^[a-z][a-z0-9_]{0,40}$'),
+	enabled		boolean NOT NULL DEFAULT true,
+	threshold	numeric NOT NULL CONSTRAINT detection_rules_threshold_check
+				CHECK (threshold OPERATOR(pg_catalog.>) 0),
+	window_		interval NOT NULL CONSTRAINT detection_rules_window_check
+				CHECK (window_ OPERATOR(pg_catalog.>) '0'::interval
+					   AND window_ OPERATOR(pg_catalog.<=) '7 days'::interval),
+	min_calls	bigint NOT NULL DEFAULT 0 CONSTRAINT detection_rules_min_calls_check
+				CHECK (min_calls OPERATOR(pg_catalog.>=) 0),
+	action		text NOT NULL DEFAULT 'notify' CONSTRAINT detection_rules_action_check
+				CHECK (action OPERATOR(pg_catalog.=) ANY ('{notify,throttle,quarantine,suspend}'::text[])),
+	action_for	interval CONSTRAINT detection_rules_action_for_check
+				CHECK (action_for OPERATOR(pg_catalog.>) '0'::interval),
+	severity	text NOT NULL DEFAULT 'medium' CONSTRAINT detection_rules_severity_check
+				CHECK (severity OPERATOR(pg_catalog.=) ANY ('{info,low,medium,high,critical}'::text[])),
+	throttle_rate integer CONSTRAINT detection_rules_throttle_rate_check
+				CHECK (throttle_rate OPERATOR(pg_catalog.>) 0),
+	quarantine_scopes text[],
+	description	text NOT NULL,
+	CONSTRAINT detection_rules_throttle_check
+		CHECK (action OPERATOR(pg_catalog.<>) 'throttle' OR (throttle_rate IS NOT NULL AND action_for IS NOT NULL)),
+	CONSTRAINT detection_rules_quarantine_check
+		CHECK (action OPERATOR(pg_catalog.<>) 'quarantine'
+			   OR COALESCE(pg_catalog.cardinality(quarantine_scopes), 0) OPERATOR(pg_catalog.>) 0),
+	CONSTRAINT detection_rules_subject_check
+		CHECK (action OPERATOR(pg_catalog.=) 'notify'
+			   OR kind OPERATOR(pg_catalog.<>) ALL ('{address_failures,shared_address,canary_use}'::text[]))
+);
+COMMENT ON TABLE apikey.detection_rules IS 'The detector''s rules: one row per kind, evaluated by apikey._rule_<kind>() at every pass; operators tune thresholds and opt in to actions here';
+COMMENT ON COLUMN apikey.detection_rules.kind IS 'Rule kind; its function is apikey._rule_<kind>(apikey.detection_rules)';
+COMMENT ON COLUMN apikey.detection_rules.enabled IS 'false = not evaluated';
+COMMENT ON COLUMN apikey.detection_rules.threshold IS 'What trips the rule; its unit depends on the kind (see description)';
+COMMENT ON COLUMN apikey.detection_rules.window_ IS 'How far back a pass looks';
+COMMENT ON COLUMN apikey.detection_rules.min_calls IS 'Calls below which a statistical rule stays quiet (0 = no minimum)';
+COMMENT ON COLUMN apikey.detection_rules.action IS 'notify (a finding only), throttle, quarantine or suspend the key, when a finding opens';
+COMMENT ON COLUMN apikey.detection_rules.action_for IS 'How long the action lasts; NULL = until lifted (required for throttle)';
+COMMENT ON COLUMN apikey.detection_rules.severity IS 'info, low, medium, high or critical; copied to each finding';
+COMMENT ON COLUMN apikey.detection_rules.throttle_rate IS 'Requests per minute for action throttle';
+COMMENT ON COLUMN apikey.detection_rules.quarantine_scopes IS 'allowed_scopes for action quarantine';
+COMMENT ON COLUMN apikey.detection_rules.description IS 'What the rule detects and what its threshold, window_ and min_calls mean';
+
+INSERT INTO apikey.detection_rules (kind, threshold, window_, min_calls, severity, description) VALUES
+	('address_failures', 100, '10 minutes', 0, 'medium',
+	 'One client network (/32, /64) presented at least threshold tokens that match no key (malformed, unknown) or was blocked (address_blocked) within window_ (at most 1 hour)'),
+	('failure_spike', 10, '10 minutes', 20, 'medium',
+	 'One key failed (revoked, expired, scope_denied, address_denied) at least min_calls times within window_, and at least threshold times its own rate over the 7 days before (taken as at least 1 per window_)'),
+	('allowlist_violation', 1, '1 hour', 0, 'high',
+	 'A key with allowed_cidrs was presented from outside them (address_denied) at least threshold times within window_ from one client network'),
+	('shared_address', 5, '10 minutes', 0, 'medium',
+	 'One client network used at least threshold different keys within window_'),
+	('new_networks', 1, '1 hour', 0, 'low',
+	 'A key succeeded from networks it had not used for 30 days'),
+	('volume_spike', 10, '10 minutes', 100, 'medium',
+	 'A key''s calls a minute stayed above max(threshold x its p99, min_calls) for 3 consecutive minutes within window_'),
+	('dormant_use', 90, '1 hour', 0, 'medium',
+	 'A key succeeded within window_ after threshold days without a success (or since it was issued)'),
+	('revoked_use', 1, '1 hour', 0, 'high',
+	 'A key revoked as leaked (reason leak..., or reported in apikey.exposures) was presented at least threshold times within window_'),
+	('canary_use', 1, '1 hour', 0, 'critical',
+	 'A canary key (apikey.issue_canary) was presented: every use opens or extends a finding per canary and client network; threshold and window_ are not used');
+
+-- A new kind must come with its function; a row pg_restore brings back
+-- for a kind the extension seeded replaces the seeded row.
+CREATE FUNCTION apikey._detection_rules_check() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_nsp name;
+BEGIN
+	IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'
+	   AND EXISTS (SELECT FROM apikey.detection_rules d WHERE d.kind OPERATOR(pg_catalog.=) NEW.kind) THEN
+		UPDATE apikey.detection_rules d
+		   SET enabled = NEW.enabled, threshold = NEW.threshold, window_ = NEW.window_,
+			   min_calls = NEW.min_calls, action = NEW.action, action_for = NEW.action_for,
+			   severity = NEW.severity, throttle_rate = NEW.throttle_rate,
+			   quarantine_scopes = NEW.quarantine_scopes, description = NEW.description
+		 WHERE d.kind OPERATOR(pg_catalog.=) NEW.kind;
+		RETURN NULL;
+	END IF;
+	SELECT n.nspname INTO v_nsp FROM pg_catalog.pg_extension e
+	  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+	 WHERE e.extname OPERATOR(pg_catalog.=) 'apikey';
+	IF NEW.kind OPERATOR(pg_catalog.~) '^[a-z][a-z0-9_]{0,40}$'
+	   AND pg_catalog.to_regprocedure(pg_catalog.format('%I.%I(%I.detection_rules)', v_nsp,
+			'_rule_' OPERATOR(pg_catalog.||) NEW.kind, v_nsp)) IS NULL THEN
+		RAISE EXCEPTION 'no rule function for detection rule kind "%"', NEW.kind
+			USING ERRCODE = '42883',
+				  HINT = pg_catalog.format('Create %I._rule_%s(%I.detection_rules) first (see the rule interface in the README), or use one of the seeded kinds.',
+										   v_nsp, NEW.kind, v_nsp);
+	END IF;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey._detection_rules_check()
+	IS 'Internal: trigger refusing a detection rule kind without its apikey._rule_<kind>() function (42883), and turning a restored row of a seeded kind into an update';
+REVOKE ALL ON FUNCTION apikey._detection_rules_check() FROM PUBLIC;
+CREATE TRIGGER detection_rules_check BEFORE INSERT OR UPDATE OF kind ON apikey.detection_rules
+	FOR EACH ROW EXECUTE FUNCTION apikey._detection_rules_check();
+ALTER TABLE apikey.detection_rules ENABLE ALWAYS TRIGGER detection_rules_check;
+SELECT pg_catalog.pg_extension_config_dump('apikey.detection_rules', '');
+REVOKE ALL ON apikey.detection_rules FROM PUBLIC;
+SELECT apikey._audit_dml_attach('detection_rules');
+
+CREATE TABLE apikey.findings (
+	id			bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	at			timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	rule		text NOT NULL,
+	key_id		bigint,
+	owner		text,
+	network		cidr,
+	severity	text NOT NULL CONSTRAINT findings_severity_check
+				CHECK (severity OPERATOR(pg_catalog.=) ANY ('{info,low,medium,high,critical}'::text[])),
+	evidence	jsonb NOT NULL,
+	action_taken text NOT NULL,
+	last_seen_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	resolved_at	timestamptz,
+	resolved_by	name,
+	resolution	text CONSTRAINT findings_resolution_check
+				CHECK (resolution OPERATOR(pg_catalog.=) ANY ('{false_positive,mitigated,accepted,duplicate}'::text[])),
+	resolution_note text,
+	CONSTRAINT findings_subject_check CHECK (key_id IS NOT NULL OR network IS NOT NULL),
+	CONSTRAINT findings_resolved_check
+		CHECK ((resolved_at IS NULL) OPERATOR(pg_catalog.=) (resolution IS NULL))
+);
+-- One open finding per rule and subject.
+CREATE UNIQUE INDEX findings_open_subject ON apikey.findings
+	(rule, (COALESCE(key_id, 0)), (COALESCE(network, '0.0.0.0/0'::cidr))) WHERE resolved_at IS NULL;
+CREATE INDEX findings_key_id_idx ON apikey.findings (key_id);
+COMMENT ON TABLE apikey.findings IS 'What the detector found: one row per rule and subject (key, client network) while open; never a token or hash';
+COMMENT ON COLUMN apikey.findings.id IS 'Finding id, for resolve_finding()';
+COMMENT ON COLUMN apikey.findings.at IS 'When the pass that opened it began';
+COMMENT ON COLUMN apikey.findings.rule IS 'The detection rule (apikey.detection_rules.kind)';
+COMMENT ON COLUMN apikey.findings.key_id IS 'The key (or canary) concerned; NULL when the subject is a network only';
+COMMENT ON COLUMN apikey.findings.owner IS 'The key''s owner, when it was found';
+COMMENT ON COLUMN apikey.findings.network IS 'The client network concerned (/32 or /64); NULL when the subject is a key only';
+COMMENT ON COLUMN apikey.findings.severity IS 'The rule''s severity when it opened';
+COMMENT ON COLUMN apikey.findings.evidence IS 'What the rule saw (counts, addresses, scope names, times); replaced by each pass while open';
+COMMENT ON COLUMN apikey.findings.action_taken IS 'notified, throttled, quarantined, suspended, or failed: SQLSTATE';
+COMMENT ON COLUMN apikey.findings.last_seen_at IS 'The last pass that still saw it';
+COMMENT ON COLUMN apikey.findings.resolved_at IS 'When resolve_finding() closed it; NULL = open';
+COMMENT ON COLUMN apikey.findings.resolved_by IS 'Role that resolved it (acting in the session)';
+COMMENT ON COLUMN apikey.findings.resolution IS 'false_positive, mitigated, accepted or duplicate';
+COMMENT ON COLUMN apikey.findings.resolution_note IS 'Free text given to resolve_finding()';
+SELECT pg_catalog.pg_extension_config_dump('apikey.findings', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.findings_id_seq', '');
+COMMENT ON SEQUENCE apikey.findings_id_seq IS 'Finding ids';
+REVOKE ALL ON apikey.findings FROM PUBLIC;
+
+-- Canary keys: never in apikey.keys (so never valid, never cached), ids
+-- from the keys' sequence, tokens of the same format (src/canary.c).
+CREATE TABLE apikey.canaries (
+	id			bigint PRIMARY KEY DEFAULT pg_catalog.nextval('apikey.keys_id_seq'::pg_catalog.regclass),
+	owner		text NOT NULL CONSTRAINT canaries_owner_check CHECK (owner OPERATOR(pg_catalog.<>) ''),
+	name		text,
+	prefix		text NOT NULL,
+	hint		text NOT NULL,
+	hash		bytea NOT NULL CONSTRAINT canaries_hash_length
+				CHECK (pg_catalog.octet_length(hash) OPERATOR(pg_catalog.=) 32),
+	created_at	timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	created_by	name NOT NULL,
+	CONSTRAINT canaries_hash_key UNIQUE (hash)
+);
+COMMENT ON TABLE apikey.canaries IS 'Canary keys: tokens planted to be found; every use answers unknown and opens a critical finding (rule canary_use).  Not in apikey.keys nor key_status';
+COMMENT ON COLUMN apikey.canaries.id IS 'Canary id, from the keys'' id sequence (findings.key_id)';
+COMMENT ON COLUMN apikey.canaries.owner IS 'The owner the canary pretends to belong to';
+COMMENT ON COLUMN apikey.canaries.name IS 'Where it was planted, for humans';
+COMMENT ON COLUMN apikey.canaries.prefix IS 'Token prefix';
+COMMENT ON COLUMN apikey.canaries.hint IS 'Non-secret display form: prefix and the last four characters';
+COMMENT ON COLUMN apikey.canaries.hash IS 'SHA-256 of the token; readable by the extension owner only';
+COMMENT ON COLUMN apikey.canaries.created_at IS 'When it was issued';
+COMMENT ON COLUMN apikey.canaries.created_by IS 'Role that issued it (acting in the session)';
+SELECT pg_catalog.pg_extension_config_dump('apikey.canaries', '');
+REVOKE ALL ON apikey.canaries FROM PUBLIC;
+SELECT apikey._audit_dml_attach('canaries');
+
+CREATE FUNCTION apikey.issue_canary(owner text, name text DEFAULT NULL, prefix text DEFAULT 'ak')
+RETURNS SETOF apikey.new_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'issue_canary'
+AS $$
+DECLARE
+	v_new record;
+	v_id bigint;
+BEGIN
+	IF issue_canary.owner IS NULL OR issue_canary.owner OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty'
+			USING ERRCODE = '22004', HINT = 'Give the owner the canary should appear to belong to.';
+	END IF;
+	IF pg_catalog.octet_length(issue_canary.owner) OPERATOR(pg_catalog.>) 1024 THEN
+		RAISE EXCEPTION 'owner must be at most 1024 bytes' USING ERRCODE = '22023';
+	END IF;
+	IF issue_canary.prefix IS NULL THEN
+		RAISE EXCEPTION 'prefix must not be NULL'
+			USING ERRCODE = '22023', HINT = 'Omit it for the default prefix ak.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	v_new := apikey._new_token(issue_canary.prefix);
+	INSERT INTO apikey.canaries (owner, name, prefix, hint, hash, created_by)
+	VALUES (issue_canary.owner, issue_canary.name, issue_canary.prefix, v_new.hint, v_new.hash,
+			apikey._acting_role())
+	RETURNING id INTO v_id;
+	PERFORM apikey._audit('issue_canary', v_id, issue_canary.owner, pg_catalog.jsonb_build_object(
+		'name', issue_canary.name, 'hint', v_new.hint));
+	RETURN NEXT ROW(v_id, v_new.token)::apikey.new_key;
+END
+$$;
+COMMENT ON FUNCTION apikey.issue_canary(text, text, text)
+	IS 'Issue a canary key: a token like any other (shown this once) that no call ever accepts; every use answers unknown and opens a critical finding (rule canary_use) with the client address and the scope asked for';
+REVOKE ALL ON FUNCTION apikey.issue_canary(text, text, text) FROM PUBLIC;
+
+CREATE FUNCTION apikey._canary_uses(OUT canary_id bigint, OUT client_addr inet, OUT scope text,
+									OUT scope_withheld boolean, OUT calls bigint,
+									OUT first_at timestamptz, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'apikey_canary_uses_srf'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION apikey._canary_uses()
+	IS 'Internal: canary uses recorded in shared memory and not yet filed; they count as filed when the calling transaction commits (rule canary_use)';
+REVOKE ALL ON FUNCTION apikey._canary_uses() FROM PUBLIC;
+
+-- The rules over failures, allowlists, dormancy, leaks and canaries.
+-- shared_address, new_networks and volume_spike are seeded above; their
+-- functions are defined at the end of this script, after the section that
+-- defines key_networks and key_baselines.
+
+-- usage_log counts a token that matches no key without its address, so
+-- this rule reads failures per network from shared memory (src/netwatch.c).
+CREATE FUNCTION apikey._network_failures(since timestamptz, OUT network cidr, OUT failures bigint,
+										 OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'apikey_network_failures'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._network_failures(timestamptz)
+	IS 'Internal: per client network (/32, /64), tokens matching no key and blocked calls since then, at most an hour back (rule address_failures)';
+REVOKE ALL ON FUNCTION apikey._network_failures(timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_address_failures(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT NULL::bigint, NULL::text, f.network,
+		   pg_catalog.jsonb_build_object('failures', f.failures, 'codes', '{malformed,unknown,address_blocked}'::text[],
+										 'threshold', r.threshold,
+										 'window', LEAST(r.window_, '1 hour'::interval)),
+		   f.last_at
+	  FROM apikey._network_failures(pg_catalog.now() OPERATOR(pg_catalog.-) r.window_) f
+	 WHERE f.failures OPERATOR(pg_catalog.>=) r.threshold;
+$$;
+COMMENT ON FUNCTION apikey._rule_address_failures(apikey.detection_rules)
+	IS 'Internal: detection rule address_failures (a client network presenting tokens that match no key)';
+REVOKE ALL ON FUNCTION apikey._rule_address_failures(apikey.detection_rules) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_failure_spike(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH w AS (
+		SELECT l.key_id, l.code, pg_catalog.sum(l.calls) AS calls, pg_catalog.max(l.bucket) AS last_at
+		  FROM apikey.usage_log l
+		 WHERE l.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) r.window_)
+		   AND l.key_id IS NOT NULL
+		   AND l.code OPERATOR(pg_catalog.=) ANY ('{revoked,expired,scope_denied,address_denied}'::text[])
+		 GROUP BY 1, 2),
+	k AS (
+		SELECT w.key_id, pg_catalog.sum(w.calls) AS calls, pg_catalog.jsonb_object_agg(w.code, w.calls) AS by_code,
+			   pg_catalog.max(w.last_at) AS last_at
+		  FROM w GROUP BY 1)
+	SELECT k.key_id, ks.owner, NULL::cidr,
+		   pg_catalog.jsonb_build_object('failures', k.calls, 'by_code', k.by_code,
+										 'baseline_per_window', pg_catalog.round(b.per_window, 2),
+										 'factor', r.threshold, 'min_calls', r.min_calls, 'window', r.window_),
+		   k.last_at
+	  FROM k
+	  JOIN apikey.keys ks ON ks.id OPERATOR(pg_catalog.=) k.key_id
+	 CROSS JOIN LATERAL (
+		SELECT COALESCE(pg_catalog.sum(l.calls), 0)
+			   OPERATOR(pg_catalog.*) pg_catalog.date_part('epoch', r.window_)::numeric
+			   OPERATOR(pg_catalog./) pg_catalog.date_part('epoch', '7 days'::interval)::numeric AS per_window
+		  FROM apikey.usage_log l
+		 WHERE l.key_id OPERATOR(pg_catalog.=) k.key_id
+		   AND l.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) '7 days'::interval OPERATOR(pg_catalog.-) r.window_)
+		   AND l.bucket OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) r.window_)
+		   AND l.code OPERATOR(pg_catalog.=) ANY ('{revoked,expired,scope_denied,address_denied}'::text[])) b
+	 WHERE k.calls OPERATOR(pg_catalog.>=) r.min_calls
+	   AND k.calls OPERATOR(pg_catalog.>=) (r.threshold OPERATOR(pg_catalog.*) GREATEST(b.per_window, 1));
+$$;
+COMMENT ON FUNCTION apikey._rule_failure_spike(apikey.detection_rules)
+	IS 'Internal: detection rule failure_spike (a key failing far above its own 7-day rate)';
+REVOKE ALL ON FUNCTION apikey._rule_failure_spike(apikey.detection_rules) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_allowlist_violation(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT v.key_id, k.owner, v.network,
+		   pg_catalog.jsonb_build_object('calls', v.calls,
+										 'addresses', pg_catalog.to_jsonb(v.addresses[1:20]),
+										 'allowed_cidrs', pg_catalog.to_jsonb(k.allowed_cidrs),
+										 'threshold', r.threshold, 'window', r.window_),
+		   v.last_at
+	  FROM (SELECT l.key_id, apikey._network(l.client_addr) AS network, pg_catalog.sum(l.calls) AS calls,
+				   pg_catalog.array_agg(DISTINCT pg_catalog.host(l.client_addr)) AS addresses,
+				   pg_catalog.max(l.bucket) AS last_at
+			  FROM apikey.usage_log l
+			 WHERE l.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) r.window_)
+			   AND l.code OPERATOR(pg_catalog.=) 'address_denied'
+			   AND l.key_id IS NOT NULL AND l.client_addr IS NOT NULL
+			 GROUP BY 1, 2) v
+	  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) v.key_id
+	 WHERE v.calls OPERATOR(pg_catalog.>=) r.threshold;
+$$;
+COMMENT ON FUNCTION apikey._rule_allowlist_violation(apikey.detection_rules)
+	IS 'Internal: detection rule allowlist_violation (a key presented from outside its allowed_cidrs)';
+REVOKE ALL ON FUNCTION apikey._rule_allowlist_violation(apikey.detection_rules) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_dormant_use(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH u AS (
+		SELECT l.key_id, pg_catalog.sum(l.calls) AS calls, pg_catalog.min(l.bucket) AS first_at,
+			   pg_catalog.max(l.bucket) AS last_at
+		  FROM apikey.usage_log l
+		 WHERE l.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) r.window_)
+		   AND l.code OPERATOR(pg_catalog.=) 'valid' AND l.key_id IS NOT NULL
+		 GROUP BY 1)
+	SELECT u.key_id, k.owner, NULL::cidr,
+		   pg_catalog.jsonb_build_object('calls', u.calls, 'first_use', u.first_at,
+										 'previous_use', p.prev, 'issued', k.created_at,
+										 'dormant_days', r.threshold),
+		   u.last_at
+	  FROM u
+	  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) u.key_id
+	 CROSS JOIN LATERAL (
+		SELECT pg_catalog.max(l.bucket) AS prev FROM apikey.usage_log l
+		 WHERE l.key_id OPERATOR(pg_catalog.=) u.key_id AND l.code OPERATOR(pg_catalog.=) 'valid'
+		   AND l.bucket OPERATOR(pg_catalog.<) u.first_at) p
+	 WHERE COALESCE(p.prev, k.created_at) OPERATOR(pg_catalog.<)
+		   (u.first_at OPERATOR(pg_catalog.-) (r.threshold::float8 OPERATOR(pg_catalog.*) '1 day'::interval));
+$$;
+COMMENT ON FUNCTION apikey._rule_dormant_use(apikey.detection_rules)
+	IS 'Internal: detection rule dormant_use (a success after threshold days without one)';
+REVOKE ALL ON FUNCTION apikey._rule_dormant_use(apikey.detection_rules) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_revoked_use(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT k.id, k.owner, NULL::cidr,
+		   pg_catalog.jsonb_build_object('calls', v.calls, 'by_code', v.by_code,
+										 'addresses', pg_catalog.to_jsonb(v.addresses[1:20]),
+										 'exposure_ids', pg_catalog.to_jsonb(apikey._exposure_ids(k.id)),
+										 'threshold', r.threshold, 'window', r.window_),
+		   v.last_at
+	  FROM (SELECT l.key_id, pg_catalog.sum(l.calls) AS calls,
+				   pg_catalog.jsonb_object_agg(l.code, l.calls) AS by_code,
+				   pg_catalog.array_agg(DISTINCT pg_catalog.host(l.client_addr))
+					   FILTER (WHERE l.client_addr IS NOT NULL) AS addresses,
+				   pg_catalog.max(l.bucket) AS last_at
+			  FROM (SELECT l.key_id, l.code, l.client_addr, pg_catalog.sum(l.calls) AS calls,
+						   pg_catalog.max(l.bucket) AS bucket
+					  FROM apikey.usage_log l
+					 WHERE l.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) r.window_)
+					   AND l.code OPERATOR(pg_catalog.=) ANY ('{revoked,suspended}'::text[])
+					   AND l.key_id IS NOT NULL
+					 GROUP BY 1, 2, 3) l
+			 GROUP BY 1) v
+	  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) v.key_id
+	 WHERE v.calls OPERATOR(pg_catalog.>=) r.threshold
+	   AND (EXISTS (SELECT FROM apikey.exposures e WHERE e.key_id OPERATOR(pg_catalog.=) k.id)
+			OR EXISTS (SELECT FROM apikey.revocations x WHERE x.key_id OPERATOR(pg_catalog.=) k.id
+						  AND x.reason OPERATOR(pg_catalog.~~*) 'leak%'));
+$$;
+COMMENT ON FUNCTION apikey._rule_revoked_use(apikey.detection_rules)
+	IS 'Internal: detection rule revoked_use (a key revoked or suspended as leaked being presented)';
+REVOKE ALL ON FUNCTION apikey._rule_revoked_use(apikey.detection_rules) FROM PUBLIC;
+
+-- Consumes the canary uses it reads (at the pass's commit), so its
+-- last_at is the pass's clock: every use read is new.  The evidence of an
+-- open finding is carried forward and added to.
+CREATE FUNCTION apikey._rule_canary_use(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+	-- only as the canary_use rule: reading the uses consumes them
+	IF r.kind IS DISTINCT FROM 'canary_use' THEN
+		RETURN;
+	END IF;
+	RETURN QUERY
+		WITH g AS (
+			SELECT u.canary_id, apikey._network(u.client_addr) AS network, pg_catalog.sum(u.calls) AS calls,
+				   pg_catalog.min(u.first_at) AS first_at, pg_catalog.max(u.last_at) AS last_at,
+				   pg_catalog.array_agg(DISTINCT pg_catalog.host(u.client_addr))
+					   FILTER (WHERE u.client_addr IS NOT NULL) AS addresses,
+				   pg_catalog.array_agg(DISTINCT u.scope) FILTER (WHERE u.scope IS NOT NULL) AS scopes,
+				   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.scope IS NULL AND NOT u.scope_withheld), 0) AS no_scope,
+				   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.scope_withheld), 0) AS withheld
+			  FROM apikey._canary_uses() u
+			 GROUP BY 1, 2)
+		SELECT g.canary_id, c.owner, g.network,
+			   pg_catalog.jsonb_build_object(
+				'canary', c.name, 'hint', c.hint, 'verdict', 'unknown',
+				'calls', COALESCE((f.evidence OPERATOR(pg_catalog.->>) 'calls')::pg_catalog.int8, 0) OPERATOR(pg_catalog.+) g.calls,
+				'addresses', (SELECT pg_catalog.jsonb_agg(a.a ORDER BY a.a) FROM
+								(SELECT pg_catalog.jsonb_array_elements_text(COALESCE(f.evidence OPERATOR(pg_catalog.->) 'addresses', '[]')) AS a
+								 UNION SELECT pg_catalog.unnest(g.addresses) LIMIT 20) a),
+				'scopes', (SELECT pg_catalog.jsonb_agg(s.s ORDER BY s.s) FROM
+								(SELECT pg_catalog.jsonb_array_elements_text(COALESCE(f.evidence OPERATOR(pg_catalog.->) 'scopes', '[]')) AS s
+								 UNION SELECT pg_catalog.unnest(g.scopes) LIMIT 20) s),
+				'calls_without_scope', COALESCE((f.evidence OPERATOR(pg_catalog.->>) 'calls_without_scope')::pg_catalog.int8, 0)
+									   OPERATOR(pg_catalog.+) g.no_scope,
+				'calls_scope_withheld', COALESCE((f.evidence OPERATOR(pg_catalog.->>) 'calls_scope_withheld')::pg_catalog.int8, 0)
+										OPERATOR(pg_catalog.+) g.withheld,
+				'first_at', LEAST((f.evidence OPERATOR(pg_catalog.->>) 'first_at')::pg_catalog.timestamptz, g.first_at),
+				'last_at', g.last_at),
+			   pg_catalog.clock_timestamp()
+		  FROM g
+		  LEFT JOIN apikey.canaries c ON c.id OPERATOR(pg_catalog.=) g.canary_id
+		  LEFT JOIN apikey.findings f ON f.rule OPERATOR(pg_catalog.=) r.kind AND f.resolved_at IS NULL
+				AND f.key_id OPERATOR(pg_catalog.=) g.canary_id
+				AND COALESCE(f.network, '0.0.0.0/0'::cidr) OPERATOR(pg_catalog.=) COALESCE(g.network, '0.0.0.0/0'::cidr);
+END
+$$;
+COMMENT ON FUNCTION apikey._rule_canary_use(apikey.detection_rules)
+	IS 'Internal: detection rule canary_use (a canary key presented); consumes the uses it reads when the pass commits';
+REVOKE ALL ON FUNCTION apikey._rule_canary_use(apikey.detection_rules) FROM PUBLIC;
+
+-- The action a rule takes when one of its findings opens.
+CREATE FUNCTION apikey._respond(r apikey.detection_rules, finding_id bigint, key_id bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_reason text := pg_catalog.format('detector: rule %s, finding %s', r.kind, _respond.finding_id);
+BEGIN
+	IF r.action OPERATOR(pg_catalog.=) 'notify' OR _respond.key_id IS NULL THEN
+		RETURN 'notified';
+	END IF;
+	BEGIN
+		IF r.action OPERATOR(pg_catalog.=) 'suspend' THEN
+			PERFORM apikey.suspend(_respond.key_id, v_reason, r.action_for);
+			UPDATE apikey.suspensions s SET finding_id = _respond.finding_id
+			 WHERE s.key_id OPERATOR(pg_catalog.=) _respond.key_id;
+			RETURN 'suspended';
+		ELSIF r.action OPERATOR(pg_catalog.=) 'quarantine' THEN
+			PERFORM apikey.quarantine(_respond.key_id, r.quarantine_scopes, v_reason, r.action_for);
+			UPDATE apikey.quarantines q SET finding_id = _respond.finding_id
+			 WHERE q.key_id OPERATOR(pg_catalog.=) _respond.key_id;
+			RETURN 'quarantined';
+		ELSE
+			PERFORM apikey.throttle(_respond.key_id, r.throttle_rate, r.action_for);
+			RETURN 'throttled';
+		END IF;
+	EXCEPTION WHEN OTHERS THEN
+		RAISE WARNING 'apikey detector: rule % could not % key %: %', r.kind, r.action, _respond.key_id, SQLERRM;
+		RETURN 'failed: ' OPERATOR(pg_catalog.||) SQLSTATE;
+	END;
+END
+$$;
+COMMENT ON FUNCTION apikey._respond(apikey.detection_rules, bigint, bigint)
+	IS 'Internal: take a detection rule''s action on the key of a finding that just opened; returns action_taken';
+REVOKE ALL ON FUNCTION apikey._respond(apikey.detection_rules, bigint, bigint) FROM PUBLIC;
+
+-- One pass: every enabled rule, one at a time (the lock on the rules
+-- serializes passes and holds rule edits until the pass commits).
+CREATE FUNCTION apikey._detect()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	r apikey.detection_rules;
+	f record;
+	v_action text;
+	v_nsp name;
+	v_fn pg_catalog.regprocedure;
+	v_open bigint;
+	v_id bigint;
+	v_opened integer := 0;
+BEGIN
+	-- the rules first, then the audit lock, before any finding's row:
+	-- direct DML on the rules takes them in that order too (its audit
+	-- trigger runs after the change), and resolve_finding, the responses
+	-- and _event() (finding.opened) take the audit lock before rows
+	LOCK TABLE apikey.detection_rules IN SHARE ROW EXCLUSIVE MODE;
+	PERFORM apikey._audit_lock();
+	SELECT n.nspname INTO v_nsp FROM pg_catalog.pg_extension e
+	  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+	 WHERE e.extname OPERATOR(pg_catalog.=) 'apikey';
+	FOR r IN SELECT * FROM apikey.detection_rules d WHERE d.enabled ORDER BY d.kind LOOP
+		v_fn := pg_catalog.to_regprocedure(pg_catalog.format('%I.%I(%I.detection_rules)', v_nsp,
+					'_rule_' OPERATOR(pg_catalog.||) r.kind, v_nsp));
+		IF v_fn IS NULL THEN
+			RAISE DEBUG 'apikey detector: rule % has no function yet, skipped', r.kind;
+			CONTINUE;
+		END IF;
+		BEGIN
+			FOR f IN EXECUTE pg_catalog.format(
+				'SELECT x.key_id, x.owner, x.network, x.evidence, x.last_at FROM %s($1) x',
+				v_fn::pg_catalog.oid::pg_catalog.regproc) USING r
+			LOOP
+				SELECT x.id INTO v_open FROM apikey.findings x
+				 WHERE x.rule OPERATOR(pg_catalog.=) r.kind AND x.resolved_at IS NULL
+				   AND COALESCE(x.key_id, 0) OPERATOR(pg_catalog.=) COALESCE(f.key_id, 0)
+				   AND COALESCE(x.network, '0.0.0.0/0'::cidr) OPERATOR(pg_catalog.=) COALESCE(f.network, '0.0.0.0/0'::cidr);
+				IF FOUND THEN
+					UPDATE apikey.findings x SET evidence = f.evidence, last_seen_at = pg_catalog.now()
+					 WHERE x.id OPERATOR(pg_catalog.=) v_open;
+					CONTINUE;
+				END IF;
+				CONTINUE WHEN EXISTS (
+					SELECT FROM apikey.findings x
+					 WHERE x.rule OPERATOR(pg_catalog.=) r.kind
+					   AND COALESCE(x.key_id, 0) OPERATOR(pg_catalog.=) COALESCE(f.key_id, 0)
+					   AND COALESCE(x.network, '0.0.0.0/0'::cidr) OPERATOR(pg_catalog.=) COALESCE(f.network, '0.0.0.0/0'::cidr)
+					   AND x.resolved_at OPERATOR(pg_catalog.>=) f.last_at);
+				INSERT INTO apikey.findings (rule, key_id, owner, network, severity, evidence, action_taken)
+				VALUES (r.kind, f.key_id, f.owner, f.network, r.severity, f.evidence, 'notified')
+				RETURNING id INTO v_id;
+				UPDATE apikey.findings x SET action_taken = apikey._respond(r, v_id, f.key_id)
+				 WHERE x.id OPERATOR(pg_catalog.=) v_id
+				RETURNING x.action_taken INTO v_action;
+				-- announced in the same transaction: events take info,
+				-- warning or critical
+				PERFORM apikey._event('finding.opened', f.key_id, f.owner,
+					CASE r.severity WHEN 'critical' THEN 'critical'
+									WHEN 'info' THEN 'info' WHEN 'low' THEN 'info'
+									ELSE 'warning' END,
+					pg_catalog.jsonb_build_object('finding_id', v_id, 'rule', r.kind,
+						'severity', r.severity, 'network', f.network,
+						'action_taken', v_action));
+				v_opened := v_opened OPERATOR(pg_catalog.+) 1;
+			END LOOP;
+		EXCEPTION WHEN OTHERS THEN
+			RAISE WARNING 'apikey detector: rule % failed: %', r.kind, SQLERRM
+				USING HINT = 'Fix or disable the rule (UPDATE apikey.detection_rules SET enabled = false WHERE kind = ...).';
+		END;
+	END LOOP;
+	RETURN v_opened;
+END
+$$;
+COMMENT ON FUNCTION apikey._detect()
+	IS 'Internal: one detection pass over every enabled rule (the background worker''s, and run_detection()''s); returns the findings opened';
+REVOKE ALL ON FUNCTION apikey._detect() FROM PUBLIC;
+
+CREATE FUNCTION apikey.run_detection()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'run_detection'
+AS $$
+DECLARE
+	v_opened integer;
+BEGIN
+	IF pg_catalog.pg_is_in_recovery() THEN
+		RAISE EXCEPTION 'cannot run detection during recovery'
+			USING ERRCODE = '25006', HINT = 'Run apikey.run_detection() on the primary.';
+	END IF;
+	-- the counts made so far, into usage_log first (before any lock: the
+	-- usage writer takes its own)
+	PERFORM apikey.flush_usage();
+	v_opened := apikey._detect();
+	PERFORM apikey._audit('run_detection', NULL, NULL, pg_catalog.jsonb_build_object('opened', v_opened));
+	RETURN v_opened;
+END
+$$;
+COMMENT ON FUNCTION apikey.run_detection()
+	IS 'Flush usage, then run one detection pass now (the background worker runs one every apikey.detect_interval); returns the findings opened';
+REVOKE ALL ON FUNCTION apikey.run_detection() FROM PUBLIC;
+
+CREATE FUNCTION apikey.resolve_finding(id bigint, resolution text, note text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'resolve_finding'
+AS $$
+DECLARE
+	v_f apikey.findings;
+BEGIN
+	IF resolve_finding.id IS NULL THEN
+		RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF resolve_finding.resolution IS NULL
+	   OR resolve_finding.resolution OPERATOR(pg_catalog.<>) ALL ('{false_positive,mitigated,accepted,duplicate}'::text[]) THEN
+		RAISE EXCEPTION 'resolution must be false_positive, mitigated, accepted or duplicate, got %',
+						COALESCE(apikey._clip(resolve_finding.resolution), 'NULL')
+			USING ERRCODE = CASE WHEN resolve_finding.resolution IS NULL THEN '22004' ELSE '22023' END;
+	END IF;
+	IF pg_catalog.octet_length(resolve_finding.note) OPERATOR(pg_catalog.>) 1000 THEN
+		RAISE EXCEPTION 'note must be at most 1000 bytes' USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_f FROM apikey.findings x WHERE x.id OPERATOR(pg_catalog.=) resolve_finding.id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'finding % does not exist', resolve_finding.id USING ERRCODE = '42704';
+	END IF;
+	IF v_f.resolved_at IS NOT NULL THEN
+		RAISE EXCEPTION 'finding % is already resolved (%)', v_f.id, v_f.resolution
+			USING ERRCODE = '55000';
+	END IF;
+	UPDATE apikey.findings x
+	   SET resolved_at = pg_catalog.now(), resolved_by = apikey._acting_role(),
+		   resolution = resolve_finding.resolution, resolution_note = resolve_finding.note
+	 WHERE x.id OPERATOR(pg_catalog.=) v_f.id;
+	PERFORM apikey._audit('resolve_finding', v_f.key_id, v_f.owner, pg_catalog.jsonb_build_object(
+		'finding_id', v_f.id, 'rule', v_f.rule, 'network', v_f.network,
+		'resolution', resolve_finding.resolution, 'note', resolve_finding.note));
+END
+$$;
+COMMENT ON FUNCTION apikey.resolve_finding(bigint, text, text)
+	IS 'Close an open finding (false_positive, mitigated, accepted, duplicate); the events it covered are not reported again.  Any action it took stays: lift it with resume(), release()';
+REVOKE ALL ON FUNCTION apikey.resolve_finding(bigint, text, text) FROM PUBLIC;
+
+-- An operator (grant_admin()) runs the detector and tunes its rules; a
+-- monitor (grant_monitor()) reads the findings.
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('admin', 'EXECUTE', 'FUNCTION apikey.issue_canary(text, text, text)'),
+	('admin', 'EXECUTE', 'FUNCTION apikey.run_detection()'),
+	('admin', 'EXECUTE', 'FUNCTION apikey.resolve_finding(bigint, text, text)'),
+	('admin', 'SELECT', 'TABLE apikey.findings'),
+	('admin', 'SELECT', 'TABLE apikey.detection_rules'),
+	('admin', 'UPDATE (enabled, threshold, window_, min_calls, action, action_for, severity, throttle_rate, quarantine_scopes)',
+	 'TABLE apikey.detection_rules'),
+	('admin', 'SELECT (id, owner, name, prefix, hint, created_at, created_by)', 'TABLE apikey.canaries'),
+	('monitor', 'SELECT', 'TABLE apikey.findings');
+
+-------------------------------------------------------------------------------
+-- The network rules in the detector (issue 12, item 4): shared_address,
+-- new_networks and volume_spike, whose evaluators come with key_networks
+-- and key_baselines, as the detector's rule interface wants them: the row's
+-- parameters in, and last_at, the newest event the evidence counts (a
+-- finding resolved after it is not reported again).
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._rule_shared_address(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT e.key_id, e.owner, e.network, e.evidence,
+		   (SELECT pg_catalog.max(n.last_seen) FROM apikey.key_networks n
+			 WHERE n.network OPERATOR(pg_catalog.=) e.network)
+	  FROM apikey._rule_shared_address_eval(r.threshold, r.window_, r.min_calls) e;
+$$;
+COMMENT ON FUNCTION apikey._rule_shared_address(apikey.detection_rules)
+	IS 'Internal: rule shared_address with its row''s parameters (the detector''s rule interface)';
+REVOKE ALL ON FUNCTION apikey._rule_shared_address(apikey.detection_rules) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_new_networks(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT e.key_id, e.owner, e.network, e.evidence, n.last_seen
+	  FROM apikey._rule_new_networks_eval(r.threshold, r.window_, r.min_calls) e
+	  JOIN apikey.key_networks n
+		ON n.key_id OPERATOR(pg_catalog.=) e.key_id AND n.network OPERATOR(pg_catalog.=) e.network;
+$$;
+COMMENT ON FUNCTION apikey._rule_new_networks(apikey.detection_rules)
+	IS 'Internal: rule new_networks with its row''s parameters (the detector''s rule interface)';
+REVOKE ALL ON FUNCTION apikey._rule_new_networks(apikey.detection_rules) FROM PUBLIC;
+
+CREATE FUNCTION apikey._rule_volume_spike(r apikey.detection_rules)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT e.key_id, e.owner, e.network, e.evidence,
+		   (e.evidence OPERATOR(pg_catalog.->>) 'until')::timestamptz OPERATOR(pg_catalog.+) '1 minute'::interval
+	  FROM apikey._rule_volume_spike_eval(r.threshold, r.window_, r.min_calls) e;
+$$;
+COMMENT ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules)
+	IS 'Internal: rule volume_spike with its row''s parameters (the detector''s rule interface)';
+REVOKE ALL ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules) FROM PUBLIC;
 
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();

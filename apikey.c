@@ -61,6 +61,8 @@ _PG_init(void)
 	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
 	apikey_networks_init();		/* apikey.network_prefix_v4, _v6, _retention;
 								 * preloaded: _max_entries */
+	apikey_canary_init();		/* invalidation callback */
+	apikey_detector_init();		/* apikey.detect_interval */
 	apikey_events_init();		/* apikey.events_interval, event_retention,
 								 * unused_revoke_after */
 	apikey_retention_init();	/* apikey.usage_retention, _hourly_, _daily_,
@@ -539,6 +541,38 @@ apikey_live_usage(PG_FUNCTION_ARGS)
 
 	InitMaterializedSRF(fcinfo, 0);
 	apikey_usage_list(rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * apikey._canary_uses(): canary uses recorded in shared memory and not yet
+ * filed, for the detector's pass (canary.c); they count as filed when the
+ * calling transaction commits.
+ */
+PG_FUNCTION_INFO_V1(apikey_canary_uses_srf);
+Datum
+apikey_canary_uses_srf(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	apikey_canary_uses(rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * apikey._network_failures(since timestamptz): failures per client network
+ * since then, at most an hour back (netwatch.c; rule address_failures).
+ */
+PG_FUNCTION_INFO_V1(apikey_network_failures);
+Datum
+apikey_network_failures(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!PG_ARGISNULL(0))
+		apikey_netwatch_list(PG_GETARG_TIMESTAMPTZ(0), rsinfo->setResult, rsinfo->setDesc);
 	return (Datum) 0;
 }
 

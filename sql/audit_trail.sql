@@ -64,7 +64,10 @@ INSERT INTO calls (fn, q) VALUES
 	('revoke_monitor', $$SELECT apikey.revoke_monitor('regress_audit_granted')$$),
 	('grant_reporter', $$SELECT apikey.grant_reporter('regress_audit_granted')$$),
 	('revoke_reporter', $$SELECT apikey.revoke_reporter('regress_audit_granted')$$),
-	('run_retention', $$SELECT more FROM apikey.run_retention()$$);
+	('run_retention', $$SELECT more FROM apikey.run_retention()$$),
+	('issue_canary', $$INSERT INTO tok SELECT 'canary', key_id, token FROM apikey.issue_canary('acme', 'in the wiki')$$),
+	('run_detection', $$SELECT apikey.run_detection() FROM (SELECT code FROM apikey.check((SELECT token FROM tok WHERE name = 'canary')) OFFSET 0) used$$),
+	('resolve_finding', $$SELECT apikey.resolve_finding((SELECT max(id) FROM apikey.findings), 'false_positive', 'drill')$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p

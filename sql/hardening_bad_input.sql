@@ -411,6 +411,31 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_rule_shared_address_eval', 'NULL', $$SELECT count(*) FROM apikey._rule_shared_address_eval(NULL, NULL, NULL)$$),
 ('_rule_new_networks_eval', 'huge threshold', $$SELECT count(*) FROM apikey._rule_new_networks_eval(1e30, '1 hour', 0)$$),
 ('_rule_volume_spike_eval', 'zero window', $$SELECT count(*) FROM apikey._rule_volume_spike_eval(10, '0', 100)$$),
+('issue_canary', 'NULL', $$SELECT apikey.issue_canary(NULL)::text$$),
+('issue_canary', 'empty owner', $$SELECT apikey.issue_canary('')::text$$),
+('issue_canary', 'NULL prefix', $$SELECT apikey.issue_canary('acme', 'x', NULL)::text$$),
+('issue_canary', 'bad prefix', $$SELECT (apikey.issue_canary('acme', 'x', 'no way')).key_id > 0$$),
+('_canary_uses', 'no arguments', $$SELECT count(*) >= 0 FROM apikey._canary_uses()$$),
+('_network', 'NULL', $$SELECT apikey._network(NULL)::text$$),
+('_network_failures', 'NULL', $$SELECT count(*) FROM apikey._network_failures(NULL)$$),
+('_network', 'IPv6', $$SELECT apikey._network('2001:db8::1')::text$$),
+('_detection_rules_check', 'called directly', $$SELECT apikey._detection_rules_check()::text$$),
+('_respond', 'NULL', $$SELECT apikey._respond(NULL, NULL, NULL)$$),
+('_rule_address_failures', 'NULL rule', $$SELECT count(*) FROM apikey._rule_address_failures(NULL)$$),
+('_rule_failure_spike', 'NULL rule', $$SELECT count(*) FROM apikey._rule_failure_spike(NULL)$$),
+('_rule_allowlist_violation', 'NULL rule', $$SELECT count(*) FROM apikey._rule_allowlist_violation(NULL)$$),
+('_rule_dormant_use', 'NULL rule', $$SELECT count(*) FROM apikey._rule_dormant_use(NULL)$$),
+('_rule_revoked_use', 'NULL rule', $$SELECT count(*) FROM apikey._rule_revoked_use(NULL)$$),
+('_rule_canary_use', 'NULL rule', $$SELECT count(*) FROM apikey._rule_canary_use(NULL)$$),
+('_rule_shared_address', 'NULL rule', $$SELECT count(*) FROM apikey._rule_shared_address(NULL)$$),
+('_rule_new_networks', 'NULL rule', $$SELECT count(*) FROM apikey._rule_new_networks(NULL)$$),
+('_rule_volume_spike', 'NULL rule', $$SELECT count(*) FROM apikey._rule_volume_spike(NULL)$$),
+('_detect', 'no arguments', $$SELECT apikey._detect() >= 0$$),
+('run_detection', 'no arguments', $$SELECT apikey.run_detection() >= 0$$),
+('resolve_finding', 'NULL', $$SELECT apikey.resolve_finding(NULL, NULL)::text$$),
+('resolve_finding', 'NULL resolution', $$SELECT apikey.resolve_finding(1, NULL)::text$$),
+('resolve_finding', 'bad resolution', $$SELECT apikey.resolve_finding(1, 'whatever')::text$$),
+('resolve_finding', 'no such finding', $$SELECT apikey.resolve_finding(-1, 'false_positive')::text$$),
 -- events
 ('_event', 'all NULL', $$SELECT apikey._event(NULL, NULL, NULL, NULL, NULL)$$),
 ('_event', 'unknown kind', $$SELECT apikey._event('key.exploded', NULL, NULL, 'info', '{}')$$),
@@ -477,7 +502,7 @@ SELECT regress_hardening_counts() AS counts_before \gset
 SELECT q FROM cases
  WHERE fn IN ('issue', 'issue_many', 'set_limits', 'revoke', 'revoke_token', 'rotate', 'revoke_owner', '_check_scopes', '_check_limits', '_check_cidrs',
               'suspend', 'resume', 'suspend_owner', 'resume_owner', 'quarantine', 'release', 'reissue', '_response_key',
-              '_lock_key', 'throttle', '_throttle')
+              '_lock_key', 'throttle', '_throttle', 'issue_canary', 'resolve_finding')
    AND result !~ '^ok'
  ORDER BY n \gexec
 \set VERBOSITY default

@@ -11,6 +11,8 @@
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
  *	 worker.c		background worker that persists usage counters;
  *					apikey.usage_flush_interval
+ *	 detector.c		the worker's periodic detection pass;
+ *					apikey.detect_interval
  *	 events.c		events you can LISTEN to: the worker's periodic pass, the
  *					C entry to apikey._event(); apikey.events_interval,
  *					apikey.event_retention, apikey.unused_revoke_after
@@ -23,6 +25,10 @@
  *	 binding.c		the key bound to the transaction, for row-level policies;
  *					apikey.allow_session_binding
  *	 verify.c		the verification rules that produce a verdict
+ *	 canary.c		canary keys: found on the unknown path, their uses
+ *					recorded in shared memory for the detector
+ *	 netwatch.c		failures per client network and minute, for the
+ *					detector's address_failures rule
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
  *					apikey.failure_exempt, apikey.failure_max_networks
@@ -279,6 +285,21 @@ extern bool apikey_key_suspended(const ApikeyKey *key, TimestampTz now,
 								 int64 *retry_after);
 extern void apikey_key_quarantine_scopes(ApikeyKey *key, TimestampTz now);
 
+/* canary.c */
+extern void apikey_canary_init(void);
+extern Size apikey_canary_shmem_size(void);
+extern void apikey_canary_shmem_startup(struct LWLock *lock);
+extern void apikey_canary_check(const uint8 *hash, text *scope, inet *addr,
+								TimestampTz now);
+extern void apikey_canary_uses(Tuplestorestate *out, TupleDesc desc);
+
+/* netwatch.c */
+extern Size apikey_netwatch_shmem_size(void);
+extern void apikey_netwatch_shmem_startup(struct LWLock *lock);
+extern void apikey_netwatch_count(ApikeyCode code, inet *addr, TimestampTz now);
+extern void apikey_netwatch_list(TimestampTz since, Tuplestorestate *out,
+								 TupleDesc desc);
+
 /* binding.c */
 extern void apikey_binding_init(void);
 extern void apikey_binding_check_kind(bool session);
@@ -398,6 +419,10 @@ extern void apikey_usage_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
 extern void apikey_run_as_owner(void (*fn) (void *), void *arg);
 extern struct _SPI_plan *apikey_prepare_kept(struct _SPI_plan **plan, const char *sql,
 											 int nargs, Oid *argtypes);
+
+/* detector.c */
+extern void apikey_detector_init(void);
+extern void apikey_detector_tick(void);
 
 /* worker.c */
 extern void apikey_worker_init(void);

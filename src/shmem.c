@@ -8,7 +8,8 @@
  * (rate-limit buckets), worker.c (the usage writer and flush requests),
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
  * buckets per client network), throttle.c (temporary rate limits),
- * networks.c (the networks keys succeed from).
+ * networks.c (the networks keys succeed from), canary.c (canary uses
+ * waiting for the detector), netwatch.c (failures per client network).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -18,7 +19,8 @@
  * a rate limit is refused with rate_limit_unavailable (a limit that cannot
  * be enforced never allows), a change to a key empties every backend's
  * key cache instead of evicting just that key, the failure limiter is off,
- * apikey.throttle() refuses and no networks are recorded for key_networks.
+ * apikey.throttle() refuses, no networks are recorded for key_networks and
+ * a canary's use goes to the server log only.
  *
  *-------------------------------------------------------------------------
  */
@@ -38,7 +40,9 @@
 #define LOCK_FAILURE	3
 #define LOCK_THROTTLE	4
 #define LOCK_NETWORKS	5
-#define NUM_LOCKS		6
+#define LOCK_CANARY		6
+#define LOCK_NETWATCH	7
+#define NUM_LOCKS		8
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -56,6 +60,8 @@ shmem_request(void)
 	size = add_size(size, apikey_failurelimit_shmem_size());
 	size = add_size(size, apikey_throttle_shmem_size());
 	size = add_size(size, apikey_networks_shmem_size());
+	size = add_size(size, apikey_canary_shmem_size());
+	size = add_size(size, apikey_netwatch_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
@@ -78,6 +84,8 @@ shmem_startup(void)
 	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
 	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
 	apikey_networks_shmem_startup(&locks[LOCK_NETWORKS].lock);
+	apikey_canary_shmem_startup(&locks[LOCK_CANARY].lock);
+	apikey_netwatch_shmem_startup(&locks[LOCK_NETWATCH].lock);
 	apikey_worker_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);

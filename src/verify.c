@@ -29,7 +29,8 @@
  *	 valid
  *
  * A malformed token is rejected before any table or cache is read.  For
- * malformed and unknown the verdict says nothing about any key.
+ * malformed and unknown the verdict says nothing about any key.  A canary
+ * key's token is unknown like any other (canary.c records the use).
  *
  * Before it looks a key up, every verification accepts the invalidation
  * messages already sent, so a revocation or suspension committed before
@@ -305,6 +306,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	{
 		verdict->code = APIKEY_ADDRESS_BLOCKED;
 		verdict->has_retry_after = true;
+		apikey_netwatch_count(verdict->code, addr, now);
 		apikey_usage_count(verdict, addr, now);
 		return;
 	}
@@ -318,7 +320,11 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 		apikey_sha256(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), hash);
 		AcceptInvalidationMessages();
 		if (!apikey_keycache_lookup(hash, &verdict->key_copy))
+		{
 			verdict->code = APIKEY_UNKNOWN;
+			/* a canary answers unknown too; its use is recorded (canary.c) */
+			apikey_canary_check(hash, scope, addr ? addr : connection_addr(), now);
+		}
 		else
 		{
 			ApikeyKey  *key = &verdict->key_copy;
@@ -336,5 +342,6 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 							  addr != NULL ? addr : connection_addr(), now);
 	if (verdict->code != APIKEY_VALID && addr == NULL)
 		addr = connection_addr();
+	apikey_netwatch_count(verdict->code, addr, now);	/* for the detector */
 	apikey_usage_count(verdict, addr, now);
 }

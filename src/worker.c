@@ -345,6 +345,7 @@ apikey_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 		flush_round();
+		apikey_detector_tick(); /* detector.c: a pass when one is due */
 		apikey_events_tick();	/* events.c: every apikey.events_interval */
 
 		/* retention and rollups, every apikey.retention_interval */
