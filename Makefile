@@ -6,6 +6,7 @@ OBJS = \
 	src/audit.o \
 	src/binding.o \
 	src/failurelimit.o \
+	src/flushers.o \
 	src/hash.o \
 	src/invalidation.o \
 	src/issue.o \

@@ -9,8 +9,9 @@
  *	 apikey.c		front door: module magic, _PG_init (a table of contents),
  *					every SQL-callable function
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
- *	 worker.c		background worker that persists usage counters;
- *					apikey.usage_flush_interval
+ *	 worker.c		the usage launcher and the per-database flushers that
+ *					persist usage counters; apikey.usage_flush_interval,
+ *					apikey.databases
  *	 issue.c		issuing keys (issue, issue_many) and the argument checks
  *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies;
@@ -20,7 +21,7 @@
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
  *					apikey.failure_exempt, apikey.failure_max_networks
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
- *					writes; apikey.database, apikey.usage_max_entries
+ *					writes; apikey.usage_max_entries
  *	 quota.c		per-key quotas debited in the caller's transaction
  *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
  *	 keycache.c		per-backend LRU cache of keys; hands out copies only;
@@ -37,8 +38,9 @@
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
  *					pg_stat_statements; apikey.redact_logs
- *	 stats.c		live statistics, counted per backend, and the usage
- *					writer's heartbeat
+ *	 stats.c		live statistics, counted per backend
+ *	 flushers.c		which databases have a usage flusher (slots in shared
+ *					memory), flush requests to it, its heartbeat
  *	 support.c		planner support for the row-level helpers
  *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
@@ -154,6 +156,7 @@ typedef struct ApikeyVerdict
 } ApikeyVerdict;
 
 struct LWLock;
+struct Latch;
 struct TriggerData;
 
 /* hash.c */
@@ -177,7 +180,8 @@ typedef struct ApikeyStats
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
-	TimestampTz heartbeat;		/* the writer's last round, 0 = never */
+	TimestampTz heartbeat;		/* this database's writer's last round,
+								 * 0 = never */
 	uint64		tokens_redacted;	/* spans the log redactor hid */
 } ApikeyStats;
 
@@ -188,8 +192,46 @@ extern void apikey_stats_dropped(uint64 calls);
 extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
-extern void apikey_stats_heartbeat(void);
 extern bool apikey_stats_read(ApikeyStats *out);
+
+/* flushers.c */
+typedef enum ApikeyFlusherState
+{
+	FLUSHER_FREE = 0,			/* slot unused */
+	FLUSHER_WANTED,				/* the launcher should start a flusher */
+	FLUSHER_STARTING,			/* one is registered, not yet attached */
+	FLUSHER_RUNNING,			/* usage is counted in shared memory */
+	FLUSHER_UNAVAILABLE			/* none can run now: pending rows */
+} ApikeyFlusherState;
+
+typedef struct ApikeyFlusherPeek
+{
+	Oid			dboid;
+	ApikeyFlusherState state;
+	uint32		generation;
+	bool		demanded;
+	TimestampTz retry_at;
+} ApikeyFlusherPeek;
+
+extern Size apikey_flushers_shmem_size(void);
+extern void apikey_flushers_shmem_startup(void);
+extern bool apikey_flushers_serving(Oid db);
+extern bool apikey_flushers_known(Oid db);
+extern TimestampTz apikey_flushers_heartbeat(Oid db);
+extern int	apikey_flushers_request_flush(Oid db);
+extern void apikey_flushers_set_launcher(struct Latch *latch);
+extern void apikey_flushers_want(Oid db);
+extern int	apikey_flushers_nslots(void);
+extern void apikey_flushers_peek(int i, ApikeyFlusherPeek *out);
+extern bool apikey_flushers_move(int i, uint32 generation, ApikeyFlusherState state,
+								 TimestampTz retry_at, bool *first_warning);
+extern Oid	apikey_flushers_slot_db(int i, uint32 generation);
+extern bool apikey_flushers_attach(int i, uint32 generation);
+extern void apikey_flushers_detach(int i, uint32 generation, bool release,
+								   TimestampTz retry_at);
+extern uint64 apikey_flushers_requested(int i);
+extern bool apikey_flushers_flush_wanted(int i);
+extern void apikey_flushers_served(int i, uint64 requested, bool ok, int rows);
 
 /* support.c */
 struct SupportRequestSimplify;
@@ -319,7 +361,6 @@ extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
 									 int64 *retry_after);
 
 /* usage.c */
-extern char *apikey_usage_database;
 extern void apikey_usage_init(void);
 extern Size apikey_usage_shmem_size(void);
 extern void apikey_usage_shmem_startup(struct LWLock *lock);
@@ -338,10 +379,7 @@ extern struct _SPI_plan *apikey_prepare_kept(struct _SPI_plan **plan, const char
 
 /* worker.c */
 extern void apikey_worker_init(void);
-extern Size apikey_worker_shmem_size(void);
-extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
-extern int	apikey_worker_request_flush(void);
 
 /* audit.c */
 extern void apikey_audit_init(void);

@@ -5,7 +5,7 @@
  *
  * Each module owns its shared state and states its locking rule next to
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
- * (rate-limit buckets), worker.c (the usage writer and flush requests),
+ * (rate-limit buckets), flushers.c (the usage writers and flush requests),
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
  * buckets per client network), throttle.c (temporary rate limits).
  * This file asks for their space and the LWLocks they use, and calls each
@@ -53,7 +53,7 @@ shmem_request(void)
 	size = add_size(size, apikey_ratelimit_shmem_size());
 	size = add_size(size, apikey_failurelimit_shmem_size());
 	size = add_size(size, apikey_throttle_shmem_size());
-	size = add_size(size, apikey_worker_shmem_size());
+	size = add_size(size, apikey_flushers_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
@@ -74,7 +74,7 @@ shmem_startup(void)
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
 	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
 	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
-	apikey_worker_shmem_startup();
+	apikey_flushers_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);
 }
