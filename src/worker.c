@@ -76,6 +76,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/backend_status.h"
@@ -83,6 +84,7 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 #include "utils/varlena.h"
 
@@ -345,6 +347,26 @@ find_database(WriterDb *dbs, int n, Oid oid)
 }
 
 /*
+ * Does database db still exist, once no DROP DATABASE of it is running?
+ * Taking the lock InitPostgres takes waits for such a DROP to end, so a
+ * flusher is not started only to fail to connect to a database that is
+ * being dropped.
+ */
+static bool
+database_exists(Oid db)
+{
+	bool		found;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	LockSharedObject(DatabaseRelationId, db, 0, AccessShareLock);
+	found = SearchSysCacheExists1(DATABASEOID, ObjectIdGetDatum(db));
+	UnlockSharedObject(DatabaseRelationId, db, 0, AccessShareLock);
+	CommitTransactionCommand();
+	return found;
+}
+
+/*
  * Register a flusher for slot i (state WANTED or UNAVAILABLE, generation
  * gen).  Without a free worker slot, a database whose backends asked is
  * marked unavailable (they keep writing pending rows) and the first time
@@ -446,7 +468,7 @@ launch_round(BackgroundWorkerHandle **handles, uint32 *handle_gens,
 		if (dbs == NULL)
 			dbs = read_databases(cxt, &ndbs);
 		db = find_database(dbs, ndbs, peek.dboid);
-		if (db == NULL)
+		if (db == NULL || !database_exists(peek.dboid))
 			(void) apikey_flushers_move(i, peek.generation, FLUSHER_FREE, 0, NULL);
 		else if (!db->eligible)
 			(void) apikey_flushers_move(i, peek.generation, FLUSHER_UNAVAILABLE,
