@@ -13,7 +13,7 @@
  *	   template (a flusher connected to a template would make CREATE
  *	   DATABASE fail); one that finds no extension exits at once;
  *	 - when CREATE EXTENSION apikey commits, and when a backend counts
- *	   usage, or asks for the heartbeat, in a database without a flusher
+ *	   usage in a database without a flusher
  *	   (flushers.c records the request and sets the launcher's latch);
  *	 - again, a second later, for a database whose flusher stopped
  *	   (pg_terminate_backend); the launcher, not the postmaster, restarts
@@ -391,7 +391,8 @@ start_flusher(int i, const ApikeyFlusherPeek *peek, const WriterDb *db)
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "apikey_flusher_main");
 	snprintf(worker.bgw_name, BGW_MAXLEN, "apikey usage writer");
 	snprintf(worker.bgw_type, BGW_MAXLEN, "apikey usage writer");
-	worker.bgw_main_arg = Int64GetDatum(((int64) peek->generation << 32) | i);
+	worker.bgw_main_arg = Int32GetDatum(i);
+	memcpy(worker.bgw_extra, &peek->generation, sizeof(uint32));
 	worker.bgw_notify_pid = MyProcPid;
 	if (RegisterDynamicBackgroundWorker(&worker, &handle))
 		return handle;
@@ -455,9 +456,13 @@ launch_round(BackgroundWorkerHandle **handles, uint32 *handle_gens,
 		if (peek.state == FLUSHER_STARTING &&
 			GetBackgroundWorkerPid(handles[i], &pid) == BGWH_STOPPED)
 		{
-			/* it exited before attaching: look again in a moment */
+			/*
+			 * It exited before attaching: no extension there (then it freed
+			 * the slot), or it failed to connect.  Look again later, not at
+			 * once: a failure must not repeat every second.
+			 */
 			(void) apikey_flushers_move(i, peek.generation, FLUSHER_WANTED,
-										TimestampTzPlusMilliseconds(now, RESTART_DELAY_MS),
+										TimestampTzPlusMilliseconds(now, UNAVAILABLE_RETRY_MS),
 										NULL);
 			continue;
 		}
@@ -707,12 +712,11 @@ flusher_connect(void)
 void
 apikey_flusher_main(Datum main_arg)
 {
-	int64		arg = DatumGetInt64(main_arg);
 	char	   *dbname;
 	const char *why = NULL;
 
-	flusher_slot = (int) (arg & 0xFFFFFFFF);
-	flusher_generation = (uint32) (arg >> 32);
+	flusher_slot = DatumGetInt32(main_arg);
+	memcpy(&flusher_generation, MyBgworkerEntry->bgw_extra, sizeof(uint32));
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
