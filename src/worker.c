@@ -19,7 +19,9 @@
  *	   (pg_terminate_backend); the launcher, not the postmaster, restarts
  *	   flushers, after checking that the database still exists, so a
  *	   dropped database never makes a flusher fail to connect in a loop.
- * apikey.databases, when set, lists the only databases that get one.
+ * apikey.databases, when set, lists the only databases that get one; a
+ * flusher whose database leaves the list (at a reload) first makes its
+ * backends write pending rows, then writes what they counted, and exits.
  * When no background worker slot is free the launcher says so once per
  * database (WARNING, with a hint about max_worker_processes) and tries
  * again every few seconds; meanwhile that database's backends write
@@ -714,6 +716,7 @@ apikey_flusher_main(Datum main_arg)
 {
 	char	   *dbname;
 	const char *why = NULL;
+	bool		flush_before_leaving = false;
 
 	flusher_slot = DatumGetInt32(main_arg);
 	memcpy(&flusher_generation, MyBgworkerEntry->bgw_extra, sizeof(uint32));
@@ -744,6 +747,7 @@ apikey_flusher_main(Datum main_arg)
 			if (!database_allowed(dbname))
 			{
 				why = "the database is no longer in apikey.databases";
+				flush_before_leaving = true;
 				break;
 			}
 		}
@@ -757,7 +761,21 @@ apikey_flusher_main(Datum main_arg)
 
 	if (why != NULL)
 	{
-		/* nothing left to serve here: free the slot, no restart */
+		/*
+		 * Nothing left to serve here: free the slot, no restart.  A database
+		 * left out of apikey.databases still has the extension: its backends
+		 * are told to write pending rows first, then what they counted in
+		 * shared memory is written.
+		 */
+		if (flush_before_leaving)
+		{
+			(void) apikey_flushers_move(flusher_slot, flusher_generation,
+										FLUSHER_UNAVAILABLE,
+										TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																	UNAVAILABLE_RETRY_MS),
+										NULL);
+			(void) flush_round();
+		}
 		ereport(LOG,
 				(errmsg("apikey usage writer for database \"%s\" stopped: %s",
 						dbname, why)));

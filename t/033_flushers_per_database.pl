@@ -6,7 +6,9 @@
 #     statistics), and flush_usage() in each writes exact totals;
 #   - DROP EXTENSION in one stops its writer while the other keeps counting;
 #   - a database created after start gets a writer when the extension is
-#     created, and DROP DATABASE ... WITH (FORCE) ends it for good;
+#     created; left out of apikey.databases at a reload it loses it (after
+#     writing what it counted), and gets it back when let in again;
+#     DROP DATABASE ... WITH (FORCE) ends it for good;
 #   - without a free background worker slot, a database says so once
 #     (WARNING, hint max_worker_processes) and writes pending rows,
 #     exactly;
@@ -107,6 +109,24 @@ $node->safe_psql('three', q{SELECT apikey.check(tok('k')) FROM generate_series(1
 is($node->safe_psql('three', "$live; $pending"), "7\n0", 'three counts in shared memory');
 $node->safe_psql('three', 'SELECT apikey.flush_usage()');
 is($node->safe_psql('three', $logged), '7', 'three: exactly 7 calls');
+
+# The allow-list: three is left out at a reload.  Its writer writes what
+# was counted in shared memory, and stops; calls become pending rows.
+$node->safe_psql('three', q{SELECT apikey.check(tok('k')) FROM generate_series(1, 3)});
+$node->safe_psql('postgres', "ALTER SYSTEM SET apikey.databases = 'one, two'");
+$node->reload;
+ok(writer_in('three', 0), 'left out of apikey.databases: three\'s writer stops');
+ok( $node->log_contains(
+		qr/apikey usage writer for database "three" stopped: the database is no longer in apikey.databases/),
+	'and says why');
+is($node->safe_psql('three', $logged), '10', 'having written the 3 calls it had counted');
+$node->safe_psql('three', q{SELECT apikey.check(tok('k')) FROM generate_series(1, 2)});
+is($node->safe_psql('three', "$live; $pending"), "0\n2", 'three now writes pending rows');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET apikey.databases');
+$node->reload;
+ok(writer_in('three', 1), 'back in the list: three gets its writer again');
+$node->safe_psql('three', 'SELECT apikey.flush_usage()');
+is($node->safe_psql('three', $logged), '12', 'three: exactly 12 calls');
 
 $node->safe_psql('postgres', 'DROP DATABASE three WITH (FORCE)');
 sleep 3;
