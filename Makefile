@@ -9,6 +9,7 @@ OBJS = \
 	src/detector.o \
 	src/events.o \
 	src/failurelimit.o \
+	src/flushers.o \
 	src/hash.o \
 	src/invalidation.o \
 	src/issue.o \

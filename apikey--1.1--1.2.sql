@@ -152,8 +152,8 @@ ALTER TABLE apikey.scopes ENABLE REPLICA TRIGGER scopes_invalidate_applied;
 -- Away from the usage writer, a verification appends one row here, in its
 -- own transaction: no index, no unique key, no row anyone updates, so a
 -- verifier never waits for another session, never deadlocks and never
--- fails to serialize.  apikey.flush_usage() (and the usage writer, in
--- apikey.database) folds these rows into usage_log and keys.last_used_at;
+-- fails to serialize.  apikey.flush_usage() (and the database's usage
+-- writer) folds these rows into usage_log and keys.last_used_at;
 -- key_usage counts them meanwhile.
 -------------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ SELECT pg_catalog.pg_extension_config_dump('apikey.usage_pending', '');
 REVOKE ALL ON apikey.usage_pending FROM PUBLIC;
 
 COMMENT ON FUNCTION apikey.flush_usage()
-	IS 'Write this database''s pending usage to apikey.usage_log now (in apikey.database: have the usage writer do it, and wait); returns rows written';
+	IS 'Write this database''s pending usage to apikey.usage_log now (where the database''s usage writer runs: have it do it, and wait); returns rows written';
 COMMENT ON COLUMN apikey.keys.last_used_at
 	IS 'Last successful verification, written when usage is flushed (by the usage writer, or apikey.flush_usage())';
 COMMENT ON COLUMN apikey.usage_log.client_addr

@@ -56,7 +56,8 @@ _PG_init(void)
 	apikey_binding_init();		/* apikey.binding and its guards,
 								 * apikey.allow_session_binding */
 	apikey_redact_init();		/* apikey.redact_logs, log and utility hooks */
-	apikey_worker_init();		/* apikey.usage_flush_interval */
+	apikey_worker_init();		/* apikey.usage_flush_interval,
+								 * apikey.databases */
 	apikey_keystore_init();		/* invalidation callbacks */
 	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
 	apikey_networks_init();		/* apikey.network_prefix_v4, _v6, _retention;
@@ -69,7 +70,7 @@ _PG_init(void)
 								 * _address_retention, retention_interval */
 
 	/* only while shared_preload_libraries loads */
-	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
+	apikey_usage_init();		/* apikey.usage_max_entries */
 	apikey_ratelimit_init();	/* apikey.rate_limit_max_keys */
 	apikey_failurelimit_init(); /* apikey.failure_limit, _window, _exempt,
 								 * _max_networks */
@@ -777,7 +778,7 @@ apikey_flush_usage(PG_FUNCTION_ARGS)
 				 errdetail("Usage counted on a standby is shown by apikey.live_usage and is not persisted."),
 				 errhint("Call apikey.flush_usage() on the primary.")));
 	if (apikey_usage_in_shmem())
-		rows = apikey_worker_request_flush();
+		rows = apikey_flushers_request_flush(MyDatabaseId);
 	else
 	{
 		apikey_run_as_owner(fold_as_owner, &rows);

@@ -19,9 +19,16 @@ BEGIN
 	IF NOT (SELECT shared_memory FROM apikey.stats) THEN
 		RAISE EXCEPTION 'apikey is not using shared memory (shared_preload_libraries?)';
 	END IF;
-	IF current_setting('apikey.database') <> current_database() THEN
-		RAISE EXCEPTION 'apikey.database is %, not this database: usage would be written synchronously',
-			current_setting('apikey.database');
+	-- this database's usage writer starts with the extension: give it a moment
+	FOR i IN 1 .. 100 LOOP
+		EXIT WHEN EXISTS (SELECT FROM pg_stat_activity
+						   WHERE backend_type = 'apikey usage writer' AND datname = current_database());
+		PERFORM pg_sleep(0.1);
+	END LOOP;
+	IF NOT EXISTS (SELECT FROM pg_stat_activity
+					WHERE backend_type = 'apikey usage writer' AND datname = current_database()) THEN
+		RAISE EXCEPTION 'no apikey usage writer in this database: usage would be written synchronously'
+			USING HINT = 'Check apikey.databases and max_worker_processes.';
 	END IF;
 	FOR want IN SELECT * FROM (VALUES ('valid', 'valid'), ('ratelimited', 'valid'),
 									  ('unknown', 'unknown'), ('malformed', 'malformed')) v(name, code)

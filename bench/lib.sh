@@ -92,7 +92,9 @@ cluster_start() {
 		echo "max_wal_size = 4GB"
 		echo "checkpoint_timeout = 30min"
 		echo "shared_preload_libraries = 'apikey'"
-		echo "apikey.database = '$db'"
+		# a usage writer in the bench database only (bench_issue, which
+		# the run drops, has none to stop DROP DATABASE)
+		echo "apikey.databases = '$db'"
 		# room for every key the walk touches in two minutes' buckets, so
 		# every call is counted and none takes the cheaper dropped path
 		echo "apikey.usage_max_entries = 100000"

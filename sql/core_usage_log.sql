@@ -1,5 +1,5 @@
--- Usage accounting where it is synchronous: in a database other than
--- apikey.database (contrib_regression here) each verification appends one
+-- Usage accounting where it is synchronous: in a database not in
+-- apikey.databases (contrib_regression here) each verification appends one
 -- row to apikey.usage_pending in the caller's transaction, and
 -- apikey.flush_usage() folds pending rows into apikey.usage_log: one row per
 -- key, minute, code and (for a known key's failures) client address.
@@ -8,7 +8,7 @@ DROP EXTENSION IF EXISTS apikey CASCADE;
 CREATE EXTENSION apikey;
 RESET client_min_messages;
 
-SELECT current_database() <> current_setting('apikey.database') AS synchronous_here;
+SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'apikey usage writer' AND datname = current_database()) AS synchronous_here;
 
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 SELECT key_id AS k1, token AS t1 FROM apikey.issue('acme', '{orders:read}') \gset

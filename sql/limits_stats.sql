@@ -1,6 +1,6 @@
 -- Monitoring: apikey.stats counts every verification per verdict code in
 -- shared memory (this server runs with shared_preload_libraries = apikey);
--- in this database, which is not apikey.database, usage is written
+-- in this database, which is not in apikey.databases, usage is written
 -- synchronously, as rows of apikey.usage_pending that flush_usage() folds
 -- into apikey.usage_log; apikey.key_usage sums both per key and minute.
 -- The counters are server-wide, so the checks below use deltas.

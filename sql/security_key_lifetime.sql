@@ -2,7 +2,7 @@
 -- security_key_lifetime: check() and authenticate() keep using the key they
 -- looked up even when the key cache is emptied before they finish.
 --
--- The synchronous usage write (this database is not apikey.database) runs
+-- The synchronous usage write (this database is not in apikey.databases) runs
 -- SQL after the lookup; its command-counter increment processes this
 -- transaction's pending invalidations, and the relcache callback empties
 -- the cache.  Before the fix the caller then read the freed entry: on an

@@ -9,7 +9,7 @@
 --    IPv4 network it maps, so ::ffff:0:0/96 is every IPv4 client;
 --  - other IPv6 networks (::/0 included) match IPv6 clients only, and an
 --    IPv4-compatible address (::a.b.c.d, deprecated) is not mapped.
--- Usage here is synchronous (contrib_regression is not apikey.database).
+-- Usage here is synchronous (contrib_regression is not in apikey.databases).
 --
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS apikey CASCADE;

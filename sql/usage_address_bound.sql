@@ -1,6 +1,6 @@
 -- What a caller can make apikey store is bounded, whatever client_addr it
 -- passes.  Here usage is synchronous (contrib_regression is not
--- apikey.database): pending rows, folded into usage_log by flush_usage().
+-- in apikey.databases): pending rows, folded into usage_log by flush_usage().
 --  - tokens that match no key are counted per code and minute, with no
 --    address;
 --  - a known key's failures keep at most 16 distinct addresses per key and

@@ -9,8 +9,9 @@
  *	 apikey.c		front door: module magic, _PG_init (a table of contents),
  *					every SQL-callable function
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
- *	 worker.c		background worker that persists usage counters;
- *					apikey.usage_flush_interval
+ *	 worker.c		the usage launcher and the per-database flushers that
+ *					persist usage counters and run the periodic work below;
+ *					apikey.usage_flush_interval, apikey.databases
  *	 detector.c		the worker's periodic detection pass;
  *					apikey.detect_interval
  *	 events.c		events you can LISTEN to: the worker's periodic pass, the
@@ -36,7 +37,7 @@
  *					bounded set in shared memory flushed by the writer;
  *					apikey.network_prefix_v4, _v6, _retention, _max_entries
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
- *					writes; apikey.database, apikey.usage_max_entries
+ *					writes; apikey.usage_max_entries
  *	 ownerlimits.c	limits shared by all keys of an owner (apikey.owners):
  *					its bucket in ratelimit.c's table, its credits, max_keys
  *	 quota.c		per-key quotas debited in the caller's transaction
@@ -55,8 +56,9 @@
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
  *					pg_stat_statements; apikey.redact_logs
- *	 stats.c		live statistics, counted per backend, and the usage
- *					writer's heartbeat
+ *	 stats.c		live statistics, counted per backend
+ *	 flushers.c		which databases have a usage flusher (slots in shared
+ *					memory), flush requests to it, its heartbeat
  *	 support.c		planner support for the row-level helpers
  *	 leak.c			finding checksum-valid tokens in free text (leak response)
  *	 audit.c		the audit trail's settings: apikey.actor, apikey.audit_context
@@ -194,6 +196,7 @@ typedef struct ApikeyVerdict
 } ApikeyVerdict;
 
 struct LWLock;
+struct Latch;
 struct TriggerData;
 
 /* hash.c */
@@ -217,7 +220,8 @@ typedef struct ApikeyStats
 	uint64		flush_errors;	/* failed flushes (counts kept) */
 	uint64		flushed_calls;	/* calls written to usage_log */
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
-	TimestampTz heartbeat;		/* the writer's last round, 0 = never */
+	TimestampTz heartbeat;		/* this database's writer's last round,
+								 * 0 = never */
 	uint64		tokens_redacted;	/* spans the log redactor hid */
 	uint64		network_overflow;	/* successes key_networks had no room
 									 * for */
@@ -231,8 +235,46 @@ extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
 extern void apikey_stats_network_overflow(uint64 calls);
-extern void apikey_stats_heartbeat(void);
 extern bool apikey_stats_read(ApikeyStats *out);
+
+/* flushers.c */
+typedef enum ApikeyFlusherState
+{
+	FLUSHER_FREE = 0,			/* slot unused */
+	FLUSHER_WANTED,				/* the launcher should start a flusher */
+	FLUSHER_STARTING,			/* one is registered, not yet attached */
+	FLUSHER_RUNNING,			/* usage is counted in shared memory */
+	FLUSHER_UNAVAILABLE			/* none can run now: pending rows */
+} ApikeyFlusherState;
+
+typedef struct ApikeyFlusherPeek
+{
+	Oid			dboid;
+	ApikeyFlusherState state;
+	uint32		generation;
+	bool		demanded;
+	TimestampTz retry_at;
+} ApikeyFlusherPeek;
+
+extern Size apikey_flushers_shmem_size(void);
+extern void apikey_flushers_shmem_startup(void);
+extern bool apikey_flushers_serving(Oid db);
+extern bool apikey_flushers_known(Oid db);
+extern TimestampTz apikey_flushers_heartbeat(Oid db);
+extern int	apikey_flushers_request_flush(Oid db);
+extern void apikey_flushers_set_launcher(struct Latch *latch);
+extern void apikey_flushers_want(Oid db);
+extern int	apikey_flushers_nslots(void);
+extern void apikey_flushers_peek(int i, ApikeyFlusherPeek *out);
+extern bool apikey_flushers_move(int i, uint32 generation, ApikeyFlusherState state,
+								 TimestampTz retry_at, bool *first_warning);
+extern Oid	apikey_flushers_slot_db(int i, uint32 generation);
+extern bool apikey_flushers_attach(int i, uint32 generation);
+extern void apikey_flushers_detach(int i, uint32 generation, bool release,
+								   TimestampTz retry_at);
+extern uint64 apikey_flushers_requested(int i);
+extern bool apikey_flushers_flush_wanted(int i);
+extern void apikey_flushers_served(int i, uint64 requested, bool ok, int rows);
 
 /* support.c */
 struct SupportRequestSimplify;
@@ -403,7 +445,6 @@ extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
 									 int64 *retry_after);
 
 /* usage.c */
-extern char *apikey_usage_database;
 extern void apikey_usage_init(void);
 extern Size apikey_usage_shmem_size(void);
 extern void apikey_usage_shmem_startup(struct LWLock *lock);
@@ -426,10 +467,7 @@ extern void apikey_detector_tick(void);
 
 /* worker.c */
 extern void apikey_worker_init(void);
-extern Size apikey_worker_shmem_size(void);
-extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
-extern int	apikey_worker_request_flush(void);
 
 /* events.c */
 extern void apikey_events_init(void);

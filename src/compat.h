@@ -60,4 +60,9 @@
 #define apikey_my_proc_number() ((int) MyBackendId - 1)
 #endif
 
+/* PostgreSQL 15.4 marks a database left half-dropped with this connlimit */
+#ifndef DATCONNLIMIT_INVALID_DB
+#define DATCONNLIMIT_INVALID_DB -2
+#endif
+
 #endif							/* APIKEY_COMPAT_H */

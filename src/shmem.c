@@ -5,7 +5,7 @@
  *
  * Each module owns its shared state and states its locking rule next to
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
- * (rate-limit buckets), worker.c (the usage writer and flush requests),
+ * (rate-limit buckets), flushers.c (the usage writers and flush requests),
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
  * buckets per client network), throttle.c (temporary rate limits),
  * networks.c (the networks keys succeed from), canary.c (canary uses
@@ -62,7 +62,7 @@ shmem_request(void)
 	size = add_size(size, apikey_networks_shmem_size());
 	size = add_size(size, apikey_canary_shmem_size());
 	size = add_size(size, apikey_netwatch_shmem_size());
-	size = add_size(size, apikey_worker_shmem_size());
+	size = add_size(size, apikey_flushers_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
@@ -86,7 +86,7 @@ shmem_startup(void)
 	apikey_networks_shmem_startup(&locks[LOCK_NETWORKS].lock);
 	apikey_canary_shmem_startup(&locks[LOCK_CANARY].lock);
 	apikey_netwatch_shmem_startup(&locks[LOCK_NETWATCH].lock);
-	apikey_worker_shmem_startup();
+	apikey_flushers_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);
 }

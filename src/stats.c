@@ -2,9 +2,11 @@
  *
  * stats.c
  *	  The live counters behind apikey.stats: verifications per verdict code,
- *	  usage counts dropped, the usage writer's flushes and heartbeat, tokens
- *	  the log redactor hid, networks the failure limiter could not
- *	  track, and successes key_networks had no room for.
+ *	  usage counts dropped, the usage writers' flushes, tokens the log
+ *	  redactor hid, networks the failure limiter could not track, and
+ *	  successes key_networks had no room for.  Every counter is for the
+ *	  whole server; only the heartbeat, which flushers.c keeps, is this
+ *	  database's own writer's.
  *
  * Verification counts are kept per backend, so that counting a call
  * writes a cache line no other backend writes: each backend owns one row
@@ -51,8 +53,6 @@ typedef struct StatsShared
 	pg_atomic_uint64 flush_errors;	/* failed flushes (counts kept) */
 	pg_atomic_uint64 flushed_calls; /* calls written to usage_log */
 	pg_atomic_uint64 last_flush;	/* TimestampTz of last success, 0 = never */
-	pg_atomic_uint64 heartbeat;	/* TimestampTz of the writer's last round,
-								 * empty or failed too; 0 = never */
 	pg_atomic_uint64 tokens_redacted;	/* spans hidden from log lines */
 	pg_atomic_uint64 network_overflow;	/* successes key_networks missed */
 	int			nbackends;		/* rows in backends[] after the shared one */
@@ -85,7 +85,6 @@ apikey_stats_shmem_startup(void)
 	pg_atomic_init_u64(&stats->flush_errors, 0);
 	pg_atomic_init_u64(&stats->flushed_calls, 0);
 	pg_atomic_init_u64(&stats->last_flush, 0);
-	pg_atomic_init_u64(&stats->heartbeat, 0);
 	pg_atomic_init_u64(&stats->tokens_redacted, 0);
 	pg_atomic_init_u64(&stats->network_overflow, 0);
 	stats->nbackends = MaxBackends;
@@ -171,18 +170,6 @@ apikey_stats_flushed(uint64 calls, bool ok)
 		pg_atomic_fetch_add_u64(&stats->flush_errors, 1);
 }
 
-/*
- * The usage writer finished a round, whatever it wrote: last_flush moves
- * only when something was written, so on a quiet server only this shows
- * that the writer is alive.
- */
-void
-apikey_stats_heartbeat(void)
-{
-	if (stats != NULL)
-		pg_atomic_write_u64(&stats->heartbeat, (uint64) GetCurrentTimestamp());
-}
-
 /* Read every counter; false without shared memory. */
 bool
 apikey_stats_read(ApikeyStats *out)
@@ -202,7 +189,7 @@ apikey_stats_read(ApikeyStats *out)
 	out->flush_errors = pg_atomic_read_u64(&stats->flush_errors);
 	out->flushed_calls = pg_atomic_read_u64(&stats->flushed_calls);
 	out->last_flush = (TimestampTz) pg_atomic_read_u64(&stats->last_flush);
-	out->heartbeat = (TimestampTz) pg_atomic_read_u64(&stats->heartbeat);
+	out->heartbeat = apikey_flushers_heartbeat(MyDatabaseId);
 	out->tokens_redacted = pg_atomic_read_u64(&stats->tokens_redacted);
 	out->network_overflow = pg_atomic_read_u64(&stats->network_overflow);
 	return true;

@@ -13,31 +13,34 @@
  *	 - in shared memory, entries for failures may fill at most half of
  *	   apikey.usage_max_entries, so valid calls always have room.
  *
- * With shared memory, in the database named by apikey.database (and in
- * every database on a hot standby), a call is one increment of a counter
- * in shared memory: no write, no WAL, and nothing the caller's ROLLBACK can
+ * With shared memory, in a database whose usage writer runs (worker.c,
+ * flushers.c), and in every database on a hot standby, a call is one
+ * increment of a counter in shared memory: no write, no WAL, and nothing the caller's ROLLBACK can
  * undo.  Calls without an address are counted in the backend's own slot
  * (no lock, no cache line shared with another backend) and gathered into
  * the shared table before each flush; a call with an address, or one the
  * slot cannot take, goes to the shared table directly.
- * Only the usage writer (worker.c) persists these counters, in a top-level
+ * Only the database's usage writer persists these counters, in a top-level
  * transaction of its own; what it wrote comes off the counters when that
  * transaction commits.  apikey.flush_usage() there asks the writer to flush
  * and waits, so the caller's transaction holds nothing.  When the table has
  * no room:
- *	 - entries that nobody will ever flush (every entry on a standby; after
- *	   promotion, other databases' entries) are evicted oldest first: a
- *	   rolling window, informational, shown by apikey.live_usage;
+ *	 - entries that nobody will ever flush (every entry on a standby; the
+ *	   entries of a database with no writer slot any more: its extension or
+ *	   the database was dropped) are evicted oldest first: a rolling window,
+ *	   informational, shown by apikey.live_usage;
  *	 - otherwise the count is dropped and the drop counted in apikey.stats.
  *	 Verification never waits for room.
  *
- * Elsewhere (no shared_preload_libraries, or another database) a call
+ * Elsewhere (no shared_preload_libraries, or while the database's writer
+ * is not running: starting, restarting, or no worker slot for it) a call
  * appends one row to apikey.usage_pending in the caller's transaction, as
  * the extension's owner.  That table has no index and nobody updates its
  * rows, so a verifier never waits for, deadlocks with, or fails to
  * serialize against another session.  apikey.flush_usage() (and the
  * writer, in its database) folds pending rows into usage_log and
- * keys.last_used_at; apikey.key_usage adds pending rows in, so totals stay
+ * keys.last_used_at (the writer folds them at each round, so the rows
+ * written before it started are folded too); apikey.key_usage adds pending rows in, so totals stay
  * exact before a fold.  In a read-only transaction nothing is written.
  *
  * Every write to usage_log goes through one statement (write_usage) that
@@ -188,8 +191,8 @@ static BackendSlot *my_slot = NULL;
 
 static bool slot_table_restart(BackendSlot *slot, SlotTable *t, TimestampTz bucket);
 
-/* GUCs: apikey.database, apikey.usage_max_entries */
-char	   *apikey_usage_database = NULL;
+/* GUC: apikey.usage_max_entries (and apikey.database, no longer used) */
+static char *usage_database = NULL;
 static int	usage_max_entries = 10000;
 
 static UsageShared *usage_shared = NULL;
@@ -213,13 +216,24 @@ apikey_usage_init(void)
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 
+	/*
+	 * apikey.database named the one database whose usage was counted in
+	 * shared memory; now every database's is.  It is still accepted, so an
+	 * old postgresql.conf does not stop the server, and said to be unused.
+	 */
 	DefineCustomStringVariable("apikey.database",
-							   "Database the usage writer connects to.",
-							   "In other databases usage is written synchronously.",
-							   &apikey_usage_database,
-							   "postgres",
-							   PGC_POSTMASTER, 0,
+							   "No longer used: every database has its own usage writer.",
+							   "See apikey.databases.",
+							   &usage_database,
+							   "",
+							   PGC_POSTMASTER, GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
 							   NULL, NULL, NULL);
+	if (usage_database != NULL && usage_database[0] != '\0')
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("apikey.database is no longer used"),
+				 errdetail("Usage is counted in shared memory and written by a usage writer in every database where apikey is installed."),
+				 errhint("Remove apikey.database from postgresql.conf; to limit the writers to some databases, set apikey.databases.")));
 
 	DefineCustomIntVariable("apikey.usage_max_entries",
 							"Maximum number of (key, minute, code, address) usage counters in shared memory.",
@@ -291,21 +305,6 @@ apikey_usage_shmem_startup(LWLock *lock)
 							   &info, HASH_ELEM | HASH_BLOBS);
 }
 
-/* The OID of apikey.database, looked up once per backend. */
-static Oid
-writer_database(void)
-{
-	static Oid	worker_db = InvalidOid;
-	static bool resolved = false;
-
-	if (!resolved)
-	{
-		worker_db = get_database_oid(apikey_usage_database, true);
-		resolved = true;
-	}
-	return worker_db;
-}
-
 /* Does this backend count in shared memory, or append pending rows? */
 bool
 apikey_usage_in_shmem(void)
@@ -314,7 +313,7 @@ apikey_usage_in_shmem(void)
 		return false;
 	if (RecoveryInProgress())
 		return true;
-	return MyDatabaseId == writer_database();
+	return apikey_flushers_serving(MyDatabaseId);
 }
 
 static inline bool
@@ -383,11 +382,11 @@ snap_by_last_at(const void *a, const void *b)
  * usage_lock held exclusively.  First whatever holds no count goes: empty
  * entries and tallies of past minutes.  Then, if still short, the oldest
  * sixteenth of the entries nobody will ever flush: every entry during
- * recovery (worker_db invalid), and after promotion those of databases
- * other than worker_db.  Entries the writer will flush are never evicted.
+ * recovery, and otherwise those of databases that no longer have a writer
+ * (flushers.c).  Entries a writer will flush are never evicted.
  */
 static bool
-make_room(bool failure, int need, TimestampTz now, Oid worker_db)
+make_room(bool failure, int need, TimestampTz now, bool recovery)
 {
 	HASH_SEQ_STATUS status;
 	UsageEntry *entry;
@@ -420,7 +419,7 @@ make_room(bool failure, int need, TimestampTz now, Oid worker_db)
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
 		if (entry->key.code == USAGE_TALLY ||
-			(OidIsValid(worker_db) && entry->key.dboid == worker_db) ||
+			(!recovery && apikey_flushers_known(entry->key.dboid)) ||
 			(only_failures && !is_failure(&entry->key)))
 			continue;
 		cand[ncand].key = entry->key;
@@ -453,7 +452,7 @@ make_room(bool failure, int need, TimestampTz now, Oid worker_db)
  * address.  NULL: no room at all, the count is dropped.
  */
 static UsageEntry *
-find_or_admit(const UsageKey *uk, TimestampTz now, Oid worker_db)
+find_or_admit(const UsageKey *uk, TimestampTz now, bool recovery)
 {
 	UsageKey	bare = *uk;
 	UsageEntry *entry;
@@ -474,7 +473,7 @@ find_or_admit(const UsageKey *uk, TimestampTz now, Oid worker_db)
 		tk.bucket = uk->bucket;
 		tally = hash_search(usage_htab, &tk, HASH_FIND, NULL);
 		if ((tally == NULL || tally->calls < APIKEY_USAGE_MAX_ADDRS) &&
-			make_room(true, tally == NULL ? 2 : 1, now, worker_db) &&
+			make_room(true, tally == NULL ? 2 : 1, now, recovery) &&
 			(tally = enter_entry(&tk)) != NULL &&
 			(entry = enter_entry(uk)) != NULL)
 		{
@@ -488,7 +487,7 @@ find_or_admit(const UsageKey *uk, TimestampTz now, Oid worker_db)
 		if (entry != NULL)
 			return entry;
 	}
-	if (!make_room(is_failure(&bare), 1, now, worker_db))
+	if (!make_room(is_failure(&bare), 1, now, recovery))
 		return NULL;
 	return enter_entry(&bare);
 }
@@ -507,12 +506,12 @@ add_shmem(const UsageKey *uk, int64 calls, TimestampTz last_at)
 	entry = hash_search(usage_htab, uk, HASH_FIND, NULL);
 	if (entry == NULL)
 	{
-		Oid			worker_db;
+		bool		recovery;
 
 		LWLockRelease(usage_shared->lock);
-		worker_db = RecoveryInProgress() ? InvalidOid : writer_database();
+		recovery = RecoveryInProgress();
 		LWLockAcquire(usage_shared->lock, LW_EXCLUSIVE);
-		entry = find_or_admit(uk, last_at, worker_db);
+		entry = find_or_admit(uk, last_at, recovery);
 		if (entry == NULL)
 		{
 			LWLockRelease(usage_shared->lock);

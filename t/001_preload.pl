@@ -1,5 +1,5 @@
-# With shared_preload_libraries = 'apikey': the usage writer runs in the
-# database named by apikey.database, usage counted in shared memory reaches
+# With shared_preload_libraries = 'apikey': a usage writer runs in the
+# database where the extension is installed, usage counted in shared memory reaches
 # apikey.usage_log and keys.last_used_at, apikey.stats and
 # apikey.live_usage show the live counters, flush_usage() has the writer
 # flush at once, and a full usage table drops counts (and counts the
@@ -30,7 +30,7 @@ ok( $node->poll_query_until(
 		'postgres',
 		q{SELECT count(*) = 1 FROM pg_stat_activity
 		   WHERE backend_type = 'apikey usage writer' AND datname = 'postgres'}),
-	'usage writer runs, connected to apikey.database');
+	'usage writer runs, connected to the database with the extension');
 ok($node->log_contains(qr/apikey usage writer started for database "postgres"/),
 	'usage writer logged its start');
 
@@ -39,9 +39,9 @@ is( $node->safe_psql(
 		'postgres', q{
 SELECT string_agg(name || '=' || setting || ':' || context, ' ' ORDER BY name)
   FROM pg_settings
- WHERE name IN ('apikey.database', 'apikey.usage_flush_interval', 'apikey.usage_max_entries',
+ WHERE name IN ('apikey.databases', 'apikey.usage_flush_interval', 'apikey.usage_max_entries',
                 'apikey.rate_limit_max_keys', 'apikey.cache_size', 'apikey.redact_logs')}),
-	'apikey.cache_size=10000:superuser apikey.database=postgres:postmaster '
+	'apikey.cache_size=10000:superuser apikey.databases=:sighup '
 	  . 'apikey.rate_limit_max_keys=10000:postmaster apikey.redact_logs=on:superuser '
 	  . 'apikey.usage_flush_interval=1000:sighup apikey.usage_max_entries=10000:postmaster',
 	'GUCs are defined with their defaults and contexts');

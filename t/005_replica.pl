@@ -172,7 +172,7 @@ is($standby->safe_psql('postgres', q{SELECT last_used_at IS NULL FROM apikey.key
 # The usage writer runs on the primary only.
 ok( $primary->poll_query_until(
 		'postgres',
-		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),
+		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'apikey usage writer' AND datname = 'postgres'}),
 	'usage writer runs on the primary');
 is( $standby->safe_psql(
 		'postgres',
@@ -183,7 +183,7 @@ ok(!$standby->log_contains(qr/cannot execute \w+ in a read-only transaction|usag
 	'no write was attempted on the standby');
 
 # The rolling window.  Another database with 148 keys, and a key for
-# apikey.database; the standby restarts so that its shared memory holds
+# postgres; the standby restarts so that its shared memory holds
 # nothing else.
 apikey_db($primary, 'side');
 $primary->safe_psql(
@@ -218,19 +218,25 @@ SELECT max(t.g) = 148 AND count(*) = 148 - min(t.g) + 1 AND count(*) >= 90
   FROM apikey.live_usage u JOIN tok t USING (key_id)}),
 	't', 'the keys kept are the newest, without a gap');
 
-# Promotion: the usage writer starts.  The other database's entries will
-# never be flushed; they must not keep apikey.database's counts out.
+# Promotion: each database's usage writer starts, and side's writes what
+# the standby counted there (what is left of its rolling window), which
+# makes room for postgres's counts.
 $standby->promote;
 ok($standby->poll_query_until('postgres', 'SELECT NOT pg_is_in_recovery()'), 'standby promoted');
 ok( $standby->poll_query_until(
 		'postgres',
-		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'}),
-	'the usage writer runs on the promoted server');
+		q{SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type = 'apikey usage writer'
+		   AND datname IN ('postgres', 'side')}),
+	'the usage writers run on the promoted server');
+ok($standby->poll_query_until('side', 'SELECT count(*) = 0 FROM apikey.live_usage'),
+	'side\'s writer wrote what the standby counted');
+is($standby->safe_psql('side', q{SELECT sum(calls) >= 90 FROM apikey.usage_log}), 't',
+	'(the newest keys of its window)');
 $standby->safe_psql('postgres', q{SELECT apikey.check(tok('after')) FROM generate_series(1, 3)});
 $standby->safe_psql('postgres', 'SELECT apikey.flush_usage()');
 is( $standby->safe_psql(
 		'postgres', q{SELECT coalesce(sum(calls), 0) FROM apikey.usage_log WHERE key_id = kid('after')}),
-	'3', 'after promotion, calls in apikey.database are counted and flushed');
+	'3', 'after promotion, calls in postgres are counted and flushed');
 is($standby->safe_psql('postgres', 'SELECT entries_dropped FROM apikey.stats'), '0',
 	'none dropped');
 

@@ -1,7 +1,7 @@
 # The usage writer keeps writing whatever others do to it:
 #   - pg_terminate_backend() on it: it writes what it has, exits, and the
-#     postmaster starts it again within seconds; counts keep being flushed;
-#   - the (non-superuser) owner of apikey.database sets, with ALTER DATABASE,
+#     launcher starts it again within seconds; counts keep being flushed;
+#   - the (non-superuser) owner of its database sets, with ALTER DATABASE,
 #     every setting that could stop or stall a flush: read-only
 #     transactions, SERIALIZABLE, tiny timeouts, exit_on_error, a
 #     search_path of its own, session_replication_role = replica.  The
@@ -17,15 +17,12 @@ use Test::More;
 use ApikeyTest;
 use Time::HiRes qw(time usleep);
 
-# The writer's database: this apikey.database line comes after
-# apikey_node's 'postgres', so it wins.
 my $node = apikey_node(
 	'resilience', q{
-apikey.database = 'appdb'
 apikey.usage_flush_interval = '100ms'
 });
 
-# apikey.database belongs to an ordinary role; the extension is installed
+# The writer's database belongs to an ordinary role; the extension is installed
 # by a superuser, as it must be.
 $node->safe_psql(
 	'postgres', q{
@@ -76,7 +73,7 @@ cmp_ok(time - $t0, '<', 15, 'within seconds');
 $node->safe_psql('appdb', q{SELECT apikey.check(tok('k')) FROM generate_series(1, 4)});
 ok(poll_for('appdb', $logged, '9', 30), 'counts before and after are flushed, exactly');
 ok($node->log_contains(qr/background worker "apikey usage writer" \(PID $pid\) exited with exit code 1/),
-	'it exited with status 1, so the postmaster restarted it');
+	'it exited with status 1, and the launcher started another');
 
 # 2. The database owner's settings.  Our own sessions override them
 #    through PGOPTIONS (client settings win over database settings); the
@@ -98,7 +95,7 @@ is( $node->safe_psql(
 		'postgres', q{
 SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
  CROSS JOIN unnest(s.setconfig) WHERE d.datname = 'appdb'}),
-	'10', 'the owner set 10 settings on apikey.database');
+	'10', 'the owner set 10 settings on the writer\'s database');
 $node->restart;
 
 local $ENV{PGOPTIONS} = join ' ',

@@ -15,10 +15,10 @@ use PostgreSQL::Test::Cluster;
 
 our @EXPORT = qw(apikey_node apikey_db token_table);
 
-# A started cluster with apikey preloaded and its usage writer in the
-# database postgres (apikey.database's default, stated because most tests
-# watch the writer there), and the failure limiter off (the tests assert
-# client addresses far past 30 failures a minute; as in apikey.conf).
+# A started cluster with apikey preloaded (a usage writer starts in each
+# database where the extension is created), and the failure limiter off
+# (the tests assert client addresses far past 30 failures a minute; as in
+# apikey.conf).
 # $conf: more postgresql.conf lines, which win over these (a later line
 # wins); %init: parameters of init(), such as allows_streaming.
 sub apikey_node
@@ -28,7 +28,6 @@ sub apikey_node
 	$node->init(%init);
 	$node->append_conf(
 		'postgresql.conf', "shared_preload_libraries = 'apikey'\n"
-		  . "apikey.database = 'postgres'\n"
 		  . "apikey.failure_limit = 0\n"
 		  . ($conf // ''));
 	$node->start;
