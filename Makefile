@@ -12,6 +12,7 @@ OBJS = \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \
+	src/legacy.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

@@ -59,7 +59,11 @@ INSERT INTO calls (fn, q) VALUES
 	('grant_monitor', $$SELECT apikey.grant_monitor('regress_audit_granted')$$),
 	('revoke_monitor', $$SELECT apikey.revoke_monitor('regress_audit_granted')$$),
 	('grant_reporter', $$SELECT apikey.grant_reporter('regress_audit_granted')$$),
-	('revoke_reporter', $$SELECT apikey.revoke_reporter('regress_audit_granted')$$);
+	('revoke_reporter', $$SELECT apikey.revoke_reporter('regress_audit_granted')$$),
+	('import_keys', $$SELECT * FROM apikey.import_keys('sha256', '[{"owner": "migrated", "plaintext": "old_abcdefghijklmnopqrst"}, {"owner": ""}]')$$),
+	('import_key', $$SELECT apikey.import_key('sha256', 'migrated', plaintext => 'old_abcdefghijklmnopqrsu')$$),
+	('export_keys', $$SELECT count(*) FROM apikey.export_keys('migrated')$$),
+	('legacy_retire', $$SELECT apikey.legacy_retire('sha256', false)$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p

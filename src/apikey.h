@@ -16,6 +16,9 @@
  *	 binding.c		the key bound to the transaction, for row-level policies;
  *					apikey.allow_session_binding
  *	 verify.c		the verification rules that produce a verdict
+ *	 legacy.c		imported keys: verification by their old hash (token
+ *					formats in apikey.legacy_formats), upgrade on use;
+ *					apikey.legacy_verify_per_second
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
  *					apikey.failure_exempt, apikey.failure_max_networks
@@ -205,6 +208,7 @@ extern uint64 apikey_keystore_signal_generation(void);
 extern Oid	apikey_keystore_keys_relid(bool missing_ok);
 extern Oid	apikey_keystore_signal_relid(void);
 extern Oid	apikey_keystore_owner(void);
+extern Oid	apikey_extension_namespace(Oid extoid);
 
 /* keycache.c */
 typedef struct ApikeyCacheStats
@@ -241,6 +245,34 @@ extern bool apikey_scope_granted(char *const *scopes, int nscopes,
 extern bool apikey_key_suspended(const ApikeyKey *key, TimestampTz now,
 								 int64 *retry_after);
 extern void apikey_key_quarantine_scopes(ApikeyKey *key, TimestampTz now);
+
+/* legacy.c */
+typedef struct ApikeyLegacyStats
+{
+	uint64		verified;		/* legacy hashes that matched */
+	uint64		mismatched;		/* a pending key's hash that did not */
+	uint64		refused;		/* slow hashes refused by the budget */
+	uint64		upgraded;		/* keys upgraded to SHA-256 */
+	uint64		deferred;		/* upgrades left for a writable transaction */
+} ApikeyLegacyStats;
+
+/* A legacy key whose old hash matched: what its upgrade needs. */
+typedef struct ApikeyLegacyMatch
+{
+	bool		pending;		/* verified by its legacy hash */
+	int64		key_id;
+	uint8		old_hash[APIKEY_HASH_LEN];	/* keys.hash until upgraded */
+	uint8		new_hash[APIKEY_HASH_LEN];	/* SHA-256 of the token */
+} ApikeyLegacyMatch;
+
+extern void apikey_legacy_init(void);
+extern Size apikey_legacy_shmem_size(void);
+extern void apikey_legacy_shmem_startup(void);
+extern bool apikey_legacy_stats_read(ApikeyLegacyStats *out);
+extern void apikey_legacy_formats_changed(void);
+extern bool apikey_legacy_lookup(text *token, TimestampTz now,
+								 ApikeyVerdict *verdict, ApikeyLegacyMatch *match);
+extern void apikey_legacy_upgrade(ApikeyLegacyMatch *match);
 
 /* binding.c */
 extern void apikey_binding_init(void);

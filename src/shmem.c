@@ -7,7 +7,8 @@
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
  * (rate-limit buckets), worker.c (the usage writer and flush requests),
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
- * buckets per client network), throttle.c (temporary rate limits).
+ * buckets per client network), throttle.c (temporary rate limits),
+ * legacy.c (the slow legacy hash budget and its counters).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -55,6 +56,7 @@ shmem_request(void)
 	size = add_size(size, apikey_throttle_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
+	size = add_size(size, apikey_legacy_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
 }
@@ -76,6 +78,7 @@ shmem_startup(void)
 	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
 	apikey_worker_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
+	apikey_legacy_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 
