@@ -2805,7 +2805,11 @@ BEGIN
 		INSERT INTO apikey.legacy_keys (key_id, format, lookup, verifier, upgraded_at)
 		VALUES (v_id, f.name, v_lookup, v_verifier, CASE WHEN v_verifier IS NULL THEN pg_catalog.now() END);
 	EXCEPTION WHEN unique_violation THEN
-		RAISE EXCEPTION 'lookup id "%" is already used by a key of format "%"', v_lookup, f.name
+		IF f.lookup_regex IS NULL THEN
+			RAISE EXCEPTION 'a key with this hash already exists' USING ERRCODE = '23505',
+				HINT = 'Each key is imported once; a duplicate row is refused.';
+		END IF;
+		RAISE EXCEPTION 'the lookup id is already used by a key of format "%"', f.name
 			USING ERRCODE = '23505', HINT = 'A lookup id finds one key of its format.';
 	END;
 	RETURN v_id;
