@@ -2643,11 +2643,11 @@ CREATE TRIGGER legacy_formats_check BEFORE INSERT OR UPDATE ON apikey.legacy_for
 ALTER TABLE apikey.legacy_formats ENABLE ALWAYS TRIGGER legacy_formats_check;
 
 INSERT INTO apikey.legacy_formats (name, token_regex, lookup_regex, algorithm, hash_input, params) VALUES
-	('sha256', '^[A-Za-z][A-Za-z0-9]{0,15}_[A-Za-z0-9]{16,128}$', NULL, 'sha256-hex', 'token',
+	('sha256', '^[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9]+$', NULL, 'sha256-hex', 'token',
 	 '{"note": "whole-token SHA-256, hex or base64 (Unkey''s import format); tokens <prefix>_<secret>"}'),
-	('drf', '^[A-Za-z0-9]{8}\.[A-Za-z0-9]{32}$', '^([A-Za-z0-9]{8})\.', 'pbkdf2-sha256', 'token',
+	('drf', '^[A-Za-z0-9]+\.[A-Za-z0-9]+$', '^([A-Za-z0-9]+)\.', 'pbkdf2-sha256', 'token',
 	 '{"note": "Django REST Framework API Key: <prefix>.<secret>, hashed with Django''s pbkdf2_sha256"}'),
-	('bcrypt-prefixed', '^[A-Za-z0-9]{4,32}\.([A-Za-z0-9_-]{16,72})$', '^([A-Za-z0-9]{4,32})\.', 'bcrypt', 'capture',
+	('bcrypt-prefixed', '^[A-Za-z0-9]+\.([A-Za-z0-9_-]+)$', '^([A-Za-z0-9]+)\.', 'bcrypt', 'capture',
 	 '{"note": "<lookup id>.<secret>, bcrypt of the secret (Rails has_secure_password, Node bcrypt)"}');
 
 CREATE TABLE apikey.legacy_keys (
@@ -2682,9 +2682,10 @@ CREATE TRIGGER legacy_keys_changed AFTER INSERT OR DELETE OR TRUNCATE ON apikey.
 ALTER TABLE apikey.legacy_formats ENABLE ALWAYS TRIGGER legacy_formats_changed;
 ALTER TABLE apikey.legacy_keys ENABLE ALWAYS TRIGGER legacy_keys_changed;
 
--- One key from one row of import_keys(); raises with a specific SQLSTATE.
--- Runs as the extension owner (called by the SECURITY DEFINER functions).
-CREATE FUNCTION apikey._import_one(f apikey.legacy_formats, r jsonb) RETURNS bigint
+-- One row of import_keys(), checked and normalised (nothing written yet);
+-- raises with a specific SQLSTATE.  Runs as the extension owner (called by
+-- the SECURITY DEFINER functions).
+CREATE FUNCTION apikey._import_check(f apikey.legacy_formats, r jsonb) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $import$
 DECLARE
@@ -2696,7 +2697,6 @@ DECLARE
 	v_m text[];
 	v_scopes text[];
 	v_quota bigint;
-	v_id bigint;
 	v_rate_limit integer;
 	v_rate_window interval;
 	v_refill interval;
@@ -2723,9 +2723,11 @@ BEGIN
 			v_lookup := (pg_catalog.regexp_match(v_plain, f.lookup_regex))[1];
 		END IF;
 	ELSIF f.algorithm OPERATOR(pg_catalog.=) ANY ('{sha256-hex,sha256-b64}'::text[]) THEN
-		IF v_given OPERATOR(pg_catalog.~) '^[0-9A-Fa-f]{64}$' THEN
+		-- (lengths apart: a bounded repetition costs PostgreSQL's regex engine
+		-- milliseconds per row)
+		IF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 64 AND v_given OPERATOR(pg_catalog.~) '^[0-9A-Fa-f]+$' THEN
 			v_hash := pg_catalog.decode(v_given, 'hex');
-		ELSIF v_given OPERATOR(pg_catalog.~) '^[A-Za-z0-9+/]{43}=$' THEN
+		ELSIF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 44 AND v_given OPERATOR(pg_catalog.~) '^[A-Za-z0-9+/]+=$' THEN
 			v_hash := pg_catalog.decode(v_given, 'base64');
 		ELSE
 			RAISE EXCEPTION 'hash is not a SHA-256 digest in hex or base64'
@@ -2735,21 +2737,26 @@ BEGIN
 		RAISE EXCEPTION 'format "%" takes plaintext rows only', f.name USING ERRCODE = '22023';
 	ELSE
 		IF f.algorithm OPERATOR(pg_catalog.=) 'sha512-hex' THEN
-			v_m := pg_catalog.regexp_match(v_given, '^(?:sha512\$\$)?([0-9A-Fa-f]{128})$');
-			v_verifier := pg_catalog.lower(v_m[1]);
+			v_m := pg_catalog.regexp_match(v_given, '^(?:sha512\$\$)?([0-9A-Fa-f]+)$');
+			IF pg_catalog.length(v_m[1]) OPERATOR(pg_catalog.=) 128 THEN
+				v_verifier := pg_catalog.lower(v_m[1]);
+			END IF;
 			IF f.lookup_regex IS NULL THEN
 				v_lookup := v_verifier;
 			END IF;
 		ELSIF f.algorithm OPERATOR(pg_catalog.=) 'pbkdf2-sha256' THEN
-			v_m := pg_catalog.regexp_match(v_given, '^pbkdf2_sha256\$([0-9]{1,8})\$([^$]{1,255})\$([A-Za-z0-9+/]{43}=)$');
-			IF v_m IS NOT NULL AND v_m[1]::integer OPERATOR(pg_catalog.>=) 1
+			v_m := pg_catalog.regexp_match(v_given, '^pbkdf2_sha256\$([0-9]+)\$([^$]+)\$([A-Za-z0-9+/]+=)$');
+			IF v_m IS NOT NULL AND pg_catalog.length(v_m[1]) OPERATOR(pg_catalog.<=) 8
+			   AND pg_catalog.length(v_m[2]) OPERATOR(pg_catalog.<=) 255 AND pg_catalog.length(v_m[3]) OPERATOR(pg_catalog.=) 44
+			   AND v_m[1]::integer OPERATOR(pg_catalog.>=) 1
 			   AND v_m[1]::integer OPERATOR(pg_catalog.<=) 10000000 THEN
 				v_verifier := v_m[1] OPERATOR(pg_catalog.||) '$' OPERATOR(pg_catalog.||) v_m[2]
 					OPERATOR(pg_catalog.||) '$' OPERATOR(pg_catalog.||)
 					pg_catalog.encode(pg_catalog.decode(v_m[3], 'base64'), 'hex');
 			END IF;
 		ELSE
-			IF v_given OPERATOR(pg_catalog.~) '^\$2[abxy]\$[0-9]{2}\$[./A-Za-z0-9]{53}$' THEN
+			IF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 60
+			   AND v_given OPERATOR(pg_catalog.~) '^\$2[abxy]\$[0-9][0-9]\$[./A-Za-z0-9]+$' THEN
 				v_verifier := v_given;
 			END IF;
 		END IF;
@@ -2770,54 +2777,103 @@ BEGIN
 				  HINT = 'Give "lookup" (e.g. the DRF prefix): without one each verification would hash once per key.';
 	END IF;
 
-	v_scopes := apikey._check_scopes(COALESCE(ARRAY(SELECT pg_catalog.jsonb_array_elements_text(r OPERATOR(pg_catalog.->) 'scopes')), '{}'));
-	v_rate_limit := (r OPERATOR(pg_catalog.->>) 'rate_limit')::integer;
-	v_rate_window := COALESCE((r OPERATOR(pg_catalog.->>) 'rate_window')::interval, '1 minute');
-	v_quota := (r OPERATOR(pg_catalog.->>) 'quota')::bigint;
-	v_refill := (r OPERATOR(pg_catalog.->>) 'quota_refill')::interval;
-	v_cidrs := ARRAY(SELECT pg_catalog.jsonb_array_elements_text(r OPERATOR(pg_catalog.->) 'allowed_cidrs'))::cidr[];
-	IF pg_catalog.cardinality(v_cidrs) OPERATOR(pg_catalog.=) 0 THEN
-		v_cidrs := NULL;
+	-- (each check only when the row has the field: 100k rows in seconds)
+	IF r OPERATOR(pg_catalog.?) 'scopes' THEN
+		v_scopes := apikey._check_scopes(ARRAY(SELECT pg_catalog.jsonb_array_elements_text(r OPERATOR(pg_catalog.->) 'scopes')));
 	END IF;
-	PERFORM apikey._check_limits(v_rate_limit, v_rate_window, v_quota, v_refill);
-
-	BEGIN
-		INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_at, created_by, expires_at, metadata,
-								 last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-		VALUES (r OPERATOR(pg_catalog.->>) 'owner', r OPERATOR(pg_catalog.->>) 'name', f.name,
-				COALESCE(v_lookup OPERATOR(pg_catalog.||) '...', f.name OPERATOR(pg_catalog.||) '...')
-					OPERATOR(pg_catalog.||) COALESCE(pg_catalog.right(v_plain, 4), ''),
-				v_hash, COALESCE((r OPERATOR(pg_catalog.->>) 'created_at')::timestamptz, pg_catalog.now()),
-				apikey._acting_role(), (r OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz,
-				COALESCE(r OPERATOR(pg_catalog.->) 'metadata', '{}'),
-				(r OPERATOR(pg_catalog.->>) 'last_used_at')::timestamptz,
-				v_rate_limit, v_rate_window, v_quota, v_refill, v_cidrs)
-		RETURNING id INTO v_id;
-	EXCEPTION WHEN unique_violation THEN
-		RAISE EXCEPTION 'a key with this hash already exists' USING ERRCODE = '23505',
-			HINT = 'Each key is imported once; a duplicate row is refused.';
-	END;
-	INSERT INTO apikey.key_scopes (key_id, scope) SELECT v_id, s FROM pg_catalog.unnest(v_scopes) s;
-	IF v_quota IS NOT NULL THEN
-		INSERT INTO apikey.quotas (key_id, remaining) VALUES (v_id, v_quota);
+	v_rate_window := '1 minute';
+	IF r OPERATOR(pg_catalog.?|) '{rate_limit,rate_window,quota,quota_refill}'::text[] THEN
+		v_rate_limit := (r OPERATOR(pg_catalog.->>) 'rate_limit')::integer;
+		v_rate_window := COALESCE((r OPERATOR(pg_catalog.->>) 'rate_window')::interval, '1 minute');
+		v_quota := (r OPERATOR(pg_catalog.->>) 'quota')::bigint;
+		v_refill := (r OPERATOR(pg_catalog.->>) 'quota_refill')::interval;
+		PERFORM apikey._check_limits(v_rate_limit, v_rate_window, v_quota, v_refill);
 	END IF;
-	BEGIN
-		INSERT INTO apikey.legacy_keys (key_id, format, lookup, verifier, upgraded_at)
-		VALUES (v_id, f.name, v_lookup, v_verifier, CASE WHEN v_verifier IS NULL THEN pg_catalog.now() END);
-	EXCEPTION WHEN unique_violation THEN
-		IF f.lookup_regex IS NULL THEN
-			RAISE EXCEPTION 'a key with this hash already exists' USING ERRCODE = '23505',
-				HINT = 'Each key is imported once; a duplicate row is refused.';
+	IF r OPERATOR(pg_catalog.?) 'allowed_cidrs' THEN
+		v_cidrs := ARRAY(SELECT pg_catalog.jsonb_array_elements_text(r OPERATOR(pg_catalog.->) 'allowed_cidrs'))::cidr[];
+		IF pg_catalog.cardinality(v_cidrs) OPERATOR(pg_catalog.=) 0 THEN
+			v_cidrs := NULL;
 		END IF;
-		RAISE EXCEPTION 'the lookup id is already used by a key of format "%"', f.name
-			USING ERRCODE = '23505', HINT = 'A lookup id finds one key of its format.';
-	END;
-	RETURN v_id;
+	END IF;
+
+	RETURN pg_catalog.jsonb_build_object(
+		'owner', r OPERATOR(pg_catalog.->>) 'owner', 'name', r OPERATOR(pg_catalog.->>) 'name',
+		'hint', COALESCE(v_lookup OPERATOR(pg_catalog.||) '...', f.name OPERATOR(pg_catalog.||) '...')
+				OPERATOR(pg_catalog.||) COALESCE(pg_catalog.right(v_plain, 4), ''),
+		'hash', pg_catalog.encode(v_hash, 'hex'), 'lookup', v_lookup, 'verifier', v_verifier,
+		'created_at', COALESCE((r OPERATOR(pg_catalog.->>) 'created_at')::timestamptz, pg_catalog.now()),
+		'expires_at', (r OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz,
+		'metadata', COALESCE(r OPERATOR(pg_catalog.->) 'metadata', '{}'),
+		'last_used_at', (r OPERATOR(pg_catalog.->>) 'last_used_at')::timestamptz,
+		'rate_limit', v_rate_limit, 'rate_window', v_rate_window, 'quota', v_quota, 'quota_refill', v_refill,
+		'allowed_cidrs', pg_catalog.to_jsonb(v_cidrs), 'scopes', COALESCE(pg_catalog.to_jsonb(v_scopes), '[]'));
 END
 $import$;
-COMMENT ON FUNCTION apikey._import_one(apikey.legacy_formats, jsonb)
-	IS 'Internal: import one key (one row of import_keys()); raises on a bad row';
-REVOKE ALL ON FUNCTION apikey._import_one(apikey.legacy_formats, jsonb) FROM PUBLIC;
+COMMENT ON FUNCTION apikey._import_check(apikey.legacy_formats, jsonb)
+	IS 'Internal: check and normalise one row of import_keys(); raises on a bad row';
+REVOKE ALL ON FUNCTION apikey._import_check(apikey.legacy_formats, jsonb) FROM PUBLIC;
+
+-- Write the checked rows of one call in a few statements (a statement per
+-- row would cost a relcache invalidation each).  A row whose hash or lookup
+-- id is taken, by a key or by an earlier row, gets 23505 instead.
+CREATE FUNCTION apikey._import_write(f apikey.legacy_formats, checked jsonb[], ords integer[])
+RETURNS TABLE (ordinal integer, key_id bigint, error text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	-- ids are drawn first, so each row knows its key without a join
+	v_seq regclass := pg_catalog.pg_get_serial_sequence('apikey.keys', 'id')::regclass;
+BEGIN
+	RETURN QUERY
+	WITH src AS (
+		SELECT u.ord, u.e, pg_catalog.decode(u.e OPERATOR(pg_catalog.->>) 'hash', 'hex') AS hash,
+			   u.e OPERATOR(pg_catalog.->>) 'lookup' AS lookup
+		  FROM ROWS FROM (pg_catalog.unnest(checked), pg_catalog.unnest(ords)) u(e, ord)),
+	judged AS (
+		SELECT s.*,
+			   CASE WHEN pg_catalog.row_number() OVER (PARTITION BY s.hash ORDER BY s.ord) OPERATOR(pg_catalog.>) 1
+						 OR EXISTS (SELECT FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) s.hash)
+					THEN '23505: a key with this hash already exists'
+					WHEN s.lookup IS NOT NULL
+						 AND (pg_catalog.row_number() OVER (PARTITION BY s.lookup ORDER BY s.ord) OPERATOR(pg_catalog.>) 1
+							  OR EXISTS (SELECT FROM apikey.legacy_keys l WHERE l.format OPERATOR(pg_catalog.=) f.name
+											AND l.lookup OPERATOR(pg_catalog.=) s.lookup))
+					THEN CASE WHEN f.lookup_regex IS NULL THEN '23505: a key with this hash already exists'
+							  ELSE '23505: the lookup id is already used by a key of format "'
+								   OPERATOR(pg_catalog.||) f.name OPERATOR(pg_catalog.||) '"' END
+			   END AS error
+		  FROM src s),
+	m AS (SELECT j.*, pg_catalog.nextval(v_seq) AS id FROM judged j WHERE j.error IS NULL ORDER BY j.ord),
+	ins AS (
+		INSERT INTO apikey.keys (id, owner, name, prefix, hint, hash, created_at, created_by, expires_at, metadata,
+								 last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+		SELECT j.id, j.e OPERATOR(pg_catalog.->>) 'owner', j.e OPERATOR(pg_catalog.->>) 'name', f.name,
+			   j.e OPERATOR(pg_catalog.->>) 'hint', j.hash,
+			   (j.e OPERATOR(pg_catalog.->>) 'created_at')::timestamptz, apikey._acting_role(),
+			   (j.e OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz, j.e OPERATOR(pg_catalog.->) 'metadata',
+			   (j.e OPERATOR(pg_catalog.->>) 'last_used_at')::timestamptz,
+			   (j.e OPERATOR(pg_catalog.->>) 'rate_limit')::integer,
+			   (j.e OPERATOR(pg_catalog.->>) 'rate_window')::interval,
+			   (j.e OPERATOR(pg_catalog.->>) 'quota')::bigint,
+			   (j.e OPERATOR(pg_catalog.->>) 'quota_refill')::interval,
+			   (SELECT pg_catalog.array_agg(c::cidr)
+				  FROM pg_catalog.jsonb_array_elements_text(NULLIF(j.e OPERATOR(pg_catalog.->) 'allowed_cidrs', 'null')) c)
+		  FROM m j ORDER BY j.ord),
+	sc AS (INSERT INTO apikey.key_scopes (key_id, scope)
+		   SELECT m.id, x FROM m, pg_catalog.jsonb_array_elements_text(m.e OPERATOR(pg_catalog.->) 'scopes') x),
+	qu AS (INSERT INTO apikey.quotas (key_id, remaining)
+		   SELECT m.id, (m.e OPERATOR(pg_catalog.->>) 'quota')::bigint FROM m
+			WHERE m.e OPERATOR(pg_catalog.->>) 'quota' IS NOT NULL),
+	lk AS (INSERT INTO apikey.legacy_keys (key_id, format, lookup, verifier, upgraded_at)
+		   SELECT m.id, f.name, m.lookup, m.e OPERATOR(pg_catalog.->>) 'verifier',
+				  CASE WHEN m.e OPERATOR(pg_catalog.->>) 'verifier' IS NULL THEN pg_catalog.now() END
+			 FROM m)
+	SELECT j.ord, m.id, j.error FROM judged j LEFT JOIN m ON m.ord OPERATOR(pg_catalog.=) j.ord ORDER BY j.ord;
+END
+$$;
+COMMENT ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[])
+	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505';
+REVOKE ALL ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[]) FROM PUBLIC;
 
 -- The format a call imports in, or a clear error.
 CREATE FUNCTION apikey._legacy_format(format text) RETURNS apikey.legacy_formats
@@ -2862,28 +2918,55 @@ AS $$
 DECLARE
 	f apikey.legacy_formats;
 	v_row jsonb;
-	v_ok bigint := 0;
-	v_failed bigint := 0;
+	v_ord integer;
+	v_checked jsonb[] := '{}';
+	v_ords integer[] := '{}';
+	v_err_ords integer[] := '{}';
+	v_errs text[] := '{}';
+	w_ords integer[];
+	w_ids bigint[];
+	w_errs text[];
+	v_ok bigint;
 BEGIN
 	f := apikey._legacy_format(import_keys.format);
 	IF pg_catalog.jsonb_typeof(import_keys.rows) IS DISTINCT FROM 'array' THEN
 		RAISE EXCEPTION 'rows must be a JSON array of objects' USING ERRCODE = '22023';
 	END IF;
 	PERFORM apikey._audit_lock();
-	FOR v_row, ordinal IN SELECT e.v, e.n FROM pg_catalog.jsonb_array_elements(import_keys.rows) WITH ORDINALITY e(v, n) LOOP
-		BEGIN
-			key_id := apikey._import_one(f, v_row);
-			error := NULL;
-			v_ok := v_ok OPERATOR(pg_catalog.+) 1;
-		EXCEPTION WHEN OTHERS THEN
-			key_id := NULL;
-			error := SQLSTATE OPERATOR(pg_catalog.||) ': ' OPERATOR(pg_catalog.||) SQLERRM;
-			v_failed := v_failed OPERATOR(pg_catalog.+) 1;
-		END;
-		RETURN NEXT;
-	END LOOP;
+	-- All rows in one subtransaction; only if one is bad, one per row.
+	BEGIN
+		SELECT pg_catalog.array_agg(apikey._import_check(f, e.v) ORDER BY e.n), pg_catalog.array_agg(e.n::integer ORDER BY e.n)
+		  INTO v_checked, v_ords
+		  FROM pg_catalog.jsonb_array_elements(import_keys.rows) WITH ORDINALITY e(v, n);
+	EXCEPTION WHEN OTHERS THEN
+		v_checked := '{}';
+		v_ords := '{}';
+		FOR v_row, v_ord IN SELECT e.v, e.n FROM pg_catalog.jsonb_array_elements(import_keys.rows) WITH ORDINALITY e(v, n) LOOP
+			BEGIN
+				v_checked := pg_catalog.array_append(v_checked, apikey._import_check(f, v_row));
+				v_ords := pg_catalog.array_append(v_ords, v_ord);
+			EXCEPTION WHEN OTHERS THEN
+				v_err_ords := pg_catalog.array_append(v_err_ords, v_ord);
+				v_errs := pg_catalog.array_append(v_errs, SQLSTATE OPERATOR(pg_catalog.||) ': ' OPERATOR(pg_catalog.||) SQLERRM);
+			END;
+		END LOOP;
+	END;
+	v_checked := COALESCE(v_checked, '{}');
+	v_ords := COALESCE(v_ords, '{}');
+	SELECT COALESCE(pg_catalog.array_agg(w.ordinal), '{}'), COALESCE(pg_catalog.array_agg(w.key_id), '{}'),
+		   COALESCE(pg_catalog.array_agg(w.error), '{}')
+	  INTO w_ords, w_ids, w_errs
+	  FROM apikey._import_write(f, v_checked, v_ords) w;
+	RETURN QUERY
+	SELECT u.o, u.k, u.e
+	  FROM ROWS FROM (pg_catalog.unnest(w_ords OPERATOR(pg_catalog.||) v_err_ords),
+					  pg_catalog.unnest(w_ids),
+					  pg_catalog.unnest(w_errs OPERATOR(pg_catalog.||) v_errs)) u(o, k, e)
+	 ORDER BY u.o;
+	v_ok := (SELECT pg_catalog.count(x) FROM pg_catalog.unnest(w_ids) x);
 	PERFORM apikey._audit('import_keys', NULL, NULL, pg_catalog.jsonb_build_object(
-		'format', f.name, 'imported', v_ok, 'failed', v_failed));
+		'format', f.name, 'imported', v_ok,
+		'failed', pg_catalog.cardinality(w_ids) OPERATOR(pg_catalog.-) v_ok OPERATOR(pg_catalog.+) pg_catalog.cardinality(v_errs)));
 END
 $$;
 COMMENT ON FUNCTION apikey.import_keys(text, jsonb)
@@ -2904,17 +2987,22 @@ AS $$
 DECLARE
 	f apikey.legacy_formats;
 	v_id bigint;
+	v_error text;
 BEGIN
 	f := apikey._legacy_format(import_key.format);
 	PERFORM apikey._audit_lock();
-	v_id := apikey._import_one(f, pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+	SELECT w.key_id, w.error INTO v_id, v_error FROM apikey._import_write(f, ARRAY[apikey._import_check(f, pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
 		'owner', import_key.owner, 'hash', import_key.hash, 'plaintext', import_key.plaintext,
 		'lookup', import_key.lookup, 'scopes', pg_catalog.to_jsonb(import_key.scopes), 'name', import_key.name,
 		'expires_at', import_key.expires_at, 'metadata', import_key.metadata,
 		'rate_limit', import_key.rate_limit, 'rate_window', import_key.rate_window,
 		'quota', import_key.quota, 'quota_refill', import_key.quota_refill,
 		'allowed_cidrs', pg_catalog.to_jsonb(import_key.allowed_cidrs),
-		'created_at', import_key.created_at, 'last_used_at', import_key.last_used_at)));
+		'created_at', import_key.created_at, 'last_used_at', import_key.last_used_at)))], ARRAY[1]) w;
+	IF v_error IS NOT NULL THEN
+		RAISE EXCEPTION '%', pg_catalog.substr(v_error, 8) USING ERRCODE = pg_catalog.left(v_error, 5),
+			HINT = 'Each key is imported once; a duplicate row is refused.';
+	END IF;
 	PERFORM apikey._audit('import_key', v_id, import_key.owner,
 		pg_catalog.jsonb_build_object('format', f.name, 'imported', 1));
 	RETURN v_id;

@@ -404,7 +404,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('export_keys', 'NULL owner (all)', $$SELECT count(*) >= 0 FROM apikey.export_keys(NULL)$$),
 ('export_keys', 'unknown owner', $$SELECT count(*) FROM apikey.export_keys('nobody')$$),
 ('legacy_stats', 'no arguments', $$SELECT verified >= 0 FROM apikey.legacy_stats()$$),
-('_import_one', 'NULL row', $$SELECT apikey._import_one(NULL, NULL)$$),
+('_import_check', 'NULL row', $$SELECT apikey._import_check(NULL, NULL)$$),
+('_import_write', 'no rows', $$SELECT count(*) FROM apikey._import_write(apikey._legacy_format('sha256'), '{}', '{}')$$),
 ('_legacy_format', 'NULL', $$SELECT apikey._legacy_format(NULL)$$),
 ('_legacy_formats_changed', 'called directly', $$SELECT apikey._legacy_formats_changed()::text$$),
 ('_legacy_formats_check', 'called directly', $$SELECT apikey._legacy_formats_check()::text$$);
