@@ -7,11 +7,13 @@
  * A token that is not in apikey's format (token.c) reaches this file from
  * verify.c.  The order, and why:
  *
- *	 1. the token must match the token_regex of a format registered in
- *		apikey.legacy_formats, else it stays malformed (nothing is read);
+ *	 1. with no format in use it stays malformed (nothing is read);
  *	 2. SHA-256 of the whole token in the key cache: a key imported as
  *		SHA-256 or plaintext, or already upgraded, is found here at the
- *		speed of a native key;
+ *		speed of a native key (no regex runs: only the token itself hashes
+ *		to its key's hash);
+ *	 2b. else the token must match the token_regex of a format in use, or
+ *		it stays malformed;
  *	 3. for each matching format still accepted (accept_until unset or
  *		later), the lookup id (the first capture of lookup_regex; for an
  *		unsalted SHA-512 without one, the digest itself) finds at most one
@@ -596,17 +598,24 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 		if (IS_HIGHBIT_SET(tok[i]) || tok[i] == '\0')
 			return false;
 	formats_current();
-	for (i = 0; i < nformats && !any; i++)
-		any = regex_match(formats[i].token_regex, tok, len, false, NULL, NULL);
-	if (!any)
+	if (nformats == 0)
 		return false;
 
-	/* an imported SHA-256, a plaintext import or an upgraded key */
-	verdict->code = APIKEY_UNKNOWN;
+	/*
+	 * An imported SHA-256, a plaintext import or an upgraded key: looked up
+	 * before any regex runs (PostgreSQL's regex engine costs more than the
+	 * lookup).  Only the token itself hashes to a key's hash, so a hit needs
+	 * no shape check.
+	 */
 	apikey_sha256(tok, len, match->new_hash);
 	AcceptInvalidationMessages();
 	if (apikey_keycache_lookup(match->new_hash, &verdict->key_copy))
 		return true;
+	for (i = 0; i < nformats && !any; i++)
+		any = regex_match(formats[i].token_regex, tok, len, false, NULL, NULL);
+	if (!any)
+		return false;
+	verdict->code = APIKEY_UNKNOWN;
 
 	for (i = 0; i < nformats; i++)
 	{
