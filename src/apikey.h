@@ -378,6 +378,7 @@ extern int	apikey_worker_request_flush(void);
 /* audit.c */
 extern void apikey_audit_init(void);
 extern void apikey_audit_mark_usage_write(void);
+extern void apikey_audit_mark_legacy_upgrade(void);
 #define APIKEY_AUDIT_FIELDS 14
 extern bytea *apikey_audit_row_hash(const NullableDatum *fields);
 extern const char *apikey_audit_context_name(void);

@@ -38,7 +38,11 @@
  * subtransaction: a concurrent upgrade of the same key (a serialization
  * failure, a unique violation, a deadlock) only defers it.  On a standby,
  * in a read-only transaction or a parallel worker the verdict stays valid
- * and the upgrade waits; both outcomes are counted.
+ * and the upgrade waits; both outcomes are counted.  The upgrade is marked
+ * as apikey's own bookkeeping for the audit triggers (like the usage
+ * writer's last_used_at): an audit row would keep the audit head's row
+ * lock until the caller's transaction ends, serialising requests and
+ * administrators; legacy_keys.upgraded_at records it.
  *
  * Locking: the budget and the counters are one struct in shared memory,
  * protected by its spinlock (plain arithmetic under it).
@@ -693,7 +697,9 @@ upgrade_key(void *arg)
 	Oid			types[3] = {INT8OID, BYTEAOID, BYTEAOID};
 	Datum		values[3];
 	int			rc;
+	int			nest = NewGUCNestLevel();
 
+	apikey_audit_mark_legacy_upgrade();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	apikey_prepare_kept(&upgrade_plan,
@@ -711,6 +717,7 @@ upgrade_key(void *arg)
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "legacy key upgrade failed: %s", SPI_result_code_string(rc));
 	SPI_finish();
+	AtEOXact_GUC(true, nest);
 }
 
 /*
