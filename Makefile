@@ -16,6 +16,7 @@ OBJS = \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \
+	src/legacy.o \
 	src/networks.o \
 	src/netwatch.o \
 	src/ownerlimits.o \

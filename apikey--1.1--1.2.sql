@@ -4756,5 +4756,564 @@ COMMENT ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules)
 	IS 'Internal: rule volume_spike with its row''s parameters (the detector''s rule interface)';
 REVOKE ALL ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules) FROM PUBLIC;
 
+-------------------------------------------------------------------------------
+-- Migrating existing keys (issue 14, items 1-6): keys imported from another
+-- system keep verifying by their old hash until their first successful use,
+-- which upgrades them to SHA-256 (src/legacy.c).  apikey.legacy_formats
+-- says which token shapes are accepted and how they were hashed;
+-- apikey.legacy_keys holds each imported key's format, lookup id and
+-- pending verifier (never a token).  import_keys()/import_key() bring keys
+-- in, legacy_progress shows how far the upgrade went, legacy_retire() ends
+-- a format, export_keys() is the way out.
+-------------------------------------------------------------------------------
+
+CREATE TABLE apikey.legacy_formats (
+	name		text PRIMARY KEY
+				CONSTRAINT legacy_formats_name_check CHECK (name OPERATOR(pg_catalog.~) '^[a-z][a-z0-9_-]{0,31}$'),
+	token_regex	text NOT NULL,
+	lookup_regex text,
+	algorithm	text NOT NULL
+				CONSTRAINT legacy_formats_algorithm_check
+				CHECK (algorithm OPERATOR(pg_catalog.=) ANY ('{sha256-hex,sha256-b64,sha512-hex,pbkdf2-sha256,bcrypt,plaintext}'::text[])),
+	hash_input	text NOT NULL DEFAULT 'token'
+				CONSTRAINT legacy_formats_hash_input_check
+				CHECK (hash_input OPERATOR(pg_catalog.=) ANY ('{token,capture}'::text[])),
+	params		jsonb NOT NULL DEFAULT '{}',
+	accept_until timestamptz,
+	CONSTRAINT legacy_formats_salted_lookup
+		CHECK (lookup_regex IS NOT NULL OR algorithm OPERATOR(pg_catalog.<>) ALL ('{pbkdf2-sha256,bcrypt}'::text[]))
+);
+COMMENT ON TABLE apikey.legacy_formats IS 'Token formats of keys imported from another system, and how their old hashes are verified (a format takes part in verification once it has keys)';
+COMMENT ON COLUMN apikey.legacy_formats.name IS 'Format name, given to import_keys(); sha256, drf and bcrypt-prefixed are shipped';
+COMMENT ON COLUMN apikey.legacy_formats.token_regex IS 'Regular expression (anchored, ASCII) a presented token must match to be verified as this format; with hash_input capture, its first group is what was hashed';
+COMMENT ON COLUMN apikey.legacy_formats.lookup_regex IS 'Regular expression whose first group is the key''s lookup id (e.g. DRF''s prefix); required for salted algorithms';
+COMMENT ON COLUMN apikey.legacy_formats.algorithm IS 'How the old system hashed: sha256-hex, sha256-b64 (whole token; verified at native speed), sha512-hex, pbkdf2-sha256 (Django), bcrypt (through pgcrypto), plaintext (hashed at import)';
+COMMENT ON COLUMN apikey.legacy_formats.hash_input IS 'token: the whole token was hashed; capture: the first group of token_regex was';
+COMMENT ON COLUMN apikey.legacy_formats.params IS 'Free-form notes about the format';
+COMMENT ON COLUMN apikey.legacy_formats.accept_until IS 'Pending keys of this format verify by their old hash until then; NULL = no end (legacy_retire() sets it)';
+REVOKE ALL ON apikey.legacy_formats FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_formats',
+	'WHERE name OPERATOR(pg_catalog.<>) ALL (''{sha256,drf,bcrypt-prefixed}''::text[])');
+
+-- A regular expression is checked when it is stored, not at verification.
+CREATE FUNCTION apikey._legacy_formats_check() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM '' OPERATOR(pg_catalog.~) NEW.token_regex;
+	PERFORM '' OPERATOR(pg_catalog.~) NEW.lookup_regex;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey._legacy_formats_check()
+	IS 'Internal: refuse a legacy format whose regular expressions do not compile';
+REVOKE ALL ON FUNCTION apikey._legacy_formats_check() FROM PUBLIC;
+CREATE TRIGGER legacy_formats_check BEFORE INSERT OR UPDATE ON apikey.legacy_formats
+	FOR EACH ROW EXECUTE FUNCTION apikey._legacy_formats_check();
+ALTER TABLE apikey.legacy_formats ENABLE ALWAYS TRIGGER legacy_formats_check;
+
+INSERT INTO apikey.legacy_formats (name, token_regex, lookup_regex, algorithm, hash_input, params) VALUES
+	('sha256', '^[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9]+$', NULL, 'sha256-hex', 'token',
+	 '{"note": "whole-token SHA-256, hex or base64 (Unkey''s import format); tokens <prefix>_<secret>"}'),
+	('drf', '^[A-Za-z0-9]+\.[A-Za-z0-9]+$', '^([A-Za-z0-9]+)\.', 'pbkdf2-sha256', 'token',
+	 '{"note": "Django REST Framework API Key: <prefix>.<secret>, hashed with Django''s pbkdf2_sha256"}'),
+	('bcrypt-prefixed', '^[A-Za-z0-9]+\.([A-Za-z0-9_-]+)$', '^([A-Za-z0-9]+)\.', 'bcrypt', 'capture',
+	 '{"note": "<lookup id>.<secret>, bcrypt of the secret (Rails has_secure_password, Node bcrypt)"}');
+
+CREATE TABLE apikey.legacy_keys (
+	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	format		text NOT NULL REFERENCES apikey.legacy_formats (name) ON UPDATE CASCADE,
+	lookup		text,
+	verifier	text,
+	imported_at	timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	upgraded_at	timestamptz,
+	CONSTRAINT legacy_keys_lookup_key UNIQUE (format, lookup)
+);
+COMMENT ON TABLE apikey.legacy_keys IS 'Imported keys: their format, lookup id and old verifier until upgraded; readable by the extension owner only';
+COMMENT ON COLUMN apikey.legacy_keys.key_id IS 'The key (apikey.keys.id)';
+COMMENT ON COLUMN apikey.legacy_keys.format IS 'Its legacy format';
+COMMENT ON COLUMN apikey.legacy_keys.lookup IS 'Lookup id from the token (not secret); for unsalted SHA-512 without one, the digest';
+COMMENT ON COLUMN apikey.legacy_keys.verifier IS 'The old hash, normalised; NULL once the key verifies by SHA-256 (upgraded, imported as SHA-256 or plaintext, or retired)';
+COMMENT ON COLUMN apikey.legacy_keys.imported_at IS 'When it was imported';
+COMMENT ON COLUMN apikey.legacy_keys.upgraded_at IS 'When keys.hash became SHA-256 of the token (at import for SHA-256 and plaintext imports); NULL = pending or retired';
+REVOKE ALL ON apikey.legacy_keys FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_keys', '');
+
+CREATE FUNCTION apikey._legacy_formats_changed() RETURNS trigger
+AS 'MODULE_PATHNAME', 'apikey_legacy_formats_changed_trigger'
+LANGUAGE C;
+COMMENT ON FUNCTION apikey._legacy_formats_changed()
+	IS 'Internal: statement trigger making every backend read the legacy formats in use again';
+REVOKE ALL ON FUNCTION apikey._legacy_formats_changed() FROM PUBLIC;
+CREATE TRIGGER legacy_formats_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikey.legacy_formats
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._legacy_formats_changed();
+CREATE TRIGGER legacy_keys_changed AFTER INSERT OR DELETE OR TRUNCATE ON apikey.legacy_keys
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._legacy_formats_changed();
+ALTER TABLE apikey.legacy_formats ENABLE ALWAYS TRIGGER legacy_formats_changed;
+ALTER TABLE apikey.legacy_keys ENABLE ALWAYS TRIGGER legacy_keys_changed;
+
+-- One row of import_keys(), checked and normalised (nothing written yet);
+-- raises with a specific SQLSTATE.  Runs as the extension owner (called by
+-- the SECURITY DEFINER functions).
+CREATE FUNCTION apikey._import_check(f apikey.legacy_formats, r jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $import$
+DECLARE
+	v_hash bytea;
+	v_plain text := r OPERATOR(pg_catalog.->>) 'plaintext';
+	v_given text := r OPERATOR(pg_catalog.->>) 'hash';
+	v_lookup text := r OPERATOR(pg_catalog.->>) 'lookup';
+	v_verifier text;
+	v_m text[];
+	v_scopes text[];
+	v_quota bigint;
+	v_rate_limit integer;
+	v_rate_window interval;
+	v_refill interval;
+	v_cidrs cidr[];
+BEGIN
+	IF pg_catalog.jsonb_typeof(r) IS DISTINCT FROM 'object' THEN
+		RAISE EXCEPTION 'each row must be a JSON object' USING ERRCODE = '22023';
+	END IF;
+	IF (v_plain IS NULL) OPERATOR(pg_catalog.=) (v_given IS NULL) THEN
+		RAISE EXCEPTION 'a row carries either hash or plaintext'
+			USING ERRCODE = '22023', HINT = 'Give "hash" (the old hash) or "plaintext" (hashed at once, never stored).';
+	END IF;
+	IF COALESCE(r OPERATOR(pg_catalog.->>) 'owner', '') OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be NULL or empty' USING ERRCODE = '22004';
+	END IF;
+
+	IF v_plain IS NOT NULL THEN
+		IF NOT v_plain OPERATOR(pg_catalog.~) f.token_regex THEN
+			RAISE EXCEPTION 'plaintext does not match the token_regex of format "%"', f.name
+				USING ERRCODE = '22023', HINT = 'Only tokens of the format''s shape are verified as legacy tokens.';
+		END IF;
+		v_hash := pg_catalog.sha256(pg_catalog.convert_to(v_plain, 'UTF8'));
+		IF f.lookup_regex IS NOT NULL THEN
+			v_lookup := (pg_catalog.regexp_match(v_plain, f.lookup_regex))[1];
+		END IF;
+	ELSIF f.algorithm OPERATOR(pg_catalog.=) ANY ('{sha256-hex,sha256-b64}'::text[]) THEN
+		-- (lengths apart: a bounded repetition costs PostgreSQL's regex engine
+		-- milliseconds per row)
+		IF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 64 AND v_given OPERATOR(pg_catalog.~) '^[0-9A-Fa-f]+$' THEN
+			v_hash := pg_catalog.decode(v_given, 'hex');
+		ELSIF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 44 AND v_given OPERATOR(pg_catalog.~) '^[A-Za-z0-9+/]+=$' THEN
+			v_hash := pg_catalog.decode(v_given, 'base64');
+		ELSE
+			RAISE EXCEPTION 'hash is not a SHA-256 digest in hex or base64'
+				USING ERRCODE = '22023', HINT = 'Give 64 hex digits or 44 base64 characters.';
+		END IF;
+	ELSIF f.algorithm OPERATOR(pg_catalog.=) 'plaintext' THEN
+		RAISE EXCEPTION 'format "%" takes plaintext rows only', f.name USING ERRCODE = '22023';
+	ELSE
+		IF f.algorithm OPERATOR(pg_catalog.=) 'sha512-hex' THEN
+			v_m := pg_catalog.regexp_match(v_given, '^(?:sha512\$\$)?([0-9A-Fa-f]+)$');
+			IF pg_catalog.length(v_m[1]) OPERATOR(pg_catalog.=) 128 THEN
+				v_verifier := pg_catalog.lower(v_m[1]);
+			END IF;
+			IF f.lookup_regex IS NULL THEN
+				v_lookup := v_verifier;
+			END IF;
+		ELSIF f.algorithm OPERATOR(pg_catalog.=) 'pbkdf2-sha256' THEN
+			v_m := pg_catalog.regexp_match(v_given, '^pbkdf2_sha256\$([0-9]+)\$([^$]+)\$([A-Za-z0-9+/]+=)$');
+			IF v_m IS NOT NULL AND pg_catalog.length(v_m[1]) OPERATOR(pg_catalog.<=) 8
+			   AND pg_catalog.length(v_m[2]) OPERATOR(pg_catalog.<=) 255 AND pg_catalog.length(v_m[3]) OPERATOR(pg_catalog.=) 44
+			   AND v_m[1]::integer OPERATOR(pg_catalog.>=) 1
+			   AND v_m[1]::integer OPERATOR(pg_catalog.<=) 10000000 THEN
+				v_verifier := v_m[1] OPERATOR(pg_catalog.||) '$' OPERATOR(pg_catalog.||) v_m[2]
+					OPERATOR(pg_catalog.||) '$' OPERATOR(pg_catalog.||)
+					pg_catalog.encode(pg_catalog.decode(v_m[3], 'base64'), 'hex');
+			END IF;
+		ELSE
+			IF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 60
+			   AND v_given OPERATOR(pg_catalog.~) '^\$2[abxy]\$[0-9][0-9]\$[./A-Za-z0-9]+$' THEN
+				v_verifier := v_given;
+			END IF;
+		END IF;
+		IF v_verifier IS NULL THEN
+			RAISE EXCEPTION 'hash is not a % hash', f.algorithm
+				USING ERRCODE = '22023',
+					  HINT = CASE f.algorithm WHEN 'sha512-hex' THEN 'Give 128 hex digits, optionally after sha512$$.'
+							 WHEN 'pbkdf2-sha256' THEN 'Give Django''s form pbkdf2_sha256$<iterations>$<salt>$<base64>, at most 10,000,000 iterations.'
+							 ELSE 'Give a bcrypt hash: $2b$<cost>$<53 characters>.' END;
+		END IF;
+		-- a placeholder no token hashes to, until the first use upgrades it
+		v_hash := pg_catalog.sha256(pg_catalog.convert_to(
+			pg_catalog.gen_random_uuid()::text OPERATOR(pg_catalog.||) pg_catalog.gen_random_uuid()::text, 'UTF8'));
+	END IF;
+	IF v_lookup IS NULL AND v_verifier IS NOT NULL THEN
+		RAISE EXCEPTION 'a % key needs a lookup id', f.algorithm
+			USING ERRCODE = '22023',
+				  HINT = 'Give "lookup" (e.g. the DRF prefix): without one each verification would hash once per key.';
+	END IF;
+
+	-- (each check only when the row has the field: 100k rows in seconds)
+	IF r OPERATOR(pg_catalog.?) 'scopes' THEN
+		v_scopes := apikey._check_scopes(ARRAY(SELECT pg_catalog.jsonb_array_elements_text(r OPERATOR(pg_catalog.->) 'scopes')));
+	END IF;
+	v_rate_window := '1 minute';
+	IF r OPERATOR(pg_catalog.?|) '{rate_limit,rate_window,quota,quota_refill}'::text[] THEN
+		v_rate_limit := (r OPERATOR(pg_catalog.->>) 'rate_limit')::integer;
+		v_rate_window := COALESCE((r OPERATOR(pg_catalog.->>) 'rate_window')::interval, '1 minute');
+		v_quota := (r OPERATOR(pg_catalog.->>) 'quota')::bigint;
+		v_refill := (r OPERATOR(pg_catalog.->>) 'quota_refill')::interval;
+		PERFORM apikey._check_limits(v_rate_limit, v_rate_window, v_quota, v_refill);
+	END IF;
+	IF r OPERATOR(pg_catalog.?) 'allowed_cidrs' THEN
+		v_cidrs := ARRAY(SELECT pg_catalog.jsonb_array_elements_text(r OPERATOR(pg_catalog.->) 'allowed_cidrs'))::cidr[];
+		IF pg_catalog.cardinality(v_cidrs) OPERATOR(pg_catalog.=) 0 THEN
+			v_cidrs := NULL;
+		END IF;
+	END IF;
+
+	RETURN pg_catalog.jsonb_build_object(
+		'owner', r OPERATOR(pg_catalog.->>) 'owner', 'name', r OPERATOR(pg_catalog.->>) 'name',
+		'hint', COALESCE(v_lookup OPERATOR(pg_catalog.||) '...', f.name OPERATOR(pg_catalog.||) '...')
+				OPERATOR(pg_catalog.||) COALESCE(pg_catalog.right(v_plain, 4), ''),
+		'hash', pg_catalog.encode(v_hash, 'hex'), 'lookup', v_lookup, 'verifier', v_verifier,
+		'created_at', COALESCE((r OPERATOR(pg_catalog.->>) 'created_at')::timestamptz, pg_catalog.now()),
+		'expires_at', (r OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz,
+		'metadata', COALESCE(r OPERATOR(pg_catalog.->) 'metadata', '{}'),
+		'last_used_at', (r OPERATOR(pg_catalog.->>) 'last_used_at')::timestamptz,
+		'rate_limit', v_rate_limit, 'rate_window', v_rate_window, 'quota', v_quota, 'quota_refill', v_refill,
+		'allowed_cidrs', pg_catalog.to_jsonb(v_cidrs), 'scopes', COALESCE(pg_catalog.to_jsonb(v_scopes), '[]'));
+END
+$import$;
+COMMENT ON FUNCTION apikey._import_check(apikey.legacy_formats, jsonb)
+	IS 'Internal: check and normalise one row of import_keys(); raises on a bad row';
+REVOKE ALL ON FUNCTION apikey._import_check(apikey.legacy_formats, jsonb) FROM PUBLIC;
+
+-- Write the checked rows of one call in a few statements (a statement per
+-- row would cost a relcache invalidation each).  A row whose hash or lookup
+-- id is taken, by a key or by an earlier row, gets 23505 instead.
+CREATE FUNCTION apikey._import_write(f apikey.legacy_formats, checked jsonb[], ords integer[])
+RETURNS TABLE (ordinal integer, key_id bigint, error text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	-- ids are drawn first, so each row knows its key without a join
+	v_seq regclass := pg_catalog.pg_get_serial_sequence('apikey.keys', 'id')::regclass;
+BEGIN
+	RETURN QUERY
+	WITH src AS (
+		SELECT u.ord, u.e, pg_catalog.decode(u.e OPERATOR(pg_catalog.->>) 'hash', 'hex') AS hash,
+			   u.e OPERATOR(pg_catalog.->>) 'lookup' AS lookup
+		  FROM ROWS FROM (pg_catalog.unnest(checked), pg_catalog.unnest(ords)) u(e, ord)),
+	judged AS (
+		SELECT s.*,
+			   CASE WHEN pg_catalog.row_number() OVER (PARTITION BY s.hash ORDER BY s.ord) OPERATOR(pg_catalog.>) 1
+						 OR EXISTS (SELECT FROM apikey.keys k WHERE k.hash OPERATOR(pg_catalog.=) s.hash)
+					THEN '23505: a key with this hash already exists'
+					WHEN s.lookup IS NOT NULL
+						 AND (pg_catalog.row_number() OVER (PARTITION BY s.lookup ORDER BY s.ord) OPERATOR(pg_catalog.>) 1
+							  OR EXISTS (SELECT FROM apikey.legacy_keys l WHERE l.format OPERATOR(pg_catalog.=) f.name
+											AND l.lookup OPERATOR(pg_catalog.=) s.lookup))
+					THEN CASE WHEN f.lookup_regex IS NULL THEN '23505: a key with this hash already exists'
+							  ELSE '23505: the lookup id is already used by a key of format "'
+								   OPERATOR(pg_catalog.||) f.name OPERATOR(pg_catalog.||) '"' END
+			   END AS error
+		  FROM src s),
+	m AS (SELECT j.*, pg_catalog.nextval(v_seq) AS id FROM judged j WHERE j.error IS NULL ORDER BY j.ord),
+	ins AS (
+		INSERT INTO apikey.keys (id, owner, name, prefix, hint, hash, created_at, created_by, expires_at, metadata,
+								 last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+		SELECT j.id, j.e OPERATOR(pg_catalog.->>) 'owner', j.e OPERATOR(pg_catalog.->>) 'name', f.name,
+			   j.e OPERATOR(pg_catalog.->>) 'hint', j.hash,
+			   (j.e OPERATOR(pg_catalog.->>) 'created_at')::timestamptz, apikey._acting_role(),
+			   (j.e OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz, j.e OPERATOR(pg_catalog.->) 'metadata',
+			   (j.e OPERATOR(pg_catalog.->>) 'last_used_at')::timestamptz,
+			   (j.e OPERATOR(pg_catalog.->>) 'rate_limit')::integer,
+			   (j.e OPERATOR(pg_catalog.->>) 'rate_window')::interval,
+			   (j.e OPERATOR(pg_catalog.->>) 'quota')::bigint,
+			   (j.e OPERATOR(pg_catalog.->>) 'quota_refill')::interval,
+			   (SELECT pg_catalog.array_agg(c::cidr)
+				  FROM pg_catalog.jsonb_array_elements_text(NULLIF(j.e OPERATOR(pg_catalog.->) 'allowed_cidrs', 'null')) c)
+		  FROM m j ORDER BY j.ord),
+	sc AS (INSERT INTO apikey.key_scopes (key_id, scope)
+		   SELECT m.id, x FROM m, pg_catalog.jsonb_array_elements_text(m.e OPERATOR(pg_catalog.->) 'scopes') x),
+	qu AS (INSERT INTO apikey.quotas (key_id, remaining)
+		   SELECT m.id, (m.e OPERATOR(pg_catalog.->>) 'quota')::bigint FROM m
+			WHERE m.e OPERATOR(pg_catalog.->>) 'quota' IS NOT NULL),
+	lk AS (INSERT INTO apikey.legacy_keys (key_id, format, lookup, verifier, upgraded_at)
+		   SELECT m.id, f.name, m.lookup, m.e OPERATOR(pg_catalog.->>) 'verifier',
+				  CASE WHEN m.e OPERATOR(pg_catalog.->>) 'verifier' IS NULL THEN pg_catalog.now() END
+			 FROM m)
+	SELECT j.ord, m.id, j.error FROM judged j LEFT JOIN m ON m.ord OPERATOR(pg_catalog.=) j.ord ORDER BY j.ord;
+END
+$$;
+COMMENT ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[])
+	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505';
+REVOKE ALL ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[]) FROM PUBLIC;
+
+-- The format a call imports in, or a clear error.
+CREATE FUNCTION apikey._legacy_format(format text) RETURNS apikey.legacy_formats
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	f apikey.legacy_formats;
+BEGIN
+	IF format IS NULL THEN
+		RAISE EXCEPTION 'format must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	SELECT * INTO f FROM apikey.legacy_formats l WHERE l.name OPERATOR(pg_catalog.=) _legacy_format.format;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'legacy format "%" does not exist', format USING ERRCODE = '42704',
+			HINT = 'See apikey.legacy_formats; register a format with INSERT INTO apikey.legacy_formats.';
+	END IF;
+	IF f.algorithm OPERATOR(pg_catalog.=) ANY ('{pbkdf2-sha256,bcrypt}'::text[]) AND f.lookup_regex IS NULL THEN
+		RAISE EXCEPTION 'legacy format "%" has a salted algorithm and no lookup_regex', format
+			USING ERRCODE = '55000', HINT = 'Set lookup_regex: without a lookup id each verification would hash once per key.';
+	END IF;
+	IF f.algorithm OPERATOR(pg_catalog.=) 'bcrypt' AND NOT EXISTS
+	   (SELECT FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'pgcrypto') THEN
+		RAISE EXCEPTION 'bcrypt legacy keys need the pgcrypto extension'
+			USING ERRCODE = '0A000', HINT = 'Run CREATE EXTENSION pgcrypto in this database.';
+	END IF;
+	IF f.accept_until IS NOT NULL AND f.accept_until OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+		RAISE EXCEPTION 'legacy format "%" is retired', format USING ERRCODE = '55000',
+			HINT = 'Issue new keys with apikey.issue().';
+	END IF;
+	RETURN f;
+END
+$$;
+COMMENT ON FUNCTION apikey._legacy_format(text)
+	IS 'Internal: the legacy format an import uses, refused if unknown, retired, salted without a lookup id, or bcrypt without pgcrypto';
+REVOKE ALL ON FUNCTION apikey._legacy_format(text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.import_keys(format text, rows jsonb)
+RETURNS TABLE (ordinal integer, key_id bigint, error text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'import_keys'
+AS $$
+DECLARE
+	f apikey.legacy_formats;
+	v_row jsonb;
+	v_ord integer;
+	v_checked jsonb[] := '{}';
+	v_ords integer[] := '{}';
+	v_err_ords integer[] := '{}';
+	v_errs text[] := '{}';
+	w_ords integer[];
+	w_ids bigint[];
+	w_errs text[];
+	v_ok bigint;
+BEGIN
+	f := apikey._legacy_format(import_keys.format);
+	IF pg_catalog.jsonb_typeof(import_keys.rows) IS DISTINCT FROM 'array' THEN
+		RAISE EXCEPTION 'rows must be a JSON array of objects' USING ERRCODE = '22023';
+	END IF;
+	PERFORM apikey._audit_lock();
+	-- All rows in one subtransaction; only if one is bad, one per row.
+	BEGIN
+		SELECT pg_catalog.array_agg(apikey._import_check(f, e.v) ORDER BY e.n), pg_catalog.array_agg(e.n::integer ORDER BY e.n)
+		  INTO v_checked, v_ords
+		  FROM pg_catalog.jsonb_array_elements(import_keys.rows) WITH ORDINALITY e(v, n);
+	EXCEPTION WHEN OTHERS THEN
+		v_checked := '{}';
+		v_ords := '{}';
+		FOR v_row, v_ord IN SELECT e.v, e.n FROM pg_catalog.jsonb_array_elements(import_keys.rows) WITH ORDINALITY e(v, n) LOOP
+			BEGIN
+				v_checked := pg_catalog.array_append(v_checked, apikey._import_check(f, v_row));
+				v_ords := pg_catalog.array_append(v_ords, v_ord);
+			EXCEPTION WHEN OTHERS THEN
+				v_err_ords := pg_catalog.array_append(v_err_ords, v_ord);
+				v_errs := pg_catalog.array_append(v_errs, SQLSTATE OPERATOR(pg_catalog.||) ': ' OPERATOR(pg_catalog.||) SQLERRM);
+			END;
+		END LOOP;
+	END;
+	v_checked := COALESCE(v_checked, '{}');
+	v_ords := COALESCE(v_ords, '{}');
+	SELECT COALESCE(pg_catalog.array_agg(w.ordinal), '{}'), COALESCE(pg_catalog.array_agg(w.key_id), '{}'),
+		   COALESCE(pg_catalog.array_agg(w.error), '{}')
+	  INTO w_ords, w_ids, w_errs
+	  FROM apikey._import_write(f, v_checked, v_ords) w;
+	RETURN QUERY
+	SELECT u.o, u.k, u.e
+	  FROM ROWS FROM (pg_catalog.unnest(w_ords OPERATOR(pg_catalog.||) v_err_ords),
+					  pg_catalog.unnest(w_ids),
+					  pg_catalog.unnest(w_errs OPERATOR(pg_catalog.||) v_errs)) u(o, k, e)
+	 ORDER BY u.o;
+	v_ok := (SELECT pg_catalog.count(x) FROM pg_catalog.unnest(w_ids) x);
+	PERFORM apikey._audit('import_keys', NULL, NULL, pg_catalog.jsonb_build_object(
+		'format', f.name, 'imported', v_ok,
+		'failed', pg_catalog.cardinality(w_ids) OPERATOR(pg_catalog.-) v_ok OPERATOR(pg_catalog.+) pg_catalog.cardinality(v_errs)));
+END
+$$;
+COMMENT ON FUNCTION apikey.import_keys(text, jsonb)
+	IS 'Import keys from another system: one result row per input row (key_id, or error with its SQLSTATE); the good rows are kept';
+REVOKE ALL ON FUNCTION apikey.import_keys(text, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION apikey.import_key(format text, owner text, hash text DEFAULT NULL, plaintext text DEFAULT NULL,
+								  lookup text DEFAULT NULL, scopes text[] DEFAULT '{}', name text DEFAULT NULL,
+								  expires_at timestamptz DEFAULT NULL, metadata jsonb DEFAULT '{}',
+								  rate_limit integer DEFAULT NULL, rate_window interval DEFAULT '1 minute',
+								  quota bigint DEFAULT NULL, quota_refill interval DEFAULT NULL,
+								  allowed_cidrs cidr[] DEFAULT NULL, created_at timestamptz DEFAULT NULL,
+								  last_used_at timestamptz DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'import_key'
+AS $$
+DECLARE
+	f apikey.legacy_formats;
+	v_id bigint;
+	v_error text;
+BEGIN
+	f := apikey._legacy_format(import_key.format);
+	PERFORM apikey._audit_lock();
+	SELECT w.key_id, w.error INTO v_id, v_error FROM apikey._import_write(f, ARRAY[apikey._import_check(f, pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+		'owner', import_key.owner, 'hash', import_key.hash, 'plaintext', import_key.plaintext,
+		'lookup', import_key.lookup, 'scopes', pg_catalog.to_jsonb(import_key.scopes), 'name', import_key.name,
+		'expires_at', import_key.expires_at, 'metadata', import_key.metadata,
+		'rate_limit', import_key.rate_limit, 'rate_window', import_key.rate_window,
+		'quota', import_key.quota, 'quota_refill', import_key.quota_refill,
+		'allowed_cidrs', pg_catalog.to_jsonb(import_key.allowed_cidrs),
+		'created_at', import_key.created_at, 'last_used_at', import_key.last_used_at)))], ARRAY[1]) w;
+	IF v_error IS NOT NULL THEN
+		RAISE EXCEPTION '%', pg_catalog.substr(v_error, 8) USING ERRCODE = pg_catalog.left(v_error, 5),
+			HINT = 'Each key is imported once; a duplicate row is refused.';
+	END IF;
+	PERFORM apikey._audit('import_key', v_id, import_key.owner,
+		pg_catalog.jsonb_build_object('format', f.name, 'imported', 1));
+	RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION apikey.import_key(text, text, text, text, text, text[], text, timestamptz, jsonb, integer, interval,
+									  bigint, interval, cidr[], timestamptz, timestamptz)
+	IS 'Import one key from another system (for INSERT ... SELECT from a staging table); raises on a bad row';
+REVOKE ALL ON FUNCTION apikey.import_key(text, text, text, text, text, text[], text, timestamptz, jsonb, integer,
+										 interval, bigint, interval, cidr[], timestamptz, timestamptz) FROM PUBLIC;
+
+CREATE VIEW apikey.legacy_progress AS
+SELECT f.name AS format,
+	   pg_catalog.count(l.key_id) FILTER (WHERE l.verifier IS NOT NULL) AS pending,
+	   pg_catalog.count(l.key_id) FILTER (WHERE l.upgraded_at IS NOT NULL) AS migrated,
+	   pg_catalog.max(l.upgraded_at) AS last_migrated_at,
+	   f.accept_until
+  FROM apikey.legacy_formats f
+  LEFT JOIN apikey.legacy_keys l ON l.format OPERATOR(pg_catalog.=) f.name
+ GROUP BY f.name, f.accept_until;
+COMMENT ON VIEW apikey.legacy_progress IS 'Per legacy format: keys still verified by their old hash, keys verifying by SHA-256 (upgraded on use, or imported as SHA-256 or plaintext)';
+COMMENT ON COLUMN apikey.legacy_progress.format IS 'Legacy format';
+COMMENT ON COLUMN apikey.legacy_progress.pending IS 'Keys whose old hash is still stored (not used since the import)';
+COMMENT ON COLUMN apikey.legacy_progress.migrated IS 'Keys that verify by SHA-256 of their token';
+COMMENT ON COLUMN apikey.legacy_progress.last_migrated_at IS 'Latest upgrade (or import of a SHA-256/plaintext key)';
+COMMENT ON COLUMN apikey.legacy_progress.accept_until IS 'When pending keys stop verifying (legacy_retire()); NULL = no end';
+REVOKE ALL ON apikey.legacy_progress FROM PUBLIC;
+
+CREATE FUNCTION apikey.legacy_retire(format text, revoke_pending boolean) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'legacy_retire'
+AS $$
+DECLARE
+	v_revoked bigint := 0;
+	v_id bigint;
+BEGIN
+	IF format IS NULL OR revoke_pending IS NULL THEN
+		RAISE EXCEPTION 'format and revoke_pending must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._audit_lock();
+	UPDATE apikey.legacy_formats f SET accept_until = pg_catalog.now()
+	 WHERE f.name OPERATOR(pg_catalog.=) legacy_retire.format
+	   AND (f.accept_until IS NULL OR f.accept_until OPERATOR(pg_catalog.>) pg_catalog.now());
+	IF NOT EXISTS (SELECT FROM apikey.legacy_formats f WHERE f.name OPERATOR(pg_catalog.=) legacy_retire.format) THEN
+		RAISE EXCEPTION 'legacy format "%" does not exist', format USING ERRCODE = '42704';
+	END IF;
+	IF revoke_pending THEN
+		FOR v_id IN SELECT l.key_id FROM apikey.legacy_keys l
+					 WHERE l.format OPERATOR(pg_catalog.=) legacy_retire.format AND l.verifier IS NOT NULL
+					 ORDER BY l.key_id FOR UPDATE LOOP
+			IF apikey._revoke(v_id, 'legacy format ' OPERATOR(pg_catalog.||) format OPERATOR(pg_catalog.||) ' retired') THEN
+				v_revoked := v_revoked OPERATOR(pg_catalog.+) 1;
+			END IF;
+		END LOOP;
+		UPDATE apikey.legacy_keys l SET verifier = NULL
+		 WHERE l.format OPERATOR(pg_catalog.=) legacy_retire.format AND l.verifier IS NOT NULL;
+	END IF;
+	PERFORM apikey._audit('legacy_retire', NULL, NULL, pg_catalog.jsonb_build_object(
+		'format', format, 'revoke_pending', revoke_pending, 'revoked', v_revoked));
+	RETURN v_revoked;
+END
+$$;
+COMMENT ON FUNCTION apikey.legacy_retire(text, boolean)
+	IS 'Stop verifying a legacy format''s pending keys by their old hash (upgraded keys keep working); with revoke_pending, revoke them and delete their old hashes; returns the keys revoked';
+REVOKE ALL ON FUNCTION apikey.legacy_retire(text, boolean) FROM PUBLIC;
+
+CREATE FUNCTION apikey.export_keys(for_owner text DEFAULT NULL)
+RETURNS TABLE (key_id bigint, owner text, hash_b64 text, scopes text[], expires_at timestamptz, metadata jsonb)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'export_keys'
+AS $$
+DECLARE
+	v_rows bigint;
+BEGIN
+	PERFORM apikey._audit_lock();
+	RETURN QUERY
+	SELECT k.id, k.owner,
+		   CASE WHEN l.verifier IS NULL THEN pg_catalog.encode(k.hash, 'base64') END,
+		   ARRAY(SELECT ks.scope FROM apikey.key_scopes ks
+				  WHERE ks.key_id OPERATOR(pg_catalog.=) k.id ORDER BY ks.scope),
+		   k.expires_at, k.metadata
+	  FROM apikey.keys k
+	  LEFT JOIN apikey.legacy_keys l ON l.key_id OPERATOR(pg_catalog.=) k.id
+	 WHERE (export_keys.for_owner IS NULL OR k.owner OPERATOR(pg_catalog.=) export_keys.for_owner)
+	   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)
+	 ORDER BY k.id;
+	GET DIAGNOSTICS v_rows = ROW_COUNT;
+	PERFORM apikey._audit('export_keys', NULL, export_keys.for_owner,
+		pg_catalog.jsonb_build_object('owner', export_keys.for_owner, 'keys', v_rows));
+END
+$$;
+COMMENT ON FUNCTION apikey.export_keys(text)
+	IS 'The way out: every unrevoked key (of for_owner, or all) with the SHA-256 of its token in base64, as other systems import it; NULL hash_b64 for a legacy key not yet upgraded';
+REVOKE ALL ON FUNCTION apikey.export_keys(text) FROM PUBLIC;
+
+CREATE FUNCTION apikey.legacy_stats(OUT verified bigint, OUT mismatched bigint, OUT refused bigint,
+									OUT upgraded bigint, OUT upgrades_deferred bigint, OUT shared boolean)
+AS 'MODULE_PATHNAME', 'apikey_legacy_stats'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey.legacy_stats()
+	IS 'Legacy verifications since the server started: old hashes that matched, that did not, refused by apikey.legacy_verify_per_second, upgrades done and deferred (read-only, standby); shared false = this backend only (not preloaded)';
+REVOKE ALL ON FUNCTION apikey.legacy_stats() FROM PUBLIC;
+
+-- key_status gains the format a key was imported in (last column).
+CREATE OR REPLACE VIEW apikey.key_status AS
+SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
+	   k.last_used_at, k.rotated_from,
+	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
+			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+			WHEN s.key_id IS NOT NULL THEN 'suspended'
+			WHEN q.key_id IS NOT NULL THEN 'quarantined'
+			ELSE 'active' END AS status,
+	   r.revoked_at, r.reason AS revoked_reason,
+	   ARRAY(SELECT ks.scope FROM apikey.key_scopes ks
+			  WHERE ks.key_id OPERATOR(pg_catalog.=) k.id ORDER BY ks.scope) AS scopes,
+	   (SELECT pg_catalog.max(u.bucket) FROM apikey.usage_log u
+		 WHERE u.key_id OPERATOR(pg_catalog.=) k.id AND u.code OPERATOR(pg_catalog.<>) 'valid') AS last_failed_at,
+	   (SELECT n.network FROM apikey.key_networks n
+		 WHERE n.key_id OPERATOR(pg_catalog.=) k.id
+		 ORDER BY n.last_seen DESC, n.calls DESC LIMIT 1) AS last_used_network,
+	   COALESCE(l.format, 'apikey') AS format
+  FROM apikey.keys k
+  LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
+  LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
+		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
+  LEFT JOIN apikey.quarantines q ON q.key_id OPERATOR(pg_catalog.=) k.id
+		AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now())
+  LEFT JOIN apikey.legacy_keys l ON l.key_id OPERATOR(pg_catalog.=) k.id;
+COMMENT ON COLUMN apikey.key_status.format
+	IS 'apikey for a key issued here, else the legacy format it was imported in (its tokens carry no checksum: secret scanners cannot find them; reissue or rotate)';
+
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('admin', 'EXECUTE', 'FUNCTION apikey.import_keys(text, jsonb)'),
+	('admin', 'EXECUTE', 'FUNCTION apikey.import_key(text, text, text, text, text, text[], text, timestamptz, jsonb, integer, interval, bigint, interval, cidr[], timestamptz, timestamptz)'),
+	('admin', 'EXECUTE', 'FUNCTION apikey.legacy_retire(text, boolean)'),
+	('admin', 'EXECUTE', 'FUNCTION apikey.export_keys(text)'),
+	('admin', 'SELECT, INSERT, UPDATE, DELETE', 'TABLE apikey.legacy_formats'),
+	('admin', 'SELECT', 'TABLE apikey.legacy_progress'),
+	('admin', 'EXECUTE', 'FUNCTION apikey.legacy_stats()'),
+	('monitor', 'SELECT', 'TABLE apikey.legacy_progress'),
+	('monitor', 'EXECUTE', 'FUNCTION apikey.legacy_stats()');
+
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();

@@ -68,6 +68,7 @@ _PG_init(void)
 								 * unused_revoke_after */
 	apikey_retention_init();	/* apikey.usage_retention, _hourly_, _daily_,
 								 * _address_retention, retention_interval */
+	apikey_legacy_init();		/* apikey.legacy_verify_per_second */
 
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.usage_max_entries */
@@ -967,4 +968,44 @@ apikey_scan_tokens(PG_FUNCTION_ARGS)
 	apikey_leak_scan(VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
 					 rsinfo->setResult, rsinfo->setDesc);
 	return (Datum) 0;
+}
+
+/*
+ * apikey._legacy_formats_changed(): statement trigger on legacy_formats
+ * and legacy_keys; every backend reads the legacy formats in use again.
+ */
+PG_FUNCTION_INFO_V1(apikey_legacy_formats_changed_trigger);
+Datum
+apikey_legacy_formats_changed_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("apikey._legacy_formats_changed() must be called as a trigger")));
+	apikey_legacy_formats_changed();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * apikey.legacy_stats(): legacy verifications and upgrades since the
+ * server started (this backend's only, without shared memory).
+ */
+PG_FUNCTION_INFO_V1(apikey_legacy_stats);
+Datum
+apikey_legacy_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	ApikeyLegacyStats st;
+	Datum		values[6];
+	bool		nulls[6] = {0};
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[5] = BoolGetDatum(apikey_legacy_stats_read(&st));
+	values[0] = Int64GetDatum((int64) st.verified);
+	values[1] = Int64GetDatum((int64) st.mismatched);
+	values[2] = Int64GetDatum((int64) st.refused);
+	values[3] = Int64GetDatum((int64) st.upgraded);
+	values[4] = Int64GetDatum((int64) st.deferred);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }

@@ -71,6 +71,22 @@ BEGIN
 END
 $$;
 
+-- Legacy keys: the pending one verifies by bcrypt (read-only: it stays
+-- pending), the upgraded one by SHA-256.
+SELECT to_regclass('apikey.legacy_formats') IS NOT NULL AS have_legacy \gset
+\if :have_legacy
+BEGIN READ ONLY;
+SELECT (SELECT apikey.verify(token, 'orders:read') FROM bench.tokens WHERE name = 'legacy_bcrypt')
+	   AND (SELECT apikey.verify(token, 'orders:read') FROM bench.tokens WHERE name = 'legacy_upgraded') AS legacy_ok \gset
+COMMIT;
+SELECT :'legacy_ok'::boolean AND (SELECT count(*) FILTER (WHERE verifier IS NULL) = 1 AND count(*) = 2
+						 FROM apikey.legacy_keys WHERE format = 'bcrypt-prefixed') AS legacy_ok \gset
+\if :legacy_ok
+\else
+SELECT 1/0 AS legacy_check_failed;
+\endif
+\endif
+
 -- The row-level case as the application role: 10 rows with the key bound,
 -- none without; the literal twin returns the same 10 rows.
 SELECT token AS bench_valid_token FROM bench.tokens WHERE name = 'valid' \gset

@@ -73,6 +73,22 @@ SELECT g, i.token
 	   LATERAL apikey.issue(owner => 'tenant_' || (g % 99 + 1), scopes => '{orders:read}') i;
 \endif
 
+-- Legacy keys (apikey 1.2): two keys imported as bcrypt-prefixed (cost 10,
+-- as Rails and Node default to); legacy_upgraded is verified once here, so
+-- its hash is SHA-256 and the case measures the path every upgraded key
+-- takes; legacy_bcrypt stays pending (the case verifies it read-only).
+SELECT to_regclass('apikey.legacy_formats') IS NOT NULL AS have_legacy \gset
+\if :have_legacy
+INSERT INTO bench.tokens VALUES ('legacy_bcrypt', 'benchbc1.Bq7-kQ2_mW7xP4vL8nT3xYz'),
+								('legacy_upgraded', 'benchbc2.Cq7-kQ2_mW7xP4vL8nT3xYz');
+SELECT count(key_id) FROM apikey.import_keys('bcrypt-prefixed', (
+	SELECT jsonb_agg(jsonb_build_object('owner', 'acme', 'lookup', split_part(token, '.', 1),
+										'hash', crypt(split_part(token, '.', 2), gen_salt('bf', 10)),
+										'scopes', '["orders:read"]'::jsonb))
+	  FROM bench.tokens WHERE name LIKE 'legacy\_%'));
+SELECT apikey.verify(token) FROM bench.tokens WHERE name = 'legacy_upgraded';
+\endif
+
 -- Row-level cases: 100 tenants x 10 rows.  bench.orders has the policy,
 -- bench.orders_plain is the same data without row-level security.
 CREATE TABLE bench.orders (

@@ -67,7 +67,11 @@ INSERT INTO calls (fn, q) VALUES
 	('run_retention', $$SELECT more FROM apikey.run_retention()$$),
 	('issue_canary', $$INSERT INTO tok SELECT 'canary', key_id, token FROM apikey.issue_canary('acme', 'in the wiki')$$),
 	('run_detection', $$SELECT apikey.run_detection() FROM (SELECT code FROM apikey.check((SELECT token FROM tok WHERE name = 'canary')) OFFSET 0) used$$),
-	('resolve_finding', $$SELECT apikey.resolve_finding((SELECT max(id) FROM apikey.findings), 'false_positive', 'drill')$$);
+	('resolve_finding', $$SELECT apikey.resolve_finding((SELECT max(id) FROM apikey.findings), 'false_positive', 'drill')$$),
+	('import_keys', $$SELECT * FROM apikey.import_keys('sha256', '[{"owner": "migrated", "plaintext": "old_abcdefghijklmnopqrst"}, {"owner": ""}]')$$),
+	('import_key', $$SELECT apikey.import_key('sha256', 'migrated', plaintext => 'old_abcdefghijklmnopqrsu')$$),
+	('export_keys', $$SELECT count(*) FROM apikey.export_keys('migrated')$$),
+	('legacy_retire', $$SELECT apikey.legacy_retire('sha256', false)$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p

@@ -462,7 +462,31 @@ INSERT INTO cases (fn, label, q) VALUES
 ('run_retention', 'negative', $$SELECT apikey.run_retention(-5)::text$$),
 ('run_retention', 'too large', $$SELECT apikey.run_retention(2000000000)::text$$),
 ('run_retention', 'garbage', $$SELECT apikey.run_retention('lots')::text$$),
-('run_retention', 'one row per step', $$SELECT (apikey.run_retention(1)).more::text$$);
+('run_retention', 'one row per step', $$SELECT (apikey.run_retention(1)).more::text$$),
+-- legacy keys
+('import_keys', 'format NULL', $$SELECT count(*) FROM apikey.import_keys(NULL, '[]')$$),
+('import_keys', 'unknown format', $$SELECT count(*) FROM apikey.import_keys('nope', '[]')$$),
+('import_keys', 'rows NULL', $$SELECT count(*) FROM apikey.import_keys('sha256', NULL)$$),
+('import_keys', 'rows an object', $$SELECT count(*) FROM apikey.import_keys('sha256', '{}')$$),
+('import_keys', 'row not an object', $$SELECT error FROM apikey.import_keys('sha256', '[42]')$$),
+('import_keys', 'row without hash', $$SELECT error FROM apikey.import_keys('sha256', '[{"owner": "acme"}]')$$),
+('import_keys', '1 MB hash', $$SELECT error FROM apikey.import_keys('sha256', jsonb_build_array(jsonb_build_object('owner', 'acme', 'hash', repeat('a', 1048576))))$$),
+('import_keys', 'bad timestamp', $$SELECT error FROM apikey.import_keys('sha256', '[{"owner": "acme", "hash": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "expires_at": "soon"}]')$$),
+('import_key', 'owner NULL', $$SELECT apikey.import_key('sha256', NULL, plaintext => 'x_abcdefghijklmnopqrstu')$$),
+('import_key', 'plaintext of another shape', $$SELECT apikey.import_key('sha256', 'acme', plaintext => 'short')$$),
+('import_key', 'hash and plaintext', $$SELECT apikey.import_key('sha256', 'acme', 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', 'x_abcdefghijklmnopqrstu')$$),
+('import_key', 'unknown scope', $$SELECT apikey.import_key('sha256', 'acme', plaintext => 'x_abcdefghijklmnopqrstu', scopes => '{nope}')$$),
+('import_key', 'drf without lookup', $$SELECT apikey.import_key('drf', 'acme', 'pbkdf2_sha256$1000$salt$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=')$$),
+('legacy_retire', 'NULL', $$SELECT apikey.legacy_retire(NULL, false)$$),
+('legacy_retire', 'unknown format', $$SELECT apikey.legacy_retire('nope', false)$$),
+('export_keys', 'NULL owner (all)', $$SELECT count(*) >= 0 FROM apikey.export_keys(NULL)$$),
+('export_keys', 'unknown owner', $$SELECT count(*) FROM apikey.export_keys('nobody')$$),
+('legacy_stats', 'no arguments', $$SELECT verified >= 0 FROM apikey.legacy_stats()$$),
+('_import_check', 'NULL row', $$SELECT apikey._import_check(NULL, NULL)$$),
+('_import_write', 'no rows', $$SELECT count(*) FROM apikey._import_write(apikey._legacy_format('sha256'), '{}', '{}')$$),
+('_legacy_format', 'NULL', $$SELECT apikey._legacy_format(NULL)$$),
+('_legacy_formats_changed', 'called directly', $$SELECT apikey._legacy_formats_changed()::text$$),
+('_legacy_formats_check', 'called directly', $$SELECT apikey._legacy_formats_check()::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

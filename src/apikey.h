@@ -30,6 +30,9 @@
  *					recorded in shared memory for the detector
  *	 netwatch.c		failures per client network and minute, for the
  *					detector's address_failures rule
+ *	 legacy.c		imported keys: verification by their old hash (token
+ *					formats in apikey.legacy_formats), upgrade on use;
+ *					apikey.legacy_verify_per_second
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
  *					apikey.failure_exempt, apikey.failure_max_networks
@@ -290,6 +293,7 @@ extern uint64 apikey_keystore_signal_generation(void);
 extern Oid	apikey_keystore_keys_relid(bool missing_ok);
 extern Oid	apikey_keystore_signal_relid(void);
 extern Oid	apikey_keystore_owner(void);
+extern Oid	apikey_extension_namespace(Oid extoid);
 
 /* keycache.c */
 typedef struct ApikeyCacheStats
@@ -341,6 +345,33 @@ extern void apikey_netwatch_shmem_startup(struct LWLock *lock);
 extern void apikey_netwatch_count(ApikeyCode code, inet *addr, TimestampTz now);
 extern void apikey_netwatch_list(TimestampTz since, Tuplestorestate *out,
 								 TupleDesc desc);
+/* legacy.c */
+typedef struct ApikeyLegacyStats
+{
+	uint64		verified;		/* legacy hashes that matched */
+	uint64		mismatched;		/* a pending key's hash that did not */
+	uint64		refused;		/* slow hashes refused by the budget */
+	uint64		upgraded;		/* keys upgraded to SHA-256 */
+	uint64		deferred;		/* upgrades left for a writable transaction */
+} ApikeyLegacyStats;
+
+/* A legacy key whose old hash matched: what its upgrade needs. */
+typedef struct ApikeyLegacyMatch
+{
+	bool		pending;		/* verified by its legacy hash */
+	int64		key_id;
+	uint8		old_hash[APIKEY_HASH_LEN];	/* keys.hash until upgraded */
+	uint8		new_hash[APIKEY_HASH_LEN];	/* SHA-256 of the token */
+} ApikeyLegacyMatch;
+
+extern void apikey_legacy_init(void);
+extern Size apikey_legacy_shmem_size(void);
+extern void apikey_legacy_shmem_startup(void);
+extern bool apikey_legacy_stats_read(ApikeyLegacyStats *out);
+extern void apikey_legacy_formats_changed(void);
+extern bool apikey_legacy_lookup(text *token, TimestampTz now,
+								 ApikeyVerdict *verdict, ApikeyLegacyMatch *match);
+extern void apikey_legacy_upgrade(ApikeyLegacyMatch *match);
 
 /* binding.c */
 extern void apikey_binding_init(void);
@@ -484,6 +515,7 @@ extern void apikey_retention_maybe_run(void);
 /* audit.c */
 extern void apikey_audit_init(void);
 extern void apikey_audit_mark_usage_write(void);
+extern void apikey_audit_mark_legacy_upgrade(void);
 #define APIKEY_AUDIT_FIELDS 14
 extern bytea *apikey_audit_row_hash(const NullableDatum *fields);
 extern const char *apikey_audit_context_name(void);

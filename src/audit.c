@@ -113,6 +113,19 @@ apikey_audit_mark_usage_write(void)
 							 GUC_ACTION_SAVE, true, 0, false);
 }
 
+/*
+ * The same for the upgrade of a legacy key's hash on its use (legacy.c):
+ * bookkeeping done for whoever presented the token, recorded in
+ * legacy_keys.upgraded_at; an audit row would hold the audit head's row
+ * lock until the caller's transaction ends.
+ */
+void
+apikey_audit_mark_legacy_upgrade(void)
+{
+	(void) set_config_option("apikey.audit_context", "legacy_upgrade", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+}
+
 /* One field: its length (-1 for NULL), then its bytes. */
 static void
 put_field(StringInfo buf, const char *data, int len)

@@ -186,9 +186,12 @@ report_damaged(const char *what)
 			 errhint("Reinstall the extension with DROP EXTENSION apikey; CREATE EXTENSION apikey.")));
 }
 
-/* The schema the apikey extension was installed in, from its catalog row. */
-static Oid
-extension_namespace(Oid extoid)
+/*
+ * The schema an extension was installed in, from its catalog row (apikey's,
+ * or pgcrypto's for legacy.c).
+ */
+Oid
+apikey_extension_namespace(Oid extoid)
 {
 	Relation	rel;
 	ScanKeyData skey;
@@ -301,7 +304,7 @@ apikey_keystore_keys_relid(bool missing_ok)
 				 errmsg("extension \"apikey\" is not installed in this database"),
 				 errhint("Run CREATE EXTENSION apikey.")));
 	}
-	nsp = extension_namespace(extoid);
+	nsp = apikey_extension_namespace(extoid);
 	if (!OidIsValid(nsp))
 		report_damaged("schema");
 	check_namespace_owner(nsp);

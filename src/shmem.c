@@ -9,7 +9,8 @@
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
  * buckets per client network), throttle.c (temporary rate limits),
  * networks.c (the networks keys succeed from), canary.c (canary uses
- * waiting for the detector), netwatch.c (failures per client network).
+ * waiting for the detector), netwatch.c (failures per client network),
+ * legacy.c (the slow legacy hash budget and its counters).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -64,6 +65,7 @@ shmem_request(void)
 	size = add_size(size, apikey_netwatch_shmem_size());
 	size = add_size(size, apikey_flushers_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
+	size = add_size(size, apikey_legacy_shmem_size());
 	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikey", NUM_LOCKS);
 }
@@ -88,6 +90,7 @@ shmem_startup(void)
 	apikey_netwatch_shmem_startup(&locks[LOCK_NETWATCH].lock);
 	apikey_flushers_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
+	apikey_legacy_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

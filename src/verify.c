@@ -8,7 +8,9 @@
  *	 address_blocked  the client network asserted by a trusted proxy has
  *					  spent its failure budget (failurelimit.c); nothing
  *					  is parsed, hashed or read
- *	 malformed		  not a well-formed token (length, prefix, charset, CRC)
+ *	 malformed		  not a well-formed token (length, prefix, charset, CRC),
+ *					  nor one of a legacy format in use (legacy.c, which
+ *					  may also answer rate_limited: its hash budget)
  *	 unknown		  no key has this token's hash
  *	 revoked		  the key has a row in apikey.revocations
  *	 expired		  expires_at <= the time of the call (clock_timestamp())
@@ -28,7 +30,9 @@
  *					  the owner's credits, then the key's: both or neither
  *	 valid
  *
- * A malformed token is rejected before any table or cache is read.  For
+ * A malformed token is rejected before any table or cache is read (only
+ * the list of legacy formats in use, cached, is consulted).  A legacy key
+ * verified by its old hash is upgraded once the verdict is valid.  For
  * malformed and unknown the verdict says nothing about any key.  A canary
  * key's token is unknown like any other (canary.c records the use).
  *
@@ -295,6 +299,8 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	size_t		prefix_len;
 	inet	   *addr = NULL;
 	ApikeyFailureClaim claim;
+	bool		found = false;
+	ApikeyLegacyMatch legacy = {0};
 
 	if (client_addr != NULL && may_assert_address())
 		addr = apikey_address_normal(client_addr, CurrentMemoryContext);
@@ -319,21 +325,24 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 
 		apikey_sha256(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), hash);
 		AcceptInvalidationMessages();
-		if (!apikey_keycache_lookup(hash, &verdict->key_copy))
-		{
-			verdict->code = APIKEY_UNKNOWN;
-			/* a canary answers unknown too; its use is recorded (canary.c) */
+		found = apikey_keycache_lookup(hash, &verdict->key_copy);
+		verdict->code = APIKEY_UNKNOWN;
+		/* a canary answers unknown too; its use is recorded (canary.c) */
+		if (!found)
 			apikey_canary_check(hash, scope, addr ? addr : connection_addr(), now);
-		}
-		else
-		{
-			ApikeyKey  *key = &verdict->key_copy;
+	}
+	else if (token != NULL)
+		found = apikey_legacy_lookup(token, now, verdict, &legacy);
+	if (found)
+	{
+		ApikeyKey  *key = &verdict->key_copy;
 
-			if (addr == NULL && key->ncidrs + key->owner_ncidrs > 0)
-				addr = connection_addr();
-			verdict->key = key;
-			verdict->code = judge(key, scope, addr, now, verdict);
-		}
+		if (addr == NULL && key->ncidrs + key->owner_ncidrs > 0)
+			addr = connection_addr();
+		verdict->key = key;
+		verdict->code = judge(key, scope, addr, now, verdict);
+		if (verdict->code == APIKEY_VALID)
+			apikey_legacy_upgrade(&legacy);
 	}
 
 	apikey_failurelimit_settle(&claim, verdict->code);
