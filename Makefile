@@ -5,6 +5,7 @@ OBJS = \
 	src/address.o \
 	src/audit.o \
 	src/binding.o \
+	src/events.o \
 	src/failurelimit.o \
 	src/hash.o \
 	src/invalidation.o \

@@ -59,6 +59,8 @@ _PG_init(void)
 	apikey_worker_init();		/* apikey.usage_flush_interval */
 	apikey_keystore_init();		/* invalidation callbacks */
 	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
+	apikey_events_init();		/* apikey.events_interval, event_retention,
+								 * unused_revoke_after */
 
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
@@ -790,6 +792,29 @@ apikey_audit_context(PG_FUNCTION_ARGS)
 	if (name == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(name));
+}
+
+/*
+ * apikey._event_settings(OUT retention interval, OUT unused_revoke_after
+ * interval): the events pass's settings (events.c), NULL when 0.
+ */
+PG_FUNCTION_INFO_V1(apikey_event_settings);
+Datum
+apikey_event_settings(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Interval   *retention = apikey_event_retention();
+	Interval   *unused = apikey_unused_revoke_after();
+	Datum		values[2];
+	bool		nulls[2];
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[0] = PointerGetDatum(retention);
+	nulls[0] = retention == NULL;
+	values[1] = PointerGetDatum(unused);
+	nulls[1] = unused == NULL;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
 /*

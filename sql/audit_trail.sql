@@ -49,6 +49,8 @@ INSERT INTO calls (fn, q) VALUES
 	('revoke_token', $$SELECT apikey.revoke_token((SELECT token FROM tok WHERE name = 'k2'), 'leaked in a ticket')$$),
 	('revoke_owner', $$SELECT apikey.revoke_owner('spare', 'tenant gone')$$),
 	('audit_prune', $$SELECT apikey.audit_prune('100 years')$$),
+	('run_events', $$SELECT apikey.run_events()$$),
+	('expire_unused', $$SELECT apikey.expire_unused('100 years')$$),
 	('report_leak', $$SELECT apikey.report_leak((SELECT token FROM tok WHERE name = 'spare'), 'support', 'T-1')$$),
 	('report_leak_hash', $$SELECT apikey.report_leak_hash(apikey.hash((SELECT token FROM tok WHERE name = 'byhash')), 'partner')$$),
 	('report_leaks', $$SELECT apikey.report_leaks(jsonb_build_array(jsonb_build_object('token', (SELECT token FROM tok WHERE name = 'spare'), 'type', 't', 'url', 'https://example.com/1')))$$),

@@ -86,6 +86,7 @@ SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
 SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));
 SELECT invalidations AS inv FROM apikey.cache_stats() \gset
 BEGIN;
+SET LOCAL apikey.events_notify = off;   -- a NOTIFY cannot be prepared
 SELECT apikey.revoke(key_id) FROM tok WHERE n = 3;
 PREPARE TRANSACTION 'regress_cache_revoke';
 SELECT code FROM apikey.check((SELECT token FROM tok WHERE n = 3));

@@ -385,7 +385,25 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_regrant', 'nothing recorded', $$SELECT apikey._regrant()::text$$),
 ('_role_grants_apply', 'called directly', $$SELECT apikey._role_grants_apply()::text$$),
 ('_stats_by_code', 'no arguments', $$SELECT count(*) > 0 FROM apikey._stats_by_code()$$),
-('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$);
+('_writer_heartbeat', 'no arguments', $$SELECT apikey._writer_heartbeat() IS NULL OR apikey._writer_heartbeat() <= clock_timestamp()$$),
+-- events
+('_event', 'all NULL', $$SELECT apikey._event(NULL, NULL, NULL, NULL, NULL)$$),
+('_event', 'unknown kind', $$SELECT apikey._event('key.exploded', NULL, NULL, 'info', '{}')$$),
+('_event', 'NULL severity', $$SELECT apikey._event('key.revoked', NULL, NULL, NULL, '{}')$$),
+('_event', 'array payload', $$SELECT apikey._event('key.revoked', NULL, NULL, 'info', '[]')$$),
+('_event', '1 MB payload ending in a token', $$SELECT apikey._event('key.revoked', NULL, NULL, 'info', jsonb_build_object('x', repeat('a', 1048576) || ' ' || (SELECT token FROM tok WHERE name = 'valid')))$$),
+('_event', 'NULL payload', $$SELECT apikey._event('key.revoked', NULL, NULL, 'info', NULL) > 0$$),
+('_event_key_changed', 'called directly', $$SELECT apikey._event_key_changed()::text$$),
+('_event_settings', 'no arguments', $$SELECT (apikey._event_settings()).retention IS NOT NULL$$),
+('_expire_unused', 'NULL', $$SELECT apikey._expire_unused(NULL, NULL)::text$$),
+('_expire_unused', 'negative', $$SELECT apikey._expire_unused('-1 day', true)::text$$),
+('_run_events', 'no arguments', $$SELECT apikey._run_events() >= 0$$),
+('run_events', 'no arguments', $$SELECT apikey.run_events() >= 0$$),
+('expire_unused', 'NULL', $$SELECT count(*) FROM apikey.expire_unused(NULL)$$),
+('expire_unused', 'zero', $$SELECT count(*) FROM apikey.expire_unused('0')$$),
+('expire_unused', 'garbage', $$SELECT count(*) FROM apikey.expire_unused('soon')$$),
+('expire_unused', '178000000 years', $$SELECT count(*) FROM apikey.expire_unused('178000000 years')$$),
+('expire_unused', '100 years: nothing to revoke', $$SELECT count(*) FROM apikey.expire_unused('100 years')$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

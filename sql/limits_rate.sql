@@ -47,6 +47,26 @@ SELECT apikey.verify(:'t3') AS verify_refused;
 -- authenticate() raises 53400 and binds nothing.
 SELECT limits_rate_auth_error(:'t3');
 SELECT apikey.current_key_id() IS NULL AS nothing_bound;
+-- The hint gives retry_after in whole seconds, rounded up, whatever the
+-- session's IntervalStyle: a client turns it into Retry-After with one
+-- pattern.  (20 minutes = 1200 s at most; more than 1190 s here.)
+CREATE FUNCTION limits_rate_hint(tok text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE hnt text;
+BEGIN
+	PERFORM apikey.authenticate(tok);
+	RETURN NULL;
+EXCEPTION WHEN configuration_limit_exceeded THEN
+	GET STACKED DIAGNOSTICS hnt = PG_EXCEPTION_HINT;
+	RETURN hnt;
+END
+$$;
+SET IntervalStyle = sql_standard;
+SELECT h ~ '^Retry after [0-9]+ seconds\.$' AS whole_seconds,
+       substring(h from '[0-9]+')::int BETWEEN 1190 AND 1200 AS seconds_left
+  FROM limits_rate_hint(:'t3') AS h;
+SET IntervalStyle = iso_8601;
+SELECT limits_rate_hint(:'t3') ~ '^Retry after [0-9]+ seconds\.$' AS same_form_in_iso_8601;
+RESET IntervalStyle;
 
 -- The bucket is in shared memory, not in the backend: a new session of
 -- the same database is still refused.

@@ -11,6 +11,9 @@
  *	 shmem.c		shared memory set-up only: sizes, locks, start-up calls
  *	 worker.c		background worker that persists usage counters;
  *					apikey.usage_flush_interval
+ *	 events.c		events you can LISTEN to: the worker's periodic pass, the
+ *					C entry to apikey._event(); apikey.events_interval,
+ *					apikey.event_retention, apikey.unused_revoke_after
  *	 issue.c		issuing keys (issue, issue_many) and the argument checks
  *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies;
@@ -62,6 +65,7 @@
 #include "fmgr.h"
 #include "utils/array.h"
 #include "utils/inet.h"
+#include "utils/jsonb.h"
 #include "utils/tuplestore.h"
 
 #define APIKEY_HASH_LEN		32	/* SHA-256 */
@@ -342,6 +346,14 @@ extern Size apikey_worker_shmem_size(void);
 extern void apikey_worker_shmem_startup(void);
 extern void apikey_worker_register(void);
 extern int	apikey_worker_request_flush(void);
+
+/* events.c */
+extern void apikey_events_init(void);
+extern Interval *apikey_event_retention(void);
+extern Interval *apikey_unused_revoke_after(void);
+extern int64 apikey_event_emit(const char *kind, const int64 *key_id, const char *owner,
+							   const char *severity, Jsonb *payload);
+extern void apikey_events_tick(void);
 
 /* audit.c */
 extern void apikey_audit_init(void);

@@ -92,6 +92,21 @@ apikey_interval_datum(int64 usecs)
 }
 
 /*
+ * retry_after for a hint: whole seconds, rounded up, as HTTP's Retry-After
+ * wants them.  Not an interval's text, whose form follows the session's
+ * IntervalStyle and would make every client parse four formats.
+ */
+static char *
+retry_seconds(int64 usecs)
+{
+	int64		secs = (usecs + USECS_PER_SEC - 1) / USECS_PER_SEC;
+
+	if (secs < 1)
+		secs = 1;
+	return psprintf(INT64_FORMAT " %s", secs, secs == 1 ? "second" : "seconds");
+}
+
+/*
  * Raise the error authenticate() reports for a rejected verdict.  scope is
  * the scope asked for, already clipped for a message (scope_denied only).
  */
@@ -104,8 +119,7 @@ apikey_verdict_report(const ApikeyVerdict *v, const char *scope)
 	if (v->code == APIKEY_VALID)
 		return;
 	if (v->has_retry_after)
-		retry = DatumGetCString(DirectFunctionCall1(interval_out,
-													apikey_interval_datum(v->retry_after)));
+		retry = retry_seconds(v->retry_after);
 	ereport(ERROR,
 			(errcode(info->sqlstate),
 			 (v->code == APIKEY_SCOPE_DENIED || v->code == APIKEY_QUARANTINED) ?

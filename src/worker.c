@@ -344,6 +344,7 @@ apikey_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 		flush_round();
+		apikey_events_tick();	/* events.c: every apikey.events_interval */
 	}
 
 	/* write what there is now, and again once clients are gone */

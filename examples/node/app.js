@@ -47,23 +47,18 @@ const STATUS_BY_VERDICT = {
 };
 
 // authenticate() reports a rejected verdict as an error whose DETAIL is
-// "Verdict: <code>." and, when there is a wait, whose HINT carries
-// retry_after ("Retry after 00:00:59.5.", "The quota is refilled in
-// 23:59:59.", ...).
+// "Verdict: <code>." and, when there is a wait, whose HINT ends with it in
+// whole seconds ("Retry after 60 seconds.", "The quota is refilled in
+// 86400 seconds.", ...).
 function verdictOf(err) {
   const m = /^Verdict: ([a-z_]+)\.$/.exec(err.detail || '');
   return m ? m[1] : null;
 }
 
-// retry_after in whole seconds, rounded up, from an interval as PostgreSQL
-// prints it with the default IntervalStyle ("[N days ]HH:MM:SS[.frac]");
-// null when the hint carries none.
+// retry_after in seconds from the HINT; null when the hint carries none.
 function retryAfterSeconds(hint) {
-  const m = /(?:(\d+) days? )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)\.$/.exec(hint || '');
-  if (!m) return null;
-  const seconds = Number(m[1] || 0) * 86400 + Number(m[2]) * 3600 +
-    Number(m[3]) * 60 + Number(m[4]);
-  return Math.max(1, Math.ceil(seconds));
+  const m = / (\d+) seconds?\.$/.exec(hint || '');
+  return m ? Number(m[1]) : null;
 }
 
 // The token of an "Authorization: Bearer <token>" header, or null.

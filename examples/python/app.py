@@ -26,7 +26,6 @@ default "127.0.0.0/8, ::1/128").
 
 import ipaddress
 import json
-import math
 import os
 import queue
 import re
@@ -52,7 +51,7 @@ STATUS_BY_VERDICT = {
 }
 
 VERDICT_RE = re.compile(r"^Verdict: ([a-z_]+)\.$")
-INTERVAL_RE = re.compile(r"(?:(\d+) days? )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)\.$")
+RETRY_RE = re.compile(r" (\d+) seconds?\.$")
 BEARER_RE = re.compile(r"^Bearer +([^ ]+) *$", re.IGNORECASE)
 
 
@@ -64,16 +63,11 @@ def verdict_of(err):
 
 
 def retry_after_seconds(hint):
-    """retry_after in whole seconds, rounded up, from authenticate()'s HINT
-    ("Retry after 00:00:59.5.", "The quota is refilled in 23:59:59."), as
-    PostgreSQL prints an interval with the default IntervalStyle; None when
-    the hint carries none."""
-    m = INTERVAL_RE.search(hint or "")
-    if not m:
-        return None
-    days, hours, minutes, seconds = m.groups()
-    total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    return max(1, math.ceil(total))
+    """retry_after in seconds from authenticate()'s HINT ("Retry after 60
+    seconds.", "The quota is refilled in 86400 seconds."); None when the
+    hint carries none."""
+    m = RETRY_RE.search(hint or "")
+    return int(m.group(1)) if m else None
 
 
 def client_address(peer, forwarded_for, trusted):
