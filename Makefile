@@ -17,6 +17,7 @@ OBJS = \
 	src/quota.o \
 	src/ratelimit.o \
 	src/redact.o \
+	src/retention.o \
 	src/shmem.o \
 	src/stats.o \
 	src/support.o \

@@ -2507,7 +2507,7 @@ AS $$
 	SELECT apikey._grant_kind(grant_monitor.role, 'monitor', true);
 $$;
 COMMENT ON FUNCTION apikey.grant_monitor(pg_catalog.regrole)
-	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, usage_log), apikey.events and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
+	IS 'Give a role SELECT on every monitoring view (stats, stats_by_code, live_usage, key_usage, key_status, the dashboard views, usage_log and its rollups), apikey.events and the functions behind them; recorded, so upgrades extend it; true if newly recorded';
 REVOKE ALL ON FUNCTION apikey.grant_monitor(pg_catalog.regrole) FROM PUBLIC;
 
 CREATE FUNCTION apikey.revoke_monitor(role pg_catalog.regrole)
@@ -3054,6 +3054,425 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('admin', 'SELECT', 'TABLE apikey.events'),
 	('admin', 'EXECUTE', 'FUNCTION apikey.run_events()'),
 	('admin', 'EXECUTE', 'FUNCTION apikey.expire_unused(interval)');
+
+-------------------------------------------------------------------------------
+-- Retention, rollups and dashboard views (issue 15, item 4).
+--
+-- usage_log gains an index on time and rolled_up: how many of a row's
+-- calls the rollups (usage_hourly, usage_daily, usage_address_hourly)
+-- already hold.  apikey.run_retention() adds calls - rolled_up to them and
+-- sets rolled_up to calls in one statement, only where the row still holds
+-- the calls it read (a flush that added to the row meanwhile is rolled up
+-- at the next run): every call is in the rollups exactly once.  So every
+-- total is rollup + (calls - rolled_up) of usage_log (+ pending rows + live
+-- counters): exact whenever the rollup last ran, and cheap when it ran
+-- lately.  Raw rows are deleted after apikey.usage_retention once rolled
+-- up; failure addresses are erased (merged into the row without one) after
+-- apikey.address_retention.  Hours and days are UTC.  The settings are
+-- defined in C (src/retention.c); the usage writer runs this every
+-- apikey.retention_interval, and without the preload a scheduler does.
+-------------------------------------------------------------------------------
+
+ALTER TABLE apikey.usage_log ADD COLUMN rolled_up bigint NOT NULL DEFAULT 0;
+ALTER TABLE apikey.usage_log ADD CONSTRAINT usage_log_rolled_up_check
+	CHECK (rolled_up OPERATOR(pg_catalog.>=) 0 AND rolled_up OPERATOR(pg_catalog.<=) calls);
+COMMENT ON COLUMN apikey.usage_log.rolled_up
+	IS 'Calls of this row already added to the rollups (usage_hourly, usage_daily) by apikey.run_retention(); calls - rolled_up are not yet';
+CREATE INDEX usage_log_bucket_idx ON apikey.usage_log (bucket);
+COMMENT ON INDEX apikey.usage_log_bucket_idx IS 'Time: the last hour''s minutes (owner_usage_last_hour), retention by age';
+CREATE INDEX usage_log_unrolled_idx ON apikey.usage_log (bucket)
+	WHERE calls OPERATOR(pg_catalog.>) rolled_up;
+COMMENT ON INDEX apikey.usage_log_unrolled_idx IS 'Rows with calls not yet rolled up: what run_retention() and the rollup-based views read from usage_log';
+CREATE INDEX usage_log_address_idx ON apikey.usage_log (bucket)
+	WHERE client_addr IS NOT NULL;
+COMMENT ON INDEX apikey.usage_log_address_idx IS 'Rows that hold a failure address, for erasing them after apikey.address_retention';
+
+CREATE TABLE apikey.usage_hourly (
+	key_id		bigint,
+	bucket		timestamptz NOT NULL,
+	code		text NOT NULL,
+	calls		bigint NOT NULL CONSTRAINT usage_hourly_calls_check CHECK (calls OPERATOR(pg_catalog.>) 0)
+);
+CREATE UNIQUE INDEX usage_hourly_entry_key ON apikey.usage_hourly ((COALESCE(key_id, 0)), bucket, code);
+CREATE INDEX usage_hourly_bucket_idx ON apikey.usage_hourly (bucket);
+COMMENT ON TABLE apikey.usage_hourly IS 'Rollup of apikey.usage_log per key, UTC hour and verdict code (no addresses); kept apikey.hourly_retention';
+COMMENT ON COLUMN apikey.usage_hourly.key_id IS 'The key; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.usage_hourly.bucket IS 'Start of the hour (UTC)';
+COMMENT ON COLUMN apikey.usage_hourly.code IS 'Verdict code';
+COMMENT ON COLUMN apikey.usage_hourly.calls IS 'Verifications rolled up so far';
+COMMENT ON INDEX apikey.usage_hourly_entry_key IS 'One row per key, hour and code (what run_retention() adds to)';
+COMMENT ON INDEX apikey.usage_hourly_bucket_idx IS 'Time: the 24-hour dashboard views and retention by age';
+
+CREATE TABLE apikey.usage_daily (
+	key_id		bigint,
+	bucket		timestamptz NOT NULL,
+	code		text NOT NULL,
+	calls		bigint NOT NULL CONSTRAINT usage_daily_calls_check CHECK (calls OPERATOR(pg_catalog.>) 0)
+);
+CREATE UNIQUE INDEX usage_daily_entry_key ON apikey.usage_daily ((COALESCE(key_id, 0)), bucket, code);
+CREATE INDEX usage_daily_bucket_idx ON apikey.usage_daily (bucket);
+COMMENT ON TABLE apikey.usage_daily IS 'Rollup of apikey.usage_log per key, UTC day and verdict code (no addresses); kept apikey.daily_retention';
+COMMENT ON COLUMN apikey.usage_daily.key_id IS 'The key; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.usage_daily.bucket IS 'Start of the day (UTC)';
+COMMENT ON COLUMN apikey.usage_daily.code IS 'Verdict code';
+COMMENT ON COLUMN apikey.usage_daily.calls IS 'Verifications rolled up so far';
+COMMENT ON INDEX apikey.usage_daily_entry_key IS 'One row per key, day and code (what run_retention() adds to)';
+COMMENT ON INDEX apikey.usage_daily_bucket_idx IS 'Time: retention by age, ranges of days';
+
+CREATE TABLE apikey.usage_address_hourly (
+	key_id		bigint NOT NULL,
+	bucket		timestamptz NOT NULL,
+	code		text NOT NULL,
+	client_addr	inet NOT NULL,
+	calls		bigint NOT NULL CONSTRAINT usage_address_hourly_calls_check CHECK (calls OPERATOR(pg_catalog.>) 0)
+);
+CREATE UNIQUE INDEX usage_address_hourly_entry_key ON apikey.usage_address_hourly (key_id, bucket, code, client_addr);
+CREATE INDEX usage_address_hourly_bucket_idx ON apikey.usage_address_hourly (bucket);
+COMMENT ON TABLE apikey.usage_address_hourly IS 'Rollup of failures with a client address per key, UTC hour, code and address; rows go after apikey.address_retention';
+COMMENT ON COLUMN apikey.usage_address_hourly.key_id IS 'The key that failed';
+COMMENT ON COLUMN apikey.usage_address_hourly.bucket IS 'Start of the hour (UTC)';
+COMMENT ON COLUMN apikey.usage_address_hourly.code IS 'Verdict code (a failure)';
+COMMENT ON COLUMN apikey.usage_address_hourly.client_addr IS 'Client address (personal data: kept apikey.address_retention)';
+COMMENT ON COLUMN apikey.usage_address_hourly.calls IS 'Failed verifications rolled up so far';
+COMMENT ON INDEX apikey.usage_address_hourly_entry_key IS 'One row per key, hour, code and address (what run_retention() adds to)';
+COMMENT ON INDEX apikey.usage_address_hourly_bucket_idx IS 'Time: top_failing_networks and erasure by age';
+
+SELECT pg_catalog.pg_extension_config_dump('apikey.usage_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.usage_daily', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.usage_address_hourly', '');
+REVOKE ALL ON apikey.usage_hourly, apikey.usage_daily, apikey.usage_address_hourly FROM PUBLIC;
+
+CREATE FUNCTION apikey._retention_settings(OUT usage_retention interval, OUT hourly_retention interval,
+										   OUT daily_retention interval, OUT address_retention interval)
+RETURNS record
+AS 'MODULE_PATHNAME', 'apikey_retention_settings_sql'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._retention_settings()
+	IS 'Internal: apikey.usage_retention, hourly_retention, daily_retention and address_retention as intervals (read in C, so defined without the preload)';
+REVOKE ALL ON FUNCTION apikey._retention_settings() FROM PUBLIC;
+
+-- One bounded batch of each step.  Concurrent runs take turns on a lock of
+-- usage_hourly that only run_retention() takes (readers and the usage
+-- writer never wait for it), and each statement then sees what the
+-- previous run committed.  The audit lock is taken last, just before the
+-- audit row: the rollup holds no lock another administrative function
+-- takes, so no deadlock, and they need not wait for a long batch.
+CREATE FUNCTION apikey.run_retention(batch_size integer DEFAULT 10000,
+	OUT rows_rolled_up bigint, OUT calls_rolled_up bigint, OUT addresses_erased bigint,
+	OUT usage_deleted bigint, OUT hourly_deleted bigint, OUT daily_deleted bigint,
+	OUT address_rollups_deleted bigint, OUT more boolean)
+RETURNS record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'run_retention'
+AS $$
+DECLARE
+	s record;
+	v_usage_cutoff timestamptz;
+	v_hourly_cutoff timestamptz;
+	v_daily_cutoff timestamptz;
+	v_address_cutoff timestamptz;
+BEGIN
+	IF run_retention.batch_size IS NULL OR run_retention.batch_size OPERATOR(pg_catalog.<) 1
+	   OR run_retention.batch_size OPERATOR(pg_catalog.>) 1000000 THEN
+		RAISE EXCEPTION 'batch_size must be between 1 and 1000000'
+			USING ERRCODE = '22023',
+				  HINT = 'It bounds the rows each step handles in one call; call again while more is true.';
+	END IF;
+	LOCK TABLE apikey.usage_hourly IN SHARE ROW EXCLUSIVE MODE;
+	SELECT * INTO s FROM apikey._retention_settings();
+	v_usage_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.usage_retention;
+	v_hourly_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.hourly_retention;
+	v_daily_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.daily_retention;
+	v_address_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.address_retention;
+
+	-- 1. Roll up what rows hold beyond rolled_up.  A row a flush changed
+	-- since it was read no longer matches (calls, rolled_up) and is left
+	-- for the next run: counted once, never twice.  Minutes the writer is
+	-- still flushing (this one and the last) are left for later: rows
+	-- locked in different orders by a flush and a rollup could deadlock.
+	WITH picked AS (
+		SELECT l.ctid AS t, l.key_id, l.bucket, l.code, l.client_addr, l.calls, l.rolled_up
+		  FROM apikey.usage_log l
+		 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up
+		   AND l.bucket OPERATOR(pg_catalog.<) (pg_catalog.date_bin('1 minute'::interval, pg_catalog.now(), '2000-01-01 00:00:00+00'::timestamptz)
+												OPERATOR(pg_catalog.-) '1 minute'::interval)
+		 ORDER BY l.bucket
+		 LIMIT run_retention.batch_size),
+	marked AS (
+		UPDATE apikey.usage_log l SET rolled_up = l.calls
+		  FROM picked p
+		 WHERE l.ctid OPERATOR(pg_catalog.=) p.t
+		   AND l.calls OPERATOR(pg_catalog.=) p.calls AND l.rolled_up OPERATOR(pg_catalog.=) p.rolled_up
+		RETURNING p.key_id, p.bucket, p.code, p.client_addr, p.calls OPERATOR(pg_catalog.-) p.rolled_up AS n),
+	hourly AS (
+		INSERT INTO apikey.usage_hourly AS h (key_id, bucket, code, calls)
+		SELECT m.key_id, pg_catalog.date_bin('1 hour'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz), m.code, pg_catalog.sum(m.n)
+		  FROM marked m GROUP BY 1, 2, 3
+		ON CONFLICT ((COALESCE(key_id, 0)), bucket, code)
+		DO UPDATE SET calls = h.calls OPERATOR(pg_catalog.+) excluded.calls),
+	daily AS (
+		INSERT INTO apikey.usage_daily AS d (key_id, bucket, code, calls)
+		SELECT m.key_id, pg_catalog.date_bin('1 day'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz), m.code, pg_catalog.sum(m.n)
+		  FROM marked m GROUP BY 1, 2, 3
+		ON CONFLICT ((COALESCE(key_id, 0)), bucket, code)
+		DO UPDATE SET calls = d.calls OPERATOR(pg_catalog.+) excluded.calls),
+	addressed AS (
+		INSERT INTO apikey.usage_address_hourly AS a (key_id, bucket, code, client_addr, calls)
+		SELECT m.key_id, pg_catalog.date_bin('1 hour'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz), m.code, m.client_addr, pg_catalog.sum(m.n)
+		  FROM marked m
+		 WHERE m.key_id IS NOT NULL AND m.client_addr IS NOT NULL
+		   AND m.bucket OPERATOR(pg_catalog.>=) v_address_cutoff
+		 GROUP BY 1, 2, 3, 4
+		ON CONFLICT (key_id, bucket, code, client_addr)
+		DO UPDATE SET calls = a.calls OPERATOR(pg_catalog.+) excluded.calls)
+	SELECT pg_catalog.count(*), COALESCE(pg_catalog.sum(m.n), 0)
+	  INTO rows_rolled_up, calls_rolled_up FROM marked m;
+
+	-- 2. Erase failure addresses older than address_retention: each such
+	-- row is merged into its key's, minute's and code's row without one.
+	WITH gone AS (
+		DELETE FROM apikey.usage_log l
+		 WHERE l.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+				SELECT o.ctid FROM apikey.usage_log o
+				 WHERE o.client_addr IS NOT NULL AND o.bucket OPERATOR(pg_catalog.<) v_address_cutoff
+				 ORDER BY o.bucket LIMIT run_retention.batch_size))
+		   AND l.client_addr IS NOT NULL AND l.bucket OPERATOR(pg_catalog.<) v_address_cutoff
+		RETURNING l.key_id, l.bucket, l.code, l.calls, l.rolled_up),
+	merged AS (
+		INSERT INTO apikey.usage_log AS u (key_id, bucket, code, client_addr, calls, rolled_up)
+		SELECT g.key_id, g.bucket, g.code, NULL, pg_catalog.sum(g.calls), pg_catalog.sum(g.rolled_up)
+		  FROM gone g GROUP BY 1, 2, 3
+		ON CONFLICT ((COALESCE(key_id, 0)), bucket, code, (COALESCE(client_addr, '0.0.0.0/0'::pg_catalog.inet)))
+		DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls,
+					  rolled_up = u.rolled_up OPERATOR(pg_catalog.+) excluded.rolled_up)
+	SELECT pg_catalog.count(*) INTO addresses_erased FROM gone;
+
+	-- 3. Delete by age: address rollups, rolled-up raw rows, rollups.
+	DELETE FROM apikey.usage_address_hourly a
+	 WHERE a.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+			SELECT o.ctid FROM apikey.usage_address_hourly o
+			 WHERE o.bucket OPERATOR(pg_catalog.<) v_address_cutoff LIMIT run_retention.batch_size))
+	   AND a.bucket OPERATOR(pg_catalog.<) v_address_cutoff;
+	GET DIAGNOSTICS address_rollups_deleted = ROW_COUNT;
+	DELETE FROM apikey.usage_log l
+	 WHERE l.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+			SELECT o.ctid FROM apikey.usage_log o
+			 WHERE o.bucket OPERATOR(pg_catalog.<) v_usage_cutoff AND o.calls OPERATOR(pg_catalog.=) o.rolled_up
+			 LIMIT run_retention.batch_size))
+	   AND l.bucket OPERATOR(pg_catalog.<) v_usage_cutoff AND l.calls OPERATOR(pg_catalog.=) l.rolled_up;
+	GET DIAGNOSTICS usage_deleted = ROW_COUNT;
+	DELETE FROM apikey.usage_hourly h
+	 WHERE h.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+			SELECT o.ctid FROM apikey.usage_hourly o
+			 WHERE o.bucket OPERATOR(pg_catalog.<) v_hourly_cutoff LIMIT run_retention.batch_size))
+	   AND h.bucket OPERATOR(pg_catalog.<) v_hourly_cutoff;
+	GET DIAGNOSTICS hourly_deleted = ROW_COUNT;
+	DELETE FROM apikey.usage_daily d
+	 WHERE d.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+			SELECT o.ctid FROM apikey.usage_daily o
+			 WHERE o.bucket OPERATOR(pg_catalog.<) v_daily_cutoff LIMIT run_retention.batch_size))
+	   AND d.bucket OPERATOR(pg_catalog.<) v_daily_cutoff;
+	GET DIAGNOSTICS daily_deleted = ROW_COUNT;
+
+	more := GREATEST(rows_rolled_up, addresses_erased, address_rollups_deleted, usage_deleted,
+								hourly_deleted, daily_deleted) OPERATOR(pg_catalog.>=) run_retention.batch_size;
+	PERFORM apikey._audit_lock();
+	PERFORM apikey._audit('run_retention', NULL, NULL, pg_catalog.jsonb_build_object(
+		'batch_size', run_retention.batch_size, 'rows_rolled_up', rows_rolled_up,
+		'calls_rolled_up', calls_rolled_up, 'addresses_erased', addresses_erased,
+		'usage_deleted', usage_deleted, 'hourly_deleted', hourly_deleted, 'daily_deleted', daily_deleted,
+		'address_rollups_deleted', address_rollups_deleted, 'more', more));
+	RETURN;
+END
+$$;
+COMMENT ON FUNCTION apikey.run_retention(integer)
+	IS 'Roll usage_log up into usage_hourly/usage_daily (each call exactly once), erase failure addresses older than apikey.address_retention, delete what is older than each retention setting; at most batch_size rows per step, more = call again; audited';
+REVOKE ALL ON FUNCTION apikey.run_retention(integer) FROM PUBLIC;
+
+CREATE OR REPLACE VIEW apikey.key_usage AS
+SELECT u.key_id, k.owner, k.name AS key_name, u.bucket,
+	   pg_catalog.sum(u.calls)::bigint AS calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.=) 'valid'), 0)::bigint AS valid_calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.<>) 'valid'), 0)::bigint AS failed_calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.=) 'rate_limited'), 0)::bigint AS rate_limited_calls
+  FROM (SELECT l.key_id, l.bucket, l.code, l.calls FROM apikey.usage_log l
+		UNION ALL
+		SELECT p.key_id, p.bucket, p.code, 1::pg_catalog.int8 FROM apikey.usage_pending p
+		UNION ALL
+		SELECT v.key_id, v.bucket, v.code, v.calls FROM apikey._live_usage() v) u
+  LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) u.key_id
+ GROUP BY u.key_id, k.owner, k.name, u.bucket;
+
+CREATE VIEW apikey.hourly_usage AS
+SELECT u.key_id, u.bucket, u.code, pg_catalog.sum(u.calls)::bigint AS calls
+  FROM (SELECT h.key_id, h.bucket, h.code, h.calls FROM apikey.usage_hourly h
+		UNION ALL
+		SELECT l.key_id, pg_catalog.date_bin('1 hour'::interval, l.bucket, '2000-01-01 00:00:00+00'::timestamptz), l.code,
+			   l.calls OPERATOR(pg_catalog.-) l.rolled_up
+		  FROM apikey.usage_log l WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up
+		UNION ALL
+		SELECT p.key_id, pg_catalog.date_bin('1 hour'::interval, p.bucket, '2000-01-01 00:00:00+00'::timestamptz), p.code, 1::pg_catalog.int8
+		  FROM apikey.usage_pending p
+		UNION ALL
+		SELECT v.key_id, pg_catalog.date_bin('1 hour'::interval, v.bucket, '2000-01-01 00:00:00+00'::timestamptz), v.code, v.calls
+		  FROM apikey._live_usage() v) u
+ GROUP BY u.key_id, u.bucket, u.code;
+COMMENT ON VIEW apikey.hourly_usage IS 'Calls per key, UTC hour and verdict code, exact at any time: the hourly rollups plus what usage_log, pending rows and live counters hold beyond them (as far back as apikey.hourly_retention)';
+COMMENT ON COLUMN apikey.hourly_usage.key_id IS 'The key; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.hourly_usage.bucket IS 'Start of the hour (UTC)';
+COMMENT ON COLUMN apikey.hourly_usage.code IS 'Verdict code';
+COMMENT ON COLUMN apikey.hourly_usage.calls IS 'Verifications';
+
+CREATE VIEW apikey.owner_usage_last_hour AS
+SELECT k.owner, u.bucket,
+	   pg_catalog.sum(u.calls)::bigint AS calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.=) 'valid'), 0)::bigint AS valid_calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.<>) 'valid'), 0)::bigint AS failed_calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.=) 'rate_limited'), 0)::bigint AS rate_limited_calls
+  FROM (SELECT l.key_id, l.bucket, l.code, l.calls FROM apikey.usage_log l
+		UNION ALL
+		SELECT p.key_id, p.bucket, p.code, 1::pg_catalog.int8 FROM apikey.usage_pending p
+		UNION ALL
+		SELECT v.key_id, v.bucket, v.code, v.calls FROM apikey._live_usage() v) u
+  LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) u.key_id
+ WHERE u.bucket OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) '1 hour'::interval)
+ GROUP BY k.owner, u.bucket;
+COMMENT ON VIEW apikey.owner_usage_last_hour IS 'Calls per owner and minute over the last hour (usage_log, pending rows and live counters); 0, not NULL, where there were none of a kind';
+COMMENT ON COLUMN apikey.owner_usage_last_hour.owner IS 'The keys'' owner; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.owner_usage_last_hour.bucket IS 'Start of the minute';
+COMMENT ON COLUMN apikey.owner_usage_last_hour.calls IS 'Verifications, every verdict';
+COMMENT ON COLUMN apikey.owner_usage_last_hour.valid_calls IS 'Verifications with verdict valid';
+COMMENT ON COLUMN apikey.owner_usage_last_hour.failed_calls IS 'Verifications with any other verdict';
+COMMENT ON COLUMN apikey.owner_usage_last_hour.rate_limited_calls IS 'Verifications refused by the rate limit';
+
+CREATE VIEW apikey.top_failing_keys AS
+SELECT u.key_id, k.owner, k.name AS key_name,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.<>) 'valid'), 0)::bigint AS failed_calls,
+	   pg_catalog.sum(u.calls)::bigint AS calls,
+	   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.=) 'rate_limited'), 0)::bigint AS rate_limited_calls
+  FROM apikey.hourly_usage u
+  LEFT JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) u.key_id
+ WHERE u.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+ GROUP BY u.key_id, k.owner, k.name
+HAVING pg_catalog.sum(u.calls) FILTER (WHERE u.code OPERATOR(pg_catalog.<>) 'valid') OPERATOR(pg_catalog.>) 0
+ ORDER BY failed_calls DESC, u.key_id;
+COMMENT ON VIEW apikey.top_failing_keys IS 'Keys by failed verifications over the last 24 hours (this hour and the 23 before, UTC), most first; from the hourly rollups plus what is not rolled up yet';
+COMMENT ON COLUMN apikey.top_failing_keys.key_id IS 'The key; NULL for tokens that match no key';
+COMMENT ON COLUMN apikey.top_failing_keys.owner IS 'The key''s owner';
+COMMENT ON COLUMN apikey.top_failing_keys.key_name IS 'The key''s name';
+COMMENT ON COLUMN apikey.top_failing_keys.failed_calls IS 'Verifications with a verdict other than valid';
+COMMENT ON COLUMN apikey.top_failing_keys.calls IS 'Verifications, every verdict';
+COMMENT ON COLUMN apikey.top_failing_keys.rate_limited_calls IS 'Verifications refused by the rate limit';
+
+CREATE VIEW apikey.top_failing_networks AS
+SELECT n.network, pg_catalog.sum(n.calls)::bigint AS failed_calls, pg_catalog.count(*) AS keys
+  FROM (SELECT pg_catalog.network(pg_catalog.set_masklen(u.client_addr,
+				   CASE pg_catalog.family(u.client_addr) WHEN 4 THEN 32 ELSE 64 END)) AS network,
+			   u.key_id, pg_catalog.sum(u.calls) AS calls
+		  FROM (SELECT a.key_id, a.client_addr, a.calls FROM apikey.usage_address_hourly a
+				 WHERE a.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+				UNION ALL
+				SELECT l.key_id, l.client_addr, l.calls OPERATOR(pg_catalog.-) l.rolled_up
+				  FROM apikey.usage_log l
+				 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up AND l.client_addr IS NOT NULL
+				   AND l.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+				UNION ALL
+				SELECT p.key_id, p.client_addr, 1::pg_catalog.int8 FROM apikey.usage_pending p
+				 WHERE p.client_addr IS NOT NULL AND p.code OPERATOR(pg_catalog.<>) 'valid'
+				UNION ALL
+				SELECT v.key_id, v.client_addr, v.calls FROM apikey._live_usage() v
+				 WHERE v.client_addr IS NOT NULL AND v.code OPERATOR(pg_catalog.<>) 'valid') u
+		 GROUP BY 1, 2) n
+ GROUP BY n.network
+ ORDER BY failed_calls DESC, n.network;
+COMMENT ON VIEW apikey.top_failing_networks IS 'Client networks (the /32 of an IPv4 address, the /64 of an IPv6 one, as the failure limiter counts them) by failed verifications of known keys over the last 24 hours, most first; only as far back as apikey.address_retention';
+COMMENT ON COLUMN apikey.top_failing_networks.network IS 'Client network';
+COMMENT ON COLUMN apikey.top_failing_networks.failed_calls IS 'Failed verifications from it (addresses are kept for at most 16 per key and minute)';
+COMMENT ON COLUMN apikey.top_failing_networks.keys IS 'Distinct keys that failed from it';
+
+-- one row per verdict code: say so, so plans over it stay small
+ALTER FUNCTION apikey._stats_by_code() ROWS 14;
+
+CREATE VIEW apikey.code_usage_24h AS
+SELECT h.bucket, c.code, COALESCE(pg_catalog.sum(u.calls), 0)::bigint AS calls
+  FROM (SELECT pg_catalog.date_bin('1 hour'::interval, pg_catalog.now(), '2000-01-01 00:00:00+00'::timestamptz)
+			   OPERATOR(pg_catalog.-) pg_catalog.make_interval(hours => g) AS bucket
+		  FROM pg_catalog.generate_series(0, 23) g) h
+ CROSS JOIN (SELECT s.code FROM apikey._stats_by_code() s) c
+  LEFT JOIN (SELECT x.bucket, x.code, x.calls FROM apikey.hourly_usage x
+			  WHERE x.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)) u
+		 ON u.bucket OPERATOR(pg_catalog.=) h.bucket AND u.code OPERATOR(pg_catalog.=) c.code
+ GROUP BY h.bucket, c.code;
+COMMENT ON VIEW apikey.code_usage_24h IS 'Verifications per UTC hour and verdict code over the last 24 hours: every hour and every code, 0 where there were none';
+COMMENT ON COLUMN apikey.code_usage_24h.bucket IS 'Start of the hour (UTC)';
+COMMENT ON COLUMN apikey.code_usage_24h.code IS 'Verdict code (every code apikey.check() can return)';
+COMMENT ON COLUMN apikey.code_usage_24h.calls IS 'Verifications with this verdict in the hour; 0 if none';
+
+CREATE FUNCTION apikey._rate_limit_state(OUT key_id bigint, OUT hash_prefix bytea, OUT rate_limit integer,
+										 OUT rate_window interval, OUT available bigint, OUT retry_after interval)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'apikey_rate_limit_state'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED ROWS 100;
+COMMENT ON FUNCTION apikey._rate_limit_state()
+	IS 'Internal: this database''s rate-limit buckets in shared memory, read without taking anything (behind apikey.rate_limit_state)';
+REVOKE ALL ON FUNCTION apikey._rate_limit_state() FROM PUBLIC;
+
+CREATE VIEW apikey.rate_limit_state AS
+SELECT k.id AS key_id, k.owner, k.name AS key_name, k.rate_limit, k.rate_window,
+	   CASE WHEN NOT st.shared_memory THEN 0
+			ELSE COALESCE(s.available, k.rate_limit::pg_catalog.int8) END AS available,
+	   COALESCE(s.retry_after, '0'::interval) AS retry_after,
+	   s.key_id IS NOT NULL AS tracked
+  FROM apikey.keys k
+ CROSS JOIN (SELECT x.shared_memory FROM apikey._stats() x) st
+  LEFT JOIN apikey._rate_limit_state() s
+		 ON s.key_id OPERATOR(pg_catalog.=) k.id
+		AND s.hash_prefix OPERATOR(pg_catalog.=) pg_catalog.substr(k.hash, 1, 8)
+		AND s.rate_limit OPERATOR(pg_catalog.=) k.rate_limit AND s.rate_window OPERATOR(pg_catalog.=) k.rate_window
+ WHERE k.rate_limit IS NOT NULL;
+COMMENT ON VIEW apikey.rate_limit_state IS 'Each rate-limited key''s bucket now, from shared memory (nothing is taken): requests allowed at once, wait before the next when none is.  A key in a rotation''s grace period draws on its successor''s bucket; temporary throttles are not shown';
+COMMENT ON COLUMN apikey.rate_limit_state.key_id IS 'The key';
+COMMENT ON COLUMN apikey.rate_limit_state.owner IS 'The key''s owner';
+COMMENT ON COLUMN apikey.rate_limit_state.key_name IS 'The key''s name';
+COMMENT ON COLUMN apikey.rate_limit_state.rate_limit IS 'Requests allowed per rate_window';
+COMMENT ON COLUMN apikey.rate_limit_state.rate_window IS 'The rate limit''s window';
+COMMENT ON COLUMN apikey.rate_limit_state.available IS 'Requests allowed right now (rate_limit when the bucket is full or untracked; 0 without shared memory, where rate-limited keys are refused)';
+COMMENT ON COLUMN apikey.rate_limit_state.retry_after IS 'Wait before the next request is allowed; 0 when one is allowed now';
+COMMENT ON COLUMN apikey.rate_limit_state.tracked IS 'Whether shared memory holds a bucket for the key (none: full)';
+
+CREATE VIEW apikey.quota_state AS
+SELECT k.id AS key_id, k.owner, k.name AS key_name, k.quota, k.quota_refill,
+	   COALESCE(CASE WHEN k.quota_refill IS NOT NULL
+						  AND q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill OPERATOR(pg_catalog.<=) pg_catalog.now()
+					 THEN k.quota ELSE q.remaining END, 0) AS remaining,
+	   q.refilled_at,
+	   q.refilled_at OPERATOR(pg_catalog.+) k.quota_refill AS next_refill
+  FROM apikey.keys k
+  LEFT JOIN apikey.quotas q ON q.key_id OPERATOR(pg_catalog.=) k.id
+ WHERE k.quota IS NOT NULL;
+COMMENT ON VIEW apikey.quota_state IS 'Each key with a quota: what is left now (a refill that is due counts as done, as the next debit does it)';
+COMMENT ON COLUMN apikey.quota_state.key_id IS 'The key';
+COMMENT ON COLUMN apikey.quota_state.owner IS 'The key''s owner';
+COMMENT ON COLUMN apikey.quota_state.key_name IS 'The key''s name';
+COMMENT ON COLUMN apikey.quota_state.quota IS 'Successful verifications allowed per refill period';
+COMMENT ON COLUMN apikey.quota_state.quota_refill IS 'Refill period; NULL = never refilled';
+COMMENT ON COLUMN apikey.quota_state.remaining IS 'Successful verifications left now; 0, not NULL, when none';
+COMMENT ON COLUMN apikey.quota_state.refilled_at IS 'When remaining was last reset to quota';
+COMMENT ON COLUMN apikey.quota_state.next_refill IS 'When the next refill is due; NULL = never';
+
+REVOKE ALL ON apikey.hourly_usage, apikey.owner_usage_last_hour, apikey.top_failing_keys,
+	apikey.top_failing_networks, apikey.code_usage_24h, apikey.rate_limit_state, apikey.quota_state FROM PUBLIC;
+
+-- A monitor reads the dashboards and the rollups; an admin runs retention.
+INSERT INTO apikey._grant_sets (kind, privilege, object)
+SELECT 'monitor', 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) t
+  FROM pg_catalog.unnest(ARRAY['apikey.usage_hourly', 'apikey.usage_daily', 'apikey.usage_address_hourly',
+							   'apikey.hourly_usage', 'apikey.owner_usage_last_hour', 'apikey.top_failing_keys',
+							   'apikey.top_failing_networks', 'apikey.code_usage_24h', 'apikey.rate_limit_state',
+							   'apikey.quota_state']) t
+UNION ALL
+VALUES ('monitor', 'EXECUTE', 'FUNCTION apikey._rate_limit_state()'),
+	   ('admin', 'EXECUTE', 'FUNCTION apikey.run_retention(integer)');
 
 -------------------------------------------------------------------------------
 -- Key lineage (issue 15): apikey.keys no longer references itself.  Its

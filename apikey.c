@@ -61,6 +61,8 @@ _PG_init(void)
 	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
 	apikey_events_init();		/* apikey.events_interval, event_retention,
 								 * unused_revoke_after */
+	apikey_retention_init();	/* apikey.usage_retention, _hourly_, _daily_,
+								 * _address_retention, retention_interval */
 
 	/* only while shared_preload_libraries loads */
 	apikey_usage_init();		/* apikey.database, apikey.usage_max_entries */
@@ -698,6 +700,44 @@ apikey_flush_usage(PG_FUNCTION_ARGS)
 		}
 	}
 	PG_RETURN_INT32(rows);
+}
+
+/*
+ * apikey._rate_limit_state(): this database's rate-limit buckets in shared
+ * memory, read without taking anything (behind apikey.rate_limit_state).
+ */
+PG_FUNCTION_INFO_V1(apikey_rate_limit_state);
+Datum
+apikey_rate_limit_state(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	apikey_ratelimit_list(rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * apikey._retention_settings(): the retention settings as intervals, read
+ * from C so that they are defined (and were checked) in this backend even
+ * when apikey is not preloaded.
+ */
+PG_FUNCTION_INFO_V1(apikey_retention_settings_sql);
+Datum
+apikey_retention_settings_sql(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+	int64		secs[4];
+	int			i;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	apikey_retention_settings(secs);
+	for (i = 0; i < 4; i++)
+		values[i] = apikey_interval_datum(secs[i] * USECS_PER_SEC);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
 /*

@@ -61,7 +61,8 @@ INSERT INTO calls (fn, q) VALUES
 	('grant_monitor', $$SELECT apikey.grant_monitor('regress_audit_granted')$$),
 	('revoke_monitor', $$SELECT apikey.revoke_monitor('regress_audit_granted')$$),
 	('grant_reporter', $$SELECT apikey.grant_reporter('regress_audit_granted')$$),
-	('revoke_reporter', $$SELECT apikey.revoke_reporter('regress_audit_granted')$$);
+	('revoke_reporter', $$SELECT apikey.revoke_reporter('regress_audit_granted')$$),
+	('run_retention', $$SELECT more FROM apikey.run_retention()$$);
 
 SELECT p.oid::regprocedure AS admin_function_without_call
   FROM pg_proc p

@@ -403,7 +403,16 @@ INSERT INTO cases (fn, label, q) VALUES
 ('expire_unused', 'zero', $$SELECT count(*) FROM apikey.expire_unused('0')$$),
 ('expire_unused', 'garbage', $$SELECT count(*) FROM apikey.expire_unused('soon')$$),
 ('expire_unused', '178000000 years', $$SELECT count(*) FROM apikey.expire_unused('178000000 years')$$),
-('expire_unused', '100 years: nothing to revoke', $$SELECT count(*) FROM apikey.expire_unused('100 years')$$);
+('expire_unused', '100 years: nothing to revoke', $$SELECT count(*) FROM apikey.expire_unused('100 years')$$),
+-- retention
+('_rate_limit_state', 'no arguments', $$SELECT count(*) >= 0 FROM apikey._rate_limit_state()$$),
+('_retention_settings', 'no arguments', $$SELECT usage_retention > '0' FROM apikey._retention_settings()$$),
+('run_retention', 'NULL', $$SELECT apikey.run_retention(NULL)::text$$),
+('run_retention', 'zero', $$SELECT apikey.run_retention(0)::text$$),
+('run_retention', 'negative', $$SELECT apikey.run_retention(-5)::text$$),
+('run_retention', 'too large', $$SELECT apikey.run_retention(2000000000)::text$$),
+('run_retention', 'garbage', $$SELECT apikey.run_retention('lots')::text$$),
+('run_retention', 'one row per step', $$SELECT (apikey.run_retention(1)).more::text$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

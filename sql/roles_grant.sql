@@ -67,7 +67,7 @@ SELECT p.oid::regprocedure AS admin_may_not_execute
   FROM pg_proc p
  WHERE p.pronamespace = 'apikey'::regnamespace AND p.proname !~ '^_'
    AND NOT has_function_privilege('regress_roles_admin', p.oid, 'EXECUTE')
- ORDER BY 1::text COLLATE "C";
+ ORDER BY p.oid::regprocedure::text COLLATE "C";
 
 -- The reporter is a member of apikey_reporter.
 SELECT pg_has_role('regress_roles_reporter', 'apikey_reporter', 'MEMBER') AS reporter_member;

@@ -14,6 +14,10 @@
  *	 events.c		events you can LISTEN to: the worker's periodic pass, the
  *					C entry to apikey._event(); apikey.events_interval,
  *					apikey.event_retention, apikey.unused_revoke_after
+ *	 retention.c	how long usage history is kept, and running
+ *					run_retention() from the worker; apikey.usage_retention,
+ *					apikey.hourly_retention, apikey.daily_retention,
+ *					apikey.address_retention, apikey.retention_interval
  *	 issue.c		issuing keys (issue, issue_many) and the argument checks
  *					they share with set_limits
  *	 binding.c		the key bound to the transaction, for row-level policies;
@@ -317,6 +321,7 @@ extern void apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash,
 								  int64 to_id, const uint8 *to_hash);
 extern ApikeyCode apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 										int64 *retry_after, int64 *remaining);
+extern void apikey_ratelimit_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
 
 /* quota.c */
 extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
@@ -354,6 +359,10 @@ extern Interval *apikey_unused_revoke_after(void);
 extern int64 apikey_event_emit(const char *kind, const int64 *key_id, const char *owner,
 							   const char *severity, Jsonb *payload);
 extern void apikey_events_tick(void);
+/* retention.c */
+extern void apikey_retention_init(void);
+extern void apikey_retention_settings(int64 *secs);
+extern void apikey_retention_maybe_run(void);
 
 /* audit.c */
 extern void apikey_audit_init(void);

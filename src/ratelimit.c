@@ -23,7 +23,8 @@
  * takes from the new key's bucket (ApikeyKey.budget_id).
  *
  * The GCRA step itself is apikey_gcra_take() (apikey.h), shared with the
- * failure limiter (failurelimit.c).
+ * failure limiter (failurelimit.c).  apikey_ratelimit_list() reads the
+ * buckets without taking anything (the rate_limit_state view).
  *
  *-------------------------------------------------------------------------
  */
@@ -37,6 +38,7 @@
 #include "utils/guc.h"
 #include "storage/spin.h"
 #include "utils/hsearch.h"
+#include "utils/timestamp.h"
 
 #include "apikey.h"
 
@@ -245,4 +247,84 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 	if (*remaining < 0)
 		*remaining = 0;
 	return APIKEY_VALID;
+}
+
+/* One bucket as apikey_ratelimit_list() reports it. */
+typedef struct RateSnap
+{
+	RateKey		key;
+	double		tat;
+	int32		rate_limit;
+	int64		rate_window;
+} RateSnap;
+
+/*
+ * This database's buckets, for the rate_limit_state view: key id, hash
+ * prefix, limit, window, requests allowed right now, and the wait before
+ * the next one when none is (NULL otherwise).  Nothing is taken.  The
+ * entries are copied under the locks first, so building rows never holds
+ * them.  Without shared memory: no rows.
+ */
+void
+apikey_ratelimit_list(Tuplestorestate *tupstore, TupleDesc tupdesc)
+{
+	HASH_SEQ_STATUS status;
+	RateEntry  *entry;
+	RateSnap   *snaps;
+	int			n = 0;
+	int			cap;
+	double		t = (double) GetCurrentTimestamp();
+	int			i;
+
+	if (rate_lock == NULL || rate_htab == NULL)
+		return;
+	LWLockAcquire(rate_lock, LW_SHARED);
+	cap = Max(hash_get_num_entries(rate_htab), 1);
+	snaps = palloc(sizeof(RateSnap) * cap);
+	hash_seq_init(&status, rate_htab);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.dboid != MyDatabaseId || n >= cap)
+			continue;
+		snaps[n].key = entry->key;
+		SpinLockAcquire(&entry->mutex);
+		snaps[n].tat = entry->tat;
+		snaps[n].rate_limit = entry->rate_limit;
+		snaps[n].rate_window = entry->rate_window;
+		SpinLockRelease(&entry->mutex);
+		n++;
+	}
+	LWLockRelease(rate_lock);
+
+	for (i = 0; i < n; i++)
+	{
+		Datum		values[6];
+		bool		nulls[6] = {false, false, false, false, false, false};
+		double		T = (double) snaps[i].rate_window / snaps[i].rate_limit;
+		double		tau = T * (snaps[i].rate_limit - 1);
+		double		x = Max(snaps[i].tat, t);
+		bytea	   *prefix = palloc(VARHDRSZ + sizeof(snaps[i].key.hash_prefix));
+		int64		available;
+
+		SET_VARSIZE(prefix, VARHDRSZ + sizeof(snaps[i].key.hash_prefix));
+		memcpy(VARDATA(prefix), snaps[i].key.hash_prefix, sizeof(snaps[i].key.hash_prefix));
+		/* what apikey_ratelimit_take() would allow, taken one by one */
+		if (x - t > tau)
+		{
+			available = 0;
+			values[5] = apikey_interval_datum((int64) ceil(x - t - tau));
+		}
+		else
+		{
+			available = (int64) floor((tau - (x - t)) / T) + 1;
+			available = Min(Max(available, 0), snaps[i].rate_limit);
+			nulls[5] = true;
+		}
+		values[0] = Int64GetDatum(snaps[i].key.key_id);
+		values[1] = PointerGetDatum(prefix);
+		values[2] = Int32GetDatum(snaps[i].rate_limit);
+		values[3] = apikey_interval_datum(snaps[i].rate_window);
+		values[4] = Int64GetDatum(available);
+		tuplestore_putvalues(tupstore, tupdesc, values, nulls);
+	}
 }

@@ -345,6 +345,9 @@ apikey_worker_main(Datum main_arg)
 		}
 		flush_round();
 		apikey_events_tick();	/* events.c: every apikey.events_interval */
+
+		/* retention and rollups, every apikey.retention_interval */
+		apikey_retention_maybe_run();
 	}
 
 	/* write what there is now, and again once clients are gone */

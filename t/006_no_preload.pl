@@ -107,6 +107,15 @@ is( $node->safe_psql(
 		    FROM tok JOIN apikey.keys k ON k.id = tok.key_id WHERE tok.name IN ('good', 'rev')}),
 	'good:true rev:false', 'last_used_at set by successful verifications only');
 
+# Retention works without the preload (its settings are defined in every
+# backend that loads apikey): the flushed calls are rolled up.
+is( $node->safe_psql(
+		'postgres', q{
+UPDATE apikey.usage_log SET bucket = bucket - interval '5 minutes';  -- the writer's minutes wait
+SELECT r.rows_rolled_up || ' ' || r.calls_rolled_up FROM apikey.run_retention() r;
+SELECT sum(calls) FROM apikey.usage_hourly}),
+	"2 3\n3", 'run_retention() rolls up without the preload');
+
 # A rate limit cannot be enforced: refused, never allowed.
 is( $node->safe_psql(
 		'postgres',
@@ -121,6 +130,9 @@ like($err, qr/ERROR:  55000: API key has a rate limit that cannot be enforced/,
 	'authenticate() raises 55000 and says why');
 like($err, qr/DETAIL:  Verdict: rate_limit_unavailable\./, 'with the verdict in DETAIL');
 like($err, qr/HINT:  .*shared_preload_libraries/, 'and a hint to preload apikey');
+is( $node->safe_psql(
+		'postgres', q{SELECT available || ' ' || tracked FROM apikey.rate_limit_state WHERE key_id = kid('limited')}),
+	'0 false', 'rate_limit_state: nothing available without shared memory');
 is( $node->safe_psql(
 		'postgres',
 		q{SELECT sum(failed_calls) FROM apikey.key_usage WHERE key_id = kid('limited')}),
