@@ -13,6 +13,7 @@ OBJS = \
 	src/keycache.o \
 	src/keystore.o \
 	src/leak.o \
+	src/ownerlimits.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

@@ -3475,6 +3475,235 @@ VALUES ('monitor', 'EXECUTE', 'FUNCTION apikey._rate_limit_state()'),
 	   ('admin', 'EXECUTE', 'FUNCTION apikey.run_retention(integer)');
 
 -------------------------------------------------------------------------------
+-- Limits per owner (issue 14, items 7-10): a rate limit, a quota (credits),
+-- an allowlist and a maximum number of live keys shared by all keys of one
+-- owner.  An owner without a row in apikey.owners has no pooled limits.
+-- The owner's row is loaded with each key into the key cache, so a change
+-- to it empties every backend's cache (as a change to apikey.scopes does);
+-- its credits live apart, in apikey.owner_credits, which is written on
+-- every debit and so must not invalidate anything.
+-------------------------------------------------------------------------------
+
+CREATE TABLE apikey.owners (
+	owner		text PRIMARY KEY
+				CONSTRAINT owners_owner_check CHECK (owner OPERATOR(pg_catalog.<>) ''
+													 AND pg_catalog.octet_length(owner) OPERATOR(pg_catalog.<=) 1024),
+	rate_limit	integer CONSTRAINT owners_rate_limit_check CHECK (rate_limit OPERATOR(pg_catalog.>) 0),
+	rate_window	interval NOT NULL DEFAULT '1 minute'
+				CONSTRAINT owners_rate_window_check CHECK (rate_window OPERATOR(pg_catalog.>) '0'::interval
+														   AND rate_window OPERATOR(pg_catalog.<=) '1 year'::interval),
+	quota		bigint CONSTRAINT owners_quota_check CHECK (quota OPERATOR(pg_catalog.>=) 0),
+	quota_refill interval CONSTRAINT owners_quota_refill_check CHECK (quota_refill OPERATOR(pg_catalog.>) '0'::interval
+																	  AND quota_refill OPERATOR(pg_catalog.<=) '10 years'::interval),
+	allowed_cidrs cidr[] CONSTRAINT owners_allowed_cidrs_check
+				CHECK (pg_catalog.cardinality(allowed_cidrs) OPERATOR(pg_catalog.>) 0),
+	max_keys	integer CONSTRAINT owners_max_keys_check CHECK (max_keys OPERATOR(pg_catalog.>=) 0),
+	metadata	jsonb NOT NULL DEFAULT '{}',
+	created_at	timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	updated_at	timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT owners_quota_refill_needs_quota CHECK (quota_refill IS NULL OR quota IS NOT NULL)
+);
+COMMENT ON TABLE apikey.owners IS 'Limits shared by all keys of one owner (set with apikey.set_owner_limits()); an owner without a row has none';
+COMMENT ON COLUMN apikey.owners.owner IS 'The owner, as in apikey.keys.owner';
+COMMENT ON COLUMN apikey.owners.rate_limit IS 'Requests per rate_window for all the owner''s keys together; NULL = none';
+COMMENT ON COLUMN apikey.owners.rate_window IS 'Window of rate_limit';
+COMMENT ON COLUMN apikey.owners.quota IS 'Credits for all the owner''s keys together (left: apikey.owner_credits); NULL = none';
+COMMENT ON COLUMN apikey.owners.quota_refill IS 'Interval after which the owner''s credits are reset to quota; NULL = never';
+COMMENT ON COLUMN apikey.owners.allowed_cidrs IS 'Networks every key of the owner may be used from (intersected with the key''s own); NULL = any';
+COMMENT ON COLUMN apikey.owners.max_keys IS 'Most live keys (not revoked, expired or replaced by a rotation) the owner may hold; NULL = no limit';
+COMMENT ON COLUMN apikey.owners.metadata IS 'Free-form data about the owner';
+COMMENT ON COLUMN apikey.owners.created_at IS 'When the owner''s row was made';
+COMMENT ON COLUMN apikey.owners.updated_at IS 'When set_owner_limits() last changed it';
+REVOKE ALL ON apikey.owners FROM PUBLIC;
+
+CREATE TABLE apikey.owner_credits (
+	owner		text PRIMARY KEY REFERENCES apikey.owners (owner) ON DELETE CASCADE ON UPDATE CASCADE,
+	remaining	bigint NOT NULL CONSTRAINT owner_credits_remaining_check CHECK (remaining OPERATOR(pg_catalog.>=) 0),
+	refilled_at	timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE apikey.owner_credits IS 'Credits left to each owner that has a quota; debited inside the verifying transaction, before the key''s own';
+COMMENT ON COLUMN apikey.owner_credits.owner IS 'The owner';
+COMMENT ON COLUMN apikey.owner_credits.remaining IS 'Credits left until the next refill';
+COMMENT ON COLUMN apikey.owner_credits.refilled_at IS 'When the credits were last reset to the quota';
+REVOKE ALL ON apikey.owner_credits FROM PUBLIC;
+
+-- A change to an owner's limits empties every backend's key cache: the
+-- cached keys carry their owner's limits.
+CREATE TRIGGER owners_invalidate
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikey.owners
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.owners ENABLE ALWAYS TRIGGER owners_invalidate;
+CREATE TRIGGER owners_invalidate_applied
+	AFTER INSERT OR UPDATE OR DELETE ON apikey.owners
+	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.owners ENABLE REPLICA TRIGGER owners_invalidate_applied;
+
+SELECT pg_catalog.pg_extension_config_dump('apikey.owners', '');
+SELECT pg_catalog.pg_extension_config_dump('apikey.owner_credits', '');
+
+-- Refuse a new live key past the owner's max_keys (issue.c calls the same
+-- C code directly).  replacing is the key a rotation or reissue replaces:
+-- it does not count, so replacing a key never takes an owner past its limit.
+CREATE FUNCTION apikey._owner_admit(owner text, replacing bigint) RETURNS void
+AS 'MODULE_PATHNAME', 'apikey_owner_admit_keys'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikey._owner_admit(text, bigint)
+	IS 'Internal: lock the owner''s row and refuse one more live key past its max_keys (rotate, reissue)';
+REVOKE ALL ON FUNCTION apikey._owner_admit(text, bigint) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION apikey._successor(from_key apikey.keys, OUT key_id bigint, OUT token text, OUT hint text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_new record;
+	v_budget bigint;
+BEGIN
+	IF from_key.id IS NULL THEN
+		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
+	END IF;
+	PERFORM apikey._owner_admit(from_key.owner, from_key.id);
+	v_new := apikey._new_token(from_key.prefix);
+	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
+							 rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+	VALUES (from_key.owner, from_key.name, from_key.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
+			from_key.expires_at, from_key.metadata, from_key.rate_limit, from_key.rate_window,
+			from_key.quota, from_key.quota_refill, from_key.allowed_cidrs)
+	RETURNING apikey.keys.id INTO _successor.key_id;
+	INSERT INTO apikey.key_lineage (key_id, rotated_from) VALUES (_successor.key_id, from_key.id);
+	v_budget := COALESCE((SELECT l.budget_key_id FROM apikey.key_lineage l
+						   WHERE l.key_id OPERATOR(pg_catalog.=) from_key.id), from_key.id);
+
+	INSERT INTO apikey.key_scopes (key_id, scope)
+	SELECT _successor.key_id, ks.scope FROM apikey.key_scopes ks
+	 WHERE ks.key_id OPERATOR(pg_catalog.=) from_key.id;
+
+	PERFORM apikey._rate_state_copy(b.id, b.hash, _successor.key_id, v_new.hash)
+	   FROM apikey.keys b
+	  WHERE b.id OPERATOR(pg_catalog.=) v_budget;
+	IF from_key.quota IS NOT NULL THEN
+		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
+		SELECT _successor.key_id, q.remaining, q.refilled_at FROM apikey.quotas q
+		 WHERE q.key_id OPERATOR(pg_catalog.=) v_budget;
+	END IF;
+	token := v_new.token;
+	hint := v_new.hint;
+END
+$$;
+COMMENT ON FUNCTION apikey._successor(apikey.keys)
+	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget, within its owner''s max_keys';
+
+CREATE FUNCTION apikey.set_owner_limits(owner text, rate_limit integer DEFAULT NULL,
+										rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
+										quota_refill interval DEFAULT NULL, allowed_cidrs cidr[] DEFAULT NULL,
+										max_keys integer DEFAULT NULL, metadata jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'set_owner_limits'
+AS $$
+DECLARE
+	v_old apikey.owners;
+BEGIN
+	IF set_owner_limits.owner IS NULL THEN
+		RAISE EXCEPTION 'owner must not be NULL' USING ERRCODE = '22004',
+			HINT = 'Pass the owner whose keys share these limits, as in apikey.keys.owner.';
+	END IF;
+	IF pg_catalog.btrim(set_owner_limits.owner) OPERATOR(pg_catalog.=) '' THEN
+		RAISE EXCEPTION 'owner must not be empty' USING ERRCODE = '22023',
+			HINT = 'Pass the owner whose keys share these limits, as in apikey.keys.owner.';
+	END IF;
+	IF pg_catalog.octet_length(set_owner_limits.owner) OPERATOR(pg_catalog.>) 1024 THEN
+		RAISE EXCEPTION 'owner is too long (% bytes)', pg_catalog.octet_length(set_owner_limits.owner)
+			USING ERRCODE = '22001', HINT = 'An owner is at most 1024 bytes; use a tenant or user id.';
+	END IF;
+	PERFORM apikey._check_limits(set_owner_limits.rate_limit, set_owner_limits.rate_window,
+								 set_owner_limits.quota, set_owner_limits.quota_refill);
+	PERFORM apikey._check_cidrs(set_owner_limits.allowed_cidrs);
+	IF set_owner_limits.max_keys OPERATOR(pg_catalog.<) 0 THEN
+		RAISE EXCEPTION 'max_keys must not be negative, got %', set_owner_limits.max_keys
+			USING ERRCODE = '22023', HINT = 'Use NULL for no limit on the number of keys, 0 to refuse new keys.';
+	END IF;
+	IF set_owner_limits.metadata IS NOT NULL
+	   AND pg_catalog.jsonb_typeof(set_owner_limits.metadata) OPERATOR(pg_catalog.<>) 'object' THEN
+		RAISE EXCEPTION 'metadata must be a JSON object, got %', pg_catalog.jsonb_typeof(set_owner_limits.metadata)
+			USING ERRCODE = '22023', HINT = 'Pass NULL to keep the owner''s metadata.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	SELECT * INTO v_old FROM apikey.owners o
+	 WHERE o.owner OPERATOR(pg_catalog.=) set_owner_limits.owner FOR UPDATE;
+	INSERT INTO apikey.owners AS o (owner, rate_limit, rate_window, quota, quota_refill, allowed_cidrs,
+									max_keys, metadata)
+	VALUES (set_owner_limits.owner, set_owner_limits.rate_limit, set_owner_limits.rate_window,
+			set_owner_limits.quota, set_owner_limits.quota_refill, set_owner_limits.allowed_cidrs,
+			set_owner_limits.max_keys, COALESCE(set_owner_limits.metadata, '{}'))
+	ON CONFLICT ON CONSTRAINT owners_pkey
+	DO UPDATE SET rate_limit = excluded.rate_limit, rate_window = excluded.rate_window,
+				  quota = excluded.quota, quota_refill = excluded.quota_refill,
+				  allowed_cidrs = excluded.allowed_cidrs, max_keys = excluded.max_keys,
+				  metadata = COALESCE(set_owner_limits.metadata, o.metadata),
+				  updated_at = pg_catalog.now();
+	-- credits start full when the quota is set or changed, and only then
+	IF set_owner_limits.quota IS NULL THEN
+		DELETE FROM apikey.owner_credits c WHERE c.owner OPERATOR(pg_catalog.=) set_owner_limits.owner;
+	ELSIF v_old.quota IS DISTINCT FROM set_owner_limits.quota THEN
+		INSERT INTO apikey.owner_credits AS c (owner, remaining)
+		VALUES (set_owner_limits.owner, set_owner_limits.quota)
+		ON CONFLICT ON CONSTRAINT owner_credits_pkey
+		DO UPDATE SET remaining = excluded.remaining, refilled_at = pg_catalog.now();
+	END IF;
+	PERFORM apikey._audit('set_owner_limits', NULL, set_owner_limits.owner, pg_catalog.jsonb_build_object(
+		'old', CASE WHEN v_old.owner IS NULL THEN NULL ELSE pg_catalog.jsonb_build_object(
+			'rate_limit', v_old.rate_limit, 'rate_window', v_old.rate_window, 'quota', v_old.quota,
+			'quota_refill', v_old.quota_refill, 'allowed_cidrs', v_old.allowed_cidrs,
+			'max_keys', v_old.max_keys) END,
+		'new', pg_catalog.jsonb_build_object('rate_limit', set_owner_limits.rate_limit,
+			'rate_window', set_owner_limits.rate_window, 'quota', set_owner_limits.quota,
+			'quota_refill', set_owner_limits.quota_refill, 'allowed_cidrs', set_owner_limits.allowed_cidrs,
+			'max_keys', set_owner_limits.max_keys)));
+END
+$$;
+COMMENT ON FUNCTION apikey.set_owner_limits(text, integer, interval, bigint, interval, cidr[], integer, jsonb)
+	IS 'Set the limits all keys of an owner share (rate limit, quota, allowlist, max_keys), replacing the previous ones; the credits start full when the quota changes; takes effect for every verification after the commit';
+REVOKE ALL ON FUNCTION apikey.set_owner_limits(text, integer, interval, bigint, interval, cidr[], integer, jsonb) FROM PUBLIC;
+
+-- Which limit decided: appended last, so callers that read the verdict by
+-- position or by name keep working.
+ALTER TYPE apikey.verdict ADD ATTRIBUTE limited_by text;
+COMMENT ON COLUMN apikey.verdict.limited_by IS 'Whose limit decided the verdict or its remaining: key or owner; NULL when no limit applied';
+
+CREATE VIEW apikey.owner_status AS
+SELECT o.owner,
+	   (SELECT pg_catalog.count(*) FROM apikey.keys k WHERE k.owner OPERATOR(pg_catalog.=) o.owner) AS keys,
+	   (SELECT pg_catalog.count(*) FROM apikey.keys k
+		 WHERE k.owner OPERATOR(pg_catalog.=) o.owner
+		   AND NOT EXISTS (SELECT FROM apikey.key_lineage l WHERE l.key_id OPERATOR(pg_catalog.=) k.id
+							  AND l.budget_key_id IS NOT NULL)
+		   AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
+		   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)) AS live_keys,
+	   CASE WHEN o.quota_refill IS NOT NULL
+				 AND c.refilled_at OPERATOR(pg_catalog.+) o.quota_refill OPERATOR(pg_catalog.<=) pg_catalog.now()
+			THEN o.quota ELSE c.remaining END AS remaining,
+	   c.refilled_at,
+	   (SELECT pg_catalog.max(k.last_used_at) FROM apikey.keys k
+		 WHERE k.owner OPERATOR(pg_catalog.=) o.owner) AS last_used_at
+  FROM apikey.owners o
+  LEFT JOIN apikey.owner_credits c ON c.owner OPERATOR(pg_catalog.=) o.owner;
+COMMENT ON VIEW apikey.owner_status IS 'Each owner with limits: its keys, live keys and credits left';
+COMMENT ON COLUMN apikey.owner_status.owner IS 'The owner';
+COMMENT ON COLUMN apikey.owner_status.keys IS 'Keys of the owner, in any state';
+COMMENT ON COLUMN apikey.owner_status.live_keys IS 'Keys counted against max_keys: not revoked, not expired, not replaced by a rotation';
+COMMENT ON COLUMN apikey.owner_status.remaining IS 'Credits left to the owner (its quota if a refill is due); NULL without a quota';
+COMMENT ON COLUMN apikey.owner_status.refilled_at IS 'When the owner''s credits were last reset; NULL without a quota';
+COMMENT ON COLUMN apikey.owner_status.last_used_at IS 'Latest last_used_at of the owner''s keys, as persisted';
+REVOKE ALL ON apikey.owner_status FROM PUBLIC;
+
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('admin', 'EXECUTE', 'FUNCTION apikey.set_owner_limits(text, integer, interval, bigint, interval, cidr[], integer, jsonb)'),
+	('admin', 'SELECT', 'TABLE apikey.owners'),
+	('admin', 'SELECT', 'TABLE apikey.owner_credits'),
+	('admin', 'SELECT', 'TABLE apikey.owner_status'),
+	('monitor', 'SELECT', 'TABLE apikey.owner_status');
+
+-------------------------------------------------------------------------------
 -- Key lineage (issue 15): apikey.keys no longer references itself.  Its
 -- rotation links (rotated_from, budget_key_id) live in apikey.key_lineage,
 -- created with "Rotation shares one budget" above, so pg_dump finds no

@@ -278,8 +278,8 @@ apikey_check(PG_FUNCTION_ARGS)
 {
 	ApikeyVerdict v;
 	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
-	Datum		values[8];
-	bool		nulls[8];
+	Datum		values[9];
+	bool		nulls[9];
 
 	apikey_redact_require_early_load();
 	apikey_verify(token_arg(fcinfo, 0), text_arg_or_null(fcinfo, 1),
@@ -324,6 +324,11 @@ apikey_check(PG_FUNCTION_ARGS)
 	{
 		values[7] = apikey_interval_datum(v.retry_after);
 		nulls[7] = false;
+	}
+	if (apikey_limited_by_name(v.limited_by) != NULL)
+	{
+		values[8] = CStringGetTextDatum(apikey_limited_by_name(v.limited_by));
+		nulls[8] = false;
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -466,6 +471,25 @@ apikey_helper_support(PG_FUNCTION_ARGS)
 	if (IsA(req, SupportRequestSimplify))
 		PG_RETURN_POINTER(apikey_support_simplify((SupportRequestSimplify *) req));
 	PG_RETURN_POINTER(NULL);
+}
+
+/*
+ * apikey._owner_admit(owner text, replacing bigint) RETURNS void: refuse
+ * the key that replaces key replacing past the owner's max_keys.
+ */
+PG_FUNCTION_INFO_V1(apikey_owner_admit_keys);
+Datum
+apikey_owner_admit_keys(PG_FUNCTION_ARGS)
+{
+	Datum		owner;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("owner must not be NULL")));
+	owner = PointerGetDatum(PG_GETARG_TEXT_PP(0));
+	apikey_owner_admit(&owner, 1, PG_ARGISNULL(1) ? 0 : PG_GETARG_INT64(1));
+	PG_RETURN_VOID();
 }
 
 /*

@@ -32,6 +32,14 @@ BEGIN
 			RAISE EXCEPTION 'token "%" verifies as %, expected %', want.name, got, want.code;
 		END IF;
 	END LOOP;
+	-- owner_limited (where setup.sql made it): valid, and limited by its owner
+	IF EXISTS (SELECT FROM bench.tokens WHERE name = 'owner_limited') THEN
+		SELECT (apikey.check(t.token, 'orders:read')).limited_by INTO got
+		  FROM bench.tokens t WHERE t.name = 'owner_limited';
+		IF got IS DISTINCT FROM 'owner' THEN
+			RAISE EXCEPTION 'token "owner_limited" is limited by %, expected owner', got;
+		END IF;
+	END IF;
 	IF (SELECT count(*) FROM apikey.keys) < 1000 THEN
 		RAISE EXCEPTION 'too few keys issued';
 	END IF;

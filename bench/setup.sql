@@ -29,6 +29,19 @@ INSERT INTO bench.tokens
 SELECT 'ratelimited', token FROM apikey.issue(owner => 'acme', name => 'bench rate-limited',
 											  scopes => '{orders:read}',
 											  rate_limit => 2000000000, rate_window => '1 second');
+-- owner_limited: a key whose owner has pooled limits (1.2), a rate limit
+-- never reached and max_keys; where the installed apikey has them
+DO $$
+BEGIN
+	IF to_regprocedure('apikey.set_owner_limits(text, integer, interval, bigint, interval, cidr[], integer, jsonb)') IS NOT NULL THEN
+		PERFORM apikey.set_owner_limits('bench_owner', rate_limit => 2000000000, rate_window => '1 second',
+										max_keys => 100);
+		INSERT INTO bench.tokens
+		SELECT 'owner_limited', token FROM apikey.issue(owner => 'bench_owner', name => 'bench owner-limited',
+														scopes => '{orders:read}');
+	END IF;
+END
+$$;
 -- unknown: a well-formed token (valid checksum) whose key row is gone
 INSERT INTO bench.tokens
 SELECT 'unknown', token FROM apikey.issue(owner => 'acme', name => 'bench unknown');

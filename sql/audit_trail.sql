@@ -37,6 +37,7 @@ INSERT INTO calls (fn, q) VALUES
 	('issue', $$INSERT INTO tok SELECT 'k', key_id, token FROM apikey.issue('acme', '{orders:read}', 'checkout', metadata => '{"team": "ops"}')$$),
 	('issue_many', $$INSERT INTO tok SELECT 'm' || row_number() OVER (), key_id, token FROM apikey.issue_many('{initech,hooli}', '{orders:read}', 'batch')$$),
 	('set_limits', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'k'), 10, '1 minute', 100)$$),
+	('set_owner_limits', $$SELECT apikey.set_owner_limits('acme', rate_limit => 1000, quota => 1000, max_keys => 100)$$),
 	('suspend', $$SELECT apikey.suspend((SELECT id FROM tok WHERE name = 'k'), 'credential stuffing', '1 hour')$$),
 	('resume', $$SELECT apikey.resume((SELECT id FROM tok WHERE name = 'k'), 'false alarm')$$),
 	('quarantine', $$SELECT apikey.quarantine((SELECT id FROM tok WHERE name = 'k'), '{orders:read}', 'writes look stolen')$$),

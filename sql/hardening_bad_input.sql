@@ -174,6 +174,17 @@ INSERT INTO cases (fn, label, q) VALUES
 ('set_limits', 'quota_refill without quota', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), quota_refill => '1 day')::text$$),
 ('set_limits', 'allowed_cidrs {NULL}', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'), allowed_cidrs => '{NULL}')::text$$),
 ('set_limits', 'all defaults', $$SELECT apikey.set_limits((SELECT id FROM tok WHERE name = 'victim'))::text$$),
+-- set_owner_limits(owner, ...) and _owner_admit(owner, replacing)
+('set_owner_limits', 'owner NULL', $$SELECT apikey.set_owner_limits(NULL)::text$$),
+('set_owner_limits', 'owner 1 MB', $$SELECT apikey.set_owner_limits(repeat('o', 1048577))::text$$),
+('set_owner_limits', 'rate_limit 0', $$SELECT apikey.set_owner_limits('acme', 0)::text$$),
+('set_owner_limits', 'quota bigint min', $$SELECT apikey.set_owner_limits('acme', quota => -9223372036854775808)::text$$),
+('set_owner_limits', 'max_keys int min', $$SELECT apikey.set_owner_limits('acme', max_keys => -2147483648)::text$$),
+('set_owner_limits', 'metadata scalar', $$SELECT apikey.set_owner_limits('acme', metadata => '1')::text$$),
+('set_owner_limits', 'all defaults', $$SELECT apikey.set_owner_limits('hardening-owner')::text$$),
+('_owner_admit', 'owner NULL', $$SELECT apikey._owner_admit(NULL, NULL)::text$$),
+('_owner_admit', 'owner without a row', $$SELECT apikey._owner_admit('nobody', 0)::text$$),
+('_owner_admit', 'owner 1 MB', $$SELECT apikey._owner_admit(repeat('o', 1048577), -1)::text$$),
 -- revoke(bigint, text)
 ('revoke', 'key_id NULL', $$SELECT apikey.revoke(NULL)$$),
 ('revoke', 'key_id 0', $$SELECT apikey.revoke(0)$$),

@@ -167,5 +167,48 @@ SELECT e.label, a.by_function, a.by_table, a.by_function = a.by_table AS agree
  ORDER BY e.n;
 DROP FUNCTION limits_agree(int, interval, bigint, interval, bigint);
 
+-- The same bounds hold for an owner's limits (apikey.owners, checked by
+-- set_owner_limits() with the same C checks): function and table agree at
+-- every edge, max_keys included.
+SELECT apikey.set_owner_limits('agree');
+CREATE FUNCTION owner_limits_agree(rl int, rw interval, q bigint, qr interval, mk int,
+								   OUT by_function text, OUT by_table text)
+LANGUAGE plpgsql AS $$
+BEGIN
+	by_function := CASE WHEN limits_bad_input_try(format('SELECT apikey.set_owner_limits(''agree'', %L, %L, %L, %L, max_keys => %L)',
+														  rl, rw, q, qr, mk)) = 'ok'
+	                    THEN 'accepts' ELSE 'refuses' END;
+	BEGIN
+		UPDATE apikey.owners SET rate_limit = rl, rate_window = rw, quota = q, quota_refill = qr, max_keys = mk
+		 WHERE owner = 'agree';
+		by_table := 'accepts';
+		RAISE EXCEPTION USING ERRCODE = 'P0001', MESSAGE = 'undo';
+	EXCEPTION
+		WHEN raise_exception THEN NULL;
+		WHEN check_violation OR not_null_violation THEN by_table := 'refuses';
+	END;
+END
+$$;
+SELECT e.label, a.by_function, a.by_table, a.by_function = a.by_table AS agree
+  FROM (VALUES (1, 'rate_limit 0', 0, '1 minute'::interval, NULL::bigint, NULL::interval, NULL::int),
+               (2, 'rate_limit 1', 1, '1 minute', NULL, NULL, NULL),
+               (3, 'rate_window 0', NULL, '0', NULL, NULL, NULL),
+               (4, 'rate_window 1 microsecond', NULL, '1 microsecond', NULL, NULL, NULL),
+               (5, 'rate_window 1 year', NULL, '1 year', NULL, NULL, NULL),
+               (6, 'rate_window 1 year 1 microsecond', NULL, '1 year 1 microsecond', NULL, NULL, NULL),
+               (7, 'rate_window 361 days', NULL, '361 days', NULL, NULL, NULL),
+               (8, 'quota -1', NULL, '1 minute', -1, NULL, NULL),
+               (9, 'quota 0', NULL, '1 minute', 0, NULL, NULL),
+               (10, 'quota_refill 0', NULL, '1 minute', 5, '0', NULL),
+               (11, 'quota_refill 10 years', NULL, '1 minute', 5, '10 years', NULL),
+               (12, 'quota_refill 10 years 1 microsecond', NULL, '1 minute', 5, '10 years 1 microsecond', NULL),
+               (13, 'quota_refill without a quota', NULL, '1 minute', NULL, '1 day', NULL),
+               (14, 'max_keys -1', NULL, '1 minute', NULL, NULL, -1),
+               (15, 'max_keys 0', NULL, '1 minute', NULL, NULL, 0),
+               (16, 'max_keys int max', NULL, '1 minute', NULL, NULL, 2147483647)) AS e(n, label, rl, rw, q, qr, mk),
+       LATERAL owner_limits_agree(e.rl, e.rw, e.q, e.qr, e.mk) a
+ ORDER BY e.n;
+DROP FUNCTION owner_limits_agree(int, interval, bigint, interval, int);
+
 DROP FUNCTION limits_bad_input_try(text);
 DROP FUNCTION limits_bad_input_state();

@@ -28,6 +28,8 @@
  *					apikey.failure_exempt, apikey.failure_max_networks
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
  *					writes; apikey.database, apikey.usage_max_entries
+ *	 ownerlimits.c	limits shared by all keys of an owner (apikey.owners):
+ *					its bucket in ratelimit.c's table, its credits, max_keys
  *	 quota.c		per-key quotas debited in the caller's transaction
  *	 ownersql.c		internal SQL run as the tables' owner (usage, quota)
  *	 keycache.c		per-backend LRU cache of keys; hands out copies only;
@@ -141,11 +143,31 @@ typedef struct ApikeyKey
 	TimestampTz quarantined_until;
 	int			nallowed;		/* quarantine's allowed_scopes */
 	char	  **allowed_scopes;
+	/*
+	 * The owner's pooled limits (apikey.owners, ownerlimits.c), loaded with
+	 * the key; a change to the owner's row empties every key cache.  The
+	 * owner's allowlist follows the key's in cidrs: cidrs[ncidrs ..
+	 * ncidrs + owner_ncidrs - 1].
+	 */
+	bool		has_owner;		/* the owner has a row in apikey.owners */
+	int32		owner_rate_limit;	/* 0 = none */
+	int64		owner_rate_window;	/* microseconds */
+	bool		owner_has_quota;
+	int			owner_ncidrs;
+	uint8		owner_hash_prefix[8];	/* names the owner's bucket */
 	void	   *chunk;			/* owns owner, scopes (room for nscopes +
 								 * nallowed pointers), allowed_scopes and
-								 * cidrs */
+								 * cidrs (the key's and the owner's) */
 	Size		chunk_size;
 } ApikeyKey;
+
+/* Whose limit decided a verdict or its remaining (ownerlimits.c). */
+typedef enum ApikeyLimitedBy
+{
+	APIKEY_LIMITED_BY_NONE = 0,
+	APIKEY_LIMITED_BY_KEY,
+	APIKEY_LIMITED_BY_OWNER
+} ApikeyLimitedBy;
 
 /* The result of one verification. */
 typedef struct ApikeyVerdict
@@ -157,6 +179,7 @@ typedef struct ApikeyVerdict
 	int64		remaining;
 	bool		has_retry_after;
 	int64		retry_after;	/* microseconds */
+	ApikeyLimitedBy limited_by;	/* whose limit decided (verdict.limited_by) */
 	ApikeyKey	key_copy;		/* the verdict's own copy of the key (last:
 								 * apikey_verify() clears what precedes it) */
 } ApikeyVerdict;
@@ -322,6 +345,23 @@ extern void apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash,
 extern ApikeyCode apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 										int64 *retry_after, int64 *remaining);
 extern void apikey_ratelimit_list(Tuplestorestate *tupstore, TupleDesc tupdesc);
+extern ApikeyCode apikey_ratelimit_take_bucket(int64 id, const uint8 *hash_prefix,
+											   int32 rate_limit, int64 rate_window,
+											   TimestampTz now, int64 *retry_after,
+											   int64 *remaining);
+extern void apikey_ratelimit_refund_bucket(int64 id, const uint8 *hash_prefix,
+										   int32 rate_limit, int64 rate_window);
+
+/* ownerlimits.c */
+extern ApikeyCode apikey_owner_rate_take(const ApikeyKey *key, TimestampTz now,
+										 ApikeyVerdict *verdict);
+extern ApikeyCode apikey_owner_quota_debit(const ApikeyKey *key,
+										   ApikeyVerdict *verdict);
+extern void apikey_owner_quota_refund(const ApikeyKey *key);
+extern void apikey_owner_remaining(ApikeyVerdict *verdict, int64 key_remaining,
+								   int64 owner_remaining);
+extern const char *apikey_limited_by_name(ApikeyLimitedBy by);
+extern void apikey_owner_admit(Datum *owners, int n, int64 replacing);
 
 /* quota.c */
 extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,

@@ -681,6 +681,8 @@ audit_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
 /*
  * Write n new keys of the given owners with their scope grants, then their
  * quota rows if they have a quota, then the audit row; sets their ids.
+ * Refused past an owner's max_keys (apikey.owners), checked under the
+ * owner's row lock.
  * The audit head's row lock comes first, as in every administrative
  * function, so that they all queue on one lock and never deadlock.
  * Nothing runs on a table that gets no row.
@@ -696,6 +698,7 @@ write_keys(IssueSettings *s, Datum *owners, NewKey *keys, int n, bool many)
 											 "SELECT FROM apikey.audit_head FOR UPDATE", 0, NULL),
 						 NULL, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "audit lock failed");
+	apikey_owner_admit(owners, n, 0);	/* max_keys: ownerlimits.c */
 	insert_keys(s, owners, keys, n);
 	if (s->has_quota)
 		insert_quotas(s, keys, n);

@@ -127,7 +127,7 @@ key_copy(const ApikeyKey *src, ApikeyKey *dst, MemoryContext cxt)
 	dst->cidrs = REBASE(src->cidrs);
 	for (i = 0; i < src->nscopes; i++)
 		dst->scopes[i] = REBASE(src->scopes[i]);
-	for (i = 0; i < src->ncidrs; i++)
+	for (i = 0; i < src->ncidrs + src->owner_ncidrs; i++)
 		dst->cidrs[i] = REBASE(src->cidrs[i]);
 	dst->allowed_scopes = REBASE(src->allowed_scopes);
 	for (i = 0; i < src->nallowed; i++)

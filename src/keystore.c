@@ -5,11 +5,12 @@
  *
  * This is the cache-miss path.  It goes through the unique index on
  * keys.hash and the primary keys of revocations, suspensions, quarantines,
- * key_scopes and key_lineage with systable scans: no SPI, no parser, no
- * planner.  A key that draws on another's budget (key_lineage.budget_key_id,
- * set by rotate()) costs one more probe, of keys' primary key.  A
- * suspension or quarantine is loaded with its end (until) and judged at
- * each call (verify.c), so the cache never holds a decision past its end.
+ * key_scopes, key_lineage and owners (the owner's pooled limits) with
+ * systable scans: no SPI, no parser, no planner.  A key that draws on
+ * another's budget (key_lineage.budget_key_id, set by rotate()) costs one
+ * more probe, of keys' primary key.  A suspension or quarantine is loaded
+ * with its end (until) and judged at each call (verify.c), so the cache
+ * never holds a decision past its end.
  *
  * Finding the tables.  Never by name alone: a schema called "apikey" can be
  * created in advance, renamed and replaced by anyone with CREATE on the
@@ -36,11 +37,11 @@
  * cache keeps the record only if the generation has not moved by the time
  * the read is over (a toast fetch, say, can accept invalidations
  * mid-read).  The tables read only for a key that exists (revocations,
- * suspensions, quarantines, scopes, lineage) are locked once a first probe
- * of the hash index has found it, and then the whole load runs as above,
- * every lock held before its snapshot; a token that matches no key costs
- * two locks and one probe of the index that takes no snapshot (any row
- * version with the hash counts).
+ * suspensions, quarantines, scopes, lineage, owners) are locked once a
+ * first probe of the hash index has found it, and then the whole load runs
+ * as above, every lock held before its snapshot; a token that matches no
+ * key costs two locks and one probe of the index that takes no snapshot
+ * (any row version with the hash counts).
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -79,6 +80,8 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "catalog/pg_collation.h"
+#include "lib/stringinfo.h"
 #include "utils/syscache.h"
 
 #include "apikey.h"
@@ -99,6 +102,8 @@ typedef struct KeystoreCatalog
 	Oid			quarantines_pkey;
 	Oid			key_lineage;
 	Oid			key_lineage_pkey;
+	Oid			owners;
+	Oid			owners_pkey;
 	Oid			signal;			/* apikey._cache_signal */
 	AttrNumber	att_id;
 	AttrNumber	att_hash;
@@ -113,6 +118,11 @@ typedef struct KeystoreCatalog
 	AttrNumber	att_suspended_until;
 	AttrNumber	att_quarantined_until;
 	AttrNumber	att_allowed_scopes;
+	AttrNumber	att_owner_rate_limit;	/* of apikey.owners */
+	AttrNumber	att_owner_rate_window;
+	AttrNumber	att_owner_quota;
+	AttrNumber	att_owner_allowed_cidrs;
+	AttrNumber	att_owner_created_at;
 } KeystoreCatalog;
 
 static KeystoreCatalog catalog;
@@ -330,6 +340,8 @@ catalog_resolve(void)
 	catalog.quarantines_pkey = table_index(catalog.quarantines, nsp, "quarantines_pkey");
 	catalog.key_lineage = member_table(extoid, nsp, "key_lineage");
 	catalog.key_lineage_pkey = table_index(catalog.key_lineage, nsp, "key_lineage_pkey");
+	catalog.owners = member_table(extoid, nsp, "owners");
+	catalog.owners_pkey = table_index(catalog.owners, nsp, "owners_pkey");
 	catalog.signal = member_relation(extoid, nsp, "_cache_signal", RELKIND_VIEW, "view");
 	catalog.att_id = attribute_number(keys, "id");
 	catalog.att_hash = attribute_number(keys, "hash");
@@ -344,6 +356,11 @@ catalog_resolve(void)
 	catalog.att_suspended_until = attribute_number(catalog.suspensions, "until");
 	catalog.att_quarantined_until = attribute_number(catalog.quarantines, "until");
 	catalog.att_allowed_scopes = attribute_number(catalog.quarantines, "allowed_scopes");
+	catalog.att_owner_rate_limit = attribute_number(catalog.owners, "rate_limit");
+	catalog.att_owner_rate_window = attribute_number(catalog.owners, "rate_window");
+	catalog.att_owner_quota = attribute_number(catalog.owners, "quota");
+	catalog.att_owner_allowed_cidrs = attribute_number(catalog.owners, "allowed_cidrs");
+	catalog.att_owner_created_at = attribute_number(catalog.owners, "created_at");
 	catalog.keys = keys;
 }
 
@@ -462,7 +479,7 @@ budget_key(int64 key_id, Snapshot snapshot)
 /*
  * Could a key have this hash?  The probe that lets a token matching no key
  * (unknown: the common failure, and what a guesser sends) take two locks
- * instead of thirteen, and no snapshot: it looks for any version of a row
+ * instead of fifteen, and no snapshot: it looks for any version of a row
  * with this hash (SnapshotAny), live, dead or not yet committed.  None
  * means no key has it now, since every key's row is in the index before
  * its insert commits.  One found is only a maybe: the key is then loaded
@@ -538,6 +555,60 @@ response_row(Oid relid, Oid pkey, AttrNumber att_until, int64 key_id,
 }
 
 /*
+ * The owner's pooled limits (apikey.owners) into key, and a copy of the
+ * owner's allowlist or NULL.  An owner without a row has none.  Its bucket
+ * (ownerlimits.c) is named by SHA-256(owner, created_at): a row made again
+ * (or the extension) never inherits an old row's bucket.
+ */
+static ArrayType *
+read_owner(const char *owner, Snapshot snapshot, ApikeyKey *key)
+{
+	Relation	rel = table_open(catalog.owners, NoLock);
+	ScanKeyData skey;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	ArrayType  *cidrs = NULL;
+
+	/* the index's collation: the column's, the database default */
+	ScanKeyEntryInitialize(&skey, 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   DEFAULT_COLLATION_OID, F_TEXTEQ,
+						   CStringGetTextDatum(owner));
+	scan = systable_beginscan(rel, catalog.owners_pkey, true, snapshot, 1, &skey);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		TupleDesc	desc = RelationGetDescr(rel);
+		bool		isnull;
+		Datum		d;
+
+		TimestampTz created_at;
+		StringInfoData name;
+		uint8		owner_hash[APIKEY_HASH_LEN];
+
+		key->has_owner = true;
+		created_at = DatumGetTimestampTz(heap_getattr(tup, catalog.att_owner_created_at,
+													  desc, &isnull));
+		initStringInfo(&name);
+		appendBinaryStringInfo(&name, (char *) &created_at, sizeof(created_at));
+		appendStringInfoString(&name, owner);
+		apikey_sha256(name.data, name.len, owner_hash);
+		memcpy(key->owner_hash_prefix, owner_hash, sizeof(key->owner_hash_prefix));
+		d = heap_getattr(tup, catalog.att_owner_rate_limit, desc, &isnull);
+		key->owner_rate_limit = isnull ? 0 : DatumGetInt32(d);
+		d = heap_getattr(tup, catalog.att_owner_rate_window, desc, &isnull);
+		key->owner_rate_window = isnull ? USECS_PER_MINUTE : interval_usecs(DatumGetIntervalP(d));
+		(void) heap_getattr(tup, catalog.att_owner_quota, desc, &isnull);
+		key->owner_has_quota = !isnull;
+		d = heap_getattr(tup, catalog.att_owner_allowed_cidrs, desc, &isnull);
+		if (!isnull)
+			cidrs = DatumGetArrayTypePCopy(d);
+	}
+	systable_endscan(scan);
+	table_close(rel, NoLock);
+	return cidrs;
+}
+
+/*
  * Lock what finding a key by its hash reads (apikey.keys and its hash
  * index), until the end of the transaction, and resolve the catalog again
  * if an invalidation arrived while locking.
@@ -576,6 +647,8 @@ lock_catalog(void)
 		LockRelationOid(catalog.quarantines_pkey, AccessShareLock);
 		LockRelationOid(catalog.key_lineage, AccessShareLock);
 		LockRelationOid(catalog.key_lineage_pkey, AccessShareLock);
+		LockRelationOid(catalog.owners, AccessShareLock);
+		LockRelationOid(catalog.owners_pkey, AccessShareLock);
 	} while (!OidIsValid(catalog.keys));
 }
 
@@ -602,6 +675,7 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	Datum		d;
 	char	   *owner = NULL;
 	ArrayType  *cidr_array = NULL;
+	ArrayType  *owner_cidr_array = NULL;
 	Datum	   *allowed = NULL;
 	int			nallowed = 0;
 	List	   *scope_list = NIL;
@@ -665,9 +739,12 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 	{
 		Datum	   *cidrs = NULL;
 		int			ncidrs = 0;
+		Datum	   *owner_cidrs = NULL;
+		int			owner_ncidrs = 0;
 		TupleDesc	tupdesc;
 
 		key->revoked = revoked(key->key_id, snapshot);
+		owner_cidr_array = read_owner(owner, snapshot, key);
 		tup = response_row(catalog.suspensions, catalog.suspensions_pkey,
 						   catalog.att_suspended_until, key->key_id, snapshot,
 						   &tupdesc, &key->suspended_until);
@@ -700,6 +777,20 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 		if (cidr_array != NULL)
 			deconstruct_array(cidr_array, CIDROID, -1, false, TYPALIGN_INT,
 							  &cidrs, NULL, &ncidrs);
+		/* the owner's networks follow the key's */
+		if (owner_cidr_array != NULL)
+		{
+			Datum	   *all;
+
+			deconstruct_array(owner_cidr_array, CIDROID, -1, false, TYPALIGN_INT,
+							  &owner_cidrs, NULL, &owner_ncidrs);
+			all = palloc(sizeof(Datum) * (ncidrs + owner_ncidrs));
+			if (ncidrs > 0)
+				memcpy(all, cidrs, sizeof(Datum) * ncidrs);
+			memcpy(all + ncidrs, owner_cidrs, sizeof(Datum) * owner_ncidrs);
+			cidrs = all;
+			ncidrs += owner_ncidrs;
+		}
 		/* mapped networks in IPv4 form, as client addresses are */
 		for (i = 0; i < ncidrs; i++)
 			cidrs[i] = InetPGetDatum(apikey_address_normal(DatumGetInetPP(cidrs[i]),
@@ -734,7 +825,8 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 			key->cidrs[i] = (inet *) p;
 			p += MAXALIGN(len);
 		}
-		key->ncidrs = ncidrs;
+		key->ncidrs = ncidrs - owner_ncidrs;
+		key->owner_ncidrs = owner_ncidrs;
 		key->nscopes = 0;
 		foreach(lc, scope_list)
 		{

@@ -26,6 +26,11 @@
  * failure limiter (failurelimit.c).  apikey_ratelimit_list() reads the
  * buckets without taking anything (the rate_limit_state view).
  *
+ * Owners' buckets (ownerlimits.c) live in the same table, under key id -1
+ * (key ids are positive) and the first bytes of SHA-256 of the owner and its
+ * row's created_at (keystore.c): a bucket for an owner never meets a key's.  A request taken from a key's bucket
+ * and then refused by its owner's is given back (refund_bucket: TAT - T).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -178,27 +183,30 @@ apikey_ratelimit_copy(int64 from_id, const uint8 *from_hash, int64 to_id,
 }
 
 /*
- * Take one request from key's bucket at time now.  Returns APIKEY_VALID
- * (with *remaining requests left in the burst), APIKEY_RATE_LIMITED (with
+ * Take one request at time now from the bucket (id, hash_prefix), which
+ * allows rate_limit requests per rate_window.  Returns APIKEY_VALID (with
+ * *remaining requests left in the burst), APIKEY_RATE_LIMITED (with
  * *retry_after) or APIKEY_RATE_LIMIT_UNAVAILABLE when shared memory is
- * missing or the table is full of active keys: fail closed.
+ * missing or the table is full of active buckets: fail closed.
  */
 ApikeyCode
-apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
-					  int64 *retry_after, int64 *remaining)
+apikey_ratelimit_take_bucket(int64 id, const uint8 *hash_prefix,
+							 int32 rate_limit, int64 rate_window,
+							 TimestampTz now, int64 *retry_after,
+							 int64 *remaining)
 {
 	RateKey		rk;
 	RateEntry  *entry;
 	double		t = (double) now;
-	double		T = (double) key->rate_window / key->rate_limit;
-	double		tau = T * (key->rate_limit - 1);
+	double		T = (double) rate_window / rate_limit;
+	double		tau = T * (rate_limit - 1);
 	double		tat;
 	bool		allowed;
 
 	if (rate_lock == NULL || rate_htab == NULL)
 		return APIKEY_RATE_LIMIT_UNAVAILABLE;
 
-	rate_key_init(&rk, key->budget_id, key->budget_hash_prefix);
+	rate_key_init(&rk, id, hash_prefix);
 
 	LWLockAcquire(rate_lock, LW_SHARED);
 	entry = hash_search(rate_htab, &rk, HASH_FIND, NULL);
@@ -221,17 +229,17 @@ apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
 		{
 			SpinLockInit(&entry->mutex);
 			entry->tat = 0;
-			entry->rate_limit = key->rate_limit;
-			entry->rate_window = key->rate_window;
+			entry->rate_limit = rate_limit;
+			entry->rate_window = rate_window;
 		}
 	}
 
 	SpinLockAcquire(&entry->mutex);
-	if (entry->rate_limit != key->rate_limit || entry->rate_window != key->rate_window)
+	if (entry->rate_limit != rate_limit || entry->rate_window != rate_window)
 	{
 		entry->tat = 0;
-		entry->rate_limit = key->rate_limit;
-		entry->rate_window = key->rate_window;
+		entry->rate_limit = rate_limit;
+		entry->rate_window = rate_window;
 	}
 	allowed = apikey_gcra_take(&entry->tat, t, T, tau, &tat);
 	SpinLockRelease(&entry->mutex);
@@ -327,4 +335,42 @@ apikey_ratelimit_list(Tuplestorestate *tupstore, TupleDesc tupdesc)
 		values[4] = Int64GetDatum(available);
 		tuplestore_putvalues(tupstore, tupdesc, values, nulls);
 	}
+}
+
+/* Take one request from key's bucket (its budget key's) at time now. */
+ApikeyCode
+apikey_ratelimit_take(const ApikeyKey *key, TimestampTz now,
+					  int64 *retry_after, int64 *remaining)
+{
+	return apikey_ratelimit_take_bucket(key->budget_id, key->budget_hash_prefix,
+										key->rate_limit, key->rate_window,
+										now, retry_after, remaining);
+}
+
+/*
+ * Give back the request just taken from the bucket (id, hash_prefix): a
+ * request that a later limit refused must cost nothing (ownerlimits.c).
+ * Nothing to give back when the bucket is gone or its limits changed
+ * since (it then started full again).
+ */
+void
+apikey_ratelimit_refund_bucket(int64 id, const uint8 *hash_prefix,
+							   int32 rate_limit, int64 rate_window)
+{
+	RateKey		rk;
+	RateEntry  *entry;
+
+	if (rate_lock == NULL || rate_htab == NULL)
+		return;
+	rate_key_init(&rk, id, hash_prefix);
+	LWLockAcquire(rate_lock, LW_SHARED);
+	entry = hash_search(rate_htab, &rk, HASH_FIND, NULL);
+	if (entry != NULL)
+	{
+		SpinLockAcquire(&entry->mutex);
+		if (entry->rate_limit == rate_limit && entry->rate_window == rate_window)
+			entry->tat -= (double) rate_window / rate_limit;
+		SpinLockRelease(&entry->mutex);
+	}
+	LWLockRelease(rate_lock);
 }

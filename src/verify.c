@@ -14,14 +14,18 @@
  *	 expired		  expires_at <= the time of the call (clock_timestamp())
  *	 suspended		  the key has a suspension whose until is NULL or later
  *					  than the time of the call
- *	 address_denied	  the key has allowed_cidrs and the client is outside
+ *	 address_denied	  the key, or its owner (apikey.owners), has
+ *					  allowed_cidrs and the client is outside
  *	 scope_denied	  a scope was asked for and the key does not hold it
  *	 quarantined	  the key is quarantined (until as for a suspension) and
  *					  the scope asked for is outside its allowed_scopes
  *	 rate_limited	  the key is throttled (apikey.throttle) and its throttle
  *					  is spent
  *	 rate_limit_unavailable / rate_limited
+ *					  the key's rate limit, then its owner's (whose refusal
+ *					  gives the key's take back: ownerlimits.c)
  *	 quota_unavailable / quota_exhausted
+ *					  the owner's credits, then the key's: both or neither
  *	 valid
  *
  * A malformed token is rejected before any table or cache is read.  For
@@ -120,19 +124,19 @@ connection_addr(void)
 	return addr;
 }
 
-/* Is addr inside any of the key's allowed networks? */
+/* Is addr inside any of the networks cidrs[0 .. ncidrs - 1]? */
 static bool
-address_allowed(const ApikeyKey *key, inet *addr)
+address_allowed(inet *const *cidrs, int ncidrs, inet *addr)
 {
 	int			i;
 
 	if (addr == NULL)
 		return false;
-	for (i = 0; i < key->ncidrs; i++)
+	for (i = 0; i < ncidrs; i++)
 	{
 		if (DatumGetBool(DirectFunctionCall2(network_subeq,
 											 InetPGetDatum(addr),
-											 InetPGetDatum(key->cidrs[i]))))
+											 InetPGetDatum(cidrs[i]))))
 			return true;
 	}
 	return false;
@@ -206,7 +210,11 @@ judge(ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 		verdict->has_retry_after = (verdict->retry_after >= 0);
 		return APIKEY_SUSPENDED;
 	}
-	if (key->ncidrs > 0 && !address_allowed(key, addr))
+	if (key->ncidrs > 0 && !address_allowed(key->cidrs, key->ncidrs, addr))
+		return APIKEY_ADDRESS_DENIED;
+	/* the owner's allowlist too: the two intersect (ownerlimits.c) */
+	if (key->owner_ncidrs > 0 &&
+		!address_allowed(key->cidrs + key->ncidrs, key->owner_ncidrs, addr))
 		return APIKEY_ADDRESS_DENIED;
 	if (scope != NULL &&
 		!apikey_scope_granted(key->scopes, key->nscopes, VARDATA_ANY(scope),
@@ -230,19 +238,43 @@ judge(ApikeyKey *key, text *scope, inet *addr, TimestampTz now,
 
 		verdict->has_retry_after = (code == APIKEY_RATE_LIMITED);
 		verdict->has_remaining = (code == APIKEY_VALID);
+		verdict->limited_by = APIKEY_LIMITED_BY_KEY;
+		if (code != APIKEY_VALID)
+			return code;
+	}
+	/* the owner's pool: its take refunds the key's if refused */
+	if (key->owner_rate_limit > 0)
+	{
+		ApikeyCode	code = apikey_owner_rate_take(key, now, verdict);
+
+		if (code != APIKEY_VALID)
+			return code;
+	}
+	/* the owner's credit first (its row is locked first), then the key's */
+	if (key->owner_has_quota)
+	{
+		ApikeyCode	code = apikey_owner_quota_debit(key, verdict);
+
 		if (code != APIKEY_VALID)
 			return code;
 	}
 	if (key->has_quota)
 	{
+		int64		owner_left = verdict->remaining;
 		ApikeyCode	code = apikey_quota_debit(key, &verdict->remaining,
 											  &verdict->retry_after);
 
 		verdict->has_remaining = (code == APIKEY_VALID || code == APIKEY_QUOTA_EXHAUSTED);
 		verdict->has_retry_after = (code == APIKEY_QUOTA_EXHAUSTED &&
 									verdict->retry_after >= 0);
+		verdict->limited_by = APIKEY_LIMITED_BY_KEY;
 		if (code != APIKEY_VALID)
+		{
+			apikey_owner_quota_refund(key);		/* both or neither */
 			return code;
+		}
+		if (key->owner_has_quota)
+			apikey_owner_remaining(verdict, verdict->remaining, owner_left);
 	}
 	return APIKEY_VALID;
 }
@@ -291,7 +323,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 		{
 			ApikeyKey  *key = &verdict->key_copy;
 
-			if (addr == NULL && key->ncidrs > 0)
+			if (addr == NULL && key->ncidrs + key->owner_ncidrs > 0)
 				addr = connection_addr();
 			verdict->key = key;
 			verdict->code = judge(key, scope, addr, now, verdict);

@@ -1,14 +1,15 @@
 # Dump and restore.
 #
-# Keys with scopes, limits, a revocation, two rotations (one old key
-# expired, one in its grace period, drawing on its successor's quota), and
-# usage are dumped with pg_dump -Fc and restored with pg_restore into a
-# fresh database of a new cluster.  pg_dump prints no warning (no apikey
-# table references itself, so the data of the extension's tables has an
-# order).  Afterwards every apikey table holds exactly the same rows, every
-# token gets the same verdict (valid, revoked, expired) with the same key,
-# owner and scopes, the rotations keep their links and shared budget, and
-# a newly issued key continues the id sequence after the old maximum.  The audit chain comes
+# Keys with scopes, limits, an owner's limits and credits, a revocation,
+# two rotations (one old key expired, one in its grace period, drawing on
+# its successor's quota), and usage are dumped with pg_dump -Fc and
+# restored with pg_restore into a fresh database of a new cluster.
+# pg_dump prints no warning (no apikey table references itself, so the
+# data of the extension's tables has an order).  Afterwards every apikey
+# table holds exactly the same rows, every token gets the same verdict
+# (valid, revoked, expired) with the same key, owner and scopes, the
+# rotations keep their links and shared budget, and a newly issued key
+# continues the id sequence after the old maximum.  The audit chain comes
 # back row for row and still verifies; restoring the key tables appends
 # one row per table (the restore's COPY is a direct change), and new
 # administrative calls go on chaining.
@@ -58,6 +59,11 @@ $old->safe_psql('app', qq{
 INSERT INTO apikey.prefixes (prefix, public, description) VALUES ('gx_live', false, 'globex live keys');
 SELECT apikey.report_leak('$tok{revoked}', 'support', 'TICKET-9');
 });
+# Limits per owner (1.2): the owner's row and its credits are dumped.
+$old->safe_psql('app', q{
+SELECT apikey.set_owner_limits('acme', rate_limit => 1000, quota => 100, quota_refill => '1 day',
+							   max_keys => 10, metadata => '{"plan": "pro"}');
+});
 # Rotation with no grace: the old key expires at once.
 my ($new_id, $new_token) = split /\|/,
   $old->safe_psql('app',
@@ -97,6 +103,8 @@ SELECT string_agg(t || ': ' || d, E'\n' ORDER BY t) FROM (
 	UNION ALL SELECT 'usage_log', md5(string_agg(u::text, '|' ORDER BY u.key_id, u.bucket, u.code, u.client_addr)) FROM apikey.usage_log u
 	UNION ALL SELECT 'prefixes', md5(string_agg(p::text, '|' ORDER BY p.prefix COLLATE "C")) FROM apikey.prefixes p
 	UNION ALL SELECT 'exposures', md5(string_agg(e::text, '|' ORDER BY e.id)) || ' ' || count(*) FROM apikey.exposures e
+	UNION ALL SELECT 'owners', md5(string_agg(o::text, '|' ORDER BY o.owner COLLATE "C")) || ' ' || count(*) FROM apikey.owners o
+	UNION ALL SELECT 'owner_credits', md5(string_agg(c::text, '|' ORDER BY c.owner COLLATE "C")) || ' ' || count(*) FROM apikey.owner_credits c
 	UNION ALL SELECT 'counts', format('keys=%s key_lineage=%s key_scopes=%s scopes=%s revocations=%s quotas=%s usage_log=%s calls=%s',
 		(SELECT count(*) FROM apikey.keys), (SELECT count(*) FROM apikey.key_lineage),
 		(SELECT count(*) FROM apikey.key_scopes),
