@@ -14,6 +14,7 @@ OBJS = \
 	src/keystore.o \
 	src/leak.o \
 	src/ownerlimits.o \
+	src/networks.o \
 	src/ownersql.o \
 	src/quota.o \
 	src/ratelimit.o \

@@ -3704,6 +3704,406 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('monitor', 'SELECT', 'TABLE apikey.owner_status');
 
 -------------------------------------------------------------------------------
+-- Networks, baselines and three detection rules (issue 12, items 4 and 6).
+-- The networks each key succeeds from, aggregated to /24 (IPv4) and /48
+-- (IPv6) and kept apikey.network_retention (90 days): collected in shared
+-- memory on the valid path (src/networks.c) and written by the usage
+-- writer, so a call counts even if its transaction rolls back.  Per-key
+-- baselines of calls per minute, recomputed hourly by the writer, and the
+-- rate limits they suggest.  The evaluators of the shared_address,
+-- new_networks and volume_spike rules take their parameters as arguments;
+-- the _rule_<kind>(apikey.detection_rules) wrappers the detector calls are
+-- at the end of this section.
+
+CREATE TABLE apikey.key_networks (
+	key_id		bigint NOT NULL,
+	network		cidr NOT NULL,
+	first_seen	timestamptz NOT NULL,
+	last_seen	timestamptz NOT NULL,
+	calls		bigint NOT NULL CONSTRAINT key_networks_calls_check CHECK (calls OPERATOR(pg_catalog.>) 0),
+	CONSTRAINT key_networks_pkey PRIMARY KEY (key_id, network)
+);
+CREATE INDEX key_networks_last_seen_idx ON apikey.key_networks (last_seen);
+CREATE INDEX key_networks_network_idx ON apikey.key_networks (network);
+COMMENT ON TABLE apikey.key_networks
+	IS 'Networks each key has succeeded from (client addresses aggregated by apikey.network_prefix_v4/_v6, never stored whole), written by the usage writer, purged after apikey.network_retention unseen';
+COMMENT ON COLUMN apikey.key_networks.key_id IS 'The key (rows of deleted keys are purged hourly)';
+COMMENT ON COLUMN apikey.key_networks.network IS 'Client network: the asserted client_addr of a trusted role, else the connection''s, aggregated to /24 or /48 (IPv4-mapped IPv6 as IPv4)';
+COMMENT ON COLUMN apikey.key_networks.first_seen IS 'First success from this network; a network unseen for 30 days is first seen again when it returns';
+COMMENT ON COLUMN apikey.key_networks.last_seen IS 'Latest success from this network';
+COMMENT ON COLUMN apikey.key_networks.calls IS 'Successes from this network (rolled-back ones included)';
+REVOKE ALL ON apikey.key_networks FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('apikey.key_networks', '');
+
+CREATE FUNCTION apikey._network_of(addr inet) RETURNS cidr
+AS 'MODULE_PATHNAME', 'apikey_network_of_sql'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._network_of(inet)
+	IS 'Internal: the network key_networks records addr under (apikey.network_prefix_v4/_v6; IPv4-mapped IPv6 as IPv4)';
+REVOKE ALL ON FUNCTION apikey._network_of(inet) FROM PUBLIC;
+
+CREATE TABLE apikey.key_baselines (
+	key_id		bigint NOT NULL CONSTRAINT key_baselines_pkey PRIMARY KEY,
+	computed_at	timestamptz NOT NULL,
+	data_points	integer NOT NULL,
+	p50			bigint NOT NULL,
+	p90			bigint NOT NULL,
+	p99			bigint NOT NULL,
+	max			bigint NOT NULL
+);
+COMMENT ON TABLE apikey.key_baselines
+	IS 'Each key''s calls per minute (every verdict) over the last 7 days of usage_log, minutes with calls only; recomputed hourly by the usage writer and by compute_baselines()';
+COMMENT ON COLUMN apikey.key_baselines.key_id IS 'The key';
+COMMENT ON COLUMN apikey.key_baselines.computed_at IS 'When it was computed';
+COMMENT ON COLUMN apikey.key_baselines.data_points IS 'Minutes with at least one call in the window';
+COMMENT ON COLUMN apikey.key_baselines.p50 IS 'Median calls per minute';
+COMMENT ON COLUMN apikey.key_baselines.p90 IS '90th percentile of calls per minute';
+COMMENT ON COLUMN apikey.key_baselines.p99 IS '99th percentile of calls per minute (volume_spike compares with it)';
+COMMENT ON COLUMN apikey.key_baselines.max IS 'Busiest minute';
+REVOKE ALL ON apikey.key_baselines FROM PUBLIC;
+
+-- Percentiles are percentile_disc: calls some minute really saw.  The
+-- minute in progress is left out.  Keys without calls in the window lose
+-- their row.
+CREATE FUNCTION apikey._compute_baselines(window_ interval) RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_rows integer;
+BEGIN
+	IF window_ IS NULL OR window_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'window_ must be a positive interval, not %', coalesce(window_::text, 'NULL')
+			USING ERRCODE = CASE WHEN window_ IS NULL THEN '22004' ELSE '22023' END,
+				  HINT = 'The usage writer uses ''7 days''.';
+	END IF;
+	WITH per_minute AS (
+		SELECT l.key_id, l.bucket, pg_catalog.sum(l.calls)::bigint AS c
+		  FROM apikey.usage_log l
+		 WHERE l.key_id IS NOT NULL
+		   AND l.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) _compute_baselines.window_)
+		   AND l.bucket OPERATOR(pg_catalog.<) pg_catalog.date_trunc('minute', pg_catalog.now())
+		 GROUP BY l.key_id, l.bucket),
+	b AS (
+		SELECT m.key_id, pg_catalog.count(*)::integer AS n,
+			   pg_catalog.percentile_disc(0.5) WITHIN GROUP (ORDER BY m.c) AS p50,
+			   pg_catalog.percentile_disc(0.9) WITHIN GROUP (ORDER BY m.c) AS p90,
+			   pg_catalog.percentile_disc(0.99) WITHIN GROUP (ORDER BY m.c) AS p99,
+			   pg_catalog.max(m.c) AS mx
+		  FROM per_minute m
+		  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) m.key_id
+		 GROUP BY m.key_id),
+	gone AS (
+		DELETE FROM apikey.key_baselines kb
+		 WHERE NOT EXISTS (SELECT FROM b WHERE b.key_id OPERATOR(pg_catalog.=) kb.key_id))
+	INSERT INTO apikey.key_baselines AS kb (key_id, computed_at, data_points, p50, p90, p99, max)
+	SELECT b.key_id, pg_catalog.now(), b.n, b.p50, b.p90, b.p99, b.mx FROM b
+	ON CONFLICT ON CONSTRAINT key_baselines_pkey DO UPDATE
+	   SET computed_at = excluded.computed_at, data_points = excluded.data_points,
+		   p50 = excluded.p50, p90 = excluded.p90, p99 = excluded.p99, max = excluded.max;
+	GET DIAGNOSTICS v_rows = ROW_COUNT;
+	RETURN v_rows;
+END
+$$;
+COMMENT ON FUNCTION apikey._compute_baselines(interval)
+	IS 'Internal: recompute key_baselines over window_ of usage_log (no audit row: the usage writer runs it hourly); returns keys with a baseline';
+REVOKE ALL ON FUNCTION apikey._compute_baselines(interval) FROM PUBLIC;
+
+CREATE FUNCTION apikey.compute_baselines(window_ interval DEFAULT '7 days')
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET apikey.audit_context = 'compute_baselines'
+AS $$
+DECLARE
+	v_rows integer;
+BEGIN
+	IF compute_baselines.window_ IS NULL THEN
+		RAISE EXCEPTION 'window_ must not be NULL' USING ERRCODE = '22004',
+			HINT = 'Pass how much usage_log to learn from, e.g. ''7 days''.';
+	END IF;
+	IF compute_baselines.window_ OPERATOR(pg_catalog.<) '1 hour'::interval
+	   OR compute_baselines.window_ OPERATOR(pg_catalog.>) '1 year'::interval THEN
+		RAISE EXCEPTION 'window_ must be between 1 hour and 1 year, not %', compute_baselines.window_
+			USING ERRCODE = '22023', HINT = 'The usage writer uses ''7 days''.';
+	END IF;
+	PERFORM apikey._audit_lock();
+	v_rows := apikey._compute_baselines(compute_baselines.window_);
+	PERFORM apikey._audit('compute_baselines', NULL, NULL,
+						  pg_catalog.jsonb_build_object('window', compute_baselines.window_, 'keys', v_rows));
+	RETURN v_rows;
+END
+$$;
+COMMENT ON FUNCTION apikey.compute_baselines(interval)
+	IS 'Recompute apikey.key_baselines now from window_ of usage_log (the usage writer does it hourly over 7 days); idempotent; returns keys with a baseline';
+REVOKE ALL ON FUNCTION apikey.compute_baselines(interval) FROM PUBLIC;
+
+-- Hourly, from the usage writer (src/networks.c): retention, then
+-- baselines.  Rows of keys that no longer exist go too.
+CREATE FUNCTION apikey._networks_maintain(retention interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_purged bigint;
+BEGIN
+	IF retention IS NULL THEN
+		RAISE EXCEPTION 'retention must not be NULL' USING ERRCODE = '22004',
+			HINT = 'Pass apikey.network_retention, e.g. ''90 days''.';
+	END IF;
+	IF retention OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'retention must be a positive interval, not %', retention
+			USING ERRCODE = '22023', HINT = 'Pass apikey.network_retention, e.g. ''90 days''.';
+	END IF;
+	DELETE FROM apikey.key_networks n
+	 WHERE n.last_seen OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) retention)
+		OR NOT EXISTS (SELECT FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) n.key_id);
+	GET DIAGNOSTICS v_purged = ROW_COUNT;
+	PERFORM apikey._compute_baselines('7 days');
+	RETURN v_purged;
+END
+$$;
+COMMENT ON FUNCTION apikey._networks_maintain(interval)
+	IS 'Internal: the usage writer''s hourly upkeep: drop key_networks rows unseen for retention (or of deleted keys), recompute key_baselines; returns rows dropped';
+REVOKE ALL ON FUNCTION apikey._networks_maintain(interval) FROM PUBLIC;
+
+-- Suggested rate limit: the larger of twice the p99 and the busiest minute
+-- (so no minute of the key's own history would have been limited), scaled
+-- from a minute to the key's rate_window, rounded up.  NULL while the key
+-- has fewer than 60 minutes with calls: too little to go on.
+CREATE VIEW apikey.suggested_limits AS
+SELECT b.key_id, k.rate_limit AS current_limit,
+	   CASE WHEN b.data_points OPERATOR(pg_catalog.>=) 60
+			THEN pg_catalog.ceil(GREATEST(2 OPERATOR(pg_catalog.*) b.p99, b.max, 1)::numeric
+								 OPERATOR(pg_catalog.*) pg_catalog.date_part('epoch', k.rate_window)::numeric
+								 OPERATOR(pg_catalog./) 60)::bigint END AS suggested_limit,
+	   b.data_points
+  FROM apikey.key_baselines b
+  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) b.key_id;
+COMMENT ON VIEW apikey.suggested_limits
+	IS 'A rate limit for each key with a baseline: ceil(max(2 x p99, max) calls per minute, scaled to its rate_window); NULL below 60 data points';
+COMMENT ON COLUMN apikey.suggested_limits.key_id IS 'The key';
+COMMENT ON COLUMN apikey.suggested_limits.current_limit IS 'Its rate_limit per rate_window now; NULL = none';
+COMMENT ON COLUMN apikey.suggested_limits.suggested_limit IS 'Calls per rate_window: ceil(greatest(2 * p99, max) * rate_window / 1 minute); NULL with fewer than 60 data points';
+COMMENT ON COLUMN apikey.suggested_limits.data_points IS 'Minutes with calls the baseline was computed from';
+REVOKE ALL ON apikey.suggested_limits FROM PUBLIC;
+
+-- The rules' parameters, checked alike: a rule never runs on nonsense.
+CREATE FUNCTION apikey._rule_args_check(rule text, threshold numeric, window_ interval, min_calls bigint)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF threshold IS NULL OR window_ IS NULL THEN
+		RAISE EXCEPTION 'rule %: threshold and window_ must not be NULL', rule USING ERRCODE = '22004',
+			HINT = 'Set them in the rule''s row of apikey.detection_rules.';
+	END IF;
+	IF threshold OPERATOR(pg_catalog.<=) 0 THEN
+		RAISE EXCEPTION 'rule %: threshold must be positive, not %', rule, threshold USING ERRCODE = '22023',
+			HINT = 'Set a positive threshold in the rule''s row of apikey.detection_rules.';
+	END IF;
+	IF window_ OPERATOR(pg_catalog.<=) '0'::interval THEN
+		RAISE EXCEPTION 'rule %: window_ must be a positive interval, not %', rule, window_ USING ERRCODE = '22023',
+			HINT = 'Set a positive window_ in the rule''s row of apikey.detection_rules.';
+	END IF;
+	IF min_calls OPERATOR(pg_catalog.<) 0 THEN
+		RAISE EXCEPTION 'rule %: min_calls must not be negative, not %', rule, min_calls USING ERRCODE = '22023',
+			HINT = 'Set min_calls to 0 or more (NULL = no floor).';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION apikey._rule_args_check(text, numeric, interval, bigint)
+	IS 'Internal: raise 22004/22023 for a detection rule''s NULL or out-of-range threshold, window_ or min_calls';
+REVOKE ALL ON FUNCTION apikey._rule_args_check(text, numeric, interval, bigint) FROM PUBLIC;
+
+-- shared_address: one network that at least threshold distinct keys
+-- succeeded from within window_, with at least min_calls successes among
+-- them.  The subject is the network (key_id NULL; owner only if every key
+-- has the same).
+CREATE FUNCTION apikey._rule_shared_address_eval(threshold numeric, window_ interval, min_calls bigint)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM apikey._rule_args_check('shared_address', threshold, window_, min_calls);
+	RETURN QUERY
+	SELECT NULL::bigint,
+		   CASE WHEN pg_catalog.count(DISTINCT k.owner) OPERATOR(pg_catalog.=) 1 THEN pg_catalog.min(k.owner) END,
+		   n.network,
+		   pg_catalog.jsonb_build_object(
+			   'keys', pg_catalog.count(*), 'owners', pg_catalog.count(DISTINCT k.owner),
+			   'key_ids', (pg_catalog.array_agg(n.key_id ORDER BY n.calls DESC, n.key_id))[1:20],
+			   'calls', pg_catalog.sum(n.calls), 'window', window_)
+	  FROM apikey.key_networks n
+	  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) n.key_id
+	 WHERE n.last_seen OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) window_)
+	 GROUP BY n.network
+	HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>=) threshold
+	   AND pg_catalog.sum(n.calls) OPERATOR(pg_catalog.>=) coalesce(min_calls, 0);
+END
+$$;
+COMMENT ON FUNCTION apikey._rule_shared_address_eval(numeric, interval, bigint)
+	IS 'Rule shared_address: networks that threshold or more distinct keys succeeded from within window_ (with min_calls successes among them)';
+REVOKE ALL ON FUNCTION apikey._rule_shared_address_eval(numeric, interval, bigint) FROM PUBLIC;
+
+-- new_networks: a key with history (a network first seen before the
+-- window) succeeding, within window_, from threshold or more networks first
+-- seen in it: never seen, or unseen for 30 days (key_networks.first_seen).
+-- One row per new network with at least min_calls successes.
+CREATE FUNCTION apikey._rule_new_networks_eval(threshold numeric, window_ interval, min_calls bigint)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM apikey._rule_args_check('new_networks', threshold, window_, min_calls);
+	RETURN QUERY
+	WITH fresh AS (
+		SELECT n.key_id, n.network, n.first_seen, n.calls,
+			   pg_catalog.count(*) OVER (PARTITION BY n.key_id) AS new_networks
+		  FROM apikey.key_networks n
+		 WHERE n.first_seen OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) window_)
+		   AND n.calls OPERATOR(pg_catalog.>=) coalesce(min_calls, 0))
+	SELECT f.key_id, k.owner, f.network,
+		   pg_catalog.jsonb_build_object(
+			   'first_seen', f.first_seen, 'calls', f.calls, 'new_networks', f.new_networks,
+			   'known_networks', h.known, 'window', window_)
+	  FROM fresh f
+	  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) f.key_id
+	  CROSS JOIN LATERAL (
+		SELECT pg_catalog.count(*) AS known FROM apikey.key_networks o
+		 WHERE o.key_id OPERATOR(pg_catalog.=) f.key_id
+		   AND o.first_seen OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) window_)) h
+	 WHERE h.known OPERATOR(pg_catalog.>) 0
+	   AND f.new_networks OPERATOR(pg_catalog.>=) threshold;
+END
+$$;
+COMMENT ON FUNCTION apikey._rule_new_networks_eval(numeric, interval, bigint)
+	IS 'Rule new_networks: successes of a key with history from threshold or more networks first seen (or unseen for 30 days) within window_, each with min_calls successes';
+REVOKE ALL ON FUNCTION apikey._rule_new_networks_eval(numeric, interval, bigint) FROM PUBLIC;
+
+-- volume_spike: a key whose calls per minute (every verdict, from
+-- key_usage, so unflushed counts too) exceeded max(threshold x its p99,
+-- min_calls) for 3 consecutive minutes within window_.  A key without a
+-- baseline has p99 0: only the floor applies.  One row per key: its latest
+-- run.
+CREATE FUNCTION apikey._rule_volume_spike_eval(threshold numeric, window_ interval, min_calls bigint)
+RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM apikey._rule_args_check('volume_spike', threshold, window_, min_calls);
+	RETURN QUERY
+	WITH m AS (
+		SELECT u.key_id, u.bucket, u.calls, coalesce(b.p99, 0) AS p99,
+			   GREATEST(threshold OPERATOR(pg_catalog.*) coalesce(b.p99, 0), coalesce(min_calls, 0)) AS lim
+		  FROM apikey.key_usage u
+		  LEFT JOIN apikey.key_baselines b ON b.key_id OPERATOR(pg_catalog.=) u.key_id
+		 WHERE u.key_id IS NOT NULL
+		   AND u.bucket OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) window_)),
+	hot AS (
+		SELECT m.*, m.bucket OPERATOR(pg_catalog.-)
+					('1 minute'::interval OPERATOR(pg_catalog.*)
+					 pg_catalog.row_number() OVER (PARTITION BY m.key_id ORDER BY m.bucket)::double precision) AS grp
+		  FROM m WHERE m.calls OPERATOR(pg_catalog.>) m.lim),
+	runs AS (
+		SELECT h.key_id, pg_catalog.count(*) AS minutes, pg_catalog.min(h.bucket) AS since,
+			   pg_catalog.max(h.bucket) AS until, pg_catalog.max(h.calls) AS peak,
+			   pg_catalog.min(h.lim) AS lim, pg_catalog.min(h.p99) AS p99
+		  FROM hot h GROUP BY h.key_id, h.grp
+		HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>=) 3)
+	SELECT DISTINCT ON (r.key_id) r.key_id, k.owner, NULL::cidr,
+		   pg_catalog.jsonb_build_object(
+			   'since', r.since, 'until', r.until, 'minutes', r.minutes, 'peak_calls', r.peak,
+			   'limit', r.lim, 'p99', r.p99, 'window', window_)
+	  FROM runs r
+	  JOIN apikey.keys k ON k.id OPERATOR(pg_catalog.=) r.key_id
+	 ORDER BY r.key_id, r.until DESC;
+END
+$$;
+COMMENT ON FUNCTION apikey._rule_volume_spike_eval(numeric, interval, bigint)
+	IS 'Rule volume_spike: keys over max(threshold x p99, min_calls) calls per minute for 3 consecutive minutes within window_ (defaults 10, 100)';
+REVOKE ALL ON FUNCTION apikey._rule_volume_spike_eval(numeric, interval, bigint) FROM PUBLIC;
+
+-- key_status gains the network of the latest success.
+CREATE OR REPLACE VIEW apikey.key_status AS
+SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
+	   k.last_used_at, lin.rotated_from,
+	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
+			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+			WHEN s.key_id IS NOT NULL THEN 'suspended'
+			WHEN q.key_id IS NOT NULL THEN 'quarantined'
+			ELSE 'active' END AS status,
+	   r.revoked_at, r.reason AS revoked_reason,
+	   ARRAY(SELECT ks.scope FROM apikey.key_scopes ks
+			  WHERE ks.key_id OPERATOR(pg_catalog.=) k.id ORDER BY ks.scope) AS scopes,
+	   (SELECT pg_catalog.max(l.bucket) FROM apikey.usage_log l
+		 WHERE l.key_id OPERATOR(pg_catalog.=) k.id AND l.code OPERATOR(pg_catalog.<>) 'valid') AS last_failed_at,
+	   (SELECT n.network FROM apikey.key_networks n
+		 WHERE n.key_id OPERATOR(pg_catalog.=) k.id
+		 ORDER BY n.last_seen DESC, n.calls DESC LIMIT 1) AS last_used_network
+  FROM apikey.keys k
+  LEFT JOIN apikey.key_lineage lin ON lin.key_id OPERATOR(pg_catalog.=) k.id
+  LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
+  LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
+		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
+  LEFT JOIN apikey.quarantines q ON q.key_id OPERATOR(pg_catalog.=) k.id
+		AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now());
+COMMENT ON COLUMN apikey.key_status.last_used_network
+	IS 'Network of the latest success recorded in key_networks (as flushed); NULL if none';
+
+-- apikey.stats gains the successes key_networks had no room for.
+CREATE FUNCTION apikey._network_overflow() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_network_overflow'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._network_overflow()
+	IS 'Internal: successes not recorded in key_networks since start, shared memory being full (behind apikey.stats.network_overflow)';
+REVOKE ALL ON FUNCTION apikey._network_overflow() FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._network_overflow()');
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,
+	   apikey._failure_networks_untracked() AS failure_networks_untracked,
+	   apikey._writer_heartbeat() AS writer_heartbeat,
+	   apikey._network_overflow() AS network_overflow
+  FROM apikey._stats() s;
+COMMENT ON COLUMN apikey.stats.network_overflow
+	IS 'Successes not recorded in key_networks since the server started: apikey.network_max_entries was full (raise it, or flush more often)';
+
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('admin', 'EXECUTE', 'FUNCTION apikey.compute_baselines(interval)'),
+	('monitor', 'SELECT', 'TABLE apikey.key_networks'),
+	('monitor', 'SELECT', 'TABLE apikey.key_baselines'),
+	('monitor', 'SELECT', 'TABLE apikey.suggested_limits'),
+	('monitor', 'EXECUTE', 'FUNCTION apikey._network_overflow()');
+
+-- wired at merge (needs apikey.detection_rules): the detector calls
+-- apikey._rule_<kind>(r) for each enabled rule.  Suggested seeds: shared_address
+-- (threshold 10 keys, window_ 1 hour, min_calls 0), new_networks (threshold 1,
+-- window_ 1 hour, min_calls 1), volume_spike (threshold 10, window_ 10 minutes,
+-- min_calls 100).
+--
+-- CREATE FUNCTION apikey._rule_shared_address(r apikey.detection_rules)
+-- RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
+-- LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+-- AS $$ SELECT * FROM apikey._rule_shared_address_eval(r.threshold::numeric, r.window_, r.min_calls::bigint) $$;
+-- COMMENT ON FUNCTION apikey._rule_shared_address(apikey.detection_rules)
+-- 	IS 'Internal: rule shared_address with its row''s parameters';
+-- REVOKE ALL ON FUNCTION apikey._rule_shared_address(apikey.detection_rules) FROM PUBLIC;
+--
+-- CREATE FUNCTION apikey._rule_new_networks(r apikey.detection_rules)
+-- RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
+-- LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+-- AS $$ SELECT * FROM apikey._rule_new_networks_eval(r.threshold::numeric, r.window_, r.min_calls::bigint) $$;
+-- COMMENT ON FUNCTION apikey._rule_new_networks(apikey.detection_rules)
+-- 	IS 'Internal: rule new_networks with its row''s parameters';
+-- REVOKE ALL ON FUNCTION apikey._rule_new_networks(apikey.detection_rules) FROM PUBLIC;
+--
+-- CREATE FUNCTION apikey._rule_volume_spike(r apikey.detection_rules)
+-- RETURNS TABLE (key_id bigint, owner text, network cidr, evidence jsonb)
+-- LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+-- AS $$ SELECT * FROM apikey._rule_volume_spike_eval(r.threshold::numeric, r.window_, r.min_calls::bigint) $$;
+-- COMMENT ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules)
+-- 	IS 'Internal: rule volume_spike with its row''s parameters';
+-- REVOKE ALL ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
 -- Key lineage (issue 15): apikey.keys no longer references itself.  Its
 -- rotation links (rotated_from, budget_key_id) live in apikey.key_lineage,
 -- created with "Rotation shares one budget" above, so pg_dump finds no

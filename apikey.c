@@ -59,6 +59,8 @@ _PG_init(void)
 	apikey_worker_init();		/* apikey.usage_flush_interval */
 	apikey_keystore_init();		/* invalidation callbacks */
 	apikey_audit_init();		/* apikey.actor, apikey.audit_context */
+	apikey_networks_init();		/* apikey.network_prefix_v4, _v6, _retention;
+								 * preloaded: _max_entries */
 	apikey_events_init();		/* apikey.events_interval, event_retention,
 								 * unused_revoke_after */
 	apikey_retention_init();	/* apikey.usage_retention, _hourly_, _daily_,
@@ -658,6 +660,36 @@ apikey_failure_networks_untracked(PG_FUNCTION_ARGS)
 	if (!apikey_stats_read(&st))
 		PG_RETURN_NULL();
 	PG_RETURN_INT64((int64) st.failure_untracked);
+}
+
+/*
+ * apikey._network_overflow(): successes not recorded in key_networks since
+ * the server started, for want of room in shared memory (a column of
+ * apikey.stats); NULL without shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_network_overflow);
+Datum
+apikey_network_overflow(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64((int64) st.network_overflow);
+}
+
+/*
+ * apikey._network_of(addr): the network key_networks records addr under
+ * (apikey.network_prefix_v4 / _v6; IPv4-mapped IPv6 in IPv4 form).
+ */
+PG_FUNCTION_INFO_V1(apikey_network_of_sql);
+Datum
+apikey_network_of_sql(PG_FUNCTION_ARGS)
+{
+	/* not STRICT: a NULL call still checks EXECUTE (no constant folding) */
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	PG_RETURN_INET_P(apikey_network_of(PG_GETARG_INET_PP(0)));
 }
 
 /*

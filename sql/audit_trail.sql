@@ -57,6 +57,7 @@ INSERT INTO calls (fn, q) VALUES
 	('report_leaks', $$SELECT apikey.report_leaks(jsonb_build_array(jsonb_build_object('token', (SELECT token FROM tok WHERE name = 'spare'), 'type', 't', 'url', 'https://example.com/1')))$$),
 	('revoke_leaked', $$SELECT apikey.revoke_leaked(ARRAY[(SELECT token FROM tok WHERE name = 'spare')])$$),
 	('reissue', $$INSERT INTO tok SELECT 'k3', key_id, token FROM apikey.reissue((SELECT id FROM tok WHERE name = 'k'))$$),
+	('compute_baselines', $$SELECT apikey.compute_baselines('1 day')$$),
 	('grant_admin', $$SELECT apikey.grant_admin('regress_audit_granted')$$),
 	('revoke_admin', $$SELECT apikey.revoke_admin('regress_audit_granted')$$),
 	('grant_monitor', $$SELECT apikey.grant_monitor('regress_audit_granted')$$),

@@ -26,6 +26,9 @@
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
  *					apikey.failure_exempt, apikey.failure_max_networks
+ *	 networks.c		the networks each key succeeds from, for key_networks: a
+ *					bounded set in shared memory flushed by the writer;
+ *					apikey.network_prefix_v4, _v6, _retention, _max_entries
  *	 usage.c		usage counters: shared memory, or pending rows; usage_log
  *					writes; apikey.database, apikey.usage_max_entries
  *	 ownerlimits.c	limits shared by all keys of an owner (apikey.owners):
@@ -210,6 +213,8 @@ typedef struct ApikeyStats
 	TimestampTz last_flush;		/* last successful flush, 0 = never */
 	TimestampTz heartbeat;		/* the writer's last round, 0 = never */
 	uint64		tokens_redacted;	/* spans the log redactor hid */
+	uint64		network_overflow;	/* successes key_networks had no room
+									 * for */
 } ApikeyStats;
 
 extern Size apikey_stats_shmem_size(void);
@@ -219,6 +224,7 @@ extern void apikey_stats_dropped(uint64 calls);
 extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
+extern void apikey_stats_network_overflow(uint64 calls);
 extern void apikey_stats_heartbeat(void);
 extern bool apikey_stats_read(ApikeyStats *out);
 
@@ -307,6 +313,14 @@ extern bool apikey_failurelimit_claim(inet *addr, TimestampTz now,
 									  ApikeyFailureClaim *claim);
 extern void apikey_failurelimit_settle(const ApikeyFailureClaim *claim,
 									   ApikeyCode code);
+
+/* networks.c */
+extern void apikey_networks_init(void);
+extern Size apikey_networks_shmem_size(void);
+extern void apikey_networks_shmem_startup(struct LWLock *lock);
+extern void apikey_networks_count(int64 key_id, const inet *addr, TimestampTz now);
+extern int	apikey_networks_flush(void);
+extern inet *apikey_network_of(const inet *addr);
 
 /* throttle.c */
 extern Size apikey_throttle_shmem_size(void);

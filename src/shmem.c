@@ -7,7 +7,8 @@
  * it: stats.c (verification counters), usage.c (usage table), ratelimit.c
  * (rate-limit buckets), worker.c (the usage writer and flush requests),
  * invalidation.c (the ring of changed keys), failurelimit.c (failure
- * buckets per client network), throttle.c (temporary rate limits).
+ * buckets per client network), throttle.c (temporary rate limits),
+ * networks.c (the networks keys succeed from).
  * This file asks for their space and the LWLocks they use, and calls each
  * one's start-up under AddinShmemInitLock.
  *
@@ -16,8 +17,8 @@
  * appended to apikey.usage_pending in the caller's transaction, a key with
  * a rate limit is refused with rate_limit_unavailable (a limit that cannot
  * be enforced never allows), a change to a key empties every backend's
- * key cache instead of evicting just that key, the failure limiter is off
- * and apikey.throttle() refuses.
+ * key cache instead of evicting just that key, the failure limiter is off,
+ * apikey.throttle() refuses and no networks are recorded for key_networks.
  *
  *-------------------------------------------------------------------------
  */
@@ -36,7 +37,8 @@
 #define LOCK_INVAL		2
 #define LOCK_FAILURE	3
 #define LOCK_THROTTLE	4
-#define NUM_LOCKS		5
+#define LOCK_NETWORKS	5
+#define NUM_LOCKS		6
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -53,6 +55,7 @@ shmem_request(void)
 	size = add_size(size, apikey_ratelimit_shmem_size());
 	size = add_size(size, apikey_failurelimit_shmem_size());
 	size = add_size(size, apikey_throttle_shmem_size());
+	size = add_size(size, apikey_networks_shmem_size());
 	size = add_size(size, apikey_worker_shmem_size());
 	size = add_size(size, apikey_inval_shmem_size());
 	RequestAddinShmemSpace(size);
@@ -74,6 +77,7 @@ shmem_startup(void)
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
 	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
 	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);
+	apikey_networks_shmem_startup(&locks[LOCK_NETWORKS].lock);
 	apikey_worker_shmem_startup();
 	apikey_inval_shmem_startup(&locks[LOCK_INVAL].lock);
 	LWLockRelease(AddinShmemInitLock);

@@ -3,8 +3,8 @@
  * stats.c
  *	  The live counters behind apikey.stats: verifications per verdict code,
  *	  usage counts dropped, the usage writer's flushes and heartbeat, tokens
- *	  the log redactor hid, and networks the failure limiter could not
- *	  track.
+ *	  the log redactor hid, networks the failure limiter could not
+ *	  track, and successes key_networks had no room for.
  *
  * Verification counts are kept per backend, so that counting a call
  * writes a cache line no other backend writes: each backend owns one row
@@ -15,7 +15,8 @@
  * practice) counts in the shared row instead.
  *
  * Locking: none.  Every counter is an atomic that only grows; the rarely
- * written ones (drops, flushes, redactions, untracked failures) are shared
+ * written ones (drops, flushes, redactions, untracked failures, network
+ * overflow) are shared
  * by all backends.
  *
  * Without shared memory (no preload) there are no counters, and
@@ -53,6 +54,7 @@ typedef struct StatsShared
 	pg_atomic_uint64 heartbeat;	/* TimestampTz of the writer's last round,
 								 * empty or failed too; 0 = never */
 	pg_atomic_uint64 tokens_redacted;	/* spans hidden from log lines */
+	pg_atomic_uint64 network_overflow;	/* successes key_networks missed */
 	int			nbackends;		/* rows in backends[] after the shared one */
 	BackendCounts backends[FLEXIBLE_ARRAY_MEMBER];	/* [0] is shared */
 } StatsShared;
@@ -85,6 +87,7 @@ apikey_stats_shmem_startup(void)
 	pg_atomic_init_u64(&stats->last_flush, 0);
 	pg_atomic_init_u64(&stats->heartbeat, 0);
 	pg_atomic_init_u64(&stats->tokens_redacted, 0);
+	pg_atomic_init_u64(&stats->network_overflow, 0);
 	stats->nbackends = MaxBackends;
 	for (i = 0; i <= MaxBackends; i++)
 	{
@@ -144,6 +147,14 @@ apikey_stats_failure_untracked(void)
 		pg_atomic_fetch_add_u64(&stats->failure_untracked, 1);
 }
 
+/* Count successes not recorded for key_networks: its table was full. */
+void
+apikey_stats_network_overflow(uint64 calls)
+{
+	if (stats != NULL)
+		pg_atomic_fetch_add_u64(&stats->network_overflow, calls);
+}
+
 /* Record the outcome of one flush by the usage writer. */
 void
 apikey_stats_flushed(uint64 calls, bool ok)
@@ -193,5 +204,6 @@ apikey_stats_read(ApikeyStats *out)
 	out->last_flush = (TimestampTz) pg_atomic_read_u64(&stats->last_flush);
 	out->heartbeat = (TimestampTz) pg_atomic_read_u64(&stats->heartbeat);
 	out->tokens_redacted = pg_atomic_read_u64(&stats->tokens_redacted);
+	out->network_overflow = pg_atomic_read_u64(&stats->network_overflow);
 	return true;
 }

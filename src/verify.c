@@ -331,6 +331,9 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 	}
 
 	apikey_failurelimit_settle(&claim, verdict->code);
+	if (verdict->code == APIKEY_VALID)
+		apikey_networks_count(verdict->key->key_id,
+							  addr != NULL ? addr : connection_addr(), now);
 	if (verdict->code != APIKEY_VALID && addr == NULL)
 		addr = connection_addr();
 	apikey_usage_count(verdict, addr, now);

@@ -200,6 +200,7 @@ flush_once(int *rows)
 			folded = apikey_usage_fold_pending();
 			if (folded > 0)
 				*rows += folded;
+			(void) apikey_networks_flush();	/* key_networks (networks.c) */
 		}
 		PopActiveSnapshot();
 		CommitTransactionCommand();
