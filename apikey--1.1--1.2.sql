@@ -48,11 +48,32 @@ COMMENT ON ROLE apikey_proxy IS 'Members may pass the end client''s address to a
 -- Rotation shares one budget.  During a rotation's grace period the old key
 -- draws on the new key's rate limit and quota, so two live tokens never get
 -- twice the allowance.
+--
+-- The links between the keys of a rotation live in apikey.key_lineage, not
+-- in apikey.keys: a foreign key from keys to keys is a loop to pg_dump,
+-- which orders the data of an extension's tables by their foreign keys and
+-- warns about every dump.  key_lineage references keys three times and
+-- nothing references it, so the order is plain.  keys.rotated_from (1.0)
+-- moves here; the column goes in "Key lineage" at the end, once nothing
+-- reads it.
 -------------------------------------------------------------------------------
 
-ALTER TABLE apikey.keys ADD COLUMN budget_key_id bigint REFERENCES apikey.keys (id) ON DELETE SET NULL;
-COMMENT ON COLUMN apikey.keys.budget_key_id IS 'Set by rotate() on the old key: the key whose rate limit and quota it draws on during its grace period; NULL = its own';
-CREATE INDEX keys_budget_key_id_idx ON apikey.keys (budget_key_id) WHERE budget_key_id IS NOT NULL;
+CREATE TABLE apikey.key_lineage (
+	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
+	rotated_from bigint REFERENCES apikey.keys (id) ON DELETE SET NULL,
+	budget_key_id bigint REFERENCES apikey.keys (id) ON DELETE SET NULL
+);
+CREATE INDEX key_lineage_rotated_from_idx ON apikey.key_lineage (rotated_from) WHERE rotated_from IS NOT NULL;
+CREATE INDEX key_lineage_budget_key_id_idx ON apikey.key_lineage (budget_key_id) WHERE budget_key_id IS NOT NULL;
+COMMENT ON TABLE apikey.key_lineage IS 'How rotated keys are linked: one row per key that replaced another (rotate, reissue) or draws on another''s budget; no row = neither';
+COMMENT ON COLUMN apikey.key_lineage.key_id IS 'The key';
+COMMENT ON COLUMN apikey.key_lineage.rotated_from IS 'The key this one replaced through rotate() or reissue(); NULL = none, or deleted since';
+COMMENT ON COLUMN apikey.key_lineage.budget_key_id IS 'Set by rotate() on the old key: the key whose rate limit and quota it draws on during its grace period; NULL = its own';
+SELECT pg_catalog.pg_extension_config_dump('apikey.key_lineage', '');
+REVOKE ALL ON apikey.key_lineage FROM PUBLIC;
+
+INSERT INTO apikey.key_lineage (key_id, rotated_from)
+SELECT k.id, k.rotated_from FROM apikey.keys k WHERE k.rotated_from IS NOT NULL;
 
 CREATE FUNCTION apikey._rate_state_copy(from_id bigint, from_hash bytea, to_id bigint, to_hash bytea)
 RETURNS void
@@ -64,7 +85,7 @@ REVOKE ALL ON FUNCTION apikey._rate_state_copy(bigint, bytea, bigint, bytea) FRO
 
 -- The key that replaces from_key (rotate, reissue): a new token with the
 -- same owner, name, prefix, expiry, metadata, limits and scopes, linked by
--- rotated_from, carrying on from the budget from_key drew on (its
+-- key_lineage.rotated_from, carrying on from the budget from_key drew on (its
 -- rate-limit bucket and remaining quota), so replacing a key never refills
 -- its allowance.  The callers decide what becomes of from_key.
 CREATE FUNCTION apikey._successor(from_key apikey.keys, OUT key_id bigint, OUT token text, OUT hint text)
@@ -72,17 +93,21 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_new record;
+	v_budget bigint;
 BEGIN
 	IF from_key.id IS NULL THEN
 		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
 	END IF;
 	v_new := apikey._new_token(from_key.prefix);
 	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+							 rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
 	VALUES (from_key.owner, from_key.name, from_key.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			from_key.expires_at, from_key.metadata, from_key.id, from_key.rate_limit, from_key.rate_window,
+			from_key.expires_at, from_key.metadata, from_key.rate_limit, from_key.rate_window,
 			from_key.quota, from_key.quota_refill, from_key.allowed_cidrs)
 	RETURNING apikey.keys.id INTO _successor.key_id;
+	INSERT INTO apikey.key_lineage (key_id, rotated_from) VALUES (_successor.key_id, from_key.id);
+	v_budget := COALESCE((SELECT l.budget_key_id FROM apikey.key_lineage l
+						   WHERE l.key_id OPERATOR(pg_catalog.=) from_key.id), from_key.id);
 
 	INSERT INTO apikey.key_scopes (key_id, scope)
 	SELECT _successor.key_id, ks.scope FROM apikey.key_scopes ks
@@ -90,11 +115,11 @@ BEGIN
 
 	PERFORM apikey._rate_state_copy(b.id, b.hash, _successor.key_id, v_new.hash)
 	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+	  WHERE b.id OPERATOR(pg_catalog.=) v_budget;
 	IF from_key.quota IS NOT NULL THEN
 		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
 		SELECT _successor.key_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+		 WHERE q.key_id OPERATOR(pg_catalog.=) v_budget;
 	END IF;
 	token := v_new.token;
 	hint := v_new.hint;
@@ -104,8 +129,9 @@ COMMENT ON FUNCTION apikey._successor(apikey.keys)
 	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget';
 REVOKE ALL ON FUNCTION apikey._successor(apikey.keys) FROM PUBLIC;
 
--- rotate() itself, which sets budget_key_id and copies the bucket and the
--- quota row, is defined with its audit row in "Audit trail" below.
+-- rotate() itself, which sets key_lineage.budget_key_id and copies the
+-- bucket and the quota row, is defined with its audit row in "Audit trail"
+-- below.
 COMMENT ON FUNCTION apikey.rotate(bigint, interval)
 	IS 'Replace a key with a new one that has the same owner, scopes and settings; the old key expires after grace and, until then, shares the new key''s rate limit and quota';
 
@@ -120,7 +146,7 @@ COMMENT ON FUNCTION apikey.rotate(bigint, interval)
 DROP TRIGGER keys_invalidate ON apikey.keys;
 CREATE TRIGGER keys_invalidate
 	AFTER UPDATE OF id, owner, hash, expires_at, rate_limit, rate_window, quota, quota_refill,
-					allowed_cidrs, budget_key_id
+					allowed_cidrs
 	   OR DELETE OR TRUNCATE ON apikey.keys
 	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
 ALTER TABLE apikey.keys ENABLE ALWAYS TRIGGER keys_invalidate;
@@ -130,7 +156,7 @@ ALTER TABLE apikey.scopes ENABLE ALWAYS TRIGGER scopes_invalidate;
 
 CREATE TRIGGER keys_invalidate_applied
 	AFTER UPDATE OF id, owner, hash, expires_at, rate_limit, rate_window, quota, quota_refill,
-					allowed_cidrs, budget_key_id
+					allowed_cidrs
 	   OR DELETE ON apikey.keys
 	FOR EACH ROW EXECUTE FUNCTION apikey._invalidate();
 CREATE TRIGGER key_scopes_invalidate_applied
@@ -777,13 +803,15 @@ BEGIN
 
 	-- the old key (and keys still in grace from earlier rotations of it)
 	-- share the new key's budget, and the old one expires after grace
+	UPDATE apikey.key_lineage l
+	   SET budget_key_id = v_id
+	 WHERE l.budget_key_id OPERATOR(pg_catalog.=) v_old.id;
+	INSERT INTO apikey.key_lineage AS l (key_id, budget_key_id) VALUES (v_old.id, v_id)
+		ON CONFLICT ON CONSTRAINT key_lineage_pkey DO UPDATE SET budget_key_id = EXCLUDED.budget_key_id;
 	UPDATE apikey.keys k
-	   SET budget_key_id = v_id,
-		   expires_at = CASE WHEN k.id OPERATOR(pg_catalog.=) v_old.id
-							 THEN LEAST(COALESCE(k.expires_at, 'infinity'),
-										pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
-							 ELSE k.expires_at END
-	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id OR k.budget_key_id OPERATOR(pg_catalog.=) v_old.id;
+	   SET expires_at = LEAST(COALESCE(k.expires_at, 'infinity'),
+							  pg_catalog.now() OPERATOR(pg_catalog.+) rotate.grace)
+	 WHERE k.id OPERATOR(pg_catalog.=) v_old.id;
 
 	SELECT k.expires_at INTO v_expires FROM apikey.keys k WHERE k.id OPERATOR(pg_catalog.=) v_old.id;
 	PERFORM apikey._audit('rotate', v_old.id, v_old.owner, pg_catalog.jsonb_build_object(
@@ -1547,7 +1575,7 @@ DROP TRIGGER revocations_invalidate_applied ON apikey.revocations;
 CREATE TRIGGER keys_changed
 	AFTER INSERT
 	   OR UPDATE OF id, owner, hash, expires_at, rate_limit, rate_window, quota, quota_refill,
-					allowed_cidrs, budget_key_id
+					allowed_cidrs
 	   OR DELETE ON apikey.keys
 	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
 CREATE TRIGGER key_scopes_changed
@@ -2037,7 +2065,7 @@ REVOKE ALL ON FUNCTION apikey.reissue(bigint) FROM PUBLIC;
 
 CREATE OR REPLACE VIEW apikey.key_status AS
 SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
-	   k.last_used_at, k.rotated_from,
+	   k.last_used_at, l.rotated_from,
 	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
 			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
 			WHEN s.key_id IS NOT NULL THEN 'suspended'
@@ -2047,6 +2075,7 @@ SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.ex
 	   ARRAY(SELECT ks.scope FROM apikey.key_scopes ks
 			  WHERE ks.key_id OPERATOR(pg_catalog.=) k.id ORDER BY ks.scope) AS scopes
   FROM apikey.keys k
+  LEFT JOIN apikey.key_lineage l ON l.key_id OPERATOR(pg_catalog.=) k.id
   LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
   LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
 		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
@@ -2273,10 +2302,11 @@ SELECT 'admin', 'EXECUTE', 'FUNCTION ' OPERATOR(pg_catalog.||) f
 UNION ALL
 SELECT 'admin', 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) t
   FROM pg_catalog.unnest(ARRAY['apikey.key_scopes', 'apikey.revocations', 'apikey.quotas', 'apikey.key_status',
-							   'apikey.suspensions', 'apikey.quarantines', 'apikey.prefixes']) t
+							   'apikey.suspensions', 'apikey.quarantines', 'apikey.prefixes',
+							   'apikey.key_lineage']) t
 UNION ALL
-VALUES ('admin', 'SELECT (id, owner, name, prefix, hint, created_at, created_by, expires_at, metadata, rotated_from, '
-				 'last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs, budget_key_id)', 'TABLE apikey.keys'),
+VALUES ('admin', 'SELECT (id, owner, name, prefix, hint, created_at, created_by, expires_at, metadata, '
+				 'last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)', 'TABLE apikey.keys'),
 	   ('admin', 'SELECT (id, key_id, found_at, reported_at, source, reference, action_taken, reported_by)',
 		'TABLE apikey.exposures'),
 	   ('admin', 'SELECT, INSERT, UPDATE, DELETE', 'TABLE apikey.scopes')
@@ -2862,7 +2892,8 @@ BEGIN
 			  FROM apikey.keys k
 			 WHERE k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()
 			   AND k.expires_at OPERATOR(pg_catalog.<=) (pg_catalog.now() OPERATOR(pg_catalog.+) '7 days'::interval)
-			   AND k.budget_key_id IS NULL
+			   AND NOT EXISTS (SELECT FROM apikey.key_lineage b WHERE b.key_id OPERATOR(pg_catalog.=) k.id
+								  AND b.budget_key_id IS NOT NULL)
 			   AND NOT EXISTS (SELECT FROM apikey.revocations x WHERE x.key_id OPERATOR(pg_catalog.=) k.id)),
 		marked AS (
 			INSERT INTO apikey.event_marks AS m (kind, key_id, level, armed)
@@ -2996,7 +3027,7 @@ REVOKE ALL ON FUNCTION apikey.run_events() FROM PUBLIC;
 -- key_status: when the key last failed (issue 12 item 6).
 CREATE OR REPLACE VIEW apikey.key_status AS
 SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
-	   k.last_used_at, k.rotated_from,
+	   k.last_used_at, lin.rotated_from,
 	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
 			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
 			WHEN s.key_id IS NOT NULL THEN 'suspended'
@@ -3008,6 +3039,7 @@ SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.ex
 	   (SELECT pg_catalog.max(l.bucket) FROM apikey.usage_log l
 		 WHERE l.key_id OPERATOR(pg_catalog.=) k.id AND l.code OPERATOR(pg_catalog.<>) 'valid') AS last_failed_at
   FROM apikey.keys k
+  LEFT JOIN apikey.key_lineage lin ON lin.key_id OPERATOR(pg_catalog.=) k.id
   LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
   LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
 		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
@@ -3524,6 +3556,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_new record;
+	v_budget bigint;
 BEGIN
 	IF from_key.id IS NULL THEN
 		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
@@ -3531,11 +3564,14 @@ BEGIN
 	PERFORM apikey._owner_admit(from_key.owner, from_key.id);
 	v_new := apikey._new_token(from_key.prefix);
 	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rotated_from, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
+							 rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
 	VALUES (from_key.owner, from_key.name, from_key.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			from_key.expires_at, from_key.metadata, from_key.id, from_key.rate_limit, from_key.rate_window,
+			from_key.expires_at, from_key.metadata, from_key.rate_limit, from_key.rate_window,
 			from_key.quota, from_key.quota_refill, from_key.allowed_cidrs)
 	RETURNING apikey.keys.id INTO _successor.key_id;
+	INSERT INTO apikey.key_lineage (key_id, rotated_from) VALUES (_successor.key_id, from_key.id);
+	v_budget := COALESCE((SELECT l.budget_key_id FROM apikey.key_lineage l
+						   WHERE l.key_id OPERATOR(pg_catalog.=) from_key.id), from_key.id);
 
 	INSERT INTO apikey.key_scopes (key_id, scope)
 	SELECT _successor.key_id, ks.scope FROM apikey.key_scopes ks
@@ -3543,11 +3579,11 @@ BEGIN
 
 	PERFORM apikey._rate_state_copy(b.id, b.hash, _successor.key_id, v_new.hash)
 	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+	  WHERE b.id OPERATOR(pg_catalog.=) v_budget;
 	IF from_key.quota IS NOT NULL THEN
 		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
 		SELECT _successor.key_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) COALESCE(from_key.budget_key_id, from_key.id);
+		 WHERE q.key_id OPERATOR(pg_catalog.=) v_budget;
 	END IF;
 	token := v_new.token;
 	hint := v_new.hint;
@@ -3638,7 +3674,9 @@ CREATE VIEW apikey.owner_status AS
 SELECT o.owner,
 	   (SELECT pg_catalog.count(*) FROM apikey.keys k WHERE k.owner OPERATOR(pg_catalog.=) o.owner) AS keys,
 	   (SELECT pg_catalog.count(*) FROM apikey.keys k
-		 WHERE k.owner OPERATOR(pg_catalog.=) o.owner AND k.budget_key_id IS NULL
+		 WHERE k.owner OPERATOR(pg_catalog.=) o.owner
+		   AND NOT EXISTS (SELECT FROM apikey.key_lineage l WHERE l.key_id OPERATOR(pg_catalog.=) k.id
+							  AND l.budget_key_id IS NOT NULL)
 		   AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
 		   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)) AS live_keys,
 	   CASE WHEN o.quota_refill IS NOT NULL
@@ -3986,7 +4024,7 @@ REVOKE ALL ON FUNCTION apikey._rule_volume_spike_eval(numeric, interval, bigint)
 -- key_status gains the network of the latest success.
 CREATE OR REPLACE VIEW apikey.key_status AS
 SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
-	   k.last_used_at, k.rotated_from,
+	   k.last_used_at, lin.rotated_from,
 	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
 			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
 			WHEN s.key_id IS NOT NULL THEN 'suspended'
@@ -4001,6 +4039,7 @@ SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.ex
 		 WHERE n.key_id OPERATOR(pg_catalog.=) k.id
 		 ORDER BY n.last_seen DESC, n.calls DESC LIMIT 1) AS last_used_network
   FROM apikey.keys k
+  LEFT JOIN apikey.key_lineage lin ON lin.key_id OPERATOR(pg_catalog.=) k.id
   LEFT JOIN apikey.revocations r ON r.key_id OPERATOR(pg_catalog.=) k.id
   LEFT JOIN apikey.suspensions s ON s.key_id OPERATOR(pg_catalog.=) k.id
 		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
@@ -5279,7 +5318,7 @@ REVOKE ALL ON FUNCTION apikey.legacy_stats() FROM PUBLIC;
 -- key_status gains the format a key was imported in (last column).
 CREATE OR REPLACE VIEW apikey.key_status AS
 SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.expires_at,
-	   k.last_used_at, k.rotated_from,
+	   k.last_used_at, lin.rotated_from,
 	   CASE WHEN r.key_id IS NOT NULL THEN 'revoked'
 			WHEN k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
 			WHEN s.key_id IS NOT NULL THEN 'suspended'
@@ -5300,7 +5339,8 @@ SELECT k.id AS key_id, k.owner, k.name, k.hint, k.created_at, k.created_by, k.ex
 		AND (s.until IS NULL OR s.until OPERATOR(pg_catalog.>) pg_catalog.now())
   LEFT JOIN apikey.quarantines q ON q.key_id OPERATOR(pg_catalog.=) k.id
 		AND (q.until IS NULL OR q.until OPERATOR(pg_catalog.>) pg_catalog.now())
-  LEFT JOIN apikey.legacy_keys l ON l.key_id OPERATOR(pg_catalog.=) k.id;
+  LEFT JOIN apikey.legacy_keys l ON l.key_id OPERATOR(pg_catalog.=) k.id
+  LEFT JOIN apikey.key_lineage lin ON lin.key_id OPERATOR(pg_catalog.=) k.id;
 COMMENT ON COLUMN apikey.key_status.format
 	IS 'apikey for a key issued here, else the legacy format it was imported in (its tokens carry no checksum: secret scanners cannot find them; reissue or rotate)';
 
@@ -5314,6 +5354,35 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('admin', 'EXECUTE', 'FUNCTION apikey.legacy_stats()'),
 	('monitor', 'SELECT', 'TABLE apikey.legacy_progress'),
 	('monitor', 'EXECUTE', 'FUNCTION apikey.legacy_stats()');
+
+-------------------------------------------------------------------------------
+-- Key lineage (issue 15): apikey.keys no longer references itself.  Its
+-- rotation links (rotated_from, budget_key_id) live in apikey.key_lineage,
+-- created with "Rotation shares one budget" above, so pg_dump finds no
+-- loop among the foreign keys of the tables it dumps and prints no
+-- warning.  Here: the cache and audit triggers key_lineage needs now that
+-- their functions exist, and the old column, now that nothing reads it.
+-------------------------------------------------------------------------------
+
+-- The cache: a key whose budget changes is evicted (and with it every key
+-- drawing on it, keycache.c); TRUNCATE empties every cache.  A change of
+-- rotated_from alone changes nothing verify() reads.
+CREATE TRIGGER key_lineage_changed
+	AFTER INSERT OR UPDATE OF key_id, budget_key_id OR DELETE ON apikey.key_lineage
+	FOR EACH ROW EXECUTE FUNCTION apikey._key_changed();
+CREATE TRIGGER key_lineage_invalidate
+	AFTER TRUNCATE ON apikey.key_lineage
+	FOR EACH STATEMENT EXECUTE FUNCTION apikey._invalidate();
+ALTER TABLE apikey.key_lineage ENABLE ALWAYS TRIGGER key_lineage_changed;
+ALTER TABLE apikey.key_lineage ENABLE ALWAYS TRIGGER key_lineage_invalidate;
+COMMENT ON FUNCTION apikey._key_changed()
+	IS 'Internal: row trigger recording which keys the transaction changed (keys, key_scopes, revocations, suspensions, quarantines, key_lineage); issued keys are not changes';
+
+-- Direct DML on it is recorded like the other key tables'.
+SELECT apikey._audit_dml_attach('key_lineage');
+
+-- Copied to key_lineage above; key_status reads it from there.
+ALTER TABLE apikey.keys DROP COLUMN rotated_from;
 
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();

@@ -12,9 +12,9 @@ INSERT INTO apikey.scopes (name) VALUES
 -- Defaults: only owner given.
 SELECT key_id AS k1, token AS t1 FROM apikey.issue('acme') \gset
 SELECT k.owner, k.name, k.prefix, k.created_by = current_user AS created_by_me,
-       k.created_at BETWEEN now() - interval '1 hour' AND now() AS created_recently, k.expires_at, k.metadata, k.rotated_from,
+       k.created_at BETWEEN now() - interval '1 hour' AND now() AS created_recently, k.expires_at, k.metadata, l.rotated_from,
        k.last_used_at, k.rate_limit, k.rate_window, k.quota, k.quota_refill, k.allowed_cidrs
-  FROM apikey.keys k WHERE k.id = :k1;
+  FROM apikey.keys k LEFT JOIN apikey.key_lineage l ON l.key_id = k.id WHERE k.id = :k1;
 SELECT count(*) AS scope_rows FROM apikey.key_scopes WHERE key_id = :k1;
 SELECT count(*) AS quota_rows FROM apikey.quotas WHERE key_id = :k1;
 SELECT (v).valid, (v).code, (v).key_id = :k1 AS key_ok, (v).owner, (v).scopes, (v).expires_at,
@@ -31,8 +31,8 @@ SELECT key_id AS k2, token AS t2 FROM apikey.issue(
 	metadata => '{"team": "payments", "tier": 2}') \gset
 SELECT k.owner, k.name, k.prefix, k.hint = 'ak_live_...' || right(:'t2', 4) AS hint_ok,
        k.created_by = current_user AS created_by_me, k.expires_at AT TIME ZONE 'UTC' AS expires_utc,
-       k.metadata, k.rotated_from
-  FROM apikey.keys k WHERE k.id = :k2;
+       k.metadata, l.rotated_from
+  FROM apikey.keys k LEFT JOIN apikey.key_lineage l ON l.key_id = k.id WHERE k.id = :k2;
 SELECT scope FROM apikey.key_scopes WHERE key_id = :k2 ORDER BY scope COLLATE "C";
 SELECT (v).valid, (v).code, (v).key_id = :k2 AS key_ok, (v).owner,
        ARRAY(SELECT s FROM unnest((v).scopes) AS s ORDER BY s COLLATE "C") AS scopes,

@@ -172,9 +172,10 @@ GRANT EXECUTE ON FUNCTION
 	apikey.set_limits(bigint, integer, interval, bigint, interval, cidr[])
 	TO regress_core_privileges_admin;
 GRANT SELECT (id, owner, name, prefix, hint, created_at, created_by, expires_at, metadata,
-			  rotated_from, last_used_at, rate_limit, rate_window, quota, quota_refill,
+			  last_used_at, rate_limit, rate_window, quota, quota_refill,
 			  allowed_cidrs) ON apikey.keys TO regress_core_privileges_admin;
-GRANT SELECT ON apikey.key_scopes, apikey.revocations, apikey.quotas, apikey.key_status TO regress_core_privileges_admin;
+GRANT SELECT ON apikey.key_scopes, apikey.revocations, apikey.quotas, apikey.key_status,
+	apikey.key_lineage TO regress_core_privileges_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON apikey.scopes TO regress_core_privileges_admin;
 
 SET ROLE regress_core_privileges_admin;

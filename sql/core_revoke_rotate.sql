@@ -120,7 +120,8 @@ SELECT n.owner = o.owner AS owner, n.name = o.name AS name, n.prefix = o.prefix 
        n.metadata = o.metadata AS metadata, n.rate_limit = o.rate_limit AS rate_limit,
        n.rate_window = o.rate_window AS rate_window, n.quota = o.quota AS quota,
        n.quota_refill = o.quota_refill AS quota_refill, n.allowed_cidrs = o.allowed_cidrs AS allowed_cidrs,
-       n.rotated_from = o.id AS rotated_from, o.rotated_from IS NULL AS old_rotated_from_null,
+       (SELECT l.rotated_from FROM apikey.key_lineage l WHERE l.key_id = n.id) = o.id AS rotated_from,
+       (SELECT l.rotated_from FROM apikey.key_lineage l WHERE l.key_id = o.id) IS NULL AS old_rotated_from_null,
        n.hint = 'ak_live_...' || right(:'t6', 4) AS hint, n.hash = apikey.hash(:'t6') AS hash,
        n.created_by AS new_created_by, n.expires_at IS NULL AS new_expires_null
   FROM apikey.keys n, apikey.keys o WHERE n.id = :k6 AND o.id = :k5;
@@ -149,8 +150,8 @@ SELECT o.expires_at = :'k9_expiry' AS old_expiry_kept, n.expires_at = :'k9_expir
 
 -- A rotated key can be rotated again while in its grace period; the chain is kept.
 SELECT r_id AS k11, r_token AS t11 FROM apikey.rotate(:k6) AS r(r_id, r_token) \gset
-SELECT (SELECT rotated_from FROM apikey.keys WHERE id = :k11) = :k6 AS chain_1,
-       (SELECT rotated_from FROM apikey.keys WHERE id = :k6) = :k5 AS chain_2;
+SELECT (SELECT rotated_from FROM apikey.key_lineage WHERE key_id = :k11) = :k6 AS chain_1,
+       (SELECT rotated_from FROM apikey.key_lineage WHERE key_id = :k6) = :k5 AS chain_2;
 
 -- Errors: revoked, expired, negative or NULL grace, missing key.  Nothing is written.
 SELECT (SELECT count(*) FROM apikey.keys) AS keys_before \gset

@@ -150,7 +150,7 @@ SELECT key_id AS k5, token AS t5 FROM apikey.reissue(:k2) \gset
 SELECT code FROM apikey.check(:'t2');                             -- old key revoked at once
 -- the new key goes on from the old key's remaining quota
 SELECT code, remaining = :k2_remaining - 1 AS quota_carried_over FROM apikey.check(:'t5', 'billing:read');
-SELECT k.owner, k.rotated_from = :k2 AS from_k2, k.quota, k.metadata, s.scopes
+SELECT k.owner, s.rotated_from = :k2 AS from_k2, k.quota, k.metadata, s.scopes
   FROM apikey.keys k JOIN apikey.key_status s ON s.key_id = k.id WHERE k.id = :k5;
 SELECT revoked_reason = 'reissued as key ' || :k5 AS reason_names_new_key
   FROM apikey.key_status WHERE key_id = :k2;

@@ -102,8 +102,17 @@ SELECT to_regproc('apikey.suspend') IS NULL AS no_suspend,
 INSERT INTO apikey.scopes VALUES ('orders:read'), ('orders:write');
 SELECT key_id AS k11, token AS t11 FROM apikey.issue(owner => 'acme', scopes => '{orders:read,orders:write}') \gset
 SELECT key_id AS k12, token AS t12 FROM apikey.issue(owner => 'acme', scopes => '{orders:read}') \gset
+-- a rotation made under 1.1, linked by keys.rotated_from
+SELECT key_id AS k13 FROM apikey.issue(owner => 'initech') \gset
+SELECT key_id AS k14 FROM apikey.rotate(:k13) \gset
 ALTER EXTENSION apikey UPDATE TO '1.2';
 SELECT extversion FROM pg_extension WHERE extname = 'apikey';
+-- its link moved to apikey.key_lineage; keys no longer references itself
+SELECT l.key_id = :k14 AS is_k14, l.rotated_from = :k13 AS from_k13, l.budget_key_id IS NULL AS own_budget
+  FROM apikey.key_lineage l;
+SELECT rotated_from = :k13 AS status_rotated_from FROM apikey.key_status WHERE key_id = :k14;
+SELECT count(*) AS link_columns_in_keys FROM pg_attribute
+ WHERE attrelid = 'apikey.keys'::regclass AND attname IN ('rotated_from', 'budget_key_id') AND NOT attisdropped;
 SELECT code FROM apikey.check(:'t11', 'orders:write');
 SELECT apikey.suspend(:k11, 'after the update');
 SELECT code FROM apikey.check(:'t11', 'orders:write');

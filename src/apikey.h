@@ -135,9 +135,9 @@ typedef struct ApikeyKey
 	bool		revoked;
 	/*
 	 * The budget the key's rate limit and quota draw on: its own, or during
-	 * a rotation's grace period the new key's (keys.budget_key_id), so that
-	 * old and new token together never get more than one key's allowance.
-	 * rate_limit, rate_window and has_quota are the budget key's.
+	 * a rotation's grace period the new key's (key_lineage.budget_key_id), so
+	 * that old and new token together never get more than one key's
+	 * allowance.  rate_limit, rate_window and has_quota are the budget key's.
 	 */
 	int64		budget_id;
 	uint8		budget_hash_prefix[8];	/* first bytes of the budget key's hash */

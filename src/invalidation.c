@@ -7,13 +7,15 @@
  * Issuing a key invalidates nothing: no cache can hold a key that did not
  * exist, and a token that matches no key is never cached (keycache.c).
  * Changing, revoking, suspending or deleting a key evicts that key, and
- * every key whose budget it is (keys.budget_key_id, ApikeyKey.budget_id),
- * in every backend, before the changing COMMIT returns.
+ * every key whose budget it is (key_lineage.budget_key_id,
+ * ApikeyKey.budget_id), in every backend, before the changing COMMIT
+ * returns.
  *
- * The writer.  Row triggers on keys, key_scopes and revocations
- * (apikey._key_changed(), ENABLE ALWAYS, so logical replication's apply
- * worker and session_replication_role = replica fire them too) collect the
- * ids of the keys the transaction changed.  A key inserted by the same
+ * The writer.  Row triggers on keys, key_scopes, revocations, suspensions,
+ * quarantines and key_lineage (apikey._key_changed(), ENABLE ALWAYS, so
+ * logical replication's apply worker and session_replication_role =
+ * replica fire them too) collect the ids of the keys the transaction
+ * changed.  A key inserted by the same
  * transaction is remembered as new, and scopes granted to it later in the
  * transaction are not a change.  At PRE_COMMIT the transaction queues a
  * relcache invalidation of apikey._cache_signal (transactional: sent at
@@ -305,9 +307,9 @@ key_id_attnum(Relation rel, bool *is_keys)
 }
 
 /*
- * The row trigger apikey._key_changed() (AFTER, FOR EACH ROW, on keys,
- * key_scopes and revocations): records which keys the transaction
- * changed; sends nothing until the transaction commits.
+ * The row trigger apikey._key_changed() (AFTER, FOR EACH ROW, on keys and
+ * the tables keyed by key_id that verify() reads): records which keys the
+ * transaction changed; sends nothing until the transaction commits.
  */
 void
 apikey_inval_key_changed(TriggerData *td)

@@ -5,9 +5,12 @@
  *
  * This is the cache-miss path.  It goes through the unique index on
  * keys.hash and the primary keys of revocations, suspensions, quarantines,
- * key_scopes and owners (the owner's pooled limits) with systable scans: no SPI, no parser, no planner.  A
- * suspension or quarantine is loaded with its end (until) and judged at
- * each call (verify.c), so the cache never holds a decision past its end.
+ * key_scopes, key_lineage and owners (the owner's pooled limits) with
+ * systable scans: no SPI, no parser, no planner.  A key that draws on
+ * another's budget (key_lineage.budget_key_id, set by rotate()) costs one
+ * more probe, of keys' primary key.  A suspension or quarantine is loaded
+ * with its end (until) and judged at each call (verify.c), so the cache
+ * never holds a decision past its end.
  *
  * Finding the tables.  Never by name alone: a schema called "apikey" can be
  * created in advance, renamed and replaced by anyone with CREATE on the
@@ -34,11 +37,11 @@
  * cache keeps the record only if the generation has not moved by the time
  * the read is over (a toast fetch, say, can accept invalidations
  * mid-read).  The tables read only for a key that exists (revocations,
- * suspensions, quarantines, scopes) are locked once a first probe of the
- * hash index has found it, and then the whole load runs as above, every
- * lock held before its snapshot; a token that matches no key costs two
- * locks and one probe of the index that takes no snapshot (any row version
- * with the hash counts).
+ * suspensions, quarantines, scopes, lineage, owners) are locked once a
+ * first probe of the hash index has found it, and then the whole load runs
+ * as above, every lock held before its snapshot; a token that matches no
+ * key costs two locks and one probe of the index that takes no snapshot
+ * (any row version with the hash counts).
  *
  * The scans read the tables as the C code, not as the calling role: a role
  * that may call verify() learns the verdict and nothing else.  That is the
@@ -97,6 +100,8 @@ typedef struct KeystoreCatalog
 	Oid			suspensions_pkey;
 	Oid			quarantines;
 	Oid			quarantines_pkey;
+	Oid			key_lineage;
+	Oid			key_lineage_pkey;
 	Oid			owners;
 	Oid			owners_pkey;
 	Oid			signal;			/* apikey._cache_signal */
@@ -108,7 +113,7 @@ typedef struct KeystoreCatalog
 	AttrNumber	att_rate_window;
 	AttrNumber	att_quota;
 	AttrNumber	att_allowed_cidrs;
-	AttrNumber	att_budget_key_id;
+	AttrNumber	att_budget_key_id;	/* of key_lineage */
 	AttrNumber	att_scope;
 	AttrNumber	att_suspended_until;
 	AttrNumber	att_quarantined_until;
@@ -336,6 +341,8 @@ catalog_resolve(void)
 	catalog.suspensions_pkey = table_index(catalog.suspensions, nsp, "suspensions_pkey");
 	catalog.quarantines = member_table(extoid, nsp, "quarantines");
 	catalog.quarantines_pkey = table_index(catalog.quarantines, nsp, "quarantines_pkey");
+	catalog.key_lineage = member_table(extoid, nsp, "key_lineage");
+	catalog.key_lineage_pkey = table_index(catalog.key_lineage, nsp, "key_lineage_pkey");
 	catalog.owners = member_table(extoid, nsp, "owners");
 	catalog.owners_pkey = table_index(catalog.owners, nsp, "owners_pkey");
 	catalog.signal = member_relation(extoid, nsp, "_cache_signal", RELKIND_VIEW, "view");
@@ -347,7 +354,7 @@ catalog_resolve(void)
 	catalog.att_rate_window = attribute_number(keys, "rate_window");
 	catalog.att_quota = attribute_number(keys, "quota");
 	catalog.att_allowed_cidrs = attribute_number(keys, "allowed_cidrs");
-	catalog.att_budget_key_id = attribute_number(keys, "budget_key_id");
+	catalog.att_budget_key_id = attribute_number(catalog.key_lineage, "budget_key_id");
 	catalog.att_scope = attribute_number(catalog.key_scopes, "scope");
 	catalog.att_suspended_until = attribute_number(catalog.suspensions, "until");
 	catalog.att_quarantined_until = attribute_number(catalog.quarantines, "until");
@@ -441,9 +448,41 @@ read_budget(Relation keys, int64 budget_id, Snapshot snapshot, ApikeyKey *key)
 }
 
 /*
+ * The key whose budget key_id draws on (key_lineage.budget_key_id, set by
+ * rotate() on the old key), or 0 for its own.  Most keys have no lineage
+ * row: one probe of key_lineage's primary key says so.
+ */
+static int64
+budget_key(int64 key_id, Snapshot snapshot)
+{
+	Relation	rel = table_open(catalog.key_lineage, NoLock);
+	ScanKeyData skey;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	int64		budget_id = 0;
+
+	/* key_lineage.key_id is attribute 1 */
+	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(key_id));
+	scan = systable_beginscan(rel, catalog.key_lineage_pkey, true, snapshot, 1, &skey);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, catalog.att_budget_key_id,
+									 RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			budget_id = DatumGetInt64(d);
+	}
+	systable_endscan(scan);
+	table_close(rel, NoLock);
+	return budget_id;
+}
+
+/*
  * Could a key have this hash?  The probe that lets a token matching no key
  * (unknown: the common failure, and what a guesser sends) take two locks
- * instead of eleven, and no snapshot: it looks for any version of a row
+ * instead of fifteen, and no snapshot: it looks for any version of a row
  * with this hash (SnapshotAny), live, dead or not yet committed.  None
  * means no key has it now, since every key's row is in the index before
  * its insert commits.  One found is only a maybe: the key is then loaded
@@ -609,6 +648,8 @@ lock_catalog(void)
 		LockRelationOid(catalog.suspensions_pkey, AccessShareLock);
 		LockRelationOid(catalog.quarantines, AccessShareLock);
 		LockRelationOid(catalog.quarantines_pkey, AccessShareLock);
+		LockRelationOid(catalog.key_lineage, AccessShareLock);
+		LockRelationOid(catalog.key_lineage_pkey, AccessShareLock);
 		LockRelationOid(catalog.owners, AccessShareLock);
 		LockRelationOid(catalog.owners_pkey, AccessShareLock);
 	} while (!OidIsValid(catalog.keys));
@@ -685,16 +726,15 @@ apikey_keystore_load(const uint8 *hash, ApikeyKey *key, MemoryContext chunk_cxt,
 		key->expires_at = isnull ? 0 : DatumGetTimestampTz(d);
 
 		read_limits(tup, desc, key);
-		d = heap_getattr(tup, catalog.att_budget_key_id, desc, &isnull);
-		if (!isnull)
-			budget_id = DatumGetInt64(d);
 
 		d = heap_getattr(tup, catalog.att_allowed_cidrs, desc, &isnull);
 		if (!isnull)
 			cidr_array = DatumGetArrayTypePCopy(d);
 	}
 	systable_endscan(scan);
-	if (found && budget_id != 0 && budget_id != key->key_id)
+	if (found)
+		budget_id = budget_key(key->key_id, snapshot);
+	if (budget_id != 0 && budget_id != key->key_id)
 		read_budget(rel, budget_id, snapshot, key);
 	table_close(rel, NoLock);
 

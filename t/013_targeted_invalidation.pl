@@ -114,6 +114,16 @@ is( $v->query_safe(q{SELECT string_agg((apikey.check(tok(n))).code, ' ' ORDER BY
 is($v->query_safe($stats_sql), 'entries=25 hits=1 misses=2 emptied=0',
 	'the new key and the old one were read again, the other key was a hit');
 
+# The link itself lives in apikey.key_lineage: a change to it evicts the
+# key it is about, at its COMMIT, and nothing else.
+$primary->safe_psql('postgres',
+	q{UPDATE apikey.key_lineage SET budget_key_id = NULL WHERE key_id = kid('rot')});
+is( $v->query_safe(q{SELECT string_agg((apikey.check(tok(n))).code, ' ' ORDER BY n) FROM unnest('{other,rot,rot_new}'::text[]) n}),
+	'valid valid quota_exhausted',
+	'the old key unlinked by hand draws on its own budget at once');
+is($v->query_safe($stats_sql), 'entries=25 hits=2 misses=1 emptied=0',
+	'only the old key was read again');
+
 # A transaction that changes more keys than it names empties every cache.
 $primary->safe_psql('postgres',
 	q{UPDATE apikey.keys SET expires_at = now() + interval '1 year' WHERE owner LIKE 'churn%'});

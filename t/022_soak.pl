@@ -211,7 +211,7 @@ my ($dropped, $counted, $revoked, $rotated) = split /\|/,
 	q{SELECT (SELECT entries_dropped FROM apikey.stats),
              (SELECT sum(value::bigint) FROM apikey.stats, jsonb_each_text(calls)),
              (SELECT count(*) FROM apikey.revocations),
-             (SELECT count(*) FROM apikey.keys WHERE rotated_from IS NOT NULL)});
+             (SELECT count(*) FROM apikey.key_lineage WHERE rotated_from IS NOT NULL)});
 is($dropped, 0, 'no usage counter was dropped');
 is($counted, $expected, "apikey.stats counted exactly the $expected calls made");
 note "$revoked keys revoked and $rotated rotated during the run";
