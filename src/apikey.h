@@ -294,6 +294,8 @@ extern Oid	apikey_keystore_keys_relid(bool missing_ok);
 extern Oid	apikey_keystore_signal_relid(void);
 extern Oid	apikey_keystore_owner(void);
 extern Oid	apikey_extension_namespace(Oid extoid);
+extern Oid	apikey_keystore_function(const char *name, int nargs,
+									 const Oid *argtypes);
 
 /* keycache.c */
 typedef struct ApikeyCacheStats
@@ -494,7 +496,7 @@ extern struct _SPI_plan *apikey_prepare_kept(struct _SPI_plan **plan, const char
 
 /* detector.c */
 extern void apikey_detector_init(void);
-extern void apikey_detector_tick(void);
+extern bool apikey_detector_due(void);
 
 /* worker.c */
 extern void apikey_worker_init(void);
@@ -506,11 +508,12 @@ extern Interval *apikey_event_retention(void);
 extern Interval *apikey_unused_revoke_after(void);
 extern int64 apikey_event_emit(const char *kind, const int64 *key_id, const char *owner,
 							   const char *severity, Jsonb *payload);
-extern void apikey_events_tick(void);
+extern bool apikey_events_due(void);
 /* retention.c */
 extern void apikey_retention_init(void);
 extern void apikey_retention_settings(int64 *secs);
-extern void apikey_retention_maybe_run(void);
+extern bool apikey_retention_due(void);
+extern void apikey_retention_ran(bool ok, bool more);
 
 /* audit.c */
 extern void apikey_audit_init(void);

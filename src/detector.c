@@ -6,36 +6,23 @@
  *
  * The rules, the findings and the responses are SQL (the "Detector"
  * section of the install script): a pass is apikey._detect(), which
- * apikey.run_detection() also runs on demand.  The worker calls
- * apikey_detector_tick() once per round, after its usage flush, so a pass
- * sees the counts just written; the tick runs a pass when the interval
- * has elapsed since the last one began (the first, one interval after the
- * worker started), in a transaction of its own.  A
- * pass that fails is logged and tried again at the next interval; it
- * never stops the worker or its flushes.
- *
- * The function is found through the extension, never by a name the
- * search_path or a look-alike schema could supply: the schema of
- * apikey.keys (keystore.c has checked it is the extension's, owned by a
- * superuser), then _detect() with no arguments in that schema.  An
- * install not yet updated to a version that has it is skipped quietly.
+ * apikey.run_detection() also runs on demand.  The worker asks
+ * apikey_detector_due() once per round, after its usage flush, so a pass
+ * sees the counts just written, and runs _detect() in a transaction of its
+ * own when the interval has elapsed since the last pass began (the first,
+ * one interval after the worker started).  A pass that fails is logged and
+ * tried again at the next interval; it never stops the worker or its
+ * flushes.  The worker finds the function through the extension
+ * (apikey_keystore_function()); an install not yet updated to a version
+ * that has it is skipped quietly.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
-#include "catalog/namespace.h"
-#include "executor/spi.h"
+#include "access/xlog.h"
 #include "miscadmin.h"
-#include "nodes/makefuncs.h"
-#include "parser/parse_func.h"
-#include "pgstat.h"
-#include "utils/builtins.h"
 #include "utils/guc.h"
-#include "utils/lsyscache.h"
-#include "utils/memutils.h"
-#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "apikey.h"
@@ -59,78 +46,23 @@ apikey_detector_init(void)
 							NULL, NULL, NULL);
 }
 
-/* "schema"._detect(), or NULL when this install has no such function */
-static char *
-detect_call(void)
-{
-	Oid			keys = apikey_keystore_keys_relid(true);
-	char	   *nsp;
-	Oid			fn;
-
-	if (!OidIsValid(keys))
-		return NULL;
-	nsp = get_namespace_name(get_rel_namespace(keys));
-	if (nsp == NULL)
-		return NULL;
-	fn = LookupFuncName(list_make2(makeString(nsp), makeString("_detect")),
-						0, NULL, true);
-	if (!OidIsValid(fn))
-		return NULL;
-	return psprintf("SELECT %s._detect()", quote_identifier(nsp));
-}
-
-/* One pass in its own transaction; an error is logged and swallowed. */
-static void
-detect_once(void)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "apikey detection pass");
-	PG_TRY();
-	{
-		char	   *sql = detect_call();
-
-		if (sql != NULL)
-		{
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			if (SPI_execute(sql, false, 0) != SPI_OK_SELECT)
-				elog(ERROR, "apikey detection pass failed");
-			SPI_finish();
-		}
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcxt);
-		EmitErrorReport();
-		FlushErrorState();
-		AbortCurrentTransaction();
-	}
-	PG_END_TRY();
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
 /*
- * Called by the background worker once per round: run a pass if
- * apikey.detect_interval has elapsed since the last one began.
+ * Whether the background worker's detection pass is due:
+ * apikey.detect_interval has elapsed since the last one began (the first,
+ * one interval after the worker started).  The worker then runs
+ * apikey._detect() in a transaction of its own.
  */
-void
-apikey_detector_tick(void)
+bool
+apikey_detector_due(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
 	if (detect_interval <= 0 || RecoveryInProgress())
-		return;
-	/* the first pass one interval after the worker starts, not at once */
+		return false;
 	if (last_pass == 0)
 		last_pass = now;
 	if (!TimestampDifferenceExceeds(last_pass, now, detect_interval * 1000))
-		return;
+		return false;
 	last_pass = now;
-	detect_once();
+	return true;
 }

@@ -35,24 +35,12 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
-#include "access/htup_details.h"
-#include "access/table.h"
-#include "access/xact.h"
-#include "catalog/dependency.h"
-#include "catalog/indexing.h"
-#include "catalog/pg_extension.h"
-#include "catalog/pg_proc.h"
+#include <limits.h>
+
 #include "catalog/pg_type.h"
-#include "commands/extension.h"
-#include "pgstat.h"
 #include "utils/builtins.h"
-#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
-#include "utils/memutils.h"
-#include "utils/snapmgr.h"
-#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "apikey.h"
@@ -139,48 +127,6 @@ apikey_unused_revoke_after(void)
 }
 
 /*
- * A function of the extension, by name and argument types in the
- * extension's schema, checked to be the extension's own; InvalidOid when
- * the extension (or this version of it) is not installed here.
- */
-static Oid
-extension_function(const char *name, int nargs, const Oid *argtypes)
-{
-	Oid			extoid = get_extension_oid("apikey", true);
-	Oid			nsp = InvalidOid;
-	Oid			fn;
-	Relation	rel;
-	ScanKeyData skey;
-	SysScanDesc scan;
-	HeapTuple	tup;
-
-	if (!OidIsValid(extoid))
-		return InvalidOid;
-	rel = table_open(ExtensionRelationId, AccessShareLock);
-	ScanKeyInit(&skey, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
-				ObjectIdGetDatum(extoid));
-	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &skey);
-	tup = systable_getnext(scan);
-	if (HeapTupleIsValid(tup))
-		nsp = ((Form_pg_extension) GETSTRUCT(tup))->extnamespace;
-	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
-	if (!OidIsValid(nsp))
-		return InvalidOid;
-
-	fn = GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid,
-						 CStringGetDatum(name),
-						 PointerGetDatum(buildoidvector(argtypes, nargs)),
-						 ObjectIdGetDatum(nsp));
-	if (OidIsValid(fn) && getExtensionOfObject(ProcedureRelationId, fn) != extoid)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("function %s in apikey's schema is not part of the extension", name),
-				 errhint("Drop the look-alike function; apikey's own is created by CREATE EXTENSION or ALTER EXTENSION UPDATE.")));
-	return fn;
-}
-
-/*
  * Append one event through apikey._event() (the only writer), for C
  * callers such as the detector.  The caller is in a read-write transaction
  * with a snapshot, acting as the extension's owner (apikey_run_as_owner()).
@@ -191,7 +137,7 @@ apikey_event_emit(const char *kind, const int64 *key_id, const char *owner,
 				  const char *severity, Jsonb *payload)
 {
 	static const Oid argtypes[5] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, JSONBOID};
-	Oid			fn = extension_function("_event", 5, argtypes);
+	Oid			fn = apikey_keystore_function("_event", 5, argtypes);
 	FmgrInfo	flinfo;
 	LOCAL_FCINFO(fcinfo, 5);
 	Datum		result;
@@ -220,52 +166,20 @@ apikey_event_emit(const char *kind, const int64 *key_id, const char *owner,
 }
 
 /*
- * One pass of apikey._run_events() in its own transaction.  An error is
- * reported and swallowed: the next interval tries again.
+ * Whether the background worker's events pass is due: apikey.events_interval
+ * has passed since the last one (the first, at once).  The worker then runs
+ * apikey._run_events() in a transaction of its own.
  */
-static void
-run_pass(void)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "apikey events pass");
-	PG_TRY();
-	{
-		Oid			fn = extension_function("_run_events", 0, NULL);
-
-		if (OidIsValid(fn))
-			(void) OidFunctionCall0(fn);
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcxt);
-		EmitErrorReport();
-		FlushErrorState();
-		AbortCurrentTransaction();
-	}
-	PG_END_TRY();
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
-/*
- * Called by the background worker on every round, outside a transaction:
- * runs the pass when apikey.events_interval has passed since the last one.
- */
-void
-apikey_events_tick(void)
+bool
+apikey_events_due(void)
 {
 	static TimestampTz last = 0;
 	TimestampTz now = GetCurrentTimestamp();
 
 	if (events_interval <= 0)
-		return;
+		return false;
 	if (last != 0 && !TimestampDifferenceExceeds(last, now, events_interval * 1000))
-		return;
+		return false;
 	last = now;
-	run_pass();
+	return true;
 }

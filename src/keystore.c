@@ -70,6 +70,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_extension.h"
 #include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
@@ -214,6 +215,36 @@ apikey_extension_namespace(Oid extoid)
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
 	return nsp;
+}
+
+/*
+ * A function of the extension, by name and argument types in the
+ * extension's schema, checked to be the extension's own; InvalidOid when
+ * the extension (or this version of it) is not installed here.
+ */
+Oid
+apikey_keystore_function(const char *name, int nargs, const Oid *argtypes)
+{
+	Oid			extoid = get_extension_oid("apikey", true);
+	Oid			nsp;
+	Oid			fn;
+
+	if (!OidIsValid(extoid))
+		return InvalidOid;
+	nsp = apikey_extension_namespace(extoid);
+	if (!OidIsValid(nsp))
+		return InvalidOid;
+
+	fn = GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid,
+						 CStringGetDatum(name),
+						 PointerGetDatum(buildoidvector(argtypes, nargs)),
+						 ObjectIdGetDatum(nsp));
+	if (OidIsValid(fn) && getExtensionOfObject(ProcedureRelationId, fn) != extoid)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("function %s in apikey's schema is not part of the extension", name),
+				 errhint("Drop the look-alike function; apikey's own is created by CREATE EXTENSION or ALTER EXTENSION UPDATE.")));
+	return fn;
 }
 
 /*

@@ -17,13 +17,14 @@
  *	 apikey.address_retention	failure addresses, raw and rolled up
  *	 apikey.retention_interval	how often the usage writer runs it (0: never)
  *
- * The writer calls apikey_retention_maybe_run() once per round; every
+ * The writer asks apikey_retention_due() once per round; every
  * apikey.retention_interval it calls run_retention() in a transaction of
  * its own, one bounded batch, and while the function says more is left,
  * one more batch per round: flushes go on between batches, so a backlog
- * (the first run after an upgrade) never holds the counters back.  The function
- * is found through the extension's schema (never by a schema name someone
- * could pre-create); a database whose apikey predates it is skipped.
+ * (the first run after an upgrade) never holds the counters back.  The
+ * writer finds the function through the extension (never by a schema name
+ * someone could pre-create); a database whose apikey predates it is
+ * skipped.
  * Without the preload there is no writer: a scheduler (pg_cron) calls
  * apikey.run_retention() instead.
  *
@@ -31,21 +32,13 @@
  */
 #include "postgres.h"
 
-#include "access/xact.h"
+#include <limits.h>
+
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
-#include "lib/stringinfo.h"
 #include "miscadmin.h"
-#include "nodes/makefuncs.h"
-#include "nodes/pg_list.h"
-#include "parser/parse_func.h"
-#include "pgstat.h"
 #include "postmaster/interrupt.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
-#include "utils/lsyscache.h"
-#include "utils/memutils.h"
-#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "apikey.h"
@@ -119,102 +112,36 @@ apikey_retention_settings(int64 *secs)
 }
 
 /*
- * The qualified name of the extension's run_retention(integer), or NULL
- * when apikey is not installed here or its version has none.  The schema
- * is apikey.keys' (keystore.c finds it through the extension).  In a
- * transaction.
+ * The usage writer's retention, once per round, outside a transaction:
+ * every apikey.retention_interval (the first time one interval after it
+ * started) one batch of run_retention() in this database, then one batch a
+ * round while more is left.  apikey_retention_due() says whether a batch
+ * is due; the worker runs it in a transaction of its own and reports with
+ * apikey_retention_ran(): a failed batch waits for the next interval.
  */
-static char *
-run_retention_name(void)
+static TimestampTz retention_last_run = 0;
+static bool retention_backlog = false;
+
+bool
+apikey_retention_due(void)
 {
-	Oid			keys = apikey_keystore_keys_relid(true);
-	char	   *nspname;
-	Oid			argtypes[1] = {INT4OID};
-
-	if (!OidIsValid(keys))
-		return NULL;
-	nspname = get_namespace_name(get_rel_namespace(keys));
-	if (nspname == NULL)
-		return NULL;
-	if (!OidIsValid(LookupFuncName(list_make2(makeString(nspname),
-											  makeString("run_retention")),
-								   1, argtypes, true)))
-		return NULL;
-	return quote_qualified_identifier(nspname, "run_retention");
-}
-
-/*
- * One batch of run_retention() in a transaction of its own.  Returns
- * whether more is left; an error is reported and ends this run (the next
- * interval tries again).
- */
-static bool
-retention_batch(bool *failed)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-	volatile bool more = false;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "apikey retention");
-	PG_TRY();
-	{
-		char	   *fn = run_retention_name();
-
-		if (fn != NULL)
-		{
-			bool		isnull;
-			Datum		d;
-
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			if (SPI_execute(psprintf("SELECT r.more FROM %s() r", fn), false, 1) != SPI_OK_SELECT ||
-				SPI_processed != 1)
-				elog(ERROR, "run_retention() returned no row");
-			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			more = !isnull && DatumGetBool(d);
-			SPI_finish();
-		}
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcxt);
-		EmitErrorReport();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		*failed = true;
-		more = false;
-	}
-	PG_END_TRY();
-	pgstat_report_activity(STATE_IDLE, NULL);
-	return more;
-}
-
-/*
- * Called by the usage writer once per round, outside a transaction: every
- * apikey.retention_interval (the first time one interval after it
- * started) one batch of retention in this database, then one batch a
- * round while more is left.  A failed batch waits for the next interval.
- */
-void
-apikey_retention_maybe_run(void)
-{
-	static TimestampTz last_run = 0;
-	static bool backlog = false;
 	TimestampTz now = GetCurrentTimestamp();
-	bool		failed = false;
 
-	if (last_run == 0)
-		last_run = now;
+	if (retention_last_run == 0)
+		retention_last_run = now;
 	if (retention_interval <= 0 || ShutdownRequestPending)
-		return;
-	if (!backlog &&
-		!TimestampDifferenceExceeds(last_run, now, retention_interval * 1000))
-		return;
-	if (!backlog)
-		last_run = now;
-	backlog = retention_batch(&failed) && !failed;
+		return false;
+	if (!retention_backlog &&
+		!TimestampDifferenceExceeds(retention_last_run, now, retention_interval * 1000))
+		return false;
+	if (!retention_backlog)
+		retention_last_run = now;
+	return true;
+}
+
+/* A batch ended: ok unless it failed, more if run_retention() said so. */
+void
+apikey_retention_ran(bool ok, bool more)
+{
+	retention_backlog = ok && more;
 }

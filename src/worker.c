@@ -70,8 +70,10 @@
 #include "catalog/objectaccess.h"
 #include "catalog/pg_database.h"
 #include "catalog/pg_extension.h"
+#include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
+#include "executor/executor.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -617,18 +619,90 @@ flush_round(void)
 }
 
 /*
- * Per-database periodic work (detection, events, retention): called once
- * per round, after the flush, with the extension present.
- * Each task runs in a transaction of its own and catches its own errors,
- * as flush_once() does, so that a failing task never stops the flushes.
+ * Call the extension's function name (nargs arguments of types argtypes,
+ * at most one) in a transaction of its own, as the periodic tasks do;
+ * on_result, if given, reads its value before the transaction ends.  An
+ * error is reported and swallowed, so that a failing task never stops the
+ * flushes: returns false.  A function this install does not have yet (not
+ * updated) is skipped quietly.
+ */
+static bool
+call_in_transaction(const char *activity, const char *name, int nargs,
+					const Oid *argtypes, const Datum *args,
+					void (*on_result) (Datum result))
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	Assert(nargs <= 1);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+	PG_TRY();
+	{
+		Oid			fn = apikey_keystore_function(name, nargs, argtypes);
+
+		if (OidIsValid(fn))
+		{
+			Datum		d = nargs == 0 ? OidFunctionCall0(fn) : OidFunctionCall1(fn, args[0]);
+
+			if (on_result != NULL)
+				on_result(d);
+		}
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcxt);
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return ok;
+}
+
+/* run_retention()'s "more": another batch is left */
+static bool retention_more = false;
+
+static void
+read_retention_more(Datum row)
+{
+	bool		isnull;
+	Datum		more = GetAttributeByName(DatumGetHeapTupleHeader(row), "more", &isnull);
+
+	retention_more = !isnull && DatumGetBool(more);
+}
+
+/*
+ * Per-database periodic work, once per round, after the flush (so a pass
+ * sees the counts just written), with the extension present; each module
+ * says when its task is due, and each task runs in a transaction of its
+ * own: the detector's pass (detector.c), the events pass (events.c), a
+ * batch of retention (retention.c).
  */
 static void
 periodic_work(void)
 {
-	apikey_detector_tick();		/* detector.c: every apikey.detect_interval */
-	apikey_events_tick();		/* events.c: every apikey.events_interval */
-	apikey_retention_maybe_run();	/* retention.c: every
-									 * apikey.retention_interval */
+	if (apikey_detector_due())
+		(void) call_in_transaction("apikey detection pass", "_detect", 0, NULL, NULL, NULL);
+	if (apikey_events_due())
+		(void) call_in_transaction("apikey events pass", "_run_events", 0, NULL, NULL, NULL);
+	if (apikey_retention_due())
+	{
+		static const Oid argtypes[1] = {INT4OID};
+		Datum		batch = Int32GetDatum(10000);
+		bool		ok;
+
+		retention_more = false;
+		ok = call_in_transaction("apikey retention", "run_retention", 1, argtypes, &batch,
+								 read_retention_more);
+		apikey_retention_ran(ok, retention_more);
+	}
 }
 
 /*
