@@ -98,6 +98,7 @@ BEGIN
 	IF from_key.id IS NULL THEN
 		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
 	END IF;
+	PERFORM apikey._owner_admit(from_key.owner, from_key.id);
 	v_new := apikey._new_token(from_key.prefix);
 	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
 							 rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
@@ -126,7 +127,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey._successor(apikey.keys)
-	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget';
+	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget, within its owner''s max_keys';
 REVOKE ALL ON FUNCTION apikey._successor(apikey.keys) FROM PUBLIC;
 
 -- rotate() itself, which sets key_lineage.budget_key_id and copies the
@@ -3550,47 +3551,6 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION apikey._owner_admit(text, bigint)
 	IS 'Internal: lock the owner''s row and refuse one more live key past its max_keys (rotate, reissue)';
 REVOKE ALL ON FUNCTION apikey._owner_admit(text, bigint) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION apikey._successor(from_key apikey.keys, OUT key_id bigint, OUT token text, OUT hint text)
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	v_new record;
-	v_budget bigint;
-BEGIN
-	IF from_key.id IS NULL THEN
-		RAISE EXCEPTION 'from_key must be a row of apikey.keys' USING ERRCODE = '22004';
-	END IF;
-	PERFORM apikey._owner_admit(from_key.owner, from_key.id);
-	v_new := apikey._new_token(from_key.prefix);
-	INSERT INTO apikey.keys (owner, name, prefix, hint, hash, created_by, expires_at, metadata,
-							 rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
-	VALUES (from_key.owner, from_key.name, from_key.prefix, v_new.hint, v_new.hash, apikey._acting_role(),
-			from_key.expires_at, from_key.metadata, from_key.rate_limit, from_key.rate_window,
-			from_key.quota, from_key.quota_refill, from_key.allowed_cidrs)
-	RETURNING apikey.keys.id INTO _successor.key_id;
-	INSERT INTO apikey.key_lineage (key_id, rotated_from) VALUES (_successor.key_id, from_key.id);
-	v_budget := COALESCE((SELECT l.budget_key_id FROM apikey.key_lineage l
-						   WHERE l.key_id OPERATOR(pg_catalog.=) from_key.id), from_key.id);
-
-	INSERT INTO apikey.key_scopes (key_id, scope)
-	SELECT _successor.key_id, ks.scope FROM apikey.key_scopes ks
-	 WHERE ks.key_id OPERATOR(pg_catalog.=) from_key.id;
-
-	PERFORM apikey._rate_state_copy(b.id, b.hash, _successor.key_id, v_new.hash)
-	   FROM apikey.keys b
-	  WHERE b.id OPERATOR(pg_catalog.=) v_budget;
-	IF from_key.quota IS NOT NULL THEN
-		INSERT INTO apikey.quotas (key_id, remaining, refilled_at)
-		SELECT _successor.key_id, q.remaining, q.refilled_at FROM apikey.quotas q
-		 WHERE q.key_id OPERATOR(pg_catalog.=) v_budget;
-	END IF;
-	token := v_new.token;
-	hint := v_new.hint;
-END
-$$;
-COMMENT ON FUNCTION apikey._successor(apikey.keys)
-	IS 'Internal: issue the key that replaces a key (rotate, reissue), with its settings, scopes and remaining budget, within its owner''s max_keys';
 
 CREATE FUNCTION apikey.set_owner_limits(owner text, rate_limit integer DEFAULT NULL,
 										rate_window interval DEFAULT '1 minute', quota bigint DEFAULT NULL,
