@@ -27,15 +27,11 @@ my $node = apikey_node('exporter', "apikey.usage_flush_interval = '200ms'\n");
 apikey_db($node);
 token_table($node);
 
-# The README's monitoring role, exactly as granted there.
+# The README's monitoring role, granted as the README grants it.
 $node->safe_psql(
 	'postgres', q{
 CREATE ROLE key_monitor LOGIN;
-GRANT SELECT ON apikey.stats, apikey.stats_by_code, apikey.live_usage, apikey.key_usage, apikey.usage_log TO key_monitor;
-GRANT SELECT (id, owner, name) ON apikey.keys TO key_monitor;
-GRANT EXECUTE ON FUNCTION apikey._stats(), apikey._tokens_redacted(), apikey._failure_networks_untracked(),
-    apikey._writer_heartbeat(), apikey._stats_by_code(),
-    apikey._live_usage(), apikey.flush_usage(), apikey.cache_stats() TO key_monitor;
+SELECT apikey.grant_monitor('key_monitor');
 });
 
 # 3 valid calls for acme, 2 for globex, 4 unknown (well-formed tokens of no
