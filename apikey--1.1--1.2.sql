@@ -2674,13 +2674,51 @@ REVOKE ALL ON SEQUENCE apikey.events_seq_seq FROM PUBLIC;
 -- The only writer.  Callable from SQL (triggers, the periodic pass, the
 -- detector) and from C (apikey_event_emit() in src/events.c).  It needs a
 -- read-write transaction and the owner's rights; it returns the new seq.
+-- What may not leave apikey in a payload or a stored reason: a
+-- checksum-valid token, a hex SHA-256 (or longer digest), or a field named
+-- token, hash or secret.
+CREATE FUNCTION apikey._secret_shaped(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT t OPERATOR(pg_catalog.~*) '[0-9a-f]{64}'
+		OR t OPERATOR(pg_catalog.~*) '"[^"]*(token|hash|secret)[^"]*":'
+		OR EXISTS (SELECT FROM apikey._scan_tokens(t));
+$$;
+COMMENT ON FUNCTION apikey._secret_shaped(text)
+	IS 'Internal: whether a text holds a checksum-valid token, 64 or more hex digits, or a JSON field named like token, hash or secret';
+REVOKE ALL ON FUNCTION apikey._secret_shaped(text) FROM PUBLIC;
+
+-- A payload with every such value replaced by "[redacted]" (fields named
+-- like token, hash or secret dropped) and "redacted": true added; {} stays
+-- {}.  If a field's name itself is shaped like a secret, only
+-- {"redacted": true} is left.
+CREATE FUNCTION apikey._event_redact(payload jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT CASE
+		WHEN NOT apikey._secret_shaped(payload::text) THEN payload
+		ELSE COALESCE((
+			SELECT CASE WHEN apikey._secret_shaped(pg_catalog.jsonb_object_agg(e.key, e.v)::text)
+						THEN '{"redacted": true}'::jsonb
+						ELSE pg_catalog.jsonb_object_agg(e.key, e.v)
+							 OPERATOR(pg_catalog.||) '{"redacted": true}'::jsonb END
+			  FROM (SELECT p.key,
+						   CASE WHEN apikey._secret_shaped(p.value::text) THEN '"[redacted]"'::jsonb
+								ELSE p.value END AS v
+					  FROM pg_catalog.jsonb_each(payload) p
+					 WHERE NOT p.key OPERATOR(pg_catalog.~*) '(token|hash|secret)') e),
+			'{"redacted": true}'::jsonb) END;
+$$;
+COMMENT ON FUNCTION apikey._event_redact(jsonb)
+	IS 'Internal: an event payload with every value shaped like a token or hash replaced by [redacted] (fields named like token, hash or secret dropped)';
+REVOKE ALL ON FUNCTION apikey._event_redact(jsonb) FROM PUBLIC;
+
 CREATE FUNCTION apikey._event(kind text, key_id bigint, owner text, severity text, payload jsonb)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_payload jsonb := COALESCE(_event.payload, '{}');
-	v_text text;
 	v_seq bigint;
 BEGIN
 	IF _event.kind IS NULL OR NOT _event.kind OPERATOR(pg_catalog.=) ANY
@@ -2696,14 +2734,11 @@ BEGIN
 		RAISE EXCEPTION 'event payload must be a JSON object' USING ERRCODE = '22023';
 	END IF;
 	-- never a token or a hash, by shape: whoever reads events may not
-	-- read keys.hash, and LISTEN consumers forward payloads to chat
-	v_text := v_payload::text;
-	IF EXISTS (SELECT FROM apikey._scan_tokens(v_text))
-	   OR v_text OPERATOR(pg_catalog.~*) '[0-9a-f]{64}'
-	   OR v_text OPERATOR(pg_catalog.~*) '"[^"]*(token|hash|secret)[^"]*":' THEN
-		RAISE EXCEPTION 'an event payload must not carry a token or a hash'
-			USING ERRCODE = '22023', HINT = 'Put the key''s id and hint in it instead.';
-	END IF;
+	-- read keys.hash, and LISTEN consumers forward payloads to chat.  A
+	-- value shaped like one is replaced, never refused: the event rides on
+	-- a revocation or a suspension, which must not fail because of what a
+	-- key's name or a reason holds
+	v_payload := apikey._event_redact(v_payload);
 	PERFORM apikey._audit_lock();
 	INSERT INTO apikey.events (kind, key_id, owner, severity, payload)
 	VALUES (_event.kind, _event.key_id, _event.owner, _event.severity, v_payload)
@@ -2716,7 +2751,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey._event(text, bigint, text, text, jsonb)
-	IS 'Internal: the only writer of apikey.events: append one event (refusing a payload with a token or hash) and NOTIFY apikey_events with its seq at commit; returns the seq';
+	IS 'Internal: the only writer of apikey.events: append one event (a value shaped like a token or hash replaced by [redacted]) and NOTIFY apikey_events with its seq at commit; returns the seq';
 REVOKE ALL ON FUNCTION apikey._event(text, bigint, text, text, jsonb) FROM PUBLIC;
 
 -- A key's suspension, quarantine or revocation changed: say so, when an
@@ -2770,6 +2805,56 @@ CREATE TRIGGER suspensions_event AFTER INSERT OR UPDATE OR DELETE ON apikey.susp
 	FOR EACH ROW EXECUTE FUNCTION apikey._event_key_changed();
 CREATE TRIGGER quarantines_event AFTER INSERT OR UPDATE OR DELETE ON apikey.quarantines
 	FOR EACH ROW EXECUTE FUNCTION apikey._event_key_changed();
+
+-- A reason is free text: an operator pasting "leaked: ak_..." must still
+-- revoke or suspend the key, and the token must still not be stored.  So
+-- the reason is kept with each token replaced by its hint and each run of
+-- 64 or more hex digits (a digest) by [redacted], before the row is
+-- written, whichever function (or direct DML) writes it.
+CREATE FUNCTION apikey._redact_text(t text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_out text := '';
+	v_at integer := 1;
+	x record;
+BEGIN
+	IF t IS NULL THEN
+		RETURN NULL;
+	END IF;
+	FOR x IN SELECT s.pos, s.len, s.hint FROM apikey._scan_tokens(t) s ORDER BY s.pos LOOP
+		v_out := v_out OPERATOR(pg_catalog.||) pg_catalog.substr(t, v_at, x.pos OPERATOR(pg_catalog.-) v_at)
+				 OPERATOR(pg_catalog.||) x.hint;
+		v_at := x.pos OPERATOR(pg_catalog.+) x.len;
+	END LOOP;
+	v_out := v_out OPERATOR(pg_catalog.||) pg_catalog.substr(t, v_at);
+	RETURN pg_catalog.regexp_replace(v_out, '[0-9A-Fa-f]{64,}', '[redacted]', 'g');
+END
+$$;
+COMMENT ON FUNCTION apikey._redact_text(text)
+	IS 'Internal: a free text with each checksum-valid token replaced by its hint and each run of 64 or more hex digits by [redacted]';
+REVOKE ALL ON FUNCTION apikey._redact_text(text) FROM PUBLIC;
+
+CREATE FUNCTION apikey._redact_reason() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	NEW.reason := apikey._redact_text(NEW.reason);
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikey._redact_reason()
+	IS 'Internal: trigger keeping tokens and digests out of the reason of revocations, suspensions and quarantines';
+REVOKE ALL ON FUNCTION apikey._redact_reason() FROM PUBLIC;
+CREATE TRIGGER revocations_redact BEFORE INSERT OR UPDATE OF reason ON apikey.revocations
+	FOR EACH ROW EXECUTE FUNCTION apikey._redact_reason();
+CREATE TRIGGER suspensions_redact BEFORE INSERT OR UPDATE OF reason ON apikey.suspensions
+	FOR EACH ROW EXECUTE FUNCTION apikey._redact_reason();
+CREATE TRIGGER quarantines_redact BEFORE INSERT OR UPDATE OF reason ON apikey.quarantines
+	FOR EACH ROW EXECUTE FUNCTION apikey._redact_reason();
+ALTER TABLE apikey.revocations ENABLE ALWAYS TRIGGER revocations_redact;
+ALTER TABLE apikey.suspensions ENABLE ALWAYS TRIGGER suspensions_redact;
+ALTER TABLE apikey.quarantines ENABLE ALWAYS TRIGGER quarantines_redact;
 
 -- What the periodic pass has already said, so it says it once: per kind,
 -- key and level, for one arming (the expiry, the quota's last refill, the
@@ -4967,7 +5052,10 @@ BEGIN
 
 	RETURN pg_catalog.jsonb_build_object(
 		'owner', r OPERATOR(pg_catalog.->>) 'owner', 'name', r OPERATOR(pg_catalog.->>) 'name',
-		'hint', COALESCE(v_lookup OPERATOR(pg_catalog.||) '...', f.name OPERATOR(pg_catalog.||) '...')
+		-- a lookup id only where the format has one (a DRF prefix): for an
+		-- unsalted format the "lookup" is the token's digest, never shown
+		'hint', COALESCE(CASE WHEN f.lookup_regex IS NOT NULL THEN v_lookup END OPERATOR(pg_catalog.||) '...',
+						 f.name OPERATOR(pg_catalog.||) '...')
 				OPERATOR(pg_catalog.||) COALESCE(pg_catalog.right(v_plain, 4), ''),
 		'hash', pg_catalog.encode(v_hash, 'hex'), 'lookup', v_lookup, 'verifier', v_verifier,
 		'created_at', COALESCE((r OPERATOR(pg_catalog.->>) 'created_at')::timestamptz, pg_catalog.now()),
