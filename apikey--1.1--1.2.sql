@@ -5009,8 +5009,11 @@ BEGIN
 					pg_catalog.encode(pg_catalog.decode(v_m[3], 'base64'), 'hex');
 			END IF;
 		ELSE
+			-- cost at most 16: pgcrypto's bcrypt cannot be interrupted, and
+			-- cost 31 would hold a backend for days on one verification
 			IF pg_catalog.length(v_given) OPERATOR(pg_catalog.=) 60
-			   AND v_given OPERATOR(pg_catalog.~) '^\$2[abxy]\$[0-9][0-9]\$[./A-Za-z0-9]+$' THEN
+			   AND v_given OPERATOR(pg_catalog.~) '^\$2[abxy]\$[0-9][0-9]\$[./A-Za-z0-9]+$'
+			   AND pg_catalog.substr(v_given, 5, 2)::integer OPERATOR(pg_catalog.<=) 16 THEN
 				v_verifier := v_given;
 			END IF;
 		END IF;
@@ -5019,7 +5022,7 @@ BEGIN
 				USING ERRCODE = '22023',
 					  HINT = CASE f.algorithm WHEN 'sha512-hex' THEN 'Give 128 hex digits, optionally after sha512$$.'
 							 WHEN 'pbkdf2-sha256' THEN 'Give Django''s form pbkdf2_sha256$<iterations>$<salt>$<base64>, at most 10,000,000 iterations.'
-							 ELSE 'Give a bcrypt hash: $2b$<cost>$<53 characters>.' END;
+							 ELSE 'Give a bcrypt hash: $2b$<cost, at most 16>$<53 characters>.' END;
 		END IF;
 		-- a placeholder no token hashes to, until the first use upgrades it
 		v_hash := pg_catalog.sha256(pg_catalog.convert_to(

@@ -74,7 +74,10 @@ SELECT l.lookup, l.verifier IS NOT NULL AS pending, l.verifier ~ '^1000\$saltsal
 SELECT ordinal, key_id IS NOT NULL AS imported, error
   FROM apikey.import_keys('bcrypt-prefixed', jsonb_build_array(
 	jsonb_build_object('owner', 'initech', 'lookup', 'live4f2a', 'hash', :'bc_hash'),
-	jsonb_build_object('owner', 'initech', 'lookup', 'live4f2b', 'hash', '$2b$04$tooshort')))
+	jsonb_build_object('owner', 'initech', 'lookup', 'live4f2b', 'hash', '$2b$04$tooshort'),
+	-- cost 31: one verification would hold a backend for days, uninterruptibly
+	jsonb_build_object('owner', 'initech', 'lookup', 'live4f2c',
+					   'hash', '$2b$31$' || repeat('a', 53))))
  ORDER BY ordinal;
 
 -- bcrypt needs pgcrypto: refused up front without it.
