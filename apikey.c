@@ -752,11 +752,15 @@ apikey_cache_stats(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
-/* apikey.flush_usage() away from the writer: fold pending rows as owner. */
+/*
+ * apikey.flush_usage() away from the writer: fold pending rows as owner,
+ * and apply recorded legacy upgrades (which never fails the flush).
+ */
 static void
 fold_as_owner(void *arg)
 {
 	*(int *) arg = apikey_usage_fold_pending();
+	(void) apikey_legacy_upgrades_apply();
 }
 
 /*
