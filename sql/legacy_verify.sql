@@ -99,6 +99,12 @@ SELECT count(*) AS recorded FROM apikey.legacy_upgrade_pending;
 SELECT count(*) AS hashes_unchanged_before_flush
   FROM apikey.keys k JOIN h0 ON h0.hash = k.hash JOIN apikey.legacy_keys l ON l.key_id = k.id
  WHERE l.format IN ('drf', 'bcrypt-prefixed', 'sha512');
+-- a flush inside a transaction block applies nothing (the upgrade would
+-- hold the key row until that block ends)
+BEGIN;
+SELECT apikey.flush_usage() >= 0 AS flushed;
+SELECT count(*) AS still_recorded_in_block FROM apikey.legacy_upgrade_pending;
+COMMIT;
 SELECT apikey.flush_usage() >= 0 AS flushed;
 SELECT count(*) AS recorded_after_flush FROM apikey.legacy_upgrade_pending;
 SELECT * FROM stats_delta;
