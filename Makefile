@@ -17,6 +17,7 @@ OBJS = \
 	src/keystore.o \
 	src/leak.o \
 	src/legacy.o \
+	src/legacyupgrade.o \
 	src/networks.o \
 	src/netwatch.o \
 	src/ownerlimits.o \

@@ -5435,5 +5435,28 @@ SELECT apikey._audit_dml_attach('key_lineage');
 -- Copied to key_lineage above; key_status reads it from there.
 ALTER TABLE apikey.keys DROP COLUMN rotated_from;
 
+-- Legacy upgrades never lock apikey.keys in the verifying transaction
+-- (src/legacyupgrade.c).  A valid use of a pending legacy key only appends
+-- a row here, as the extension's owner: no index, no foreign key (its
+-- check would lock the key row), nobody updates the rows, so the verifier
+-- holds nothing an administrator, the detector or another verifier needs.
+-- apikey.flush_usage() and the usage writer apply the rows in their own
+-- transaction, skipping key rows someone holds and keys revoked meanwhile.
+CREATE TABLE apikey.legacy_upgrade_pending (
+	key_id		bigint NOT NULL,
+	old_hash	bytea NOT NULL,
+	verifier_sha256 bytea NOT NULL,
+	new_hash	bytea NOT NULL,
+	recorded_at	timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE apikey.legacy_upgrade_pending IS 'Upgrades of legacy keys to SHA-256 recorded by a valid use and not yet applied; apikey.flush_usage() and the usage writer apply them (never the token, only its SHA-256)';
+COMMENT ON COLUMN apikey.legacy_upgrade_pending.key_id IS 'The key (apikey.keys.id; no foreign key, whose check would lock the key row)';
+COMMENT ON COLUMN apikey.legacy_upgrade_pending.old_hash IS 'keys.hash when the key was verified; the upgrade applies only if it is unchanged';
+COMMENT ON COLUMN apikey.legacy_upgrade_pending.verifier_sha256 IS 'SHA-256 of the legacy verifier that matched; the upgrade applies only if it is still the pending one';
+COMMENT ON COLUMN apikey.legacy_upgrade_pending.new_hash IS 'SHA-256 of the token, the key''s hash once applied';
+COMMENT ON COLUMN apikey.legacy_upgrade_pending.recorded_at IS 'When the use was verified';
+SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_upgrade_pending', '');
+REVOKE ALL ON apikey.legacy_upgrade_pending FROM PUBLIC;
+
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();

@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include "access/detoast.h"
+#include "access/xact.h"
 #include "access/xlog.h"
 #include "access/htup_details.h"
 #include "commands/trigger.h"
@@ -752,11 +753,19 @@ apikey_cache_stats(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
-/* apikey.flush_usage() away from the writer: fold pending rows as owner. */
+/*
+ * apikey.flush_usage() away from the writer: fold pending rows as owner,
+ * and apply recorded legacy upgrades (which never fails the flush) only
+ * outside a transaction block: an upgrade locks its key row as an update
+ * of keys.hash does, which a revoke() waits for, so it must end with the
+ * statement rather than with whatever the caller does next.
+ */
 static void
 fold_as_owner(void *arg)
 {
 	*(int *) arg = apikey_usage_fold_pending();
+	if (!IsTransactionBlock())
+		(void) apikey_legacy_upgrades_apply();
 }
 
 /*

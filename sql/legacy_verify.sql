@@ -1,6 +1,7 @@
 -- Verifying imported keys: each shipped format verifies; a wrong secret
--- with a right lookup id fails; the first valid use upgrades the stored
--- hash to SHA-256 once, in the caller's transaction, and the next use takes
+-- with a right lookup id fails; the first valid use records the upgrade of
+-- the stored hash to SHA-256 (never in keys: the caller's transaction
+-- locks nothing), the next flush applies it once, and the next use takes
 -- the native path; read-only transactions and rollbacks leave the key
 -- pending; a retired format stops its pending keys, not upgraded ones.
 SET client_min_messages = warning;
@@ -75,22 +76,37 @@ SELECT l.verifier IS NOT NULL AS still_pending, k.hash = h0.hash AS hash_unchang
  WHERE l.format = 'drf';
 SELECT * FROM stats_delta;
 
--- A rolled-back transaction takes its upgrade with it.
+-- A rolled-back transaction takes its recorded upgrade with it.
 BEGIN;
 SELECT valid, code FROM apikey.check(:'drf_token');
-SELECT l.verifier IS NULL AS upgraded_inside FROM apikey.legacy_keys l WHERE l.format = 'drf';
+SELECT count(*) AS recorded_inside, bool_and(new_hash = sha256(convert_to(:'drf_token', 'UTF8'))) AS sha256_of_token
+  FROM apikey.legacy_upgrade_pending;
 ROLLBACK;
+SELECT apikey.flush_usage() >= 0 AS flushed;
 SELECT l.verifier IS NOT NULL AS pending_after_rollback FROM apikey.legacy_keys l WHERE l.format = 'drf';
 
 -------------------------------------------------------------------------------
--- Upgrade on use: the stored hash becomes SHA-256(token), once; the old
--- verifier is gone; the next verification is the native path (no legacy
--- hash computed: verified does not move).
+-- Upgrade on use, at the next flush: the stored hash becomes
+-- SHA-256(token), once; the old verifier is gone; the next verification is
+-- the native path (no legacy hash computed: verified does not move).
 -------------------------------------------------------------------------------
 TRUNCATE s0; INSERT INTO s0 SELECT * FROM apikey.legacy_stats();
 SELECT valid, code, owner, scopes FROM apikey.check(:'drf_token', 'orders:read');
 SELECT valid, code, owner FROM apikey.check(:'bc_token');
 SELECT valid, code, owner FROM apikey.check(:'s5_token');
+-- recorded, not yet applied: the keys still verify by their old hash
+SELECT count(*) AS recorded FROM apikey.legacy_upgrade_pending;
+SELECT count(*) AS hashes_unchanged_before_flush
+  FROM apikey.keys k JOIN h0 ON h0.hash = k.hash JOIN apikey.legacy_keys l ON l.key_id = k.id
+ WHERE l.format IN ('drf', 'bcrypt-prefixed', 'sha512');
+-- a flush inside a transaction block applies nothing (the upgrade would
+-- hold the key row until that block ends)
+BEGIN;
+SELECT apikey.flush_usage() >= 0 AS flushed;
+SELECT count(*) AS still_recorded_in_block FROM apikey.legacy_upgrade_pending;
+COMMIT;
+SELECT apikey.flush_usage() >= 0 AS flushed;
+SELECT count(*) AS recorded_after_flush FROM apikey.legacy_upgrade_pending;
 SELECT * FROM stats_delta;
 SELECT l.format, k.hash = sha256(convert_to(CASE l.format WHEN 'drf' THEN :'drf_token' WHEN 'bcrypt-prefixed' THEN :'bc_token'
 												ELSE :'s5_token' END, 'UTF8')) AS hash_is_sha256_of_token,
@@ -129,6 +145,10 @@ SELECT count(key_id) FROM apikey.import_keys('sha512', jsonb_build_array(jsonb_b
 	'owner', 'umbrella', 'hash', encode(sha512('s5_zzzzzzzzzzzzzzzzzzzzzzzzzz'), 'hex'))));
 BEGIN;
 SELECT code FROM apikey.check('s5_zzzzzzzzzzzzzzzzzzzzzzzzzz');
+COMMIT;
+SELECT apikey.flush_usage() >= 0 AS flushed;
+BEGIN;
+SELECT code FROM apikey.check('s5_zzzzzzzzzzzzzzzzzzzzzzzzzz');
 UPDATE apikey.keys SET name = 'renamed after its upgrade' WHERE owner = 'umbrella' AND name IS NULL;
 COMMIT;
 SELECT action, details->'rows' AS rows FROM apikey.audit_log WHERE action = 'keys.update';
@@ -141,6 +161,7 @@ SELECT count(key_id) FROM apikey.import_keys('drf', jsonb_build_array(jsonb_buil
 	'pbkdf2_sha256$1000$pepper12$QlLydDX8y4UZsnQIwYSXiG13FOQJu4FBeiwHLuNyUaU=')));
 SELECT apikey.revoke(key_id, 'test') FROM apikey.legacy_keys WHERE lookup = 'QwErTy12';
 SELECT code FROM apikey.check('QwErTy12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXy') AS revoked_pending;
+SELECT apikey.flush_usage() >= 0 AS flushed;
 SELECT verifier IS NOT NULL AS not_upgraded FROM apikey.legacy_keys WHERE lookup = 'QwErTy12';
 
 -------------------------------------------------------------------------------

@@ -33,6 +33,8 @@
  *	 legacy.c		imported keys: verification by their old hash (token
  *					formats in apikey.legacy_formats), upgrade on use;
  *					apikey.legacy_verify_per_second
+ *	 legacyupgrade.c	a legacy key's upgrade to SHA-256: recorded by the
+ *					verifier without a lock, applied by the flush
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
  *					hash lookup; apikey.failure_limit, apikey.failure_window,
  *					apikey.failure_exempt, apikey.failure_max_networks
@@ -363,6 +365,7 @@ typedef struct ApikeyLegacyMatch
 	bool		pending;		/* verified by its legacy hash */
 	int64		key_id;
 	uint8		old_hash[APIKEY_HASH_LEN];	/* keys.hash until upgraded */
+	uint8		verifier_sha256[APIKEY_HASH_LEN];	/* of the verifier that matched */
 	uint8		new_hash[APIKEY_HASH_LEN];	/* SHA-256 of the token */
 } ApikeyLegacyMatch;
 
@@ -373,7 +376,11 @@ extern bool apikey_legacy_stats_read(ApikeyLegacyStats *out);
 extern void apikey_legacy_formats_changed(void);
 extern bool apikey_legacy_lookup(text *token, TimestampTz now,
 								 ApikeyVerdict *verdict, ApikeyLegacyMatch *match);
+extern void apikey_legacy_count_upgrades(uint64 upgraded, uint64 deferred);
+
+/* legacyupgrade.c */
 extern void apikey_legacy_upgrade(ApikeyLegacyMatch *match);
+extern int	apikey_legacy_upgrades_apply(void);
 
 /* binding.c */
 extern void apikey_binding_init(void);

@@ -32,17 +32,10 @@
  * id is not secret: someone who knows one can spend the global budget, not
  * learn anything.
  *
- * Upgrade on use (apikey_legacy_upgrade): when the verdict is valid and the
- * transaction may write, the key's hash becomes SHA-256(token) and its
- * verifier is deleted, in the caller's transaction, inside an internal
- * subtransaction: a concurrent upgrade of the same key (a serialization
- * failure, a unique violation, a deadlock) only defers it.  On a standby,
- * in a read-only transaction or a parallel worker the verdict stays valid
- * and the upgrade waits; both outcomes are counted.  The upgrade is marked
- * as apikey's own bookkeeping for the audit triggers (like the usage
- * writer's last_used_at): an audit row would keep the audit head's row
- * lock until the caller's transaction ends, serialising requests and
- * administrators; legacy_keys.upgraded_at records it.
+ * Upgrade on use: when the verdict is valid, legacyupgrade.c records the
+ * upgrade without a lock and the next flush applies it; the key verifies
+ * by its old hash until then.  The upgrades applied and deferred are
+ * counted here (apikey_legacy_count_upgrades).
  *
  * Locking: the budget and the counters are one struct in shared memory,
  * protected by its spinlock (plain arithmetic under it).
@@ -136,7 +129,6 @@ static bool callback_registered = false;
 
 static SPIPlanPtr formats_plan = NULL;
 static SPIPlanPtr lookup_plan = NULL;
-static SPIPlanPtr upgrade_plan = NULL;
 
 /* Defines apikey.legacy_verify_per_second. */
 void
@@ -195,6 +187,18 @@ shared_state(void)
 		s_->stats.field++; \
 		SpinLockRelease(&s_->mutex); \
 	} while (0)
+
+/* Count upgrades applied and deferred (legacyupgrade.c). */
+void
+apikey_legacy_count_upgrades(uint64 upgraded, uint64 deferred)
+{
+	LegacyShared *s = shared_state();
+
+	SpinLockAcquire(&s->mutex);
+	s->stats.upgraded += upgraded;
+	s->stats.deferred += deferred;
+	SpinLockRelease(&s->mutex);
+}
 
 /* Copy the counters (apikey.legacy_stats()); false without shared memory. */
 bool
@@ -673,99 +677,8 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 		match->pending = true;
 		match->key_id = la.key_id;
 		memcpy(match->old_hash, la.hash, APIKEY_HASH_LEN);
+		apikey_sha256(la.verifier, strlen(la.verifier), match->verifier_sha256);
 		return true;
 	}
 	return false;
-}
-
-/* A 32-byte hash as bytea. */
-static bytea *
-hash_bytea(const uint8 *hash)
-{
-	bytea	   *b = palloc(VARHDRSZ + APIKEY_HASH_LEN);
-
-	SET_VARSIZE(b, VARHDRSZ + APIKEY_HASH_LEN);
-	memcpy(VARDATA(b), hash, APIKEY_HASH_LEN);
-	return b;
-}
-
-/* The upgrade's two statements; runs as the tables' owner. */
-static void
-upgrade_key(void *arg)
-{
-	ApikeyLegacyMatch *m = arg;
-	Oid			types[3] = {INT8OID, BYTEAOID, BYTEAOID};
-	Datum		values[3];
-	int			rc;
-	int			nest = NewGUCNestLevel();
-
-	apikey_audit_mark_legacy_upgrade();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	apikey_prepare_kept(&upgrade_plan,
-						"WITH k AS (UPDATE apikey.keys SET hash = $2 "
-						"            WHERE id OPERATOR(pg_catalog.=) $1 "
-						"              AND hash OPERATOR(pg_catalog.=) $3 RETURNING id) "
-						"UPDATE apikey.legacy_keys l SET verifier = NULL, "
-						"       upgraded_at = pg_catalog.now() "
-						"  FROM k WHERE l.key_id OPERATOR(pg_catalog.=) k.id",
-						3, types);
-	values[0] = Int64GetDatum(m->key_id);
-	values[1] = PointerGetDatum(hash_bytea(m->new_hash));
-	values[2] = PointerGetDatum(hash_bytea(m->old_hash));
-	rc = SPI_execute_plan(upgrade_plan, values, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "legacy key upgrade failed: %s", SPI_result_code_string(rc));
-	SPI_finish();
-	AtEOXact_GUC(true, nest);
-}
-
-/*
- * After a valid verdict on a pending legacy key: store SHA-256(token) and
- * drop the old verifier, in the caller's transaction, or count the upgrade
- * as deferred where it cannot write.  Errors a concurrent upgrade can cause
- * defer it too; any other error is raised.
- */
-void
-apikey_legacy_upgrade(ApikeyLegacyMatch *match)
-{
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-
-	if (!match->pending)
-		return;
-	if (RecoveryInProgress() || XactReadOnly || IsInParallelMode())
-	{
-		count_stat(deferred);
-		return;
-	}
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		apikey_run_as_owner(upgrade_key, match);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-		count_stat(upgraded);
-	}
-	PG_CATCH();
-	{
-		ErrorData  *e;
-
-		MemoryContextSwitchTo(cxt);
-		e = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-		if (e->sqlerrcode != ERRCODE_T_R_SERIALIZATION_FAILURE &&
-			e->sqlerrcode != ERRCODE_T_R_DEADLOCK_DETECTED &&
-			e->sqlerrcode != ERRCODE_UNIQUE_VIOLATION &&
-			e->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
-			ReThrowError(e);
-		FreeErrorData(e);
-		count_stat(deferred);
-	}
-	PG_END_TRY();
 }

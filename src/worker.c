@@ -581,6 +581,7 @@ flush_once(int *rows, bool *gone)
 			folded = apikey_usage_fold_pending();
 			if (folded > 0)
 				*rows += folded;
+			(void) apikey_legacy_upgrades_apply();	/* legacyupgrade.c */
 			(void) apikey_networks_flush();	/* key_networks (networks.c) */
 		}
 		PopActiveSnapshot();

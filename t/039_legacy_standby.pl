@@ -68,12 +68,14 @@ is( $standby->safe_psql(
 SELECT (apikey.check(tok('bc'))).retry_after > '0'::interval AND (SELECT refused > 0 FROM apikey.legacy_stats())}),
 	't', 'a refusal says when to retry and is counted');
 
-# The primary upgrades the DRF key on its first use; the standby then finds
-# it by SHA-256, computing no legacy hash at all.
+# The primary records the DRF key's upgrade on its first use and applies it
+# at the next flush; the standby then finds it by SHA-256, computing no
+# legacy hash at all.
 is($primary->safe_psql('postgres', q{SELECT apikey.verify(tok('drf'))}), 't', 'the primary verifies the DRF key');
+$primary->safe_psql('postgres', q{SELECT apikey.flush_usage()});
 is( $primary->safe_psql(
 		'postgres', q{SELECT verifier IS NULL FROM apikey.legacy_keys WHERE key_id = kid('drf')}),
-	't', 'and upgrades it');
+	't', 'and upgrades it at the next flush');
 $primary->wait_for_catchup($standby);
 is( $standby->safe_psql(
 		'postgres', q{
