@@ -5346,3 +5346,30 @@ ALTER TABLE apikey.keys DROP COLUMN rotated_from;
 
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();
+-------------------------------------------------------------------------------
+-- Failures by network stay bounded (src/netwatch.c): the detector's table
+-- of failures per client network holds at most 4096 networks; a failure
+-- from a network past that is counted here instead of in shared memory.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._failure_networks_unwatched() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_failure_networks_unwatched'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._failure_networks_unwatched()
+	IS 'Internal: failures from client networks the address_failures rule had no room to count, since the server started (behind apikey.stats.failure_networks_unwatched)';
+REVOKE ALL ON FUNCTION apikey._failure_networks_unwatched() FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._failure_networks_unwatched()');
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,
+	   apikey._failure_networks_untracked() AS failure_networks_untracked,
+	   apikey._writer_heartbeat() AS writer_heartbeat,
+	   apikey._network_overflow() AS network_overflow,
+	   apikey._failure_networks_unwatched() AS failure_networks_unwatched
+  FROM apikey._stats() s;
+COMMENT ON COLUMN apikey.stats.failure_networks_unwatched
+	IS 'Failures (malformed, unknown, address_blocked) not counted for the address_failures rule since the server started: 4096 networks had failures in the last hour';
+
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('monitor', 'EXECUTE', 'FUNCTION apikey._failure_networks_unwatched()');
+
