@@ -3635,8 +3635,6 @@ SELECT o.owner,
 	   (SELECT pg_catalog.count(*) FROM apikey.keys k WHERE k.owner OPERATOR(pg_catalog.=) o.owner) AS keys,
 	   (SELECT pg_catalog.count(*) FROM apikey.keys k
 		 WHERE k.owner OPERATOR(pg_catalog.=) o.owner
-		   AND NOT EXISTS (SELECT FROM apikey.key_lineage l WHERE l.key_id OPERATOR(pg_catalog.=) k.id
-							  AND l.budget_key_id IS NOT NULL)
 		   AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
 		   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)) AS live_keys,
 	   CASE WHEN o.quota_refill IS NOT NULL
@@ -3650,7 +3648,7 @@ SELECT o.owner,
 COMMENT ON VIEW apikey.owner_status IS 'Each owner with limits: its keys, live keys and credits left';
 COMMENT ON COLUMN apikey.owner_status.owner IS 'The owner';
 COMMENT ON COLUMN apikey.owner_status.keys IS 'Keys of the owner, in any state';
-COMMENT ON COLUMN apikey.owner_status.live_keys IS 'Keys counted against max_keys: not revoked, not expired, not replaced by a rotation';
+COMMENT ON COLUMN apikey.owner_status.live_keys IS 'Keys counted against max_keys: not revoked, not expired (a key replaced by a rotation counts until its grace ends)';
 COMMENT ON COLUMN apikey.owner_status.remaining IS 'Credits left to the owner (its quota if a refill is due); NULL without a quota';
 COMMENT ON COLUMN apikey.owner_status.refilled_at IS 'When the owner''s credits were last reset; NULL without a quota';
 COMMENT ON COLUMN apikey.owner_status.last_used_at IS 'Latest last_used_at of the owner''s keys, as persisted';
@@ -4984,7 +4982,10 @@ REVOKE ALL ON FUNCTION apikey._import_check(apikey.legacy_formats, jsonb) FROM P
 
 -- Write the checked rows of one call in a few statements (a statement per
 -- row would cost a relcache invalidation each).  A row whose hash or lookup
--- id is taken, by a key or by an earlier row, gets 23505 instead.
+-- id is taken, by a key or by an earlier row, gets 23505 instead; a row
+-- that would take its owner past max_keys (live keys and earlier live
+-- rows; the owner's row locked first, in owner order, as issue() does)
+-- gets 53400.
 CREATE FUNCTION apikey._import_write(f apikey.legacy_formats, checked jsonb[], ords integer[])
 RETURNS TABLE (ordinal integer, key_id bigint, error text)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -4992,7 +4993,11 @@ AS $$
 DECLARE
 	-- ids are drawn first, so each row knows its key without a join
 	v_seq regclass := pg_catalog.pg_get_serial_sequence('apikey.keys', 'id')::regclass;
+	v_owners text[] := ARRAY(SELECT DISTINCT e OPERATOR(pg_catalog.->>) 'owner' FROM pg_catalog.unnest(checked) e);
 BEGIN
+	PERFORM FROM apikey.owners o
+	 WHERE o.owner OPERATOR(pg_catalog.=) ANY (v_owners) AND o.max_keys IS NOT NULL
+	 ORDER BY o.owner FOR NO KEY UPDATE OF o;
 	RETURN QUERY
 	WITH src AS (
 		SELECT u.ord, u.e, pg_catalog.decode(u.e OPERATOR(pg_catalog.->>) 'hash', 'hex') AS hash,
@@ -5010,9 +5015,31 @@ BEGIN
 					THEN CASE WHEN f.lookup_regex IS NULL THEN '23505: a key with this hash already exists'
 							  ELSE '23505: the lookup id is already used by a key of format "'
 								   OPERATOR(pg_catalog.||) f.name OPERATOR(pg_catalog.||) '"' END
-			   END AS error
+			   END AS error,
+			   s.e OPERATOR(pg_catalog.->>) 'owner' AS owner,
+			   COALESCE((s.e OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz OPERATOR(pg_catalog.>) pg_catalog.now(),
+						true) AS live
 		  FROM src s),
-	m AS (SELECT j.*, pg_catalog.nextval(v_seq) AS id FROM judged j WHERE j.error IS NULL ORDER BY j.ord),
+	capped AS (
+		SELECT o.owner, o.max_keys,
+			   (SELECT pg_catalog.count(*) FROM apikey.keys k
+				 WHERE k.owner OPERATOR(pg_catalog.=) o.owner
+				   AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
+				   AND NOT EXISTS (SELECT FROM apikey.revocations r
+									WHERE r.key_id OPERATOR(pg_catalog.=) k.id)) AS held
+		  FROM apikey.owners o
+		 WHERE o.owner OPERATOR(pg_catalog.=) ANY (v_owners) AND o.max_keys IS NOT NULL),
+	admitted AS (
+		SELECT j.ord, j.e, j.hash, j.lookup,
+			   CASE WHEN j.error IS NOT NULL THEN j.error
+					WHEN c.max_keys IS NOT NULL AND j.live
+						 AND c.held OPERATOR(pg_catalog.+) pg_catalog.count(*) FILTER (WHERE j.error IS NULL AND j.live)
+							 OVER (PARTITION BY j.owner ORDER BY j.ord) OPERATOR(pg_catalog.>) c.max_keys
+					THEN '53400: owner "' OPERATOR(pg_catalog.||) j.owner OPERATOR(pg_catalog.||) '" may hold at most '
+						 OPERATOR(pg_catalog.||) c.max_keys OPERATOR(pg_catalog.||) ' live keys'
+			   END AS error
+		  FROM judged j LEFT JOIN capped c ON c.owner OPERATOR(pg_catalog.=) j.owner),
+	m AS (SELECT j.*, pg_catalog.nextval(v_seq) AS id FROM admitted j WHERE j.error IS NULL ORDER BY j.ord),
 	ins AS (
 		INSERT INTO apikey.keys (id, owner, name, prefix, hint, hash, created_at, created_by, expires_at, metadata,
 								 last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
@@ -5037,11 +5064,11 @@ BEGIN
 		   SELECT m.id, f.name, m.lookup, m.e OPERATOR(pg_catalog.->>) 'verifier',
 				  CASE WHEN m.e OPERATOR(pg_catalog.->>) 'verifier' IS NULL THEN pg_catalog.now() END
 			 FROM m)
-	SELECT j.ord, m.id, j.error FROM judged j LEFT JOIN m ON m.ord OPERATOR(pg_catalog.=) j.ord ORDER BY j.ord;
+	SELECT j.ord, m.id, j.error FROM admitted j LEFT JOIN m ON m.ord OPERATOR(pg_catalog.=) j.ord ORDER BY j.ord;
 END
 $$;
 COMMENT ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[])
-	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505';
+	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505, a row past its owner''s max_keys 53400';
 REVOKE ALL ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[]) FROM PUBLIC;
 
 -- The format a call imports in, or a clear error.
@@ -5170,7 +5197,8 @@ BEGIN
 		'created_at', import_key.created_at, 'last_used_at', import_key.last_used_at)))], ARRAY[1]) w;
 	IF v_error IS NOT NULL THEN
 		RAISE EXCEPTION '%', pg_catalog.substr(v_error, 8) USING ERRCODE = pg_catalog.left(v_error, 5),
-			HINT = 'Each key is imported once; a duplicate row is refused.';
+			HINT = CASE WHEN v_error LIKE '53400%' THEN 'Revoke keys the owner no longer uses with apikey.revoke(), or raise its max_keys with apikey.set_owner_limits().'
+					    ELSE 'Each key is imported once; a duplicate row is refused.' END;
 	END IF;
 	PERFORM apikey._audit('import_key', v_id, import_key.owner,
 		pg_catalog.jsonb_build_object('format', f.name, 'imported', 1));
@@ -5344,8 +5372,6 @@ SELECT apikey._audit_dml_attach('key_lineage');
 -- Copied to key_lineage above; key_status reads it from there.
 ALTER TABLE apikey.keys DROP COLUMN rotated_from;
 
--- Like every later upgrade script: last, re-apply the recorded grants.
-SELECT apikey._regrant();
 -------------------------------------------------------------------------------
 -- Failures by network stay bounded (src/netwatch.c): the detector's table
 -- of failures per client network holds at most 4096 networks; a failure
@@ -5373,3 +5399,5 @@ COMMENT ON COLUMN apikey.stats.failure_networks_unwatched
 INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('monitor', 'EXECUTE', 'FUNCTION apikey._failure_networks_unwatched()');
 
+-- Like every later upgrade script: last, re-apply the recorded grants.
+SELECT apikey._regrant();
