@@ -3720,8 +3720,6 @@ SELECT o.owner,
 	   (SELECT pg_catalog.count(*) FROM apikey.keys k WHERE k.owner OPERATOR(pg_catalog.=) o.owner) AS keys,
 	   (SELECT pg_catalog.count(*) FROM apikey.keys k
 		 WHERE k.owner OPERATOR(pg_catalog.=) o.owner
-		   AND NOT EXISTS (SELECT FROM apikey.key_lineage l WHERE l.key_id OPERATOR(pg_catalog.=) k.id
-							  AND l.budget_key_id IS NOT NULL)
 		   AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
 		   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id OPERATOR(pg_catalog.=) k.id)) AS live_keys,
 	   CASE WHEN o.quota_refill IS NOT NULL
@@ -3735,7 +3733,7 @@ SELECT o.owner,
 COMMENT ON VIEW apikey.owner_status IS 'Each owner with limits: its keys, live keys and credits left';
 COMMENT ON COLUMN apikey.owner_status.owner IS 'The owner';
 COMMENT ON COLUMN apikey.owner_status.keys IS 'Keys of the owner, in any state';
-COMMENT ON COLUMN apikey.owner_status.live_keys IS 'Keys counted against max_keys: not revoked, not expired, not replaced by a rotation';
+COMMENT ON COLUMN apikey.owner_status.live_keys IS 'Keys counted against max_keys: not revoked, not expired (a key replaced by a rotation counts until its grace ends)';
 COMMENT ON COLUMN apikey.owner_status.remaining IS 'Credits left to the owner (its quota if a refill is due); NULL without a quota';
 COMMENT ON COLUMN apikey.owner_status.refilled_at IS 'When the owner''s credits were last reset; NULL without a quota';
 COMMENT ON COLUMN apikey.owner_status.last_used_at IS 'Latest last_used_at of the owner''s keys, as persisted';
@@ -5075,7 +5073,10 @@ REVOKE ALL ON FUNCTION apikey._import_check(apikey.legacy_formats, jsonb) FROM P
 
 -- Write the checked rows of one call in a few statements (a statement per
 -- row would cost a relcache invalidation each).  A row whose hash or lookup
--- id is taken, by a key or by an earlier row, gets 23505 instead.
+-- id is taken, by a key or by an earlier row, gets 23505 instead; a row
+-- that would take its owner past max_keys (live keys and earlier live
+-- rows; the owner's row locked first, in owner order, as issue() does)
+-- gets 53400.
 CREATE FUNCTION apikey._import_write(f apikey.legacy_formats, checked jsonb[], ords integer[])
 RETURNS TABLE (ordinal integer, key_id bigint, error text)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -5083,7 +5084,11 @@ AS $$
 DECLARE
 	-- ids are drawn first, so each row knows its key without a join
 	v_seq regclass := pg_catalog.pg_get_serial_sequence('apikey.keys', 'id')::regclass;
+	v_owners text[] := ARRAY(SELECT DISTINCT e OPERATOR(pg_catalog.->>) 'owner' FROM pg_catalog.unnest(checked) e);
 BEGIN
+	PERFORM FROM apikey.owners o
+	 WHERE o.owner OPERATOR(pg_catalog.=) ANY (v_owners) AND o.max_keys IS NOT NULL
+	 ORDER BY o.owner FOR NO KEY UPDATE OF o;
 	RETURN QUERY
 	WITH src AS (
 		SELECT u.ord, u.e, pg_catalog.decode(u.e OPERATOR(pg_catalog.->>) 'hash', 'hex') AS hash,
@@ -5101,9 +5106,31 @@ BEGIN
 					THEN CASE WHEN f.lookup_regex IS NULL THEN '23505: a key with this hash already exists'
 							  ELSE '23505: the lookup id is already used by a key of format "'
 								   OPERATOR(pg_catalog.||) f.name OPERATOR(pg_catalog.||) '"' END
-			   END AS error
+			   END AS error,
+			   s.e OPERATOR(pg_catalog.->>) 'owner' AS owner,
+			   COALESCE((s.e OPERATOR(pg_catalog.->>) 'expires_at')::timestamptz OPERATOR(pg_catalog.>) pg_catalog.now(),
+						true) AS live
 		  FROM src s),
-	m AS (SELECT j.*, pg_catalog.nextval(v_seq) AS id FROM judged j WHERE j.error IS NULL ORDER BY j.ord),
+	capped AS (
+		SELECT o.owner, o.max_keys,
+			   (SELECT pg_catalog.count(*) FROM apikey.keys k
+				 WHERE k.owner OPERATOR(pg_catalog.=) o.owner
+				   AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
+				   AND NOT EXISTS (SELECT FROM apikey.revocations r
+									WHERE r.key_id OPERATOR(pg_catalog.=) k.id)) AS held
+		  FROM apikey.owners o
+		 WHERE o.owner OPERATOR(pg_catalog.=) ANY (v_owners) AND o.max_keys IS NOT NULL),
+	admitted AS (
+		SELECT j.ord, j.e, j.hash, j.lookup,
+			   CASE WHEN j.error IS NOT NULL THEN j.error
+					WHEN c.max_keys IS NOT NULL AND j.live
+						 AND c.held OPERATOR(pg_catalog.+) pg_catalog.count(*) FILTER (WHERE j.error IS NULL AND j.live)
+							 OVER (PARTITION BY j.owner ORDER BY j.ord) OPERATOR(pg_catalog.>) c.max_keys
+					THEN '53400: owner "' OPERATOR(pg_catalog.||) j.owner OPERATOR(pg_catalog.||) '" may hold at most '
+						 OPERATOR(pg_catalog.||) c.max_keys OPERATOR(pg_catalog.||) ' live keys'
+			   END AS error
+		  FROM judged j LEFT JOIN capped c ON c.owner OPERATOR(pg_catalog.=) j.owner),
+	m AS (SELECT j.*, pg_catalog.nextval(v_seq) AS id FROM admitted j WHERE j.error IS NULL ORDER BY j.ord),
 	ins AS (
 		INSERT INTO apikey.keys (id, owner, name, prefix, hint, hash, created_at, created_by, expires_at, metadata,
 								 last_used_at, rate_limit, rate_window, quota, quota_refill, allowed_cidrs)
@@ -5128,11 +5155,11 @@ BEGIN
 		   SELECT m.id, f.name, m.lookup, m.e OPERATOR(pg_catalog.->>) 'verifier',
 				  CASE WHEN m.e OPERATOR(pg_catalog.->>) 'verifier' IS NULL THEN pg_catalog.now() END
 			 FROM m)
-	SELECT j.ord, m.id, j.error FROM judged j LEFT JOIN m ON m.ord OPERATOR(pg_catalog.=) j.ord ORDER BY j.ord;
+	SELECT j.ord, m.id, j.error FROM admitted j LEFT JOIN m ON m.ord OPERATOR(pg_catalog.=) j.ord ORDER BY j.ord;
 END
 $$;
 COMMENT ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[])
-	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505';
+	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505, a row past its owner''s max_keys 53400';
 REVOKE ALL ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[]) FROM PUBLIC;
 
 -- The format a call imports in, or a clear error.
@@ -5261,7 +5288,8 @@ BEGIN
 		'created_at', import_key.created_at, 'last_used_at', import_key.last_used_at)))], ARRAY[1]) w;
 	IF v_error IS NOT NULL THEN
 		RAISE EXCEPTION '%', pg_catalog.substr(v_error, 8) USING ERRCODE = pg_catalog.left(v_error, 5),
-			HINT = 'Each key is imported once; a duplicate row is refused.';
+			HINT = CASE WHEN v_error LIKE '53400%' THEN 'Revoke keys the owner no longer uses with apikey.revoke(), or raise its max_keys with apikey.set_owner_limits().'
+					    ELSE 'Each key is imported once; a duplicate row is refused.' END;
 	END IF;
 	PERFORM apikey._audit('import_key', v_id, import_key.owner,
 		pg_catalog.jsonb_build_object('format', f.name, 'imported', 1));
@@ -5457,6 +5485,33 @@ COMMENT ON COLUMN apikey.legacy_upgrade_pending.new_hash IS 'SHA-256 of the toke
 COMMENT ON COLUMN apikey.legacy_upgrade_pending.recorded_at IS 'When the use was verified';
 SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_upgrade_pending', '');
 REVOKE ALL ON apikey.legacy_upgrade_pending FROM PUBLIC;
+
+-------------------------------------------------------------------------------
+-- Failures by network stay bounded (src/netwatch.c): the detector's table
+-- of failures per client network holds at most 4096 networks; a failure
+-- from a network past that is counted here instead of in shared memory.
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION apikey._failure_networks_unwatched() RETURNS bigint
+AS 'MODULE_PATHNAME', 'apikey_failure_networks_unwatched'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION apikey._failure_networks_unwatched()
+	IS 'Internal: failures from client networks the address_failures rule had no room to count, since the server started (behind apikey.stats.failure_networks_unwatched)';
+REVOKE ALL ON FUNCTION apikey._failure_networks_unwatched() FROM PUBLIC;
+SELECT apikey._grant_like_stats('apikey._failure_networks_unwatched()');
+
+CREATE OR REPLACE VIEW apikey.stats AS
+SELECT s.*, apikey._tokens_redacted() AS tokens_redacted,
+	   apikey._failure_networks_untracked() AS failure_networks_untracked,
+	   apikey._writer_heartbeat() AS writer_heartbeat,
+	   apikey._network_overflow() AS network_overflow,
+	   apikey._failure_networks_unwatched() AS failure_networks_unwatched
+  FROM apikey._stats() s;
+COMMENT ON COLUMN apikey.stats.failure_networks_unwatched
+	IS 'Failures (malformed, unknown, address_blocked) not counted for the address_failures rule since the server started: 4096 networks had failures in the last hour';
+
+INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
+	('monitor', 'EXECUTE', 'FUNCTION apikey._failure_networks_unwatched()');
 
 -- Like every later upgrade script: last, re-apply the recorded grants.
 SELECT apikey._regrant();

@@ -716,6 +716,22 @@ apikey_network_overflow(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._failure_networks_unwatched(): failures the detector's
+ * failures-by-network table had no room to count, since the server started
+ * (a column of apikey.stats); NULL without shared memory.
+ */
+PG_FUNCTION_INFO_V1(apikey_failure_networks_unwatched);
+Datum
+apikey_failure_networks_unwatched(PG_FUNCTION_ARGS)
+{
+	ApikeyStats st;
+
+	if (!apikey_stats_read(&st))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64((int64) st.failure_unwatched);
+}
+
+/*
  * apikey._network_of(addr): the network key_networks records addr under
  * (apikey.network_prefix_v4 / _v6; IPv4-mapped IPv6 in IPv4 form).
  */

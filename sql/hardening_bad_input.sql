@@ -492,7 +492,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('_import_write', 'no rows', $$SELECT count(*) FROM apikey._import_write(apikey._legacy_format('sha256'), '{}', '{}')$$),
 ('_legacy_format', 'NULL', $$SELECT apikey._legacy_format(NULL)$$),
 ('_legacy_formats_changed', 'called directly', $$SELECT apikey._legacy_formats_changed()::text$$),
-('_legacy_formats_check', 'called directly', $$SELECT apikey._legacy_formats_check()::text$$);
+('_legacy_formats_check', 'called directly', $$SELECT apikey._legacy_formats_check()::text$$),
+('_failure_networks_unwatched', 'no arguments', $$SELECT apikey._failure_networks_unwatched() >= 0$$);
 
 -- Run every case in order, each after the previous one.
 DO $$

@@ -180,3 +180,23 @@ RESET ROLE;
 SELECT apikey.revoke_admin('regress_legacy_admin');
 DROP ROLE regress_legacy_user;
 DROP ROLE regress_legacy_admin;
+
+-------------------------------------------------------------------------------
+-- Imports count against the owner's max_keys, like issue().
+-------------------------------------------------------------------------------
+SELECT apikey.set_owner_limits('carol', max_keys => 2);
+SELECT count(*) AS issued FROM apikey.issue('carol');
+-- one row fits; the rows past the limit get 53400, an expired key fits
+SELECT ordinal, key_id IS NOT NULL AS imported, error
+  FROM apikey.import_keys('sha256', '[{"owner": "carol", "plaintext": "x_carolaaaaaaaaaaaaaaaaaa"},
+                                      {"owner": "carol", "plaintext": "x_carolbbbbbbbbbbbbbbbbbb"},
+                                      {"owner": "carol", "plaintext": "x_carolcccccccccccccccccc",
+                                       "expires_at": "2000-01-01T00:00:00Z"},
+                                      {"owner": "dan", "plaintext": "x_danaaaaaaaaaaaaaaaaaaaa"},
+                                      {"owner": "carol", "plaintext": "x_caroldddddddddddddddddd"}]');
+-- import_key() raises
+SELECT apikey.import_key('sha256', 'carol', plaintext => 'x_careeeeeeeeeeeeeeeeeeeee');
+SELECT count(*) AS carol_keys FROM apikey.keys WHERE owner = 'carol';
+-- room again after a revocation
+SELECT apikey.revoke(min(id)) FROM apikey.keys WHERE owner = 'carol';
+SELECT apikey.import_key('sha256', 'carol', plaintext => 'x_careeeeeeeeeeeeeeeeeeeee') IS NOT NULL AS imported;

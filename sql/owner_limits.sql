@@ -120,7 +120,8 @@ SELECT apikey.set_owner_limits('eps');
 SELECT (apikey.check(:'e2', NULL, '11.0.0.1')).code AS after_lift;
 
 -------------------------------------------------------------------------------
--- max_keys: live keys only (not revoked, expired or replaced by a rotation).
+-- max_keys: live keys only (not revoked or expired; a key replaced by a
+-- rotation is live until its grace ends).
 -------------------------------------------------------------------------------
 SELECT apikey.set_owner_limits('zeta', max_keys => 2);
 SELECT key_id AS z1 FROM apikey.issue('zeta') \gset
@@ -136,8 +137,8 @@ SELECT key_id AS z3 FROM apikey.issue('zeta', expires_at => now() + interval '1 
 UPDATE apikey.keys SET expires_at = now() - interval '1 second' WHERE id = :z3;
 SELECT count(*) AS issued FROM apikey.issue('zeta');
 SELECT owner, keys, live_keys FROM apikey.owner_status WHERE owner = 'zeta';
--- rotating replaces a key: allowed at the limit, and the old key in grace
--- does not count
+-- rotating replaces a key: allowed at the limit (the key replaced does not
+-- count)
 SELECT count(*) AS rotated FROM apikey.rotate(:z2, '1 hour');
 SELECT owner, keys, live_keys FROM apikey.owner_status WHERE owner = 'zeta';
 -- below the number it holds, a replacement is refused too
@@ -147,6 +148,19 @@ SELECT apikey.set_owner_limits('zeta', max_keys => 0);
 SELECT owner_try($$SELECT apikey.issue('zeta')$$) AS none_allowed;
 -- an owner with a row but no max_keys, and one without a row, issue freely
 SELECT count(*) AS issued FROM apikey.issue_many('{acme,acme,acme,nobody}');
+-- a key in its grace period is live: chained rotations with a long grace
+-- cannot hold more valid keys than max_keys (one rotation at the limit can)
+SELECT apikey.set_owner_limits('dave', max_keys => 1);
+SELECT key_id AS d1 FROM apikey.issue('dave') \gset
+SELECT key_id AS d2 FROM apikey.rotate(:d1, '100 years') \gset
+SELECT owner_try(format('SELECT apikey.rotate(%s, %L)', :d2, '100 years')) AS chained_rotation;
+SELECT owner_try(format('SELECT apikey.rotate(%s, %L)', :d1, '100 years')) AS rotate_old_again;
+SELECT count(*) AS valid_keys FROM apikey.keys k
+ WHERE owner = 'dave' AND (expires_at IS NULL OR expires_at > now())
+   AND NOT EXISTS (SELECT FROM apikey.revocations r WHERE r.key_id = k.id);
+-- once the old key's grace is over, rotating is possible again
+UPDATE apikey.keys SET expires_at = now() - interval '1 second' WHERE id = :d1;
+SELECT count(*) AS rotated FROM apikey.rotate(:d2, '100 years');
 
 -------------------------------------------------------------------------------
 -- Rotation draws on the same owner pool: it cannot reset an allowance.

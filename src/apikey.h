@@ -230,6 +230,7 @@ typedef struct ApikeyStats
 	uint64		tokens_redacted;	/* spans the log redactor hid */
 	uint64		network_overflow;	/* successes key_networks had no room
 									 * for */
+	uint64		failure_unwatched;	/* failures netwatch.c had no room for */
 } ApikeyStats;
 
 extern Size apikey_stats_shmem_size(void);
@@ -240,6 +241,7 @@ extern void apikey_stats_failure_untracked(void);
 extern void apikey_stats_flushed(uint64 calls, bool ok);
 extern void apikey_stats_redacted(uint64 spans);
 extern void apikey_stats_network_overflow(uint64 calls);
+extern void apikey_stats_failure_unwatched(void);
 extern bool apikey_stats_read(ApikeyStats *out);
 
 /* flushers.c */

@@ -15,9 +15,12 @@
  * socket has none and is not counted).  Counting is not undone by a
  * rollback and works in read-only transactions.
  *
- * A full table first forgets networks idle for the whole hour; if none,
- * the failure is not counted (apikey.stats does not show it: the rule is a
- * notification, not a limit; the failure limiter is the limit).
+ * A full table (NETWATCH_MAX_NETWORKS entries, checked by count: a shared
+ * dynahash allocates past its size until all free shared memory is gone)
+ * first forgets networks idle for the whole hour; if none, the failure is
+ * not counted but counted as unwatched in apikey.stats
+ * (failure_networks_unwatched).  Whoever presents garbage from many
+ * networks thus costs at most the table, never the server's shared memory.
  *
  * Locking: netwatch_lock protects the table (exclusive to count, shared to
  * read).  Without shared_preload_libraries nothing is counted and the rule
@@ -125,13 +128,16 @@ apikey_netwatch_count(ApikeyCode code, inet *addr, TimestampTz now)
 	memcpy(net.prefix, ip_addr(addr), net.family == PGSQL_AF_INET ? 4 : 8);
 
 	LWLockAcquire(netwatch_lock, LW_EXCLUSIVE);
-	e = hash_search(netwatch_htab, &net, HASH_ENTER_NULL, &found);
-	if (e == NULL)
-	{
+	e = hash_search(netwatch_htab, &net, HASH_FIND, &found);
+	if (e == NULL &&
+		hash_get_num_entries(netwatch_htab) >= NETWATCH_MAX_NETWORKS)
 		evict_idle(minute);
+	if (e == NULL &&
+		hash_get_num_entries(netwatch_htab) < NETWATCH_MAX_NETWORKS)
 		e = hash_search(netwatch_htab, &net, HASH_ENTER_NULL, &found);
-	}
-	if (e != NULL)
+	if (e == NULL)
+		apikey_stats_failure_unwatched();
+	else
 	{
 		if (!found)
 		{

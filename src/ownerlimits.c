@@ -42,9 +42,10 @@
  * with a snapshot taken after the lock (GetLatestSnapshot, as the foreign
  * key checks do), whatever the isolation level: a concurrent issue for the
  * same owner waits for the lock, then counts the key the first one
- * committed.  Live: not revoked, not expired, not replaced by a rotation
- * (key_lineage.budget_key_id set).  A rotation or reissue does not count the key it
- * replaces.
+ * committed.  Live: not revoked, not expired; a key replaced by a rotation
+ * is live until its grace ends (else chained rotations with a long grace
+ * would hold any number of valid keys).  A rotation or reissue does not
+ * count the key it replaces.  Imports (_import_write) count the same way.
  *
  *-------------------------------------------------------------------------
  */
@@ -331,9 +332,6 @@ apikey_owner_admit(Datum *owners, int n, int64 replacing)
 		rc = SPI_execute_snapshot(apikey_prepare_kept(&count_plan,
 				"SELECT (SELECT pg_catalog.count(*) FROM apikey.keys k "
 				"         WHERE k.owner OPERATOR(pg_catalog.=) $2 AND k.id OPERATOR(pg_catalog.<>) $3 "
-				"           AND NOT EXISTS (SELECT FROM apikey.key_lineage l "
-				"                            WHERE l.key_id OPERATOR(pg_catalog.=) k.id "
-				"                              AND l.budget_key_id IS NOT NULL) "
 				"           AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()) "
 				"           AND NOT EXISTS (SELECT FROM apikey.revocations r "
 				"                            WHERE r.key_id OPERATOR(pg_catalog.=) k.id)), "

@@ -3,8 +3,9 @@
  * stats.c
  *	  The live counters behind apikey.stats: verifications per verdict code,
  *	  usage counts dropped, the usage writers' flushes, tokens the log
- *	  redactor hid, networks the failure limiter could not track, and
- *	  successes key_networks had no room for.  Every counter is for the
+ *	  redactor hid, networks the failure limiter could not track,
+ *	  successes key_networks had no room for, and failures the detector's
+ *	  failures-by-network table (netwatch.c) had no room for.  Every counter is for the
  *	  whole server; only the heartbeat, which flushers.c keeps, is this
  *	  database's own writer's.
  *
@@ -17,8 +18,8 @@
  * practice) counts in the shared row instead.
  *
  * Locking: none.  Every counter is an atomic that only grows; the rarely
- * written ones (drops, flushes, redactions, untracked failures, network
- * overflow) are shared
+ * written ones (drops, flushes, redactions, untracked and unwatched
+ * failures, network overflow) are shared
  * by all backends.
  *
  * Without shared memory (no preload) there are no counters, and
@@ -55,6 +56,8 @@ typedef struct StatsShared
 	pg_atomic_uint64 last_flush;	/* TimestampTz of last success, 0 = never */
 	pg_atomic_uint64 tokens_redacted;	/* spans hidden from log lines */
 	pg_atomic_uint64 network_overflow;	/* successes key_networks missed */
+	pg_atomic_uint64 failure_unwatched; /* failures netwatch had no room
+										 * for */
 	int			nbackends;		/* rows in backends[] after the shared one */
 	BackendCounts backends[FLEXIBLE_ARRAY_MEMBER];	/* [0] is shared */
 } StatsShared;
@@ -87,6 +90,7 @@ apikey_stats_shmem_startup(void)
 	pg_atomic_init_u64(&stats->last_flush, 0);
 	pg_atomic_init_u64(&stats->tokens_redacted, 0);
 	pg_atomic_init_u64(&stats->network_overflow, 0);
+	pg_atomic_init_u64(&stats->failure_unwatched, 0);
 	stats->nbackends = MaxBackends;
 	for (i = 0; i <= MaxBackends; i++)
 	{
@@ -154,6 +158,14 @@ apikey_stats_network_overflow(uint64 calls)
 		pg_atomic_fetch_add_u64(&stats->network_overflow, calls);
 }
 
+/* Count a failure netwatch.c had no room to count against its network. */
+void
+apikey_stats_failure_unwatched(void)
+{
+	if (stats != NULL)
+		pg_atomic_fetch_add_u64(&stats->failure_unwatched, 1);
+}
+
 /* Record the outcome of one flush by the usage writer. */
 void
 apikey_stats_flushed(uint64 calls, bool ok)
@@ -192,5 +204,6 @@ apikey_stats_read(ApikeyStats *out)
 	out->heartbeat = apikey_flushers_heartbeat(MyDatabaseId);
 	out->tokens_redacted = pg_atomic_read_u64(&stats->tokens_redacted);
 	out->network_overflow = pg_atomic_read_u64(&stats->network_overflow);
+	out->failure_unwatched = pg_atomic_read_u64(&stats->failure_unwatched);
 	return true;
 }
