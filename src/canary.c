@@ -35,6 +35,9 @@
  * canaries are used between two passes.  Then the new canary's use goes
  * to the log and the slots already taken are kept: evicting one would let
  * whoever holds enough canaries erase the record of a chosen earlier one.
+ * Before that, once three quarters of the slots hold a database's uses,
+ * the worker's pass is brought forward (apikey_canary_pressing(),
+ * detector.c) to empty them.
  *
  * A variant's uses are marked reported only when the pass that read them
  * commits (a transaction callback), so a pass that fails or rolls back
@@ -93,6 +96,7 @@
 
 /* Distinct canaries used and not yet reported; variants kept per canary */
 #define CANARY_SLOTS		128
+#define CANARY_PRESSING		(CANARY_SLOTS * 3 / 4)	/* brings the pass forward */
 #define CANARY_VARIANTS		8
 #define CANARY_FOLDED		(CANARY_VARIANTS - 1)	/* counts all the others */
 #define CANARY_SCOPE_MAX	200
@@ -451,6 +455,27 @@ record_use(int64 id, text *scope, inet *addr, TimestampTz now)
 	LWLockRelease(canary_lock);
 	if (i < 0)
 		log_use(id, addr, "not recorded: too many canaries used since the detector's last pass");
+}
+
+/*
+ * Do this database's unreported uses fill three quarters of the table?
+ * The worker then runs its detection pass early (detector.c), so the
+ * table empties before a new canary finds no room.
+ */
+bool
+apikey_canary_pressing(void)
+{
+	int			n = 0;
+
+	if (canary_shared == NULL)
+		return false;
+	LWLockAcquire(canary_lock, LW_SHARED);
+	for (int i = 0; i < CANARY_SLOTS; i++)
+		if (canary_shared->slots[i].in_use &&
+			canary_shared->slots[i].dboid == MyDatabaseId)
+			n++;
+	LWLockRelease(canary_lock);
+	return n >= CANARY_PRESSING;
 }
 
 /*
