@@ -4379,12 +4379,13 @@ REVOKE ALL ON FUNCTION apikey.issue_canary(text, text, text) FROM PUBLIC;
 
 CREATE FUNCTION apikey._canary_uses(OUT canary_id bigint, OUT client_addr inet, OUT scope text,
 									OUT scope_withheld boolean, OUT calls bigint,
-									OUT first_at timestamptz, OUT last_at timestamptz)
+									OUT first_at timestamptz, OUT last_at timestamptz,
+									OUT folded boolean)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'apikey_canary_uses_srf'
 LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION apikey._canary_uses()
-	IS 'Internal: canary uses recorded in shared memory and not yet filed; they count as filed when the calling transaction commits (rule canary_use)';
+	IS 'Internal: canary uses recorded in shared memory and not yet filed, one row per canary, client address and scope (folded: uses of addresses and scopes beyond the first seven of the canary, shown with the latest of them); they count as filed when the calling transaction commits (rule canary_use)';
 REVOKE ALL ON FUNCTION apikey._canary_uses() FROM PUBLIC;
 
 -- The rules over failures, allowlists, dormancy, leaks and canaries.
@@ -4565,7 +4566,8 @@ BEGIN
 					   FILTER (WHERE u.client_addr IS NOT NULL) AS addresses,
 				   pg_catalog.array_agg(DISTINCT u.scope) FILTER (WHERE u.scope IS NOT NULL) AS scopes,
 				   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.scope IS NULL AND NOT u.scope_withheld), 0) AS no_scope,
-				   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.scope_withheld), 0) AS withheld
+				   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.scope_withheld), 0) AS withheld,
+				   COALESCE(pg_catalog.sum(u.calls) FILTER (WHERE u.folded), 0) AS folded
 			  FROM apikey._canary_uses() u
 			 GROUP BY 1, 2)
 		SELECT g.canary_id, c.owner, g.network,
@@ -4582,6 +4584,8 @@ BEGIN
 									   OPERATOR(pg_catalog.+) g.no_scope,
 				'calls_scope_withheld', COALESCE((f.evidence OPERATOR(pg_catalog.->>) 'calls_scope_withheld')::pg_catalog.int8, 0)
 										OPERATOR(pg_catalog.+) g.withheld,
+				'calls_other_variants', COALESCE((f.evidence OPERATOR(pg_catalog.->>) 'calls_other_variants')::pg_catalog.int8, 0)
+										OPERATOR(pg_catalog.+) g.folded,
 				'first_at', LEAST((f.evidence OPERATOR(pg_catalog.->>) 'first_at')::pg_catalog.timestamptz, g.first_at),
 				'last_at', g.last_at),
 			   pg_catalog.clock_timestamp()

@@ -127,3 +127,21 @@ SELECT setval('apikey.keys_id_seq', :canary_id - 1) IS NOT NULL AS same_ids_agai
 SELECT key_id = :canary_id AS same_id_as_the_dropped_canary FROM apikey.issue_canary('globex', 'new');
 SELECT apikey.run_detection() AS opened;
 SELECT count(*) AS findings FROM apikey.findings;
+
+-- One canary's holder cannot crowd out another canary: 128 uses of one
+-- canary, each asking for another scope (a PUBLIC role can), then one use
+-- of a second canary.  Both are filed; the first keeps its first uses one
+-- by one and counts the rest.
+SELECT token AS x FROM apikey.issue_canary('honeypot', 'public-repo') \gset
+SELECT token AS y FROM apikey.issue_canary('internal', 'vault-only') \gset
+CREATE ROLE regress_canary_eve;
+SET ROLE regress_canary_eve;
+SELECT count(*) FROM (SELECT apikey.verify(:'x', 's' || i) FROM generate_series(1, 128) i) s;
+SELECT (apikey.check(:'y')).code;
+RESET ROLE;
+SELECT apikey.run_detection() > 0 AS opened;
+SELECT c.name, f.network, f.evidence->'calls' AS calls,
+       jsonb_array_length(COALESCE(NULLIF(f.evidence->'scopes', 'null'), '[]')) AS scopes_named,
+       f.evidence->'calls_other_variants' AS calls_other_variants
+  FROM apikey.findings f JOIN apikey.canaries c ON c.id = f.key_id ORDER BY c.name;
+DROP ROLE regress_canary_eve;

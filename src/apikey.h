@@ -344,6 +344,7 @@ extern void apikey_canary_shmem_startup(struct LWLock *lock);
 extern void apikey_canary_check(const uint8 *hash, text *scope, inet *addr,
 								TimestampTz now);
 extern void apikey_canary_uses(Tuplestorestate *out, TupleDesc desc);
+extern bool apikey_canary_pressing(void);
 
 /* netwatch.c */
 extern Size apikey_netwatch_shmem_size(void);

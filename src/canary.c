@@ -24,15 +24,29 @@
  *
  * Where a use is recorded.  Not in the caller's transaction (it may be
  * read-only, on a standby, or rolled back): in a small table in shared
- * memory, one slot per (database, canary, client address, scope asked
- * for), with its count, which apikey._canary_uses() hands to the
- * detector's pass.  A slot's uses are marked reported only when the pass
- * that read them commits (a transaction callback), so a pass that fails
- * or rolls back leaves them for the next one; a slot is freed once all
- * its uses are reported.  When the table is full, on a standby (whose
- * worker does not run the detector), and without shared_preload_libraries,
- * a use is written to the server log instead (LOG_SERVER_ONLY: never sent
- * to the client, whatever its client_min_messages).
+ * memory, one slot per (database, canary), which apikey._canary_uses()
+ * hands to the detector's pass.  A slot holds a bounded set of variants,
+ * one per (client address, scope asked for) with its count: the first
+ * CANARY_VARIANTS - 1 distinct ones each get their own; every later one
+ * is counted in the slot's last variant, which keeps the latest such
+ * address and scope (reported as folded).  So whoever holds one canary
+ * can vary the address and scope as they like and fill only that
+ * canary's slot: the table overflows only when CANARY_SLOTS distinct
+ * canaries are used between two passes.  Then the new canary's use goes
+ * to the log and the slots already taken are kept: evicting one would let
+ * whoever holds enough canaries erase the record of a chosen earlier one.
+ * Before that, once three quarters of the slots hold a database's uses,
+ * the worker's pass is brought forward (apikey_canary_pressing(),
+ * detector.c) to empty them.
+ *
+ * A variant's uses are marked reported only when the pass that read them
+ * commits (a transaction callback), so a pass that fails or rolls back
+ * leaves them for the next one; a variant is freed once all its uses are
+ * reported, and a slot once all its variants are.  When the table is
+ * full, on a standby (whose worker does not run the detector), and
+ * without shared_preload_libraries, a use is written to the server log
+ * instead (LOG_SERVER_ONLY: never sent to the client, whatever its
+ * client_min_messages).
  *
  * The scope asked for is kept only if it looks like a scope name (at most
  * 200 characters of letters, digits, _ . - : *) and holds nothing shaped
@@ -45,7 +59,8 @@
  * frees such slots.
  *
  * Locking: canary_lock protects the whole table (exclusive to record, to
- * read for a pass, and to mark uses reported).
+ * read for a pass, and to mark uses reported).  Recording a use scans the
+ * slots and one slot's variants, a bounded cost the same for every use.
  *
  *-------------------------------------------------------------------------
  */
@@ -79,19 +94,18 @@
 #include "apikey.h"
 #include "token.h"
 
-/* Distinct (canary, address, scope) uses held until a pass reports them */
+/* Distinct canaries used and not yet reported; variants kept per canary */
 #define CANARY_SLOTS		128
+#define CANARY_PRESSING		(CANARY_SLOTS * 3 / 4)	/* brings the pass forward */
+#define CANARY_VARIANTS		8
+#define CANARY_FOLDED		(CANARY_VARIANTS - 1)	/* counts all the others */
 #define CANARY_SCOPE_MAX	200
 
-typedef struct CanaryUse
+/* The uses of one canary from one client address asking for one scope */
+typedef struct CanaryVariant
 {
 	bool		in_use;
-	uint32		gen;			/* bumped when the slot is freed */
-	Oid			dboid;
-	Oid			relid;			/* apikey.canaries then: ids restart with
-								 * the extension, so a use recorded for a
-								 * dropped one must not name a new canary */
-	int64		canary_id;
+	uint32		gen;			/* bumped when the variant is freed */
 	bool		has_addr;
 	inet_struct addr;
 	bool		has_scope;		/* a scope was asked for */
@@ -101,19 +115,32 @@ typedef struct CanaryUse
 	int64		reported;		/* calls a committed pass has filed */
 	TimestampTz first_at;
 	TimestampTz last_at;
-} CanaryUse;
+} CanaryVariant;
+
+/* The uses of one canary in one database */
+typedef struct CanarySlot
+{
+	bool		in_use;			/* some variant is */
+	Oid			dboid;
+	Oid			relid;			/* apikey.canaries then: ids restart with
+								 * the extension, so a use recorded for a
+								 * dropped one must not name a new canary */
+	int64		canary_id;
+	CanaryVariant v[CANARY_VARIANTS];
+} CanarySlot;
 
 typedef struct CanaryShared
 {
 	uint64		unrecorded;		/* uses that found no free slot */
-	CanaryUse	slots[CANARY_SLOTS];
+	CanarySlot	slots[CANARY_SLOTS];
 } CanaryShared;
 
 /* Uses read by this transaction's pass, marked reported at its commit */
 typedef struct CanaryRead
 {
 	int			slot;
-	uint32		gen;
+	int			variant;
+	uint32		gen;			/* the variant's */
 	int64		calls;
 	SubTransactionId subid;
 } CanaryRead;
@@ -295,6 +322,101 @@ addr_struct(inet *addr, inet_struct *out)
 		memcpy(out, VARDATA_ANY(addr), Min(sizeof(inet_struct), VARSIZE_ANY_EXHDR(addr)));
 }
 
+/* Free variant j of slot, and the slot with its last variant. */
+static void
+free_variant(CanarySlot *slot, int j)
+{
+	slot->v[j].in_use = false;
+	slot->v[j].gen++;
+	for (int k = 0; k < CANARY_VARIANTS; k++)
+		if (slot->v[k].in_use)
+			return;
+	slot->in_use = false;
+}
+
+/*
+ * The slot of canary id in this database: the one in use, else a free one
+ * claimed; -1 when the table is full.  Caller holds canary_lock.
+ */
+static int
+find_slot(int64 id)
+{
+	int			free_slot = -1;
+
+	for (int i = 0; i < CANARY_SLOTS; i++)
+	{
+		CanarySlot *slot = &canary_shared->slots[i];
+
+		if (!slot->in_use)
+		{
+			if (free_slot < 0)
+				free_slot = i;
+			continue;
+		}
+		if (slot->dboid == MyDatabaseId && slot->relid == canaries_relid &&
+			slot->canary_id == id)
+			return i;
+	}
+	if (free_slot >= 0)
+	{
+		CanarySlot *slot = &canary_shared->slots[free_slot];
+
+		slot->in_use = true;
+		slot->dboid = MyDatabaseId;
+		slot->relid = canaries_relid;
+		slot->canary_id = id;
+	}
+	return free_slot;
+}
+
+/*
+ * The variant of slot for this address and scope: the one in use, else a
+ * free one, else the folded one (which then shows this address and scope,
+ * the latest of those it counts).  Caller holds canary_lock.
+ */
+static CanaryVariant *
+find_variant(CanarySlot *slot, const inet_struct *a, bool has_addr,
+			 bool has_scope, bool presentable, const char *s, size_t slen,
+			 TimestampTz now)
+{
+	CanaryVariant *v = NULL;
+
+	for (int j = 0; j < CANARY_VARIANTS; j++)
+	{
+		CanaryVariant *c = &slot->v[j];
+
+		if (!c->in_use)
+		{
+			if (v == NULL && j < CANARY_FOLDED)
+				v = c;
+			continue;
+		}
+		if (c->has_addr == has_addr &&
+			memcmp(&c->addr, a, sizeof(inet_struct)) == 0 &&
+			c->has_scope == has_scope &&
+			c->scope_withheld == (has_scope && !presentable) &&
+			(!presentable || (strlen(c->scope) == slen && memcmp(c->scope, s, slen) == 0)))
+			return c;
+	}
+	if (v == NULL)
+		v = &slot->v[CANARY_FOLDED];
+	if (!v->in_use)
+	{
+		v->in_use = true;
+		v->calls = 0;
+		v->reported = 0;
+		v->first_at = now;
+	}
+	v->has_addr = has_addr;
+	v->addr = *a;
+	v->has_scope = has_scope;
+	v->scope_withheld = (has_scope && !presentable);
+	memset(v->scope, 0, sizeof(v->scope));
+	if (presentable)
+		memcpy(v->scope, s, slen);
+	return v;
+}
+
 /* Record one use in shared memory (or the log); never raises for room. */
 static void
 record_use(int64 id, text *scope, inet *addr, TimestampTz now)
@@ -303,7 +425,6 @@ record_use(int64 id, text *scope, inet *addr, TimestampTz now)
 	size_t		slen = scope ? VARSIZE_ANY_EXHDR(scope) : 0;
 	bool		presentable = scope != NULL && scope_presentable(s, slen);
 	inet_struct a;
-	int			free_slot = -1;
 	int			i;
 
 	addr_struct(addr, &a);
@@ -319,55 +440,42 @@ record_use(int64 id, text *scope, inet *addr, TimestampTz now)
 		return;
 	}
 	LWLockAcquire(canary_lock, LW_EXCLUSIVE);
-	for (i = 0; i < CANARY_SLOTS; i++)
+	i = find_slot(id);
+	if (i >= 0)
 	{
-		CanaryUse  *u = &canary_shared->slots[i];
+		CanaryVariant *v = find_variant(&canary_shared->slots[i], &a,
+										addr != NULL, scope != NULL,
+										presentable, s, slen, now);
 
-		if (!u->in_use)
-		{
-			if (free_slot < 0)
-				free_slot = i;
-			continue;
-		}
-		if (u->dboid == MyDatabaseId && u->relid == canaries_relid &&
-			u->canary_id == id &&
-			u->has_addr == (addr != NULL) &&
-			memcmp(&u->addr, &a, sizeof(inet_struct)) == 0 &&
-			u->has_scope == (scope != NULL) &&
-			u->scope_withheld == (scope != NULL && !presentable) &&
-			(!presentable || (strlen(u->scope) == slen && memcmp(u->scope, s, slen) == 0)))
-			break;
-	}
-	if (i == CANARY_SLOTS && free_slot >= 0)
-	{
-		CanaryUse  *u = &canary_shared->slots[free_slot];
-
-		i = free_slot;
-		u->in_use = true;
-		u->dboid = MyDatabaseId;
-		u->relid = canaries_relid;
-		u->canary_id = id;
-		u->has_addr = (addr != NULL);
-		u->addr = a;
-		u->has_scope = (scope != NULL);
-		u->scope_withheld = (scope != NULL && !presentable);
-		memset(u->scope, 0, sizeof(u->scope));
-		if (presentable)
-			memcpy(u->scope, s, slen);
-		u->calls = 0;
-		u->reported = 0;
-		u->first_at = now;
-	}
-	if (i < CANARY_SLOTS)
-	{
-		canary_shared->slots[i].calls++;
-		canary_shared->slots[i].last_at = now;
+		v->calls++;
+		v->last_at = now;
 	}
 	else
 		canary_shared->unrecorded++;
 	LWLockRelease(canary_lock);
-	if (i == CANARY_SLOTS)
-		log_use(id, addr, "not recorded: too many canary uses waiting for the detector");
+	if (i < 0)
+		log_use(id, addr, "not recorded: too many canaries used since the detector's last pass");
+}
+
+/*
+ * Do this database's unreported uses fill three quarters of the table?
+ * The worker then runs its detection pass early (detector.c), so the
+ * table empties before a new canary finds no room.
+ */
+bool
+apikey_canary_pressing(void)
+{
+	int			n = 0;
+
+	if (canary_shared == NULL)
+		return false;
+	LWLockAcquire(canary_lock, LW_SHARED);
+	for (int i = 0; i < CANARY_SLOTS; i++)
+		if (canary_shared->slots[i].in_use &&
+			canary_shared->slots[i].dboid == MyDatabaseId)
+			n++;
+	LWLockRelease(canary_lock);
+	return n >= CANARY_PRESSING;
 }
 
 /*
@@ -395,16 +503,14 @@ canary_xact_callback(XactEvent event, void *arg)
 		foreach(lc, reads)
 		{
 			CanaryRead *r = lfirst(lc);
-			CanaryUse  *u = &canary_shared->slots[r->slot];
+			CanarySlot *slot = &canary_shared->slots[r->slot];
+			CanaryVariant *v = &slot->v[r->variant];
 
-			if (!u->in_use || u->gen != r->gen)
+			if (!v->in_use || v->gen != r->gen)
 				continue;
-			u->reported = Max(u->reported, r->calls);
-			if (u->reported >= u->calls)
-			{
-				u->in_use = false;
-				u->gen++;
-			}
+			v->reported = Max(v->reported, r->calls);
+			if (v->reported >= v->calls)
+				free_variant(slot, r->variant);
 		}
 		LWLockRelease(canary_lock);
 	}
@@ -434,16 +540,23 @@ canary_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 }
 
 /*
- * Every use in this database not yet reported, one row per slot: canary
- * id, client address, scope (NULL when none was asked for or it was
- * withheld), scope_withheld, calls not yet reported, first and last use.
+ * Every use in this database not yet reported, one row per variant:
+ * canary id, client address, scope (NULL when none was asked for or it was
+ * withheld), scope_withheld, calls not yet reported, first and last use,
+ * folded (the calls are of addresses and scopes beyond those kept one by
+ * one; address and scope are the latest of them).
  * They count as reported when this transaction commits (a second pass in
  * the same transaction sees only uses made since the first).
  */
 void
 apikey_canary_uses(Tuplestorestate *out, TupleDesc desc)
 {
-	CanaryUse  *copy;
+	struct
+	{
+		int64		canary_id;
+		bool		folded;
+		CanaryVariant v;
+	}		   *copy;
 	int			n = 0;
 	MemoryContext oldcxt;
 
@@ -457,54 +570,65 @@ apikey_canary_uses(Tuplestorestate *out, TupleDesc desc)
 	}
 	if (!resolve_canaries())
 		return;
-	copy = palloc(sizeof(CanaryUse) * CANARY_SLOTS);
+	copy = palloc(sizeof(*copy) * CANARY_SLOTS * CANARY_VARIANTS);
 	LWLockAcquire(canary_lock, LW_EXCLUSIVE);
 	for (int i = 0; i < CANARY_SLOTS; i++)
 	{
-		CanaryUse  *u = &canary_shared->slots[i];
-		CanaryRead *r;
-		int64		base = u->reported;
-		ListCell   *lc;
+		CanarySlot *slot = &canary_shared->slots[i];
 
-		if (!u->in_use || u->dboid != MyDatabaseId)
+		if (!slot->in_use || slot->dboid != MyDatabaseId)
 			continue;
-		if (u->relid != canaries_relid)
+		if (slot->relid != canaries_relid)
 		{
 			/* recorded before the extension was dropped and created again */
-			u->in_use = false;
-			u->gen++;
+			for (int j = 0; j < CANARY_VARIANTS; j++)
+				if (slot->v[j].in_use)
+					free_variant(slot, j);
 			continue;
 		}
-		/* an earlier pass of this transaction has read some already */
-		foreach(lc, reads)
+		for (int j = 0; j < CANARY_VARIANTS; j++)
 		{
-			CanaryRead *e = lfirst(lc);
+			CanaryVariant *v = &slot->v[j];
+			CanaryRead *r;
+			int64		base = v->reported;
+			ListCell   *lc;
 
-			if (e->slot == i && e->gen == u->gen)
-				base = Max(base, e->calls);
+			if (!v->in_use)
+				continue;
+			/* an earlier pass of this transaction has read some already */
+			foreach(lc, reads)
+			{
+				CanaryRead *e = lfirst(lc);
+
+				if (e->slot == i && e->variant == j && e->gen == v->gen)
+					base = Max(base, e->calls);
+			}
+			if (v->calls <= base)
+				continue;
+			copy[n].canary_id = slot->canary_id;
+			copy[n].folded = (j == CANARY_FOLDED);
+			copy[n].v = *v;
+			copy[n++].v.reported = base;
+			oldcxt = MemoryContextSwitchTo(TopTransactionContext);
+			r = palloc(sizeof(CanaryRead));
+			r->slot = i;
+			r->variant = j;
+			r->gen = v->gen;
+			r->calls = v->calls;
+			r->subid = GetCurrentSubTransactionId();
+			reads = lappend(reads, r);
+			MemoryContextSwitchTo(oldcxt);
 		}
-		if (u->calls <= base)
-			continue;
-		copy[n] = *u;
-		copy[n++].reported = base;
-		oldcxt = MemoryContextSwitchTo(TopTransactionContext);
-		r = palloc(sizeof(CanaryRead));
-		r->slot = i;
-		r->gen = u->gen;
-		r->calls = u->calls;
-		r->subid = GetCurrentSubTransactionId();
-		reads = lappend(reads, r);
-		MemoryContextSwitchTo(oldcxt);
 	}
 	LWLockRelease(canary_lock);
 
 	for (int i = 0; i < n; i++)
 	{
-		CanaryUse  *u = &copy[i];
-		Datum		values[7];
-		bool		nulls[7] = {false};
+		CanaryVariant *u = &copy[i].v;
+		Datum		values[8];
+		bool		nulls[8] = {false};
 
-		values[0] = Int64GetDatum(u->canary_id);
+		values[0] = Int64GetDatum(copy[i].canary_id);
 		if (u->has_addr)
 		{
 			inet	   *a = palloc0(sizeof(inet));
@@ -523,6 +647,7 @@ apikey_canary_uses(Tuplestorestate *out, TupleDesc desc)
 		values[4] = Int64GetDatum(u->calls - u->reported);
 		values[5] = TimestampTzGetDatum(u->first_at);
 		values[6] = TimestampTzGetDatum(u->last_at);
+		values[7] = BoolGetDatum(copy[i].folded);
 		tuplestore_putvalues(out, desc, values, nulls);
 	}
 	pfree(copy);

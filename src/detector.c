@@ -10,7 +10,8 @@
  * apikey_detector_due() once per round, after its usage flush, so a pass
  * sees the counts just written, and runs _detect() in a transaction of its
  * own when the interval has elapsed since the last pass began (the first,
- * one interval after the worker started).  A pass that fails is logged and
+ * one interval after the worker started), or sooner, at most once a
+ * second, while canary uses nearly fill their table (canary.c).  A pass that fails is logged and
  * tried again at the next interval; it never stops the worker or its
  * flushes.  The worker finds the function through the extension
  * (apikey_keystore_function()); an install not yet updated to a version
@@ -49,8 +50,9 @@ apikey_detector_init(void)
 /*
  * Whether the background worker's detection pass is due:
  * apikey.detect_interval has elapsed since the last one began (the first,
- * one interval after the worker started).  The worker then runs
- * apikey._detect() in a transaction of its own.
+ * one interval after the worker started), or, at most once a second, the
+ * canary uses waiting for a pass nearly fill their table (canary.c).  The
+ * worker then runs apikey._detect() in a transaction of its own.
  */
 bool
 apikey_detector_due(void)
@@ -61,7 +63,9 @@ apikey_detector_due(void)
 		return false;
 	if (last_pass == 0)
 		last_pass = now;
-	if (!TimestampDifferenceExceeds(last_pass, now, detect_interval * 1000))
+	if (!TimestampDifferenceExceeds(last_pass, now, detect_interval * 1000) &&
+		!(TimestampDifferenceExceeds(last_pass, now, 1000) &&
+		  apikey_canary_pressing()))
 		return false;
 	last_pass = now;
 	return true;

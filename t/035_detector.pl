@@ -6,7 +6,8 @@
 # finding per rule, and none for a key with a steady normal workload
 # (false-positive test).  Then the background worker's periodic pass
 # (apikey.detect_interval) files a new canary use with nobody calling
-# run_detection().  On a standby a canary use is logged.
+# run_detection(), and uses of many canaries bring that pass forward
+# (src/canary.c keeps room for 128).  On a standby a canary use is logged.
 #
 # Tokens stay in a table on the server: no token appears in a script.
 use strict;
@@ -143,6 +144,22 @@ is( $node->safe_psql(
 SELECT count(*) FROM apikey.audit_log WHERE action = 'run_detection'}),
 	'4', 'the periodic passes are not audit rows (the four on-demand ones are)');
 ok(!$node->log_contains(qr/apikey detector: rule \w+ failed/), 'no rule failed');
+
+# Canary uses nearly filling their table bring the worker's pass forward:
+# with an hour between passes, 100 canaries used once each (three
+# quarters of the 128 slots) are filed within seconds.
+$node->append_conf('postgresql.conf', "apikey.detect_interval = '1h'\n");
+$node->reload;
+$node->safe_psql(
+	'postgres', q{
+INSERT INTO tok SELECT 'many' || i, c.key_id, c.token
+  FROM generate_series(1, 100) i, apikey.issue_canary('acme', 'many ' || i) c;
+SELECT count(*) FROM tok WHERE name LIKE 'many%' AND (apikey.check(token)).code = 'unknown';});
+ok( $node->poll_query_until(
+		'postgres', q{
+SELECT count(*) = 100 FROM apikey.findings f JOIN tok t ON t.key_id = f.key_id
+ WHERE f.rule = 'canary_use' AND t.name LIKE 'many%'}),
+	'uses nearly filling the canary table bring the pass forward');
 
 # On a standby no pass can file a use: it answers unknown all the same,
 # and the use goes to the server log (never the token).
