@@ -105,3 +105,30 @@ SELECT :rls_rows = 10 AND :unbound_rows = 0 AND :literal_rows = 10 AND :rls_sum 
 \echo 'row-level check failed: rows with key' :rls_rows ', without' :unbound_rows ', literal' :literal_rows
 SELECT 1/0 AS row_level_check_failed;
 \endif
+
+-- The failure limiter's cases (where apikey_proxy exists and the limit is
+-- small enough to spend here): bench_proxy's asserted address is trusted,
+-- the valid key stays valid from it, and an address that keeps presenting
+-- the unknown token is answered unknown, then address_blocked.  A
+-- check-only address: the cases' budgets stay untouched.
+SELECT to_regrole('apikey_proxy') IS NOT NULL
+	   AND current_setting('apikey.failure_limit', true)::int BETWEEN 1 AND 1000 AS have_limiter \gset
+\if :have_limiter
+SELECT token AS bench_valid_token FROM bench.tokens WHERE name = 'valid' \gset
+SELECT token AS bench_unknown_token FROM bench.tokens WHERE name = 'unknown' \gset
+SET ROLE bench_proxy;
+SELECT (apikey.check(:'bench_valid_token', 'orders:read', '100.64.0.9')).code AS addr_valid \gset
+SELECT count(*) FILTER (WHERE code = 'address_blocked') AS blocked, count(*) FILTER (WHERE code = 'unknown') AS unknown,
+	   count(*) AS calls
+  FROM (SELECT (apikey.check(:'bench_unknown_token', 'orders:read', '192.0.2.99')).code
+		  FROM generate_series(1, current_setting('apikey.failure_limit')::int + 1)) c \gset
+RESET ROLE;
+\unset bench_valid_token
+\unset bench_unknown_token
+SELECT :'addr_valid' = 'valid' AND :blocked >= 1 AND :blocked + :unknown = :calls AS limiter_ok \gset
+\if :limiter_ok
+\else
+\echo 'failure limiter check failed: valid key from an asserted address' :addr_valid ', blocked' :blocked ', unknown' :unknown 'of' :calls
+SELECT 1/0 AS failure_limiter_check_failed;
+\endif
+\endif

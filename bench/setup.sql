@@ -118,6 +118,19 @@ $$;
 GRANT USAGE ON SCHEMA bench TO bench_app;
 GRANT SELECT ON bench.orders, bench.orders_plain TO bench_app;
 
+-- The failure limiter's cases (1.2): bench_proxy asserts client addresses,
+-- as a gateway does, so it is a member of apikey_proxy.
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'bench_proxy') THEN
+		CREATE ROLE bench_proxy LOGIN NOSUPERUSER;
+	END IF;
+	IF to_regrole('apikey_proxy') IS NOT NULL THEN
+		GRANT apikey_proxy TO bench_proxy;
+	END IF;
+END
+$$;
+
 VACUUM (ANALYZE) bench.orders;
 VACUUM (ANALYZE) bench.orders_plain;
 VACUUM (ANALYZE) apikey.keys;

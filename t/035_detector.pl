@@ -1,13 +1,18 @@
 # The detector end to end on a preloaded cluster.  An attack (a pgbench
 # flood of unknown tokens from one network through a trusted proxy, and
-# psql loops) trips each default rule this version implements once:
+# psql loops) trips each of the nine default rules once:
 # address_failures, failure_spike, allowlist_violation, dormant_use,
-# revoked_use, canary_use.  Several passes later there is exactly one open
-# finding per rule, and none for a key with a steady normal workload
-# (false-positive test).  Then the background worker's periodic pass
-# (apikey.detect_interval) files a new canary use with nobody calling
-# run_detection(), and uses of many canaries bring that pass forward
-# (src/canary.c keeps room for 128).  On a standby a canary use is logged.
+# revoked_use, canary_use, and the network rules shared_address (one client
+# network using five keys), new_networks (a key with history succeeding
+# from a network it never used) and volume_spike (a key far above its
+# baseline for 3 minutes).  Several passes later there is exactly one open
+# finding per rule, each announced by one finding.opened event that a
+# LISTENing session hears, and none for a key with a steady normal
+# workload, history and baseline (false-positive test).  Then the
+# background worker's periodic pass (apikey.detect_interval) files a new
+# canary use with nobody calling run_detection(), and uses of many
+# canaries bring that pass forward (src/canary.c keeps room for 128).  On a
+# standby a canary use is logged.
 #
 # Tokens stay in a table on the server: no token appears in a script.
 use strict;
@@ -16,6 +21,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 
 use ApikeyTest;
 
@@ -38,9 +44,23 @@ INSERT INTO tok SELECT 'sleeper', key_id, token FROM apikey.issue('initech');
 INSERT INTO tok SELECT 'leaked', key_id, token FROM apikey.issue('hooli');
 INSERT INTO tok SELECT 'canary', key_id, token FROM apikey.issue_canary('acme', 'planted in the wiki');
 INSERT INTO tok SELECT 'unknown', NULL, token FROM apikey._new_token('ak');
+INSERT INTO tok SELECT 'roaming', key_id, token FROM apikey.issue('globex', '{orders:read}');
+INSERT INTO tok SELECT 'burst', key_id, token FROM apikey.issue('globex', '{orders:read}');
+INSERT INTO tok SELECT 'pool' || g, key_id, token
+  FROM generate_series(1, 5) g, LATERAL apikey.issue('tenant' || g, '{orders:read}');
 -- issued 200 days ago and never used since (as if)
 UPDATE apikey.keys SET created_at = now() - interval '200 days' WHERE id = kid('sleeper');
 SELECT apikey.report_leak(tok('leaked'), 'ci log');
+-- History the test cannot wait for, written as the usage writer would
+-- have: the steady key made 200 calls a minute, the burst key 5, for 1000
+-- minutes two days ago (keys issued 60 days ago), and the baselines learnt
+-- from it (p99 200 and 5: volume_spike's limits are 2000 and 100 a minute).
+UPDATE apikey.keys SET created_at = now() - interval '60 days'
+ WHERE id IN (kid('steady'), kid('roaming'), kid('burst'));
+INSERT INTO apikey.usage_log (key_id, bucket, code, calls)
+SELECT kid(v.n), date_trunc('minute', now() - interval '2 days') - g * interval '1 minute', 'valid', v.c
+  FROM (VALUES ('steady', 200), ('burst', 5)) v(n, c), generate_series(1, 1000) g;
+SELECT apikey.compute_baselines();
 CREATE ROLE gateway LOGIN;
 GRANT apikey_proxy TO gateway;
 GRANT SELECT ON tok TO gateway;
@@ -54,6 +74,35 @@ SELECT count(*) FILTER (WHERE (apikey.check(tok('steady'), 'orders:read', '100.6
   FROM generate_series(1, 200)};
 is($node->safe_psql('postgres', $steady_sql, extra_params => [ '-U', 'gateway' ]),
 	'200', 'steady key: 200 valid calls');
+is( $node->safe_psql(
+		'postgres', q{
+SELECT string_agg(key_id || ':' || p99, ' ' ORDER BY key_id) FROM apikey.key_baselines
+ WHERE key_id IN (kid('steady'), kid('burst'))}),
+	$node->safe_psql('postgres', q{SELECT kid('steady') || ':200 ' || kid('burst') || ':5'}),
+	'baselines: steady 200 a minute, burst 5');
+
+# The roaming key's usual network, behind the proxy.  new_networks needs a
+# key with history (a network first seen before its window): the networks
+# the writer recorded for it and for the steady key are backdated 60 days,
+# as the test's setup (the writer only ever records now).
+is( $node->safe_psql(
+		'postgres',
+		q{SELECT count(*) FILTER (WHERE (apikey.check(tok('roaming'), 'orders:read', '198.51.100.20')).code = 'valid')
+		    FROM generate_series(1, 5)},
+		extra_params => [ '-U', 'gateway' ]),
+	'5', 'roaming key: 5 valid calls from its usual network');
+$node->safe_psql(
+	'postgres', q{
+SELECT apikey.flush_usage();
+UPDATE apikey.key_networks SET first_seen = now() - interval '60 days'
+ WHERE key_id IN (kid('steady'), kid('roaming'));
+});
+is( $node->safe_psql(
+		'postgres', q{
+SELECT string_agg(t.name || ':' || n.network, ' ' ORDER BY t.name)
+  FROM apikey.key_networks n JOIN tok t ON t.key_id = n.key_id}),
+	'roaming:198.51.100.0/24 steady:100.64.0.0/24',
+	'the writer recorded their networks (/24)');
 
 # The attack.  A flood of unknown tokens from one network: the failure
 # limiter blocks it after 30; the detector counts both.
@@ -83,26 +132,94 @@ SELECT count(*) FROM generate_series(1, 3) WHERE (apikey.check(tok('leaked'))).c
 BEGIN;
 SELECT apikey.check(tok('canary'), 'orders:write');
 ROLLBACK;
+-- The burst key's spike, written as the usage writer would have (the
+-- test cannot wait 3 minutes): 250 calls a minute, 4 to 2 minutes ago,
+-- over its limit of max(10 x 5, 100) = 100.
+INSERT INTO apikey.usage_log (key_id, bucket, code, calls)
+SELECT kid('burst'), date_trunc('minute', now()) - g * interval '1 minute', 'valid', 250
+  FROM generate_series(2, 4) g;
 });
+# Through the proxy: the roaming key (stolen) succeeds from a network it
+# never used, and one client network succeeds with five different keys.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT (apikey.check(tok('roaming'), 'orders:read', '198.18.0.77')).code || ' ' ||
+	   (SELECT count(*) FROM generate_series(1, 5) g
+		 WHERE (apikey.check(tok('pool' || g), 'orders:read', '192.0.2.66')).code = 'valid')},
+		extra_params => [ '-U', 'gateway' ]),
+	'valid 5', 'a new network for the roaming key, five keys from one client');
 is($node->safe_psql('postgres', $steady_sql, extra_params => [ '-U', 'gateway' ]),
 	'200', 'steady key: 200 more valid calls during the attack');
+
+# A session LISTENing on apikey_events, told of every event from here on.
+my $listener = $node->background_psql('postgres');
+$listener->query_safe('LISTEN apikey_events');
+my $seq_before = $node->safe_psql('postgres', 'SELECT coalesce(max(seq), 0) FROM apikey.events');
+
+# Every notification payload the listener has received since it last
+# asked; waits up to $secs for at least $want of them.
+sub notifications
+{
+	my ($want, $secs) = @_;
+	my @got;
+	for (my $i = 0; $i < $secs * 10; $i++)
+	{
+		my $out = $listener->query_safe('SELECT 1');
+		push @got, $out =~ /Asynchronous notification "apikey_events" with payload "(\d+)"/g;
+		last if @got >= $want;
+		usleep(100_000);
+	}
+	return @got;
+}
 
 # Several passes: each rule opens one finding, once.
 my $opened = $node->safe_psql('postgres',
 	'SELECT apikey.run_detection() + apikey.run_detection() + apikey.run_detection()');
-is($opened, '6', 'three passes opened six findings');
+is($opened, '9', 'three passes opened nine findings');
 my $open_by_rule = q{
 SELECT string_agg(rule || '=' || n, ' ' ORDER BY rule) FROM (
 	SELECT rule, count(*) AS n FROM apikey.findings WHERE resolved_at IS NULL GROUP BY rule) s};
 is( $node->safe_psql('postgres', $open_by_rule),
-	'address_failures=1 allowlist_violation=1 canary_use=1 dormant_use=1 failure_spike=1 revoked_use=1',
+	'address_failures=1 allowlist_violation=1 canary_use=1 dormant_use=1 failure_spike=1 '
+	  . 'new_networks=1 revoked_use=1 shared_address=1 volume_spike=1',
 	'exactly one open finding per rule');
 is( $node->safe_psql(
 		'postgres', q{
 SELECT string_agg(f.rule || ':' || coalesce(t.name, host(f.network)), ' ' ORDER BY f.rule)
   FROM apikey.findings f LEFT JOIN tok t ON t.key_id = f.key_id}),
-	'address_failures:100.64.0.7 allowlist_violation:fenced canary_use:canary dormant_use:sleeper failure_spike:spiky revoked_use:leaked',
+	'address_failures:100.64.0.7 allowlist_violation:fenced canary_use:canary dormant_use:sleeper failure_spike:spiky '
+	  . 'new_networks:roaming revoked_use:leaked shared_address:192.0.2.0 volume_spike:burst',
 	'each for the right subject');
+is( $node->safe_psql(
+		'postgres', q{
+SELECT string_agg(rule || ' ' || coalesce(network::text, '-') || ' ' || e, ', ' ORDER BY rule)
+  FROM (SELECT rule, network, CASE rule
+			WHEN 'shared_address' THEN concat_ws(' ', evidence->'keys', evidence->'owners', evidence->'calls')
+			WHEN 'new_networks' THEN concat_ws(' ', evidence->'known_networks', evidence->'calls')
+			WHEN 'volume_spike' THEN concat_ws(' ', evidence->'minutes', evidence->'peak_calls', evidence->'limit', evidence->'p99')
+		END AS e
+		  FROM apikey.findings WHERE rule IN ('shared_address', 'new_networks', 'volume_spike')) s}),
+	'new_networks 198.18.0.0/24 1 1, shared_address 192.0.2.0/24 5 5 5, volume_spike - 3 250 100 5',
+	'the network rules\' evidence: 1 known network and 1 call from the new one; 5 keys of 5 owners; 3 minutes at 250 over 100');
+
+# One finding.opened event per finding, in the pass's transaction, and the
+# listener heard each of them.
+is( $node->safe_psql(
+		'postgres', q{
+SELECT count(*) || ' ' || count(*) FILTER (WHERE n = 1) FROM (
+	SELECT (SELECT count(*) FROM apikey.events e
+			 WHERE e.kind = 'finding.opened' AND (e.payload->>'finding_id')::bigint = f.id
+			   AND e.payload->>'rule' = f.rule) AS n
+	  FROM apikey.findings f) s}),
+	'9 9', 'each finding has exactly one finding.opened event');
+my @events = split /\n/, $node->safe_psql('postgres',
+	"SELECT seq FROM apikey.events WHERE seq > $seq_before ORDER BY seq");
+is( $node->safe_psql('postgres',
+		"SELECT string_agg(DISTINCT kind, ' ') || ' ' || count(*) FROM apikey.events WHERE seq > $seq_before"),
+	'finding.opened 9', 'the passes wrote nine events, all finding.opened');
+is_deeply([ sort { $a <=> $b } notifications(9, 10) ],
+	\@events, 'the LISTENing session got the seq of each at commit');
+$listener->quit;
 is( $node->safe_psql(
 		'postgres', q{
 SELECT (evidence->>'failures')::int >= 150 FROM apikey.findings WHERE rule = 'address_failures'}),
@@ -121,8 +238,8 @@ is($node->safe_psql('postgres', $steady_sql, extra_params => [ '-U', 'gateway' ]
 is( $node->safe_psql(
 		'postgres', q{
 SELECT apikey.run_detection() || ' ' ||
-	   (SELECT count(*) FROM apikey.findings WHERE key_id = kid('steady') OR network = '100.64.0.9/32')}),
-	'0 0', 'no finding for the steady key or its network');
+	   (SELECT count(*) FROM apikey.findings WHERE key_id = kid('steady') OR network >>= '100.64.0.9'::inet)}),
+	'0 0', 'no finding for the steady key, its address or its network');
 
 # The worker's periodic pass, nobody calling run_detection(): the canary
 # used again, from another network.
@@ -137,7 +254,8 @@ SELECT count(*) = 1 FROM apikey.findings WHERE rule = 'canary_use' AND network =
 # several periodic passes later, still one open finding per rule and subject
 sleep(3);
 is( $node->safe_psql('postgres', $open_by_rule),
-	'address_failures=1 allowlist_violation=1 canary_use=2 dormant_use=1 failure_spike=1 revoked_use=1',
+	'address_failures=1 allowlist_violation=1 canary_use=2 dormant_use=1 failure_spike=1 '
+	  . 'new_networks=1 revoked_use=1 shared_address=1 volume_spike=1',
 	'periodic passes open nothing twice');
 is( $node->safe_psql(
 		'postgres', q{
