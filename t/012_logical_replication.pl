@@ -43,7 +43,7 @@ $sub->wait_for_subscription_sync($pub, 'keys');
 is( $sub->safe_psql('postgres', q{
 SELECT (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'revocations\_%' AND tgname NOT LIKE '%\_audit\_%' AND tgname NOT LIKE '%\_event') || ' ' ||
        (SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger WHERE tgname LIKE 'key\_scopes\_%' AND tgname NOT LIKE '%\_audit\_%')}),
-	'revocations_changed=A revocations_invalidate=A key_scopes_changed=A key_scopes_invalidate=A',
+	'revocations_changed=A revocations_invalidate=A revocations_redact=A key_scopes_changed=A key_scopes_invalidate=A',
 	'the invalidation triggers fire in replica mode too');
 
 # Warm a subscriber session's cache.
