@@ -28,9 +28,9 @@ SHOW apikey.daily_retention;
 SHOW apikey.address_retention;
 SHOW apikey.retention_interval;
 SELECT * FROM apikey._retention_settings();
-SELECT regress_try($$SET apikey.usage_retention = '10min'$$) AS usage_too_short,
-       regress_try($$SET apikey.hourly_retention = '-1'$$) AS hourly_negative,
-       regress_try($$SET apikey.daily_retention = '12h'$$) AS daily_too_short,
+SELECT regexp_replace(regress_try($$SET apikey.usage_retention = '10min'$$), ' \(.*\)$', '') AS usage_too_short,
+       regexp_replace(regress_try($$SET apikey.hourly_retention = '-1'$$), ' \(.*\)$', '') AS hourly_negative,
+       regexp_replace(regress_try($$SET apikey.daily_retention = '12h'$$), ' \(.*\)$', '') AS daily_too_short,
        regress_try($$SET apikey.address_retention = 'forever'$$) AS address_not_a_number,
        regress_try($$SET apikey.retention_interval = '1min'$$) AS interval_is_sighup;
 SET apikey.usage_retention = '36h';
