@@ -3332,6 +3332,8 @@ BEGIN
 		DO UPDATE SET calls = u.calls OPERATOR(pg_catalog.+) excluded.calls,
 					  rolled_up = u.rolled_up OPERATOR(pg_catalog.+) excluded.rolled_up)
 	SELECT pg_catalog.count(*) INTO addresses_erased FROM gone;
+	addresses_erased := addresses_erased OPERATOR(pg_catalog.+)
+		apikey._erase_finding_addresses(v_address_cutoff, run_retention.batch_size);
 
 	-- 3. Delete by age: address rollups, rolled-up raw rows, rollups.
 	DELETE FROM apikey.usage_address_hourly a
@@ -4301,9 +4303,9 @@ COMMENT ON COLUMN apikey.findings.at IS 'When the pass that opened it began';
 COMMENT ON COLUMN apikey.findings.rule IS 'The detection rule (apikey.detection_rules.kind)';
 COMMENT ON COLUMN apikey.findings.key_id IS 'The key (or canary) concerned; NULL when the subject is a network only';
 COMMENT ON COLUMN apikey.findings.owner IS 'The key''s owner, when it was found';
-COMMENT ON COLUMN apikey.findings.network IS 'The client network concerned (/32 or /64); NULL when the subject is a key only';
+COMMENT ON COLUMN apikey.findings.network IS 'The client network concerned (/32 or /64, widened to the key_networks prefix once not seen for apikey.address_retention); NULL when the subject is a key only';
 COMMENT ON COLUMN apikey.findings.severity IS 'The rule''s severity when it opened';
-COMMENT ON COLUMN apikey.findings.evidence IS 'What the rule saw (counts, addresses, scope names, times); replaced by each pass while open';
+COMMENT ON COLUMN apikey.findings.evidence IS 'What the rule saw (counts, addresses, scope names, times); replaced by each pass while open; addresses dropped once not seen for apikey.address_retention';
 COMMENT ON COLUMN apikey.findings.action_taken IS 'notified, throttled, quarantined, suspended, or failed: SQLSTATE';
 COMMENT ON COLUMN apikey.findings.last_seen_at IS 'The last pass that still saw it';
 COMMENT ON COLUMN apikey.findings.resolved_at IS 'When resolve_finding() closed it; NULL = open';
@@ -4775,13 +4777,77 @@ BEGIN
 		   resolution = resolve_finding.resolution, resolution_note = resolve_finding.note
 	 WHERE x.id OPERATOR(pg_catalog.=) v_f.id;
 	PERFORM apikey._audit('resolve_finding', v_f.key_id, v_f.owner, pg_catalog.jsonb_build_object(
-		'finding_id', v_f.id, 'rule', v_f.rule, 'network', v_f.network,
+		'finding_id', v_f.id, 'rule', v_f.rule, 'network', apikey._network_of(v_f.network),
 		'resolution', resolve_finding.resolution, 'note', resolve_finding.note));
 END
 $$;
 COMMENT ON FUNCTION apikey.resolve_finding(bigint, text, text)
 	IS 'Close an open finding (false_positive, mitigated, accepted, duplicate); the events it covered are not reported again.  Any action it took stays: lift it with resume(), release()';
 REVOKE ALL ON FUNCTION apikey.resolve_finding(bigint, text, text) FROM PUBLIC;
+
+-- Client addresses in findings and their events are personal data like the
+-- failure addresses of usage_log: once a finding has not been seen for
+-- apikey.address_retention, run_retention() drops the addresses from its
+-- evidence and widens its network (and the network of its finding.opened
+-- event) to what key_networks records (apikey.network_prefix_v4/_v6).  An
+-- open finding keeps its own network when another open finding of the same
+-- rule and key falls in the same wider network (one open finding per rule
+-- and subject).  Returns how many findings and events it changed.
+CREATE FUNCTION apikey._erase_finding_addresses(cutoff timestamptz, batch_size integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_findings bigint;
+	v_events bigint;
+BEGIN
+	IF cutoff IS NULL OR batch_size IS NULL OR batch_size OPERATOR(pg_catalog.<) 1 THEN
+		RAISE EXCEPTION 'cutoff must not be NULL and batch_size must be positive' USING ERRCODE = '22023';
+	END IF;
+	WITH picked AS (
+		SELECT f.id, f.rule, f.key_id, f.resolved_at, apikey._network_of(f.network) AS wide
+		  FROM apikey.findings f
+		 WHERE f.last_seen_at OPERATOR(pg_catalog.<) cutoff
+		   AND (f.evidence OPERATOR(pg_catalog.?) 'addresses'
+				OR f.network OPERATOR(pg_catalog.<>) apikey._network_of(f.network))
+		 ORDER BY f.id
+		 LIMIT batch_size
+		   FOR UPDATE)
+	UPDATE apikey.findings f
+	   SET evidence = CASE WHEN f.evidence OPERATOR(pg_catalog.?) 'addresses'
+						   THEN (f.evidence OPERATOR(pg_catalog.-) 'addresses')
+								OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('addresses_erased',
+									pg_catalog.jsonb_array_length(CASE pg_catalog.jsonb_typeof(f.evidence OPERATOR(pg_catalog.->) 'addresses')
+																	   WHEN 'array' THEN f.evidence OPERATOR(pg_catalog.->) 'addresses'
+																	   ELSE '[]' END))
+						   ELSE f.evidence END,
+		   network = CASE WHEN p.resolved_at IS NOT NULL OR NOT EXISTS
+								(SELECT FROM apikey.findings o
+								  WHERE o.resolved_at IS NULL AND o.id OPERATOR(pg_catalog.<>) p.id
+									AND o.rule OPERATOR(pg_catalog.=) p.rule
+									AND COALESCE(o.key_id, 0) OPERATOR(pg_catalog.=) COALESCE(p.key_id, 0)
+									AND apikey._network_of(o.network) OPERATOR(pg_catalog.=) p.wide)
+						  THEN p.wide ELSE f.network END
+	  FROM picked p
+	 WHERE f.id OPERATOR(pg_catalog.=) p.id;
+	GET DIAGNOSTICS v_findings = ROW_COUNT;
+
+	UPDATE apikey.events e
+	   SET payload = pg_catalog.jsonb_set(e.payload, '{network}',
+					pg_catalog.to_jsonb(apikey._network_of((e.payload OPERATOR(pg_catalog.->>) 'network')::pg_catalog.inet)::text))
+	 WHERE e.seq OPERATOR(pg_catalog.=) ANY (ARRAY(
+			SELECT x.seq FROM apikey.events x
+			 WHERE x.kind OPERATOR(pg_catalog.=) 'finding.opened' AND x.at OPERATOR(pg_catalog.<) cutoff
+			   AND pg_catalog.jsonb_typeof(x.payload OPERATOR(pg_catalog.->) 'network') OPERATOR(pg_catalog.=) 'string'
+			   AND (x.payload OPERATOR(pg_catalog.->>) 'network')::pg_catalog.cidr
+				   OPERATOR(pg_catalog.<>) apikey._network_of((x.payload OPERATOR(pg_catalog.->>) 'network')::pg_catalog.inet)
+			 ORDER BY x.seq LIMIT batch_size));
+	GET DIAGNOSTICS v_events = ROW_COUNT;
+	RETURN v_findings OPERATOR(pg_catalog.+) v_events;
+END
+$$;
+COMMENT ON FUNCTION apikey._erase_finding_addresses(timestamptz, integer)
+	IS 'Internal (run_retention): drop client addresses from findings not seen since cutoff and widen their networks, and those of their finding.opened events, to the key_networks prefix; at most batch_size of each';
+REVOKE ALL ON FUNCTION apikey._erase_finding_addresses(timestamptz, integer) FROM PUBLIC;
 
 -- An operator (grant_admin()) runs the detector and tunes its rules; a
 -- monitor (grant_monitor()) reads the findings.

@@ -237,4 +237,34 @@ SELECT DISTINCT f.severity AS finding_severity, e.severity AS event_severity
   FROM apikey.events e JOIN apikey.findings f ON f.id = (e.payload->>'finding_id')::bigint
  WHERE e.kind = 'finding.opened' ORDER BY 1;
 
+-- Addresses are personal data: once a finding has not been seen for
+-- apikey.address_retention, run_retention() drops the addresses from its
+-- evidence and widens its network (and its finding.opened event's) to the
+-- key_networks prefix (/24, /48).  Two open findings of one rule and key
+-- in the same /24 keep their own networks (one open finding per subject);
+-- a finding seen within the retention keeps everything.
+SET apikey.address_retention = '1h';
+SELECT id AS addr_key FROM apikey.keys ORDER BY id LIMIT 1 \gset
+INSERT INTO apikey.findings (rule, key_id, network, severity, evidence, action_taken, last_seen_at, resolved_at, resolution)
+VALUES ('allowlist_violation', :addr_key, '192.0.2.7/32', 'medium', '{"calls": 5, "addresses": ["192.0.2.7", "192.0.2.8"]}', 'notified', now() - interval '2 hours', now(), 'mitigated'),
+       ('dormant_use', :addr_key, '2001:db8:1:2::/64', 'medium', '{"calls": 1}', 'notified', now() - interval '2 hours', NULL, NULL),
+       ('revoked_use', :addr_key, '198.51.100.1/32', 'high', '{"addresses": ["198.51.100.1"]}', 'notified', now() - interval '2 hours', NULL, NULL),
+       ('revoked_use', :addr_key, '198.51.100.2/32', 'high', '{"addresses": ["198.51.100.2"]}', 'notified', now() - interval '2 hours', NULL, NULL),
+       ('allowlist_violation', :addr_key, '203.0.113.9/32', 'medium', '{"addresses": ["203.0.113.9"]}', 'notified', now() - interval '10 minutes', NULL, NULL);
+INSERT INTO apikey.events (at, kind, key_id, severity, payload)
+VALUES (now() - interval '2 hours', 'finding.opened', :addr_key, 'warning', '{"network": "192.0.2.7/32", "rule": "regress"}'),
+       (now() - interval '10 minutes', 'finding.opened', :addr_key, 'warning', '{"network": "203.0.113.9/32", "rule": "regress"}');
+SELECT addresses_erased >= 6 AS erased FROM apikey.run_retention();
+SELECT rule, network, evidence, resolved_at IS NOT NULL AS resolved
+  FROM apikey.findings
+ WHERE key_id = :addr_key AND network <<= ANY ('{192.0.2.0/24,2001:db8::/32,198.51.100.0/24,203.0.113.0/24}'::cidr[])
+ ORDER BY network;
+SELECT payload->>'network' AS event_network FROM apikey.events WHERE payload->>'rule' = 'regress' ORDER BY at;
+-- the audit row of resolve_finding names the wider network only
+SELECT id AS open_addr FROM apikey.findings WHERE network = '203.0.113.9/32' \gset
+SELECT apikey.resolve_finding(:open_addr, 'false_positive');
+SELECT details->>'network' AS audited_network FROM apikey.audit_log
+ WHERE action = 'resolve_finding' ORDER BY seq DESC LIMIT 1;
+RESET apikey.address_retention;
+
 DROP FUNCTION regress_try(text);

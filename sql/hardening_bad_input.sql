@@ -437,6 +437,9 @@ INSERT INTO cases (fn, label, q) VALUES
 ('resolve_finding', 'bad resolution', $$SELECT apikey.resolve_finding(1, 'whatever')::text$$),
 ('resolve_finding', 'no such finding', $$SELECT apikey.resolve_finding(-1, 'false_positive')::text$$),
 -- events
+('_erase_finding_addresses', 'NULL', $$SELECT apikey._erase_finding_addresses(NULL, NULL)::text$$),
+('_erase_finding_addresses', 'zero batch', $$SELECT apikey._erase_finding_addresses(now(), 0)::text$$),
+('_erase_finding_addresses', 'nothing that old', $$SELECT apikey._erase_finding_addresses('-infinity', 10)::text$$),
 ('_event', 'all NULL', $$SELECT apikey._event(NULL, NULL, NULL, NULL, NULL)$$),
 ('_event', 'unknown kind', $$SELECT apikey._event('key.exploded', NULL, NULL, 'info', '{}')$$),
 ('_event', 'NULL severity', $$SELECT apikey._event('key.revoked', NULL, NULL, NULL, '{}')$$),
