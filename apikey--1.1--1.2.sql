@@ -3166,9 +3166,16 @@ COMMENT ON COLUMN apikey.usage_log.rolled_up
 	IS 'Calls of this row already added to the rollups (usage_hourly, usage_daily) by apikey.run_retention(); calls - rolled_up are not yet';
 CREATE INDEX usage_log_bucket_idx ON apikey.usage_log (bucket);
 COMMENT ON INDEX apikey.usage_log_bucket_idx IS 'Time: the last hour''s minutes (owner_usage_last_hour), retention by age';
+-- "Not rolled up yet" is written (calls - rolled_up) > 0 everywhere: the
+-- statistics on that expression let the planner estimate it (a comparison
+-- of two columns is guessed as a third of the table, and a third of a
+-- million rows gets a parallel plan for what are a few hundred), and the
+-- partial index has the same predicate, so the queries use it.
 CREATE INDEX usage_log_unrolled_idx ON apikey.usage_log (bucket)
-	WHERE calls OPERATOR(pg_catalog.>) rolled_up;
-COMMENT ON INDEX apikey.usage_log_unrolled_idx IS 'Rows with calls not yet rolled up: what run_retention() and the rollup-based views read from usage_log';
+	WHERE (calls OPERATOR(pg_catalog.-) rolled_up) OPERATOR(pg_catalog.>) 0;
+COMMENT ON INDEX apikey.usage_log_unrolled_idx IS 'Rows with calls not yet rolled up ((calls - rolled_up) > 0): what run_retention() and the rollup-based views read from usage_log';
+CREATE STATISTICS apikey.usage_log_unrolled_stat ON ((calls OPERATOR(pg_catalog.-) rolled_up)) FROM apikey.usage_log;
+COMMENT ON STATISTICS apikey.usage_log_unrolled_stat IS 'Distribution of calls - rolled_up, so ANALYZE tells the planner how few rows are not rolled up yet';
 CREATE INDEX usage_log_address_idx ON apikey.usage_log (bucket)
 	WHERE client_addr IS NOT NULL;
 COMMENT ON INDEX apikey.usage_log_address_idx IS 'Rows that hold a failure address, for erasing them after apikey.address_retention';
@@ -3223,10 +3230,46 @@ COMMENT ON COLUMN apikey.usage_address_hourly.calls IS 'Failed verifications rol
 COMMENT ON INDEX apikey.usage_address_hourly_entry_key IS 'One row per key, hour, code and address (what run_retention() adds to)';
 COMMENT ON INDEX apikey.usage_address_hourly_bucket_idx IS 'Time: top_failing_networks and erasure by age';
 
+-- The network window: the address rollups from one hour on (since), summed
+-- per client network (as the failure limiter counts them: /32, /64) and
+-- key, so top_failing_networks reads one row per network and key instead
+-- of one per address and hour (as many as the raw failures, when addresses
+-- change often).  Invariant, kept by run_retention() in the transaction
+-- that changes usage_address_hourly (only it does): for every network and
+-- key, calls = the sum of usage_address_hourly.calls with bucket >= since;
+-- no row where that is 0.  Each run first moves since to the start of the
+-- dashboards' 24 hours (or to the address cutoff, if later), subtracting
+-- the hours that left; its rollup then adds to the window what it adds to
+-- the hours from since on; the address rollups it deletes are older than
+-- the cutoff, so never in the window.  The view adds back or subtracts the
+-- hours between since and its own 24 hours (none, or the hour that passed
+-- since the last run).  Without a since row (new, or restored from a dump:
+-- the window is derived and not dumped) the view ignores the window and
+-- the next run builds it afresh.
+CREATE TABLE apikey.usage_network_window (
+	network		cidr NOT NULL,
+	key_id		bigint NOT NULL,
+	calls		bigint NOT NULL CONSTRAINT usage_network_window_calls_check CHECK (calls OPERATOR(pg_catalog.>) 0),
+	CONSTRAINT usage_network_window_pkey PRIMARY KEY (network, key_id)
+);
+COMMENT ON TABLE apikey.usage_network_window IS 'Failures per client network and key in apikey.usage_address_hourly from usage_network_window_since on, kept by run_retention() (for top_failing_networks); derived, not dumped';
+COMMENT ON COLUMN apikey.usage_network_window.network IS 'Client network: the /32 of an IPv4 address, the /64 of an IPv6 one (personal data: kept only while its address rollups are)';
+COMMENT ON COLUMN apikey.usage_network_window.key_id IS 'The key that failed';
+COMMENT ON COLUMN apikey.usage_network_window.calls IS 'Failed verifications in the address rollups of hours from since on';
+COMMENT ON INDEX apikey.usage_network_window_pkey IS 'One row per network and key (what run_retention() adds to and subtracts from)';
+CREATE TABLE apikey.usage_network_window_since (
+	only_row	boolean PRIMARY KEY DEFAULT true CONSTRAINT usage_network_window_since_one_row CHECK (only_row),
+	since		timestamptz NOT NULL
+);
+COMMENT ON TABLE apikey.usage_network_window_since IS 'Where apikey.usage_network_window starts; no row: the window is not built yet (the next run_retention() builds it)';
+COMMENT ON COLUMN apikey.usage_network_window_since.only_row IS 'Always true: the table has at most one row';
+COMMENT ON COLUMN apikey.usage_network_window_since.since IS 'The window holds the address rollups with bucket >= since: the start of the 24 hours, or the address cutoff if later, at the last run';
+
 SELECT pg_catalog.pg_extension_config_dump('apikey.usage_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('apikey.usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('apikey.usage_address_hourly', '');
-REVOKE ALL ON apikey.usage_hourly, apikey.usage_daily, apikey.usage_address_hourly FROM PUBLIC;
+REVOKE ALL ON apikey.usage_hourly, apikey.usage_daily, apikey.usage_address_hourly,
+	apikey.usage_network_window, apikey.usage_network_window_since FROM PUBLIC;
 
 CREATE FUNCTION apikey._retention_settings(OUT usage_retention interval, OUT hourly_retention interval,
 										   OUT daily_retention interval, OUT address_retention interval)
@@ -3257,6 +3300,8 @@ DECLARE
 	v_hourly_cutoff timestamptz;
 	v_daily_cutoff timestamptz;
 	v_address_cutoff timestamptz;
+	v_window_since timestamptz;
+	v_window_was timestamptz;
 BEGIN
 	IF run_retention.batch_size IS NULL OR run_retention.batch_size OPERATOR(pg_catalog.<) 1
 	   OR run_retention.batch_size OPERATOR(pg_catalog.>) 1000000 THEN
@@ -3271,6 +3316,52 @@ BEGIN
 	v_daily_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.daily_retention;
 	v_address_cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) s.address_retention;
 
+	-- 0. Move the network window (usage_network_window) to this run's
+	-- start: the first of the dashboards' 24 hours, or the address cutoff
+	-- if later, so the address rollups deleted below are never in it.  The
+	-- address rollups of the hours between the old start and the new one
+	-- are subtracted (added, should the start move back).  No start yet:
+	-- the window is built afresh from the address rollups.
+	v_window_since := GREATEST(pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval,
+												   '2000-01-01 00:00:00+00'::timestamptz),
+							   v_address_cutoff);
+	SELECT w.since INTO v_window_was FROM apikey.usage_network_window_since w;
+	IF NOT FOUND THEN
+		DELETE FROM apikey.usage_network_window;
+		v_window_was := 'infinity';
+	END IF;
+	IF v_window_was OPERATOR(pg_catalog.<>) v_window_since THEN
+		WITH d AS (
+			SELECT pg_catalog.network(pg_catalog.set_masklen(a.client_addr,
+					   CASE pg_catalog.family(a.client_addr) WHEN 4 THEN 32 ELSE 64 END)) AS network,
+				   a.key_id,
+				   CASE WHEN v_window_since OPERATOR(pg_catalog.>) v_window_was
+						THEN OPERATOR(pg_catalog.-) pg_catalog.sum(a.calls)
+						ELSE pg_catalog.sum(a.calls) END::bigint AS calls
+			  FROM apikey.usage_address_hourly a
+			 WHERE a.bucket OPERATOR(pg_catalog.>=) LEAST(v_window_was, v_window_since)
+			   AND a.bucket OPERATOR(pg_catalog.<) GREATEST(v_window_was, v_window_since)
+			 GROUP BY 1, 2),
+		j AS (
+			SELECT d.network, d.key_id, COALESCE(w.calls, 0) OPERATOR(pg_catalog.+) d.calls AS calls,
+				   w.key_id IS NOT NULL AS present
+			  FROM d LEFT JOIN apikey.usage_network_window w
+					 ON w.network OPERATOR(pg_catalog.=) d.network AND w.key_id OPERATOR(pg_catalog.=) d.key_id),
+		gone AS (
+			DELETE FROM apikey.usage_network_window w USING j
+			 WHERE w.network OPERATOR(pg_catalog.=) j.network AND w.key_id OPERATOR(pg_catalog.=) j.key_id
+			   AND j.present AND j.calls OPERATOR(pg_catalog.=) 0),
+		changed AS (
+			UPDATE apikey.usage_network_window w SET calls = j.calls
+			  FROM j
+			 WHERE w.network OPERATOR(pg_catalog.=) j.network AND w.key_id OPERATOR(pg_catalog.=) j.key_id
+			   AND j.present AND j.calls OPERATOR(pg_catalog.<>) 0)
+		INSERT INTO apikey.usage_network_window (network, key_id, calls)
+		SELECT j.network, j.key_id, j.calls FROM j WHERE NOT j.present;
+		INSERT INTO apikey.usage_network_window_since AS w (since) VALUES (v_window_since)
+		ON CONFLICT (only_row) DO UPDATE SET since = excluded.since;
+	END IF;
+
 	-- 1. Roll up what rows hold beyond rolled_up.  A row a flush changed
 	-- since it was read no longer matches (calls, rolled_up) and is left
 	-- for the next run: counted once, never twice.  Minutes the writer is
@@ -3279,7 +3370,7 @@ BEGIN
 	WITH picked AS (
 		SELECT l.ctid AS t, l.key_id, l.bucket, l.code, l.client_addr, l.calls, l.rolled_up
 		  FROM apikey.usage_log l
-		 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up
+		 WHERE (l.calls OPERATOR(pg_catalog.-) l.rolled_up) OPERATOR(pg_catalog.>) 0
 		   AND l.bucket OPERATOR(pg_catalog.<) (pg_catalog.date_bin('1 minute'::interval, pg_catalog.now(), '2000-01-01 00:00:00+00'::timestamptz)
 												OPERATOR(pg_catalog.-) '1 minute'::interval)
 		 ORDER BY l.bucket
@@ -3310,7 +3401,18 @@ BEGIN
 		   AND m.bucket OPERATOR(pg_catalog.>=) v_address_cutoff
 		 GROUP BY 1, 2, 3, 4
 		ON CONFLICT (key_id, bucket, code, client_addr)
-		DO UPDATE SET calls = a.calls OPERATOR(pg_catalog.+) excluded.calls)
+		DO UPDATE SET calls = a.calls OPERATOR(pg_catalog.+) excluded.calls),
+	networked AS (
+		-- the same failures, of the hours from the window's start on
+		INSERT INTO apikey.usage_network_window AS w (network, key_id, calls)
+		SELECT pg_catalog.network(pg_catalog.set_masklen(m.client_addr,
+				   CASE pg_catalog.family(m.client_addr) WHEN 4 THEN 32 ELSE 64 END)), m.key_id, pg_catalog.sum(m.n)
+		  FROM marked m
+		 WHERE m.key_id IS NOT NULL AND m.client_addr IS NOT NULL
+		   AND pg_catalog.date_bin('1 hour'::interval, m.bucket, '2000-01-01 00:00:00+00'::timestamptz) OPERATOR(pg_catalog.>=) v_window_since
+		 GROUP BY 1, 2
+		ON CONFLICT (network, key_id)
+		DO UPDATE SET calls = w.calls OPERATOR(pg_catalog.+) excluded.calls)
 	SELECT pg_catalog.count(*), COALESCE(pg_catalog.sum(m.n), 0)
 	  INTO rows_rolled_up, calls_rolled_up FROM marked m;
 
@@ -3374,7 +3476,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey.run_retention(integer)
-	IS 'Roll usage_log up into usage_hourly/usage_daily (each call exactly once), erase failure addresses older than apikey.address_retention, delete what is older than each retention setting; at most batch_size rows per step, more = call again; audited';
+	IS 'Roll usage_log up into usage_hourly/usage_daily/usage_address_hourly and the network window (each call exactly once), erase failure addresses older than apikey.address_retention, delete what is older than each retention setting; at most batch_size rows per step, more = call again; audited';
 REVOKE ALL ON FUNCTION apikey.run_retention(integer) FROM PUBLIC;
 
 CREATE OR REPLACE VIEW apikey.key_usage AS
@@ -3397,7 +3499,7 @@ SELECT u.key_id, u.bucket, u.code, pg_catalog.sum(u.calls)::bigint AS calls
 		UNION ALL
 		SELECT l.key_id, pg_catalog.date_bin('1 hour'::interval, l.bucket, '2000-01-01 00:00:00+00'::timestamptz), l.code,
 			   l.calls OPERATOR(pg_catalog.-) l.rolled_up
-		  FROM apikey.usage_log l WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up
+		  FROM apikey.usage_log l WHERE (l.calls OPERATOR(pg_catalog.-) l.rolled_up) OPERATOR(pg_catalog.>) 0
 		UNION ALL
 		SELECT p.key_id, pg_catalog.date_bin('1 hour'::interval, p.bucket, '2000-01-01 00:00:00+00'::timestamptz), p.code, 1::pg_catalog.int8
 		  FROM apikey.usage_pending p
@@ -3452,28 +3554,42 @@ COMMENT ON COLUMN apikey.top_failing_keys.failed_calls IS 'Verifications with a 
 COMMENT ON COLUMN apikey.top_failing_keys.calls IS 'Verifications, every verdict';
 COMMENT ON COLUMN apikey.top_failing_keys.rate_limited_calls IS 'Verifications refused by the rate limit';
 
+-- The window's networks and keys (usage_network_window: the address
+-- rollups from its start on), plus or minus the address rollups between
+-- its start and this query's 24 hours, plus what is not rolled up yet.
 CREATE VIEW apikey.top_failing_networks AS
 SELECT n.network, pg_catalog.sum(n.calls)::bigint AS failed_calls, pg_catalog.count(*) AS keys
-  FROM (SELECT pg_catalog.network(pg_catalog.set_masklen(u.client_addr,
-				   CASE pg_catalog.family(u.client_addr) WHEN 4 THEN 32 ELSE 64 END)) AS network,
-			   u.key_id, pg_catalog.sum(u.calls) AS calls
-		  FROM (SELECT a.key_id, a.client_addr, a.calls FROM apikey.usage_address_hourly a
-				 WHERE a.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
-				UNION ALL
-				SELECT l.key_id, l.client_addr, l.calls OPERATOR(pg_catalog.-) l.rolled_up
-				  FROM apikey.usage_log l
-				 WHERE l.calls OPERATOR(pg_catalog.>) l.rolled_up AND l.client_addr IS NOT NULL
-				   AND l.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
-				UNION ALL
-				SELECT p.key_id, p.client_addr, 1::pg_catalog.int8 FROM apikey.usage_pending p
-				 WHERE p.client_addr IS NOT NULL AND p.code OPERATOR(pg_catalog.<>) 'valid'
-				UNION ALL
-				SELECT v.key_id, v.client_addr, v.calls FROM apikey._live_usage() v
-				 WHERE v.client_addr IS NOT NULL AND v.code OPERATOR(pg_catalog.<>) 'valid') u
-		 GROUP BY 1, 2) n
+  FROM (SELECT COALESCE(w.network, d.network) AS network,
+			   COALESCE(w.calls, 0) OPERATOR(pg_catalog.+) COALESCE(d.calls, 0) AS calls
+		  FROM (SELECT x.network, x.key_id, x.calls FROM apikey.usage_network_window x
+				 WHERE EXISTS (SELECT FROM apikey.usage_network_window_since)) w
+		  FULL JOIN (SELECT pg_catalog.network(pg_catalog.set_masklen(u.client_addr,
+							CASE pg_catalog.family(u.client_addr) WHEN 4 THEN 32 ELSE 64 END)) AS network,
+						u.key_id, pg_catalog.sum(u.calls)::bigint AS calls
+				  FROM (SELECT a.key_id, a.client_addr, a.calls FROM apikey.usage_address_hourly a
+						 WHERE a.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+						   AND a.bucket OPERATOR(pg_catalog.<) COALESCE((SELECT s.since FROM apikey.usage_network_window_since s), 'infinity'::timestamptz)
+						UNION ALL
+						SELECT a.key_id, a.client_addr, OPERATOR(pg_catalog.-) a.calls FROM apikey.usage_address_hourly a
+						 WHERE a.bucket OPERATOR(pg_catalog.>=) COALESCE((SELECT s.since FROM apikey.usage_network_window_since s), 'infinity'::timestamptz)
+						   AND a.bucket OPERATOR(pg_catalog.<) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+						UNION ALL
+						SELECT l.key_id, l.client_addr, l.calls OPERATOR(pg_catalog.-) l.rolled_up
+						  FROM apikey.usage_log l
+						 WHERE (l.calls OPERATOR(pg_catalog.-) l.rolled_up) OPERATOR(pg_catalog.>) 0 AND l.client_addr IS NOT NULL
+						   AND l.bucket OPERATOR(pg_catalog.>=) pg_catalog.date_bin('1 hour'::interval, pg_catalog.now() OPERATOR(pg_catalog.-) '23 hours'::interval, '2000-01-01 00:00:00+00'::timestamptz)
+						UNION ALL
+						SELECT p.key_id, p.client_addr, 1::pg_catalog.int8 FROM apikey.usage_pending p
+						 WHERE p.client_addr IS NOT NULL AND p.code OPERATOR(pg_catalog.<>) 'valid'
+						UNION ALL
+						SELECT v.key_id, v.client_addr, v.calls FROM apikey._live_usage() v
+						 WHERE v.client_addr IS NOT NULL AND v.code OPERATOR(pg_catalog.<>) 'valid') u
+				 GROUP BY 1, 2) d
+			ON d.network OPERATOR(pg_catalog.=) w.network AND d.key_id OPERATOR(pg_catalog.=) w.key_id) n
+ WHERE n.calls OPERATOR(pg_catalog.>) 0
  GROUP BY n.network
  ORDER BY failed_calls DESC, n.network;
-COMMENT ON VIEW apikey.top_failing_networks IS 'Client networks (the /32 of an IPv4 address, the /64 of an IPv6 one, as the failure limiter counts them) by failed verifications of known keys over the last 24 hours, most first; only as far back as apikey.address_retention';
+COMMENT ON VIEW apikey.top_failing_networks IS 'Client networks (the /32 of an IPv4 address, the /64 of an IPv6 one, as the failure limiter counts them) by failed verifications of known keys over the last 24 hours, most first; only as far back as apikey.address_retention; from usage_network_window and the address rollups plus what is not rolled up yet';
 COMMENT ON COLUMN apikey.top_failing_networks.network IS 'Client network';
 COMMENT ON COLUMN apikey.top_failing_networks.failed_calls IS 'Failed verifications from it (addresses are kept for at most 16 per key and minute)';
 COMMENT ON COLUMN apikey.top_failing_networks.keys IS 'Distinct keys that failed from it';
@@ -3555,6 +3671,7 @@ REVOKE ALL ON apikey.hourly_usage, apikey.owner_usage_last_hour, apikey.top_fail
 INSERT INTO apikey._grant_sets (kind, privilege, object)
 SELECT 'monitor', 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) t
   FROM pg_catalog.unnest(ARRAY['apikey.usage_hourly', 'apikey.usage_daily', 'apikey.usage_address_hourly',
+							   'apikey.usage_network_window', 'apikey.usage_network_window_since',
 							   'apikey.hourly_usage', 'apikey.owner_usage_last_hour', 'apikey.top_failing_keys',
 							   'apikey.top_failing_networks', 'apikey.code_usage_24h', 'apikey.rate_limit_state',
 							   'apikey.quota_state']) t

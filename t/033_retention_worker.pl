@@ -55,6 +55,12 @@ is( $node->safe_psql(
 SELECT string_agg(client_addr::text || '=' || calls, ',') FROM apikey.usage_address_hourly}),
 	'192.0.2.7/32=4',
 	'only the address within address_retention is rolled up');
+is( $node->safe_psql(
+		'postgres', q{
+SELECT (SELECT string_agg(network::text || '=' || key_id || '=' || calls, ',') FROM apikey.usage_network_window)
+	   || ' ' || (SELECT string_agg(network::text || '=' || failed_calls || '=' || keys, ',') FROM apikey.top_failing_networks)}),
+	'192.0.2.7/32=' . $node->safe_psql('postgres', q{SELECT kid('k')}) . '=4 192.0.2.7/32=4=1',
+	'the network window holds the 24 hours\' address rollups; top_failing_networks reads it');
 ok( $node->safe_psql(
 		'postgres',
 		q{SELECT count(*) > 0 FROM apikey.audit_log WHERE action = 'run_retention' AND actor_role IS NOT NULL}
@@ -88,8 +94,10 @@ $node->reload;
 ok( $node->poll_query_until(
 		'postgres', q{
 SELECT NOT EXISTS (SELECT FROM apikey.usage_log WHERE client_addr IS NOT NULL)
-   AND NOT EXISTS (SELECT FROM apikey.usage_address_hourly)}),
-	'addresses older than a lowered address_retention are erased');
+   AND NOT EXISTS (SELECT FROM apikey.usage_address_hourly)
+   AND NOT EXISTS (SELECT FROM apikey.usage_network_window)
+   AND NOT EXISTS (SELECT FROM apikey.top_failing_networks)}),
+	'addresses older than a lowered address_retention are erased, from the network window too');
 is( $node->safe_psql(
 		'postgres', q{SELECT sum(calls) FROM apikey.hourly_usage WHERE key_id < 1000000}),
 	'14', 'erasing addresses changed no count');
