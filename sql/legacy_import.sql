@@ -14,6 +14,19 @@ INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 -- empty, and every row it gets is the user's (dumped whole).
 SELECT name, token_regex, lookup_regex, algorithm, hash_input FROM apikey.legacy_presets ORDER BY name;
 SELECT count(*) AS rows_before_any_import FROM apikey.legacy_formats;
+-- Their expressions take the real shapes only: not identifiers, qualified
+-- names, or secrets shorter (or a DRF part longer) than the format's.  (A
+-- qualified name whose second part has 16 characters or more does have the
+-- bcrypt-prefixed shape: its secrets may hold '_' and '-'.)
+SELECT t.s, array_agg(p.name ORDER BY p.name) FILTER (WHERE t.s ~ p.token_regex) AS matched_by
+  FROM (VALUES ('unkey_3ZKmPq8sT2vW9xY4aB6cD'), ('unkey_3ZKmPq8sT2vW9xY4'), ('unkey_3ZKmPq8sT2vW9xY'),
+			   ('usage_log'), ('legacy_upgrade_pending'), ('apikey.keys'), ('apikey.legacy_upgrade_pending'),
+			   ('AbCdEf12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXy'), ('AbCdEf1.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXy'),
+			   ('AbCdEf12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tX'), ('AbCdEf12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXyZ'),
+			   ('live4f2a.Zr9-kQ2_mW7xP4vL8nT3'), ('live.Zr9-kQ2_mW7xP4v'), ('live.Zr9-kQ2_mW7xP4'),
+			   ('liv.Zr9-kQ2_mW7xP4vL8nT3')) t(s), apikey.legacy_presets p
+ GROUP BY t.s ORDER BY t.s COLLATE "C";
+
 -- Hashes of the tokens, computed here as the old systems did (a Django
 -- pbkdf2_sha256 hash made with Python's hashlib, 1000 iterations; bcrypt
 -- through pgcrypto).  No token is ever stored by apikey.
