@@ -4879,7 +4879,7 @@ CREATE TABLE apikey.legacy_formats (
 );
 COMMENT ON TABLE apikey.legacy_formats IS 'Token formats of keys imported from another system, and how their old hashes are verified (a format takes part in verification once it has keys)';
 COMMENT ON COLUMN apikey.legacy_formats.name IS 'Format name, given to import_keys(); the first import in a preset (apikey.legacy_presets) adds its row';
-COMMENT ON COLUMN apikey.legacy_formats.token_regex IS 'Regular expression (anchored, ASCII) a presented token must match to be verified as this format; with hash_input capture, its first group is what was hashed';
+COMMENT ON COLUMN apikey.legacy_formats.token_regex IS 'Regular expression (anchored, ASCII) a presented token must match to be verified as this format; with hash_input capture, its first group is what was hashed; while the format has keys, the log redactor hides its matches (unanchored, between word boundaries)';
 COMMENT ON COLUMN apikey.legacy_formats.lookup_regex IS 'Regular expression whose first group is the key''s lookup id (e.g. DRF''s prefix); required for salted algorithms';
 COMMENT ON COLUMN apikey.legacy_formats.algorithm IS 'How the old system hashed: sha256-hex, sha256-b64 (whole token; verified at native speed), sha512-hex, pbkdf2-sha256 (Django), bcrypt (through pgcrypto), plaintext (hashed at import)';
 COMMENT ON COLUMN apikey.legacy_formats.hash_input IS 'token: the whole token was hashed; capture: the first group of token_regex was';
