@@ -5034,6 +5034,14 @@ REVOKE ALL ON FUNCTION apikey._rule_volume_spike(apikey.detection_rules) FROM PU
 -- pending verifier (never a token).  import_keys()/import_key() bring keys
 -- in, legacy_progress shows how far the upgrade went, legacy_retire() ends
 -- a format, export_keys() is the way out.
+--
+-- The shipped formats are data of the extension (apikey.legacy_presets),
+-- not rows of legacy_formats: legacy_formats holds only rows that belong
+-- to the user (the first import in a preset copies its row there), and is
+-- dumped whole.  So everything a user changes in a format (its retirement,
+-- a narrower expression) comes back after pg_dump and restore; a preset
+-- row left out of the dump would come back as shipped, and a retired
+-- format's pending keys would verify again.
 -------------------------------------------------------------------------------
 
 CREATE TABLE apikey.legacy_formats (
@@ -5053,16 +5061,16 @@ CREATE TABLE apikey.legacy_formats (
 		CHECK (lookup_regex IS NOT NULL OR algorithm OPERATOR(pg_catalog.<>) ALL ('{pbkdf2-sha256,bcrypt}'::text[]))
 );
 COMMENT ON TABLE apikey.legacy_formats IS 'Token formats of keys imported from another system, and how their old hashes are verified (a format takes part in verification once it has keys)';
-COMMENT ON COLUMN apikey.legacy_formats.name IS 'Format name, given to import_keys(); sha256, drf and bcrypt-prefixed are shipped';
-COMMENT ON COLUMN apikey.legacy_formats.token_regex IS 'Regular expression (anchored, ASCII) a presented token must match to be verified as this format; with hash_input capture, its first group is what was hashed';
+COMMENT ON COLUMN apikey.legacy_formats.name IS 'Format name, given to import_keys(); the first import in a preset (apikey.legacy_presets) adds its row';
+COMMENT ON COLUMN apikey.legacy_formats.token_regex IS 'Regular expression (anchored, ASCII) a presented token must match to be verified as this format; with hash_input capture, its first group is what was hashed; while the format has keys, the log redactor hides its matches (unanchored, between word boundaries)';
 COMMENT ON COLUMN apikey.legacy_formats.lookup_regex IS 'Regular expression whose first group is the key''s lookup id (e.g. DRF''s prefix); required for salted algorithms';
 COMMENT ON COLUMN apikey.legacy_formats.algorithm IS 'How the old system hashed: sha256-hex, sha256-b64 (whole token; verified at native speed), sha512-hex, pbkdf2-sha256 (Django), bcrypt (through pgcrypto), plaintext (hashed at import)';
 COMMENT ON COLUMN apikey.legacy_formats.hash_input IS 'token: the whole token was hashed; capture: the first group of token_regex was';
 COMMENT ON COLUMN apikey.legacy_formats.params IS 'Free-form notes about the format';
 COMMENT ON COLUMN apikey.legacy_formats.accept_until IS 'Pending keys of this format verify by their old hash until then; NULL = no end (legacy_retire() sets it)';
 REVOKE ALL ON apikey.legacy_formats FROM PUBLIC;
-SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_formats',
-	'WHERE name OPERATOR(pg_catalog.<>) ALL (''{sha256,drf,bcrypt-prefixed}''::text[])');
+-- every row is the user's (presets are copied in by their first import)
+SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_formats', '');
 
 -- A regular expression is checked when it is stored, not at verification.
 CREATE FUNCTION apikey._legacy_formats_check() RETURNS trigger
@@ -5081,13 +5089,29 @@ CREATE TRIGGER legacy_formats_check BEFORE INSERT OR UPDATE ON apikey.legacy_for
 	FOR EACH ROW EXECUTE FUNCTION apikey._legacy_formats_check();
 ALTER TABLE apikey.legacy_formats ENABLE ALWAYS TRIGGER legacy_formats_check;
 
-INSERT INTO apikey.legacy_formats (name, token_regex, lookup_regex, algorithm, hash_input, params) VALUES
-	('sha256', '^[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9]+$', NULL, 'sha256-hex', 'token',
-	 '{"note": "whole-token SHA-256, hex or base64 (Unkey''s import format); tokens <prefix>_<secret>"}'),
-	('drf', '^[A-Za-z0-9]+\.[A-Za-z0-9]+$', '^([A-Za-z0-9]+)\.', 'pbkdf2-sha256', 'token',
-	 '{"note": "Django REST Framework API Key: <prefix>.<secret>, hashed with Django''s pbkdf2_sha256"}'),
-	('bcrypt-prefixed', '^[A-Za-z0-9]+\.([A-Za-z0-9_-]+)$', '^([A-Za-z0-9]+)\.', 'bcrypt', 'capture',
-	 '{"note": "<lookup id>.<secret>, bcrypt of the secret (Rails has_secure_password, Node bcrypt)"}');
+-- The shipped formats.  Each token_regex is the real shape, no broader
+-- (8 and 32 characters for DRF; secrets of 16 or more, lookup ids of 4 or
+-- more).  Bounded repetitions ({8}, {16,}) cost the regex engine about
+-- 2 us a token and 85 ms on 1 MB of tokens (+: 0.4 us and 17 ms), the
+-- same as + on text without tokens (3 ms a MB).
+CREATE VIEW apikey.legacy_presets AS
+SELECT p.name, p.token_regex, p.lookup_regex, p.algorithm, p.hash_input, p.params::jsonb
+  FROM (VALUES
+	('sha256', '^[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9]{16,}$', NULL, 'sha256-hex', 'token',
+	 '{"note": "whole-token SHA-256, hex or base64 (Unkey''s import format); tokens <prefix>_<secret>, a secret of 16 or more letters and digits"}'),
+	('drf', '^[A-Za-z0-9]{8}\.[A-Za-z0-9]{32}$', '^([A-Za-z0-9]{8})\.', 'pbkdf2-sha256', 'token',
+	 '{"note": "Django REST Framework API Key: <prefix>.<secret>, 8 and 32 letters and digits, hashed with Django''s pbkdf2_sha256"}'),
+	('bcrypt-prefixed', '^[A-Za-z0-9]{4,}\.([A-Za-z0-9_-]{16,})$', '^([A-Za-z0-9]{4,})\.', 'bcrypt', 'capture',
+	 '{"note": "<lookup id>.<secret>, at least 4 and 16 characters, bcrypt of the secret (Rails has_secure_password, Node bcrypt)"}'))
+	p(name, token_regex, lookup_regex, algorithm, hash_input, params);
+COMMENT ON VIEW apikey.legacy_presets IS 'The shipped legacy formats: import_keys() or import_key() in one of these names copies its row into apikey.legacy_formats (unless a row of that name is there), where it is the user''s to change and is dumped';
+COMMENT ON COLUMN apikey.legacy_presets.name IS 'Preset name, given to import_keys()';
+COMMENT ON COLUMN apikey.legacy_presets.token_regex IS 'As apikey.legacy_formats.token_regex';
+COMMENT ON COLUMN apikey.legacy_presets.lookup_regex IS 'As apikey.legacy_formats.lookup_regex';
+COMMENT ON COLUMN apikey.legacy_presets.algorithm IS 'As apikey.legacy_formats.algorithm';
+COMMENT ON COLUMN apikey.legacy_presets.hash_input IS 'As apikey.legacy_formats.hash_input';
+COMMENT ON COLUMN apikey.legacy_presets.params IS 'What the preset is for';
+REVOKE ALL ON apikey.legacy_presets FROM PUBLIC;
 
 CREATE TABLE apikey.legacy_keys (
 	key_id		bigint PRIMARY KEY REFERENCES apikey.keys (id) ON DELETE CASCADE,
@@ -5349,9 +5373,13 @@ COMMENT ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer
 	IS 'Internal: write the checked rows of an import in a few statements; a duplicate hash or lookup id gets 23505, a row past its owner''s max_keys 53400';
 REVOKE ALL ON FUNCTION apikey._import_write(apikey.legacy_formats, jsonb[], integer[]) FROM PUBLIC;
 
--- The format a call imports in, or a clear error.
+-- The format a call imports in, or a clear error.  A preset without a row
+-- gets its row first, in the caller's transaction: from then on it is the
+-- user's (changed, retired and dumped like any other).  Two first imports
+-- at once: the second waits for the first's row (READ COMMITTED reads it;
+-- REPEATABLE READ raises 40001, as ON CONFLICT does there).
 CREATE FUNCTION apikey._legacy_format(format text) RETURNS apikey.legacy_formats
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	f apikey.legacy_formats;
@@ -5361,8 +5389,15 @@ BEGIN
 	END IF;
 	SELECT * INTO f FROM apikey.legacy_formats l WHERE l.name OPERATOR(pg_catalog.=) _legacy_format.format;
 	IF NOT FOUND THEN
+		INSERT INTO apikey.legacy_formats (name, token_regex, lookup_regex, algorithm, hash_input, params)
+		SELECT p.name, p.token_regex, p.lookup_regex, p.algorithm, p.hash_input, p.params
+		  FROM apikey.legacy_presets p WHERE p.name OPERATOR(pg_catalog.=) _legacy_format.format
+		ON CONFLICT (name) DO NOTHING;
+		SELECT * INTO f FROM apikey.legacy_formats l WHERE l.name OPERATOR(pg_catalog.=) _legacy_format.format;
+	END IF;
+	IF NOT FOUND THEN
 		RAISE EXCEPTION 'legacy format "%" does not exist', format USING ERRCODE = '42704',
-			HINT = 'See apikey.legacy_formats; register a format with INSERT INTO apikey.legacy_formats.';
+			HINT = 'See apikey.legacy_presets and apikey.legacy_formats; register a format with INSERT INTO apikey.legacy_formats.';
 	END IF;
 	IF f.algorithm OPERATOR(pg_catalog.=) ANY ('{pbkdf2-sha256,bcrypt}'::text[]) AND f.lookup_regex IS NULL THEN
 		RAISE EXCEPTION 'legacy format "%" has a salted algorithm and no lookup_regex', format
@@ -5381,7 +5416,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikey._legacy_format(text)
-	IS 'Internal: the legacy format an import uses, refused if unknown, retired, salted without a lookup id, or bcrypt without pgcrypto';
+	IS 'Internal: the legacy format an import uses (a preset''s row added at its first use), refused if unknown, retired, salted without a lookup id, or bcrypt without pgcrypto';
 REVOKE ALL ON FUNCTION apikey._legacy_format(text) FROM PUBLIC;
 
 CREATE FUNCTION apikey.import_keys(format text, rows jsonb)
@@ -5522,7 +5557,10 @@ BEGIN
 	 WHERE f.name OPERATOR(pg_catalog.=) legacy_retire.format
 	   AND (f.accept_until IS NULL OR f.accept_until OPERATOR(pg_catalog.>) pg_catalog.now());
 	IF NOT EXISTS (SELECT FROM apikey.legacy_formats f WHERE f.name OPERATOR(pg_catalog.=) legacy_retire.format) THEN
-		RAISE EXCEPTION 'legacy format "%" does not exist', format USING ERRCODE = '42704';
+		RAISE EXCEPTION 'legacy format "%" does not exist', format USING ERRCODE = '42704',
+			HINT = CASE WHEN EXISTS (SELECT FROM apikey.legacy_presets p WHERE p.name OPERATOR(pg_catalog.=) legacy_retire.format)
+						THEN 'A preset gets its row in apikey.legacy_formats at its first import: before that it has no keys to retire.'
+						ELSE 'See apikey.legacy_formats.' END;
 	END IF;
 	IF revoke_pending THEN
 		FOR v_id IN SELECT l.key_id FROM apikey.legacy_keys l
@@ -5616,6 +5654,7 @@ INSERT INTO apikey._grant_sets (kind, privilege, object) VALUES
 	('admin', 'EXECUTE', 'FUNCTION apikey.legacy_retire(text, boolean)'),
 	('admin', 'EXECUTE', 'FUNCTION apikey.export_keys(text)'),
 	('admin', 'SELECT, INSERT, UPDATE, DELETE', 'TABLE apikey.legacy_formats'),
+	('admin', 'SELECT', 'TABLE apikey.legacy_presets'),
 	('admin', 'SELECT', 'TABLE apikey.legacy_progress'),
 	('admin', 'EXECUTE', 'FUNCTION apikey.legacy_stats()'),
 	('monitor', 'SELECT', 'TABLE apikey.legacy_progress'),

@@ -10,9 +10,22 @@ RESET client_min_messages;
 
 INSERT INTO apikey.scopes (name) VALUES ('orders:read'), ('orders:write');
 
--- The shipped formats.
-SELECT name, algorithm, hash_input, lookup_regex IS NOT NULL AS has_lookup, accept_until
-  FROM apikey.legacy_formats ORDER BY name;
+-- The shipped formats are presets, not rows of legacy_formats: it starts
+-- empty, and every row it gets is the user's (dumped whole).
+SELECT name, token_regex, lookup_regex, algorithm, hash_input FROM apikey.legacy_presets ORDER BY name;
+SELECT count(*) AS rows_before_any_import FROM apikey.legacy_formats;
+-- Their expressions take the real shapes only: not identifiers, qualified
+-- names, or secrets shorter (or a DRF part longer) than the format's.  (A
+-- qualified name whose second part has 16 characters or more does have the
+-- bcrypt-prefixed shape: its secrets may hold '_' and '-'.)
+SELECT t.s, array_agg(p.name ORDER BY p.name) FILTER (WHERE t.s ~ p.token_regex) AS matched_by
+  FROM (VALUES ('unkey_3ZKmPq8sT2vW9xY4aB6cD'), ('unkey_3ZKmPq8sT2vW9xY4'), ('unkey_3ZKmPq8sT2vW9xY'),
+			   ('usage_log'), ('legacy_upgrade_pending'), ('apikey.keys'), ('apikey.legacy_upgrade_pending'),
+			   ('AbCdEf12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXy'), ('AbCdEf1.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXy'),
+			   ('AbCdEf12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tX'), ('AbCdEf12.s3cr3tS3cr3tS3cr3tS3cr3tS3cr3tXyZ'),
+			   ('live4f2a.Zr9-kQ2_mW7xP4vL8nT3'), ('live.Zr9-kQ2_mW7xP4v'), ('live.Zr9-kQ2_mW7xP4'),
+			   ('liv.Zr9-kQ2_mW7xP4vL8nT3')) t(s), apikey.legacy_presets p
+ GROUP BY t.s ORDER BY t.s COLLATE "C";
 
 -- Hashes of the tokens, computed here as the old systems did (a Django
 -- pbkdf2_sha256 hash made with Python's hashlib, 1000 iterations; bcrypt
@@ -45,6 +58,16 @@ SELECT ordinal, key_id IS NOT NULL AS imported, error
 	'"not an object"'::jsonb,
 	jsonb_build_object('owner', 'acme', 'hash', 'x', 'plaintext', 'unkey_bothbothbothboth1')))
  ORDER BY ordinal;
+
+-- The first import in a preset copied its row: now the user's to change,
+-- retire, and dump.
+SELECT f.name, (f.token_regex, f.lookup_regex, f.algorithm, f.hash_input, f.params)
+			   IS NOT DISTINCT FROM (p.token_regex, p.lookup_regex, p.algorithm, p.hash_input, p.params) AS as_shipped,
+	   f.accept_until
+  FROM apikey.legacy_formats f JOIN apikey.legacy_presets p USING (name);
+-- A call that fails as a whole leaves no row behind.
+SELECT apikey.import_key('drf', 'globex', 'md5$abc$def', lookup => 'AbCdEf12');
+SELECT count(*) AS drf_rows FROM apikey.legacy_formats WHERE name = 'drf';
 
 -- What the good rows became: the SHA-256 in keys.hash, no verifier.
 SELECT k.name, k.owner, k.prefix, k.hint, k.created_at = '2020-01-01T00:00:00Z' AS created_kept,
@@ -167,6 +190,7 @@ SELECT apikey.import_key('sha256', 'x', plaintext => 'x_aaaaaaaaaaaaaaaaaaaaaaaa
 SELECT * FROM apikey.export_keys();
 SELECT apikey.legacy_retire('sha256', false);
 SELECT * FROM apikey.legacy_formats;
+SELECT * FROM apikey.legacy_presets;
 SELECT * FROM apikey.legacy_keys;
 SELECT * FROM apikey.legacy_progress;
 RESET ROLE;
@@ -175,6 +199,7 @@ SELECT ordinal, key_id IS NOT NULL AS imported, error
   FROM apikey.import_keys('sha256', '[{"owner": "admin-made", "plaintext": "adm_abcdefghijklmnopqrstuv"}]');
 SELECT count(*) > 0 AS sees_progress FROM apikey.legacy_progress;
 SELECT count(*) = 3 AS sees_formats FROM apikey.legacy_formats WHERE name IN ('sha256', 'drf', 'bcrypt-prefixed');
+SELECT count(*) AS sees_presets FROM apikey.legacy_presets;
 SELECT * FROM apikey.legacy_keys;
 RESET ROLE;
 SELECT apikey.revoke_admin('regress_legacy_admin');

@@ -31,8 +31,9 @@
  *	 netwatch.c		failures per client network and minute, for the
  *					detector's address_failures rule
  *	 legacy.c		imported keys: verification by their old hash (token
- *					formats in apikey.legacy_formats), upgrade on use;
- *					apikey.legacy_verify_per_second
+ *					formats in apikey.legacy_formats, read at verification
+ *					and at statement analysis, their shapes handed to
+ *					redact.c), upgrade on use; apikey.legacy_verify_per_second
  *	 legacyupgrade.c	a legacy key's upgrade to SHA-256: recorded by the
  *					verifier without a lock, applied by the flush
  *	 failurelimit.c	per-network failure limiter in shared memory, before the
@@ -60,7 +61,9 @@
  *	 ratelimit.c	per-key rate limits enforced in shared memory;
  *					apikey.rate_limit_max_keys
  *	 redact.c		hooks that keep tokens out of the log and
- *					pg_stat_statements; apikey.redact_logs
+ *					pg_stat_statements (apikey's token shapes, and the legacy
+ *					formats' in use as legacy.c hands them over);
+ *					apikey.redact_logs
  *	 stats.c		live statistics, counted per backend
  *	 flushers.c		which databases have a usage flusher (slots in shared
  *					memory), flush requests to it, its heartbeat
@@ -548,5 +551,6 @@ extern void apikey_cidrs_check(ArrayType *cidrs);
 /* redact.c */
 extern void apikey_redact_init(void);
 extern void apikey_redact_require_early_load(void);
+extern void apikey_redact_set_legacy_shapes(char **names, char **token_regexes, int n);
 
 #endif							/* APIKEY_H */

@@ -50,6 +50,25 @@
  * marked valid before the read, so an invalidation arriving during it
  * forces the next call to read again.
  *
+ * The log redactor needs the list too (a legacy token has no checksum:
+ * only its format's shape finds it), and cannot read it itself: its hook
+ * may run while an error is reported or in an aborted transaction.  So
+ * each load hands the formats' token_regex to redact.c, which compiles
+ * them there and then; and the list is read not only at verification but
+ * also when any statement has been analysed (post_parse_analyze_hook), so
+ * a session that never verifies a legacy token knows the shapes before
+ * its statements fail or are logged.  That read is careful, as it runs
+ * under every application's statements: only in a client backend, in a
+ * valid transaction that has its snapshot already (reading earlier would
+ * fix a REPEATABLE READ snapshot or break SET TRANSACTION), not in
+ * SERIALIZABLE (no predicate locks a transaction never asked for), not in
+ * parallel mode, not while an extension script runs; it takes its locks
+ * conditionally (never waits); and it runs in a subtransaction that is
+ * rolled back at once, so it holds no lock afterwards and an error (a
+ * damaged install) costs the statement nothing.  Without apikey 1.2 in
+ * the database, or after such an error, it is not tried again until a
+ * relcache invalidation arrives.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -68,6 +87,7 @@
 #include "common/sha2.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "parser/analyze.h"
 #include "parser/parse_func.h"
 #include "regex/regex.h"
 #include "storage/lmgr.h"
@@ -130,6 +150,14 @@ static bool callback_registered = false;
 static SPIPlanPtr formats_plan = NULL;
 static SPIPlanPtr lookup_plan = NULL;
 
+/* the read at statement analysis (see the header) */
+static post_parse_analyze_hook_type prev_post_parse_analyze_hook = NULL;
+static bool refresh_skip = false;	/* until the next relcache invalidation */
+static bool refreshing = false;
+
+static void legacy_post_parse_analyze(ParseState *pstate, Query *query,
+									  JumbleState *jstate);
+
 /* Defines apikey.legacy_verify_per_second. */
 void
 apikey_legacy_init(void)
@@ -141,6 +169,9 @@ apikey_legacy_init(void)
 							20, 0, 100000,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
+
+	prev_post_parse_analyze_hook = post_parse_analyze_hook;
+	post_parse_analyze_hook = legacy_post_parse_analyze;
 }
 
 Size
@@ -243,12 +274,16 @@ budget_take(TimestampTz now, int64 *retry_after)
 	return ok;
 }
 
-/* Any change to apikey.legacy_formats (or to everything) empties the list. */
+/*
+ * Any change to apikey.legacy_formats (or to everything) empties the list;
+ * any invalidation at all lets statement analysis try to read it again.
+ */
 static void
 formats_inval(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == formats_relid)
 		formats_valid = false;
+	refresh_skip = false;
 }
 
 static LegacyAlgorithm
@@ -272,6 +307,8 @@ formats_load(void *arg)
 	MemoryContext old;
 	uint64		i;
 	int			rc;
+	char	  **names;
+	char	  **regexes;
 
 	LockRelationOid(formats_relid, AccessShareLock);
 	formats_valid = true;
@@ -292,6 +329,8 @@ formats_load(void *arg)
 							  InvalidSnapshot, true, false, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "legacy format lookup failed: %s", SPI_result_code_string(rc));
+	names = palloc(sizeof(char *) * Max(SPI_processed, 1));
+	regexes = palloc(sizeof(char *) * Max(SPI_processed, 1));
 	old = MemoryContextSwitchTo(formats_cxt);
 	formats = palloc0(sizeof(LegacyFormat) * Max(SPI_processed, 1));
 	for (i = 0; i < SPI_processed; i++)
@@ -311,22 +350,31 @@ formats_load(void *arg)
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		f->has_until = !isnull;
 		f->accept_until = isnull ? 0 : DatumGetTimestampTz(d);
+		names[i] = f->name;
+		regexes[i] = text_to_cstring(f->token_regex);
 	}
 	MemoryContextSwitchTo(old);
+	apikey_redact_set_legacy_shapes(names, regexes, nformats);
 	SPI_finish();
+}
+
+/* The cache's memory and its invalidation callback, once per backend. */
+static void
+formats_setup(void)
+{
+	if (callback_registered)
+		return;
+	formats_cxt = AllocSetContextCreate(CacheMemoryContext, "apikey legacy formats",
+										ALLOCSET_SMALL_SIZES);
+	CacheRegisterRelcacheCallback(formats_inval, (Datum) 0);
+	callback_registered = true;
 }
 
 /* The registered formats, read again if they changed. */
 static void
 formats_current(void)
 {
-	if (!callback_registered)
-	{
-		formats_cxt = AllocSetContextCreate(CacheMemoryContext, "apikey legacy formats",
-											ALLOCSET_SMALL_SIZES);
-		CacheRegisterRelcacheCallback(formats_inval, (Datum) 0);
-		callback_registered = true;
-	}
+	formats_setup();
 	AcceptInvalidationMessages();
 	if (formats_valid)
 		return;
@@ -348,6 +396,86 @@ formats_current(void)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+}
+
+/*
+ * Lock legacy_formats and legacy_keys if that needs no wait; false if it
+ * would (or, with refresh_skip set, if the 1.2 tables are not there).
+ */
+static bool
+formats_lock_conditionally(void)
+{
+	Oid			nsp = get_rel_namespace(apikey_keystore_keys_relid(false));
+	Oid			keys = get_relname_relid("legacy_keys", nsp);
+
+	formats_relid = get_relname_relid("legacy_formats", nsp);
+	if (!OidIsValid(formats_relid) || !OidIsValid(keys))
+	{
+		refresh_skip = true;
+		return false;
+	}
+	return ConditionalLockRelationOid(formats_relid, AccessShareLock) &&
+		ConditionalLockRelationOid(keys, AccessShareLock);
+}
+
+/*
+ * Read the formats in use from statement analysis, never waiting and never
+ * failing the statement (see the header).
+ */
+static void
+formats_refresh_quietly(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	ErrorData  *volatile failure = NULL;
+
+	formats_setup();
+	if (!OidIsValid(get_extension_oid("apikey", true)))
+	{
+		refresh_skip = true;
+		return;
+	}
+	BeginInternalSubTransaction(NULL);
+	refreshing = true;
+	PG_TRY();
+	{
+		if (formats_lock_conditionally())
+			formats_current();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		failure = CopyErrorData();
+		FlushErrorState();
+		refresh_skip = true;
+	}
+	PG_END_TRY();
+	refreshing = false;
+	/* nothing was written: rolling back releases the locks at once */
+	RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	if (failure != NULL)
+		ereport(LOG,
+				(errmsg("apikey could not read the legacy formats in use: %s", failure->message),
+				 errdetail("Until it can, this session's log hides apikey's own token shapes only.")));
+}
+
+/*
+ * After each statement's analysis, read the formats in use if they changed
+ * and reading is safe here (see the header).
+ */
+static void
+legacy_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
+{
+	if (prev_post_parse_analyze_hook)
+		prev_post_parse_analyze_hook(pstate, query, jstate);
+	if (formats_valid || refresh_skip || refreshing ||
+		MyBackendType != B_BACKEND || creating_extension ||
+		!IsTransactionState() || !FirstSnapshotSet ||
+		IsolationIsSerializable() || IsInParallelMode())
+		return;
+	formats_refresh_quietly();
 }
 
 /*
@@ -581,6 +709,40 @@ lookup_pending(void *arg)
 	SPI_finish();
 }
 
+/* A copy of text t in CurrentMemoryContext (NULL stays NULL). */
+static text *
+text_copy(const text *t)
+{
+	text	   *c;
+
+	if (t == NULL)
+		return NULL;
+	c = palloc(VARSIZE(t));
+	memcpy(c, t, VARSIZE(t));
+	return c;
+}
+
+/*
+ * A copy of the list, in CurrentMemoryContext: SQL run while a token is
+ * looked up (lookup_pending) may read the list again, at its analysis.
+ */
+static LegacyFormat *
+formats_copy(int *n)
+{
+	LegacyFormat *c = palloc(sizeof(LegacyFormat) * Max(nformats, 1));
+	int			i;
+
+	for (i = 0; i < nformats; i++)
+	{
+		c[i] = formats[i];
+		c[i].name = pstrdup(formats[i].name);
+		c[i].token_regex = text_copy(formats[i].token_regex);
+		c[i].lookup_regex = text_copy(formats[i].lookup_regex);
+	}
+	*n = nformats;
+	return c;
+}
+
 /*
  * Look a token that is not in apikey's format up among the legacy keys.
  * True with verdict->key_copy filled when a key was found (the caller
@@ -595,6 +757,8 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 	const char *tok = VARDATA_ANY(token);
 	int			len = VARSIZE_ANY_EXHDR(token);
 	bool		any = false;
+	LegacyFormat *fs;
+	int			n;
 	int			i;
 
 	memset(match, 0, sizeof(*match));
@@ -608,6 +772,7 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 	formats_current();
 	if (nformats == 0)
 		return false;
+	fs = formats_copy(&n);
 
 	/*
 	 * An imported SHA-256, a plaintext import or an upgraded key: looked up
@@ -619,16 +784,15 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 	AcceptInvalidationMessages();
 	if (apikey_keycache_lookup(match->new_hash, &verdict->key_copy))
 		return true;
-	for (i = 0; i < nformats && !any; i++)
-		any = regex_match(formats[i].token_regex, tok, len, false, NULL, NULL);
+	for (i = 0; i < n && !any; i++)
+		any = regex_match(fs[i].token_regex, tok, len, false, NULL, NULL);
 	if (!any)
 		return false;
 	verdict->code = APIKEY_UNKNOWN;
 
-	for (i = 0; i < nformats; i++)
+	for (i = 0; i < n; i++)
 	{
-		/* the list is read again only by formats_current(), above */
-		LegacyFormat f = formats[i];
+		LegacyFormat f = fs[i];
 		LookupArgs	la;
 		const char *input = tok;
 		int			inlen = len;
@@ -640,7 +804,7 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 		if (!regex_match(f.token_regex, tok, len, f.capture, &input, &inlen))
 			continue;
 		memset(&la, 0, sizeof(la));
-		la.format = pstrdup(f.name);
+		la.format = f.name;
 		if (f.lookup_regex != NULL)
 		{
 			if (!regex_match(f.lookup_regex, tok, len, true, &la.lookup, &la.lookup_len))

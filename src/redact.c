@@ -17,6 +17,26 @@
  * a valid token ak_<body> becomes its hint, ak_...x9Qz.  Each span hidden is
  * counted (apikey.stats.tokens_redacted), so a leak into the log shows.
  *
+ * Legacy tokens.  Keys imported from another system (legacy.c) have that
+ * system's shape and no checksum.  While a legacy format has keys, legacy.c
+ * hands us its token_regex whenever it reads the formats in use, and we
+ * compile it there and then, unanchored and between word boundaries (no
+ * letter, digit or "_" just before or after), so it finds the token inside
+ * SQL text but not inside a longer word.  The hook only runs the compiled
+ * expressions: no catalog access, nothing that can raise (it may run in an
+ * aborted transaction or while an error is reported).  Each match becomes
+ * "..." and its last four characters (just "..." under 16 characters),
+ * after apikey's own shapes were hidden.  A match without a capital letter
+ * or a digit is left as it is: it is words (a qualified name such as
+ * apikey.set_owner_limits has bcrypt-prefixed's shape), not a random
+ * secret.  Should the regex engine fail (out of memory, a cancel arriving),
+ * the whole text is replaced: better a line without its text than a token
+ * in clear.  A backend learns the formats in use when it first verifies a
+ * legacy token or analyses a statement (legacy.c): log_statement writes a
+ * statement before it is analysed, so the first statement of a session is
+ * hidden by apikey's own shapes only.  The pg_stat_statements copy below
+ * masks apikey's own shapes only.
+ *
  * pg_stat_statements.  It replaces the constants of plannable statements by
  * $1, but stores utility statements (DO, CALL, COPY, EXPLAIN, CREATE TABLE
  * AS, DECLARE, ...) verbatim.  Our ProcessUtility hook hands the next hook
@@ -38,8 +58,11 @@
  */
 #include "postgres.h"
 
+#include "catalog/pg_collation.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "regex/regex.h"
 #include "tcop/tcopprot.h"
 #include "tcop/utility.h"
 #include "utils/guc.h"
@@ -60,22 +83,301 @@ static bool redact_logs = true;
 static bool loaded_after_statement_logged = false;
 static char *loaded_with_log_statement = NULL;
 
+/* A character that continues a word: no legacy token starts or ends next to one. */
+#define WORD_CHAR		"[A-Za-z0-9_]"
+
+/* A legacy span this long or longer shows its last four characters. */
+#define LEGACY_TAIL_MIN	16
+
+/* What a text the regex engine could not scan is replaced by. */
+#define UNSCANNED_TEXT	"[text withheld: apikey could not scan it for tokens]"
+
 /*
- * A copy of s with every token-shaped span replaced by "..." and its tail
- * (ak_...x9Qz), or NULL if s has none.
+ * The token shapes of the legacy formats in use, compiled; replaced whole
+ * (a new memory context each time) by apikey_redact_set_legacy_shapes().
+ */
+typedef struct LegacyShapes
+{
+	MemoryContext cxt;
+	int			n;
+	regex_t    *re;
+} LegacyShapes;
+
+static LegacyShapes *legacy_shapes = NULL;
+
+/*
+ * A token_regex made unanchored, between word boundaries: a leading
+ * director and embedded options stay first, a leading "^" and a trailing
+ * unescaped "$" go.
  */
 static char *
-redact_string(const char *s)
+unanchored(const char *re)
+{
+	const char *p = re;
+	size_t		len;
+	size_t		bs = 0;
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	if (strncmp(p, "***:", 4) == 0)
+	{
+		appendBinaryStringInfo(&buf, p, 4);
+		p += 4;
+	}
+	if (p[0] == '(' && p[1] == '?' && isalpha((unsigned char) p[2]))
+	{
+		const char *q = p + 2;
+
+		while (isalpha((unsigned char) *q))
+			q++;
+		if (*q == ')')
+		{
+			appendBinaryStringInfo(&buf, p, q + 1 - p);
+			p = q + 1;
+		}
+	}
+	if (*p == '^')
+		p++;
+	len = strlen(p);
+	while (bs + 1 < len && p[len - 2 - bs] == '\\')
+		bs++;
+	if (len > 0 && p[len - 1] == '$' && bs % 2 == 0)
+		len--;
+	appendStringInfo(&buf, "(?<!" WORD_CHAR ")(?:%.*s)(?!" WORD_CHAR ")", (int) len, p);
+	return buf.data;
+}
+
+/* Free a set of shapes and everything it holds. */
+static void
+shapes_free(LegacyShapes *set)
+{
+	int			i;
+
+	if (set == NULL)
+		return;
+	for (i = 0; i < set->n; i++)
+		pg_regfree(&set->re[i]);
+	MemoryContextDelete(set->cxt);
+}
+
+/*
+ * Compile one format's shape into re; false, with a WARNING, if it does not
+ * compile unanchored (its tokens are then hidden by apikey's shapes only).
+ */
+static bool
+shape_compile(const char *name, const char *token_regex, regex_t *re)
+{
+	char	   *pattern = unanchored(token_regex);
+	size_t		len = strlen(pattern);
+	pg_wchar   *w = palloc((len + 1) * sizeof(pg_wchar));
+	int			wlen = pg_mb2wchar_with_len(pattern, w, len);
+	int			rc = pg_regcomp(re, w, wlen, REG_ADVANCED, C_COLLATION_OID);
+	char		msg[128];
+
+	if (rc == REG_OKAY)
+		return true;
+	pg_regerror(rc, re, msg, sizeof(msg));
+	ereport(WARNING,
+			(errcode(ERRCODE_INVALID_REGULAR_EXPRESSION),
+			 errmsg("the log redactor cannot use the token_regex of legacy format \"%s\": %s",
+					name, msg),
+			 errhint("Anchor it with a leading ^ and a trailing $ only, as the presets are.")));
+	return false;
+}
+
+/*
+ * The token expressions of the legacy formats in use (legacy.c, when it
+ * has read them): compile each one's shape now, and let the log hook use
+ * the new set from now on.
+ */
+void
+apikey_redact_set_legacy_shapes(char **names, char **token_regexes, int n)
+{
+	MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "apikey legacy shapes",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	LegacyShapes *set = palloc0(sizeof(LegacyShapes));
+	int			i;
+
+	set->cxt = cxt;
+	set->re = palloc0(sizeof(regex_t) * Max(n, 1));
+	PG_TRY();
+	{
+		for (i = 0; i < n; i++)
+			if (shape_compile(names[i], token_regexes[i], &set->re[set->n]))
+				set->n++;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(old);
+		shapes_free(set);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	shapes_free(legacy_shapes);
+	legacy_shapes = set;
+}
+
+/*
+ * The next non-empty match of shape k in w at or after from: true with
+ * [*so, *eo), false if none; *failed if the regex engine failed.
+ */
+static bool
+shape_next(int k, const pg_wchar *w, size_t len, size_t from,
+		   size_t *so, size_t *eo, bool *failed)
+{
+	regmatch_t	m[1];
+
+	while (from <= len)
+	{
+		int			rc = pg_regexec(&legacy_shapes->re[k], w, len, from, NULL, 1, m, 0);
+
+		if (rc == REG_NOMATCH)
+			return false;
+		if (rc != REG_OKAY)
+		{
+			*failed = true;
+			return false;
+		}
+		if (m[0].rm_eo > m[0].rm_so)
+		{
+			*so = m[0].rm_so;
+			*eo = m[0].rm_eo;
+			return true;
+		}
+		from = m[0].rm_so + 1;	/* an empty match hides nothing */
+	}
+	return false;
+}
+
+/*
+ * Does the span hold a capital letter or a digit?  A span without either is
+ * taken for words, not a token: bcrypt-prefixed's shape is also that of a
+ * qualified name (apikey.set_owner_limits), sha256's that of some
+ * identifiers, while a secret of 16 random letters and digits (or base64
+ * characters) has neither with a chance of about one in a million.
+ */
+static bool
+looks_random(const char *s, size_t len)
+{
+	size_t		i;
+
+	for (i = 0; i < len; i++)
+		if ((s[i] >= 'A' && s[i] <= 'Z') || (s[i] >= '0' && s[i] <= '9'))
+			return true;
+	return false;
+}
+
+/*
+ * A copy of s with every span shaped like a token of a legacy format in use
+ * (and holding a capital or a digit) replaced by "..." and its last four
+ * characters, or NULL if s has none; *failed (and NULL) if the regex engine
+ * failed.  Each byte is one regex character (a legacy token is ASCII); a
+ * span never ends inside a run of non-ASCII bytes, so no multibyte
+ * character is cut.  Overlapping matches of several formats make one span.
+ */
+static char *
+redact_legacy(const char *s, uint64 *spans, bool *failed)
+{
+	size_t		len = strlen(s);
+	int			n = legacy_shapes->n;
+	pg_wchar   *w;
+	size_t	   *so;
+	size_t	   *eo;
+	bool	   *found;
+	size_t		pos = 0;
+	size_t		copied = 0;
+	size_t		i;
+	int			k;
+	StringInfoData buf;
+	bool		any = false;
+
+	w = palloc_extended((len + 1) * sizeof(pg_wchar), MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
+	if (w == NULL)
+	{
+		*failed = true;
+		return NULL;
+	}
+	so = palloc(sizeof(size_t) * n);
+	eo = palloc(sizeof(size_t) * n);
+	found = palloc(sizeof(bool) * n);
+	for (i = 0; i < len; i++)
+		w[i] = (unsigned char) s[i];
+	for (k = 0; k < n; k++)
+		found[k] = shape_next(k, w, len, 0, &so[k], &eo[k], failed);
+
+	for (;;)
+	{
+		size_t		start = len;
+		size_t		end = 0;
+		bool		grew = true;
+
+		if (*failed)
+			return NULL;
+		for (k = 0; k < n; k++)
+			if (found[k] && so[k] < start)
+			{
+				start = so[k];
+				end = eo[k];
+			}
+		if (start == len)
+			break;
+		/* the union of the matches that overlap this one */
+		while (grew)
+		{
+			grew = false;
+			for (k = 0; k < n; k++)
+				if (found[k] && so[k] < end && eo[k] > end)
+				{
+					end = eo[k];
+					grew = true;
+				}
+		}
+		while (start > 0 && IS_HIGHBIT_SET(s[start]) && IS_HIGHBIT_SET(s[start - 1]))
+			start--;
+		while (end < len && IS_HIGHBIT_SET(s[end]) && IS_HIGHBIT_SET(s[end - 1]))
+			end++;
+		pos = end;
+		for (k = 0; k < n; k++)
+			if (found[k] && so[k] < pos)
+				found[k] = shape_next(k, w, len, pos, &so[k], &eo[k], failed);
+		if (!looks_random(s + start, end - start))
+			continue;
+
+		if (!any)
+		{
+			initStringInfo(&buf);
+			any = true;
+		}
+		appendBinaryStringInfo(&buf, s + copied, start - copied);
+		appendStringInfoString(&buf, "...");
+		if (end - start >= LEGACY_TAIL_MIN &&
+			!IS_HIGHBIT_SET(s[end - 4]) && !IS_HIGHBIT_SET(s[end - 3]) &&
+			!IS_HIGHBIT_SET(s[end - 2]) && !IS_HIGHBIT_SET(s[end - 1]))
+			appendBinaryStringInfo(&buf, s + end - 4, 4);
+		copied = end;
+		(*spans)++;
+	}
+	if (!any)
+		return NULL;
+	appendStringInfoString(&buf, s + copied);
+	return buf.data;
+}
+
+/*
+ * A copy of s with every span shaped like one of apikey's tokens replaced by
+ * "..." and its tail (ak_...x9Qz), or NULL if s has none.
+ */
+static char *
+redact_own_shapes(const char *s, uint64 *spans)
 {
 	size_t		len;
 	size_t		pos = 0;
 	ApikeyShape shape;
 	StringInfoData buf;
 	bool		any = false;
-	uint64		spans = 0;
 
-	if (s == NULL)
-		return NULL;
 	len = strlen(s);
 	if (len < APIKEY_SHAPE_MIN_CHARS)
 		return NULL;
@@ -91,13 +393,43 @@ redact_string(const char *s)
 		appendStringInfoString(&buf, "...");
 		appendBinaryStringInfo(&buf, s + shape.tail, APIKEY_HINT_TAIL);
 		pos = shape.start + shape.len;
-		spans++;
+		(*spans)++;
 	}
 	if (!any)
 		return NULL;
-	apikey_stats_redacted(spans);
 	appendStringInfoString(&buf, s + pos);
 	return buf.data;
+}
+
+/*
+ * A copy of s with apikey's token shapes, then the legacy formats' in use,
+ * hidden; NULL if s has none.
+ */
+static char *
+redact_string(const char *s)
+{
+	uint64		spans = 0;
+	char	   *r;
+
+	if (s == NULL)
+		return NULL;
+	r = redact_own_shapes(s, &spans);
+	if (legacy_shapes != NULL && legacy_shapes->n > 0)
+	{
+		bool		failed = false;
+		char	   *l = redact_legacy(r != NULL ? r : s, &spans, &failed);
+
+		if (failed)
+		{
+			l = pstrdup(UNSCANNED_TEXT);
+			spans++;
+		}
+		if (l != NULL)
+			r = l;
+	}
+	if (spans > 0)
+		apikey_stats_redacted(spans);
+	return r;
 }
 
 static void
