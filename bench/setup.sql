@@ -87,6 +87,8 @@ SELECT count(key_id) FROM apikey.import_keys('bcrypt-prefixed', (
 										'scopes', '["orders:read"]'::jsonb))
 	  FROM bench.tokens WHERE name LIKE 'legacy\_%'));
 SELECT apikey.verify(token) FROM bench.tokens WHERE name = 'legacy_upgraded';
+-- the upgrade is recorded by the verification and applied by a flush
+SELECT apikey.flush_usage() >= 0 AS flushed;
 \endif
 
 -- Row-level cases: 100 tenants x 10 rows.  bench.orders has the policy,
