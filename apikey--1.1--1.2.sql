@@ -1176,8 +1176,12 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET apikey.audit_context = 'report_leak'
 AS $$
 BEGIN
-	RETURN apikey._report_leak_audited('report_leak', apikey._token_hash(report_leak.token),
-									   report_leak.source, report_leak.reference);
+	-- a token in apikey's format, else a legacy token of an imported key,
+	-- else malformed (_token_hash raises)
+	RETURN apikey._report_leak_audited('report_leak',
+		COALESCE(apikey._token_hash_or_null(report_leak.token), apikey._legacy_hash(report_leak.token),
+				 apikey._token_hash(report_leak.token)),
+		report_leak.source, report_leak.reference);
 END
 $$;
 COMMENT ON FUNCTION apikey.report_leak(text, text, text)
@@ -1234,7 +1238,8 @@ BEGIN
 	FOR e IN SELECT x FROM pg_catalog.jsonb_array_elements(report_leaks.payload) x LOOP
 		v_hash := NULL;
 		IF pg_catalog.jsonb_typeof(e OPERATOR(pg_catalog.->) 'token') OPERATOR(pg_catalog.=) 'string' THEN
-			v_hash := apikey._token_hash_or_null(e OPERATOR(pg_catalog.->>) 'token');
+			v_hash := COALESCE(apikey._token_hash_or_null(e OPERATOR(pg_catalog.->>) 'token'),
+							   apikey._legacy_hash(e OPERATOR(pg_catalog.->>) 'token'));
 		END IF;
 		v_key := NULL;
 		IF v_hash IS NOT NULL THEN
@@ -5131,6 +5136,15 @@ COMMENT ON COLUMN apikey.legacy_keys.imported_at IS 'When it was imported';
 COMMENT ON COLUMN apikey.legacy_keys.upgraded_at IS 'When keys.hash became SHA-256 of the token (at import for SHA-256 and plaintext imports); NULL = pending or retired';
 REVOKE ALL ON apikey.legacy_keys FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('apikey.legacy_keys', '');
+
+-- report_leak() of a token from before apikey: the stored hash of the key
+-- it belongs to (src/legacy.c), found as a verification would find it.
+CREATE FUNCTION apikey._legacy_hash(token text) RETURNS bytea
+AS 'MODULE_PATHNAME', 'apikey_legacy_hash_sql'
+LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION apikey._legacy_hash(text)
+	IS 'Internal: keys.hash of the imported key a legacy token belongs to (by its old hash while pending), NULL for none; raises 53400 when the slow-hash budget is spent';
+REVOKE ALL ON FUNCTION apikey._legacy_hash(text) FROM PUBLIC;
 
 CREATE FUNCTION apikey._legacy_formats_changed() RETURNS trigger
 AS 'MODULE_PATHNAME', 'apikey_legacy_formats_changed_trigger'

@@ -1012,6 +1012,25 @@ apikey_legacy_formats_changed_trigger(PG_FUNCTION_ARGS)
 }
 
 /*
+ * apikey._legacy_hash(token): the stored hash of the key a legacy token
+ * belongs to, NULL for none (report_leak() of a token from before apikey).
+ */
+PG_FUNCTION_INFO_V1(apikey_legacy_hash_sql);
+Datum
+apikey_legacy_hash_sql(PG_FUNCTION_ARGS)
+{
+	bytea	   *result;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	result = palloc(VARHDRSZ + APIKEY_HASH_LEN);
+	SET_VARSIZE(result, VARHDRSZ + APIKEY_HASH_LEN);
+	if (!apikey_legacy_key_hash(PG_GETARG_TEXT_PP(0), (uint8 *) VARDATA(result)))
+		PG_RETURN_NULL();
+	PG_RETURN_BYTEA_P(result);
+}
+
+/*
  * apikey.legacy_stats(): legacy verifications and upgrades since the
  * server started (this backend's only, without shared memory).
  */

@@ -437,6 +437,8 @@ INSERT INTO cases (fn, label, q) VALUES
 ('resolve_finding', 'bad resolution', $$SELECT apikey.resolve_finding(1, 'whatever')::text$$),
 ('resolve_finding', 'no such finding', $$SELECT apikey.resolve_finding(-1, 'false_positive')::text$$),
 -- events
+('_legacy_hash', 'NULL', $$SELECT apikey._legacy_hash(NULL)::text$$),
+('_legacy_hash', '1 MB', $$SELECT apikey._legacy_hash(repeat('a', 1048576))::text$$),
 ('_erase_finding_addresses', 'NULL', $$SELECT apikey._erase_finding_addresses(NULL, NULL)::text$$),
 ('_erase_finding_addresses', 'zero batch', $$SELECT apikey._erase_finding_addresses(now(), 0)::text$$),
 ('_erase_finding_addresses', 'nothing that old', $$SELECT apikey._erase_finding_addresses('-infinity', 10)::text$$),

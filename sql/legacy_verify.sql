@@ -165,6 +165,32 @@ SELECT apikey.flush_usage() >= 0 AS flushed;
 SELECT verifier IS NOT NULL AS not_upgraded FROM apikey.legacy_keys WHERE lookup = 'QwErTy12';
 
 -------------------------------------------------------------------------------
+-- Reporting a leaked legacy token: report_leak() finds a pending key by its
+-- old hash, and a key imported as SHA-256 by the token's SHA-256, and
+-- applies the leak policy (revoke) as for any key; the report neither
+-- upgrades the key nor counts a call.  A wrong secret is not a key's, and
+-- text of no shape is malformed, as before.
+-------------------------------------------------------------------------------
+SELECT count(key_id) AS imported FROM apikey.import_keys('bcrypt-prefixed', jsonb_build_array(jsonb_build_object(
+	'owner', 'initech', 'lookup', 'leak0001', 'hash', crypt('Lk9-kQ2_mW7xP4vL8nT3', gen_salt('bf', 4)))));
+SELECT apikey.flush_usage() >= 0 AS flushed;
+SELECT coalesce(sum(calls), 0) AS calls_before FROM apikey.usage_log \gset
+SELECT apikey.report_leak('leak0001.Lk9-kQ2_mW7xP4vL8nT3', 'regress') IS NOT NULL AS pending_reported;
+SELECT e.source, e.action_taken, l.lookup FROM apikey.exposures e JOIN apikey.legacy_keys l USING (key_id)
+ WHERE l.lookup = 'leak0001';
+SELECT apikey.flush_usage() >= 0 AS flushed;
+SELECT coalesce(sum(calls), 0) - :calls_before AS calls_counted_by_report,
+       (SELECT verifier IS NOT NULL FROM apikey.legacy_keys WHERE lookup = 'leak0001') AS still_pending
+  FROM apikey.usage_log;
+SELECT code FROM apikey.check('leak0001.Lk9-kQ2_mW7xP4vL8nT3') AS pending_after_report;
+SELECT apikey.report_leak(:'sha_b64_token', 'regress') IS NOT NULL AS sha256_reported;
+SELECT code FROM apikey.check(:'sha_b64_token') AS sha256_after_report;
+\set VERBOSITY sqlstate
+SELECT apikey.report_leak('leak0001.Lk9-kQ2_mW7xP4vL8nT4', 'regress') AS wrong_secret;
+SELECT apikey.report_leak('no shape at all', 'regress') AS no_shape;
+\set VERBOSITY default
+
+-------------------------------------------------------------------------------
 -- Retiring a format: its pending keys stop verifying; upgraded keys go on.
 -------------------------------------------------------------------------------
 SELECT count(key_id) FROM apikey.import_keys('bcrypt-prefixed', jsonb_build_array(jsonb_build_object(

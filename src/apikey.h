@@ -382,6 +382,7 @@ extern bool apikey_legacy_stats_read(ApikeyLegacyStats *out);
 extern void apikey_legacy_formats_changed(void);
 extern bool apikey_legacy_lookup(text *token, TimestampTz now,
 								 ApikeyVerdict *verdict, ApikeyLegacyMatch *match);
+extern bool apikey_legacy_key_hash(text *token, uint8 *hash);
 extern void apikey_legacy_count_upgrades(uint64 upgraded, uint64 deferred);
 
 /* legacyupgrade.c */

@@ -846,3 +846,31 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 	}
 	return false;
 }
+
+/*
+ * The stored hash of the key a legacy token belongs to, for report_leak():
+ * the lookup of a verification, without judging the key, counting a call or
+ * recording an upgrade.  False when the token belongs to no key.  A slow
+ * hash the budget refuses raises: a report that could not be checked must
+ * not read as "no such key".
+ */
+bool
+apikey_legacy_key_hash(text *token, uint8 *hash)
+{
+	ApikeyVerdict verdict;
+	ApikeyLegacyMatch match;
+
+	memset(&verdict, 0, sizeof(verdict));
+	if (apikey_legacy_lookup(token, GetCurrentTimestamp(), &verdict, &match))
+	{
+		memcpy(hash, verdict.key_copy.hash, APIKEY_HASH_LEN);
+		return true;
+	}
+	if (verdict.code == APIKEY_RATE_LIMITED)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("the legacy verification budget is spent; the token could not be checked"),
+				 errhint("Try again in %lld seconds, or raise apikey.legacy_verify_per_second.",
+						 (long long) ((verdict.retry_after + USECS_PER_SEC - 1) / USECS_PER_SEC))));
+	return false;
+}
