@@ -4911,10 +4911,26 @@ REVOKE ALL ON FUNCTION apikey.resolve_finding(bigint, text, text) FROM PUBLIC;
 -- failure addresses of usage_log: once a finding has not been seen for
 -- apikey.address_retention, run_retention() drops the addresses from its
 -- evidence and widens its network (and the network of its finding.opened
--- event) to what key_networks records (apikey.network_prefix_v4/_v6).  An
--- open finding keeps its own network when another open finding of the same
--- rule and key falls in the same wider network (one open finding per rule
--- and subject).  Returns how many findings and events it changed.
+-- event) to what key_networks records (apikey.network_prefix_v4/_v6).  Open
+-- findings of one rule and key that would then share a network (one open
+-- finding per rule and subject) are one finding: the oldest stays open, the
+-- others are resolved as duplicates of it.  Returns how many findings and
+-- events it changed; a row that needs nothing is never picked.
+-- An address or network in text, as inet; NULL for anything else (a
+-- payload is only as good as whoever wrote it).
+CREATE FUNCTION apikey._inet_or_null(value text) RETURNS inet
+LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	RETURN value::pg_catalog.inet;
+EXCEPTION WHEN invalid_text_representation OR invalid_binary_representation OR data_exception THEN
+	RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikey._inet_or_null(text)
+	IS 'Internal: text as inet, NULL when it is not an address or network';
+REVOKE ALL ON FUNCTION apikey._inet_or_null(text) FROM PUBLIC;
+
 CREATE FUNCTION apikey._erase_finding_addresses(cutoff timestamptz, batch_size integer) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -4925,8 +4941,25 @@ BEGIN
 	IF cutoff IS NULL OR batch_size IS NULL OR batch_size OPERATOR(pg_catalog.<) 1 THEN
 		RAISE EXCEPTION 'cutoff must not be NULL and batch_size must be positive' USING ERRCODE = '22023';
 	END IF;
+	-- open findings that would share a wider network: all but one resolved
+	-- (the one already that wide, else the oldest)
+	WITH grp AS (
+		SELECT f.id, f.network OPERATOR(pg_catalog.=) apikey._network_of(f.network) AS wide_already,
+			   pg_catalog.first_value(f.id) OVER (
+				   PARTITION BY f.rule, COALESCE(f.key_id, 0), apikey._network_of(f.network)
+				   ORDER BY f.network OPERATOR(pg_catalog.=) apikey._network_of(f.network) DESC, f.id) AS keep
+		  FROM apikey.findings f
+		 WHERE f.resolved_at IS NULL AND f.network IS NOT NULL
+		   AND (f.network OPERATOR(pg_catalog.=) apikey._network_of(f.network)
+				OR f.last_seen_at OPERATOR(pg_catalog.<) cutoff))
+	UPDATE apikey.findings f
+	   SET resolved_at = pg_catalog.now(), resolved_by = apikey._acting_role(), resolution = 'duplicate',
+		   resolution_note = pg_catalog.format('apikey.address_retention: the same network as finding %s once widened', g.keep)
+	  FROM grp g
+	 WHERE f.id OPERATOR(pg_catalog.=) g.id AND g.id OPERATOR(pg_catalog.<>) g.keep AND NOT g.wide_already;
+
 	WITH picked AS (
-		SELECT f.id, f.rule, f.key_id, f.resolved_at, apikey._network_of(f.network) AS wide
+		SELECT f.id
 		  FROM apikey.findings f
 		 WHERE f.last_seen_at OPERATOR(pg_catalog.<) cutoff
 		   AND (f.evidence OPERATOR(pg_catalog.?) 'addresses'
@@ -4942,26 +4975,22 @@ BEGIN
 																	   WHEN 'array' THEN f.evidence OPERATOR(pg_catalog.->) 'addresses'
 																	   ELSE '[]' END))
 						   ELSE f.evidence END,
-		   network = CASE WHEN p.resolved_at IS NOT NULL OR NOT EXISTS
-								(SELECT FROM apikey.findings o
-								  WHERE o.resolved_at IS NULL AND o.id OPERATOR(pg_catalog.<>) p.id
-									AND o.rule OPERATOR(pg_catalog.=) p.rule
-									AND COALESCE(o.key_id, 0) OPERATOR(pg_catalog.=) COALESCE(p.key_id, 0)
-									AND apikey._network_of(o.network) OPERATOR(pg_catalog.=) p.wide)
-						  THEN p.wide ELSE f.network END
+		   network = apikey._network_of(f.network)
 	  FROM picked p
 	 WHERE f.id OPERATOR(pg_catalog.=) p.id;
 	GET DIAGNOSTICS v_findings = ROW_COUNT;
 
+	-- events: only a network written as the detector writes it (cidr text)
+	-- is widened; anything else in a payload is left as it is
 	UPDATE apikey.events e
 	   SET payload = pg_catalog.jsonb_set(e.payload, '{network}',
-					pg_catalog.to_jsonb(apikey._network_of((e.payload OPERATOR(pg_catalog.->>) 'network')::pg_catalog.inet)::text))
+					pg_catalog.to_jsonb(apikey._network_of(apikey._inet_or_null(e.payload OPERATOR(pg_catalog.->>) 'network'))::text))
 	 WHERE e.seq OPERATOR(pg_catalog.=) ANY (ARRAY(
 			SELECT x.seq FROM apikey.events x
 			 WHERE x.kind OPERATOR(pg_catalog.=) 'finding.opened' AND x.at OPERATOR(pg_catalog.<) cutoff
 			   AND pg_catalog.jsonb_typeof(x.payload OPERATOR(pg_catalog.->) 'network') OPERATOR(pg_catalog.=) 'string'
-			   AND (x.payload OPERATOR(pg_catalog.->>) 'network')::pg_catalog.cidr
-				   OPERATOR(pg_catalog.<>) apikey._network_of((x.payload OPERATOR(pg_catalog.->>) 'network')::pg_catalog.inet)
+			   AND apikey._inet_or_null(x.payload OPERATOR(pg_catalog.->>) 'network')
+				   OPERATOR(pg_catalog.<>) apikey._network_of(apikey._inet_or_null(x.payload OPERATOR(pg_catalog.->>) 'network'))::pg_catalog.inet
 			 ORDER BY x.seq LIMIT batch_size));
 	GET DIAGNOSTICS v_events = ROW_COUNT;
 	RETURN v_findings OPERATOR(pg_catalog.+) v_events;
@@ -5143,7 +5172,7 @@ CREATE FUNCTION apikey._legacy_hash(token text) RETURNS bytea
 AS 'MODULE_PATHNAME', 'apikey_legacy_hash_sql'
 LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION apikey._legacy_hash(text)
-	IS 'Internal: keys.hash of the imported key a legacy token belongs to (by its old hash while pending), NULL for none; raises 53400 when the slow-hash budget is spent';
+	IS 'Internal: keys.hash of the imported key a legacy token belongs to (by its old hash while pending, in a retired format too, without the verification budget), NULL for none';
 REVOKE ALL ON FUNCTION apikey._legacy_hash(text) FROM PUBLIC;
 
 CREATE FUNCTION apikey._legacy_formats_changed() RETURNS trigger

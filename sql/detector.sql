@@ -241,8 +241,11 @@ SELECT DISTINCT f.severity AS finding_severity, e.severity AS event_severity
 -- apikey.address_retention, run_retention() drops the addresses from its
 -- evidence and widens its network (and its finding.opened event's) to the
 -- key_networks prefix (/24, /48).  Two open findings of one rule and key
--- in the same /24 keep their own networks (one open finding per subject);
--- a finding seen within the retention keeps everything.
+-- in the same /24 become one (one open finding per subject): the older
+-- stays open, the other is resolved as its duplicate, and both are
+-- widened; a finding seen within the retention keeps everything.  A second
+-- run finds nothing left to do, and an event payload that is not an
+-- address is left alone.
 SET apikey.address_retention = '1h';
 SELECT id AS addr_key FROM apikey.keys ORDER BY id LIMIT 1 \gset
 INSERT INTO apikey.findings (rule, key_id, network, severity, evidence, action_taken, last_seen_at, resolved_at, resolution)
@@ -254,12 +257,16 @@ VALUES ('allowlist_violation', :addr_key, '192.0.2.7/32', 'medium', '{"calls": 5
 INSERT INTO apikey.events (at, kind, key_id, severity, payload)
 VALUES (now() - interval '2 hours', 'finding.opened', :addr_key, 'warning', '{"network": "192.0.2.7/32", "rule": "regress"}'),
        (now() - interval '10 minutes', 'finding.opened', :addr_key, 'warning', '{"network": "203.0.113.9/32", "rule": "regress"}');
-SELECT addresses_erased >= 6 AS erased FROM apikey.run_retention();
-SELECT rule, network, evidence, resolved_at IS NOT NULL AS resolved
+INSERT INTO apikey.events (at, kind, key_id, severity, payload)
+VALUES (now() - interval '2 hours', 'finding.opened', :addr_key, 'warning', '{"network": "not an address", "rule": "regress"}'),
+       (now() - interval '2 hours', 'finding.opened', :addr_key, 'warning', '{"network": "10.0.0.5/24", "rule": "regress"}');
+SELECT addresses_erased, more FROM apikey.run_retention();
+SELECT addresses_erased, more FROM apikey.run_retention();
+SELECT rule, network, evidence, resolved_at IS NOT NULL AS resolved, resolution
   FROM apikey.findings
  WHERE key_id = :addr_key AND network <<= ANY ('{192.0.2.0/24,2001:db8::/32,198.51.100.0/24,203.0.113.0/24}'::cidr[])
  ORDER BY network;
-SELECT payload->>'network' AS event_network FROM apikey.events WHERE payload->>'rule' = 'regress' ORDER BY at;
+SELECT payload->>'network' AS event_network FROM apikey.events WHERE payload->>'rule' = 'regress' ORDER BY at, seq;
 -- the audit row of resolve_finding names the wider network only
 SELECT id AS open_addr FROM apikey.findings WHERE network = '203.0.113.9/32' \gset
 SELECT apikey.resolve_finding(:open_addr, 'false_positive');

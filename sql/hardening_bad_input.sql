@@ -439,6 +439,10 @@ INSERT INTO cases (fn, label, q) VALUES
 -- events
 ('_legacy_hash', 'NULL', $$SELECT apikey._legacy_hash(NULL)::text$$),
 ('_legacy_hash', '1 MB', $$SELECT apikey._legacy_hash(repeat('a', 1048576))::text$$),
+('_inet_or_null', 'NULL', $$SELECT apikey._inet_or_null(NULL)::text$$),
+('_inet_or_null', 'not an address', $$SELECT apikey._inet_or_null('not an address')::text$$),
+('_inet_or_null', 'host bits set', $$SELECT apikey._inet_or_null('10.0.0.5/24')::text$$),
+('_inet_or_null', 'prefix too long', $$SELECT apikey._inet_or_null('10.0.0.5/33')::text$$),
 ('_erase_finding_addresses', 'NULL', $$SELECT apikey._erase_finding_addresses(NULL, NULL)::text$$),
 ('_erase_finding_addresses', 'zero batch', $$SELECT apikey._erase_finding_addresses(now(), 0)::text$$),
 ('_erase_finding_addresses', 'nothing that old', $$SELECT apikey._erase_finding_addresses('-infinity', 10)::text$$),
