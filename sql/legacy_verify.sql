@@ -197,5 +197,11 @@ SELECT count(key_id) FROM apikey.import_keys('bcrypt-prefixed', jsonb_build_arra
 	'owner', 'initech', 'lookup', 'live9999', 'hash', crypt('Qq9-kQ2_mW7xP4vL8nT3', gen_salt('bf', 4)))));
 SELECT apikey.legacy_retire('bcrypt-prefixed', false);
 SELECT code FROM apikey.check('live9999.Qq9-kQ2_mW7xP4vL8nT3') AS pending_after_retire;
+-- a retired format's pending key no longer verifies, but it still exists
+-- (un-retiring the format would bring it back): a leak report finds it
+-- and revokes it
+SELECT apikey.report_leak('live9999.Qq9-kQ2_mW7xP4vL8nT3', 'regress') IS NOT NULL AS retired_reported;
+SELECT count(*) AS retired_revoked FROM apikey.revocations r JOIN apikey.legacy_keys l USING (key_id)
+ WHERE l.lookup = 'live9999';
 SELECT code FROM apikey.check(:'bc_token') AS upgraded_after_retire;
 SELECT format, pending, migrated FROM apikey.legacy_progress ORDER BY format;

@@ -380,7 +380,7 @@ extern Size apikey_legacy_shmem_size(void);
 extern void apikey_legacy_shmem_startup(void);
 extern bool apikey_legacy_stats_read(ApikeyLegacyStats *out);
 extern void apikey_legacy_formats_changed(void);
-extern bool apikey_legacy_lookup(text *token, TimestampTz now,
+extern bool apikey_legacy_lookup(text *token, TimestampTz now, bool reporting,
 								 ApikeyVerdict *verdict, ApikeyLegacyMatch *match);
 extern bool apikey_legacy_key_hash(text *token, uint8 *hash);
 extern void apikey_legacy_count_upgrades(uint64 upgraded, uint64 deferred);

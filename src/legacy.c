@@ -439,6 +439,13 @@ formats_refresh_quietly(void)
 	refreshing = true;
 	PG_TRY();
 	{
+		/*
+		 * The tables are locked only if free; the read also locks their
+		 * indexes, which a REINDEX or ALTER may hold: never wait for those
+		 * either (the setting ends with the subtransaction).
+		 */
+		(void) set_config_option("lock_timeout", "1", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 		if (formats_lock_conditionally())
 			formats_current();
 	}
@@ -447,7 +454,6 @@ formats_refresh_quietly(void)
 		MemoryContextSwitchTo(cxt);
 		failure = CopyErrorData();
 		FlushErrorState();
-		refresh_skip = true;
 	}
 	PG_END_TRY();
 	refreshing = false;
@@ -455,8 +461,17 @@ formats_refresh_quietly(void)
 	RollbackAndReleaseCurrentSubTransaction();
 	MemoryContextSwitchTo(cxt);
 	CurrentResourceOwner = owner;
-	if (failure != NULL)
-		ereport(LOG,
+	if (failure == NULL)
+		return;
+	/* a cancel or shutdown is the statement's, not ours to swallow */
+	if (failure->sqlerrcode == ERRCODE_QUERY_CANCELED ||
+		failure->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN)
+		ReThrowError(failure);
+	/* a lock not free now: read again at the next statement */
+	if (failure->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)
+		return;
+	refresh_skip = true;
+	ereport(LOG,
 				(errmsg("apikey could not read the legacy formats in use: %s", failure->message),
 				 errdetail("Until it can, this session's log hides apikey's own token shapes only.")));
 }
@@ -751,8 +766,8 @@ formats_copy(int *n)
  * *match says what to upgrade should the verdict be valid.
  */
 bool
-apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
-					 ApikeyLegacyMatch *match)
+apikey_legacy_lookup(text *token, TimestampTz now, bool reporting,
+					 ApikeyVerdict *verdict, ApikeyLegacyMatch *match)
 {
 	const char *tok = VARDATA_ANY(token);
 	int			len = VARSIZE_ANY_EXHDR(token);
@@ -799,7 +814,7 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 		char		digest[PG_SHA512_DIGEST_LENGTH * 2 + 1];
 
 		if (f.algorithm == ALG_SHA256 || f.algorithm == ALG_PLAINTEXT ||
-			(f.has_until && f.accept_until <= now))
+			(f.has_until && f.accept_until <= now && !reporting))
 			continue;
 		if (!regex_match(f.token_regex, tok, len, f.capture, &input, &inlen))
 			continue;
@@ -822,7 +837,7 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 		apikey_run_as_owner(lookup_pending, &la);
 		if (!la.found)
 			continue;
-		if ((f.algorithm == ALG_PBKDF2 || f.algorithm == ALG_BCRYPT) &&
+		if ((f.algorithm == ALG_PBKDF2 || f.algorithm == ALG_BCRYPT) && !reporting &&
 			!budget_take(now, &verdict->retry_after))
 		{
 			verdict->code = APIKEY_RATE_LIMITED;
@@ -831,10 +846,12 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 		}
 		if (!verifier_matches(f.algorithm, input, inlen, la.verifier))
 		{
-			count_stat(mismatched);
+			if (!reporting)
+				count_stat(mismatched);
 			return false;		/* unknown: the lookup id is not secret */
 		}
-		count_stat(verified);
+		if (!reporting)
+			count_stat(verified);
 		AcceptInvalidationMessages();
 		if (!apikey_keycache_lookup(la.hash, &verdict->key_copy))
 			return false;		/* deleted meanwhile */
@@ -850,9 +867,13 @@ apikey_legacy_lookup(text *token, TimestampTz now, ApikeyVerdict *verdict,
 /*
  * The stored hash of the key a legacy token belongs to, for report_leak():
  * the lookup of a verification, without judging the key, counting a call or
- * recording an upgrade.  False when the token belongs to no key.  A slow
- * hash the budget refuses raises: a report that could not be checked must
- * not read as "no such key".
+ * recording an upgrade.  A report is an administrator's (or a scanner's, by
+ * a granted role) and names a key to stop: it also finds the keys of a
+ * retired format (which verify again if the format is un-retired), and
+ * does not draw on apikey.legacy_verify_per_second, which bounds what
+ * unauthenticated callers can make the server hash (a report hashes at
+ * most once per token, for a lookup id that names a pending key).  False
+ * when the token belongs to no key.
  */
 bool
 apikey_legacy_key_hash(text *token, uint8 *hash)
@@ -861,16 +882,8 @@ apikey_legacy_key_hash(text *token, uint8 *hash)
 	ApikeyLegacyMatch match;
 
 	memset(&verdict, 0, sizeof(verdict));
-	if (apikey_legacy_lookup(token, GetCurrentTimestamp(), &verdict, &match))
-	{
-		memcpy(hash, verdict.key_copy.hash, APIKEY_HASH_LEN);
-		return true;
-	}
-	if (verdict.code == APIKEY_RATE_LIMITED)
-		ereport(ERROR,
-				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-				 errmsg("the legacy verification budget is spent; the token could not be checked"),
-				 errhint("Try again in %lld seconds, or raise apikey.legacy_verify_per_second.",
-						 (long long) ((verdict.retry_after + USECS_PER_SEC - 1) / USECS_PER_SEC))));
-	return false;
+	if (!apikey_legacy_lookup(token, GetCurrentTimestamp(), true, &verdict, &match))
+		return false;
+	memcpy(hash, verdict.key_copy.hash, APIKEY_HASH_LEN);
+	return true;
 }

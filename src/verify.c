@@ -332,7 +332,7 @@ apikey_verify(text *token, text *scope, inet *client_addr, ApikeyVerdict *verdic
 			apikey_canary_check(hash, scope, addr ? addr : connection_addr(), now);
 	}
 	else if (token != NULL)
-		found = apikey_legacy_lookup(token, now, verdict, &legacy);
+		found = apikey_legacy_lookup(token, now, false, verdict, &legacy);
 	if (found)
 	{
 		ApikeyKey  *key = &verdict->key_copy;
