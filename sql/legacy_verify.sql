@@ -185,6 +185,19 @@ SELECT coalesce(sum(calls), 0) - :calls_before AS calls_counted_by_report,
 SELECT code FROM apikey.check('leak0001.Lk9-kQ2_mW7xP4vL8nT3') AS pending_after_report;
 SELECT apikey.report_leak(:'sha_b64_token', 'regress') IS NOT NULL AS sha256_reported;
 SELECT code FROM apikey.check(:'sha_b64_token') AS sha256_after_report;
+-- A scanner's batch of more pending bcrypt tokens than the verification
+-- budget allows in a second (apikey.legacy_verify_per_second, 20): every
+-- one is checked and revoked; a report does not draw on that budget.
+SELECT count(key_id) AS imported FROM apikey.import_keys('bcrypt-prefixed', (
+	SELECT jsonb_agg(jsonb_build_object('owner', 'initech', 'lookup', 'bulk' || lpad(g::text, 4, '0'),
+										'hash', crypt('Bk9-kQ2_mW7xP4vL8nT' || g, gen_salt('bf', 4))))
+	  FROM generate_series(10, 39) g));
+SELECT jsonb_array_length(apikey.report_leaks((
+	SELECT jsonb_agg(jsonb_build_object('token', 'bulk' || lpad(g::text, 4, '0') || '.Bk9-kQ2_mW7xP4vL8nT' || g,
+										'type', 'apikey_legacy', 'url', 'https://example.com/leak', 'source', 'content'))
+	  FROM generate_series(10, 39) g))) AS feedback_entries;
+SELECT count(*) AS batch_revoked FROM apikey.revocations r JOIN apikey.legacy_keys l USING (key_id)
+ WHERE l.lookup LIKE 'bulk%';
 \set VERBOSITY sqlstate
 SELECT apikey.report_leak('leak0001.Lk9-kQ2_mW7xP4vL8nT4', 'regress') AS wrong_secret;
 SELECT apikey.report_leak('no shape at all', 'regress') AS no_shape;
