@@ -494,7 +494,8 @@ extern ApikeyCode apikey_quota_debit(const ApikeyKey *key, int64 *remaining,
 /* usage.c */
 extern void apikey_usage_init(void);
 extern Size apikey_usage_shmem_size(void);
-extern void apikey_usage_shmem_startup(struct LWLock *lock);
+extern void apikey_usage_shmem_startup(struct LWLock *lock,
+									   struct LWLock *gather_lock);
 extern void apikey_usage_count(const ApikeyVerdict *verdict, inet *client_addr,
 							   TimestampTz now);
 extern bool apikey_usage_in_shmem(void);

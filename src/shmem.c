@@ -43,7 +43,8 @@
 #define LOCK_NETWORKS	5
 #define LOCK_CANARY		6
 #define LOCK_NETWATCH	7
-#define NUM_LOCKS		8
+#define LOCK_USAGE_GATHER	8
+#define NUM_LOCKS		9
 
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -81,7 +82,8 @@ shmem_startup(void)
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	locks = GetNamedLWLockTranche("apikey");
 	apikey_stats_shmem_startup();
-	apikey_usage_shmem_startup(&locks[LOCK_USAGE].lock);
+	apikey_usage_shmem_startup(&locks[LOCK_USAGE].lock,
+							   &locks[LOCK_USAGE_GATHER].lock);
 	apikey_ratelimit_shmem_startup(&locks[LOCK_RATE].lock);
 	apikey_failurelimit_shmem_startup(&locks[LOCK_FAILURE].lock);
 	apikey_throttle_shmem_startup(&locks[LOCK_THROTTLE].lock);

@@ -143,6 +143,8 @@ typedef struct UsageSnap
 typedef struct UsageShared
 {
 	LWLock	   *lock;
+	LWLock	   *gather_lock;	/* held from gathering the slots until the
+								 * shared table is read (gather_slots) */
 	int			nslots;			/* backend slots (MaxBackends) */
 	int			failure_entries;	/* entries not for valid calls */
 	TimestampTz swept_at[2];	/* last sweep that could free nothing: [0]
@@ -160,7 +162,9 @@ typedef struct UsageShared
  *
  * Locking: a slot's mutex (spinlock) is taken by its owner to claim an
  * entry or restart a table, and by gather_slots() to read keys and take
- * counts; the owner's counting takes no lock.
+ * counts; the owner's counting takes no lock.  Gatherers go one at a time
+ * (gather_lock, taken before the table's lock), so that a reader of the
+ * table never misses counts another gatherer holds in transit.
  */
 #define SLOT_ENTRIES	256		/* per table: distinct keys per minute */
 #define SLOT_PROBES		8		/* linear probes before giving up */
@@ -255,7 +259,7 @@ apikey_usage_shmem_size(void)
 
 /* Called from shmem_startup with AddinShmemInitLock held. */
 void
-apikey_usage_shmem_startup(LWLock *lock)
+apikey_usage_shmem_startup(LWLock *lock, LWLock *gather_lock)
 {
 	HASHCTL		info;
 	bool		found;
@@ -264,6 +268,7 @@ apikey_usage_shmem_startup(LWLock *lock)
 	if (!found)
 	{
 		usage_shared->lock = lock;
+		usage_shared->gather_lock = gather_lock;
 		usage_shared->nslots = MaxBackends;
 		usage_shared->failure_entries = 0;
 		usage_shared->swept_at[0] = 0;
@@ -607,6 +612,13 @@ slot_table_restart(BackendSlot *slot, SlotTable *t, TimestampTz bucket)
  * The counts enter the shared table oldest first, so that when it is full
  * the entries make_room() evicts are the oldest of all slots, not whichever
  * a slot's hash order happened to put first.
+ *
+ * Between taking counts from the slots and adding them to the table they
+ * are in this backend's memory only, where nobody else sees them.  So the
+ * caller holds gather_lock, from before this until it has read the table:
+ * a flush that reads the table while another backend gathers would miss
+ * calls made before it began (and a writer's last flush, when it leaves
+ * its database or the server shuts down, would leave them behind).
  */
 static void
 gather_slots(void)
@@ -617,6 +629,7 @@ gather_slots(void)
 	int			s;
 	int			i;
 
+	Assert(LWLockHeldByMeInMode(usage_shared->gather_lock, LW_EXCLUSIVE));
 	for (s = 0; s < usage_shared->nslots; s++)
 	{
 		BackendSlot *slot = &usage_slots[s];
@@ -938,6 +951,7 @@ usage_snapshot(UsageSnap **out)
 	int			cap;
 	UsageSnap  *snaps;
 
+	LWLockAcquire(usage_shared->gather_lock, LW_EXCLUSIVE);
 	gather_slots();
 	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	cap = Max(hash_get_num_entries(usage_htab), 1);
@@ -957,6 +971,7 @@ usage_snapshot(UsageSnap **out)
 			n++;
 	}
 	LWLockRelease(usage_shared->lock);
+	LWLockRelease(usage_shared->gather_lock);
 	*out = snaps;
 	return n;
 }
@@ -1098,6 +1113,7 @@ apikey_usage_pending(void)
 
 	if (usage_shared == NULL || usage_htab == NULL)
 		return 0;
+	LWLockAcquire(usage_shared->gather_lock, LW_EXCLUSIVE);
 	gather_slots();
 	LWLockAcquire(usage_shared->lock, LW_SHARED);
 	hash_seq_init(&status, usage_htab);
@@ -1107,6 +1123,7 @@ apikey_usage_pending(void)
 			n++;
 	}
 	LWLockRelease(usage_shared->lock);
+	LWLockRelease(usage_shared->gather_lock);
 	return n;
 }
 
