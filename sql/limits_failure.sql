@@ -18,7 +18,7 @@ RESET client_min_messages;
 ALTER SYSTEM SET apikey.failure_limit = 3;
 ALTER SYSTEM SET apikey.failure_window = '1h';
 SELECT pg_reload_conf();
-SELECT pg_sleep(0.3);
+SELECT pg_sleep(1);  -- the reload reaches this backend
 SHOW apikey.failure_limit;
 SHOW apikey.failure_window;
 
@@ -121,7 +121,7 @@ SELECT code, count(*) FROM (SELECT (apikey.check(:'t_unknown')).code FROM genera
 -- exempt networks are never limited; a bad list is refused
 ALTER SYSTEM SET apikey.failure_exempt = '192.0.2.0/24, 2001:db8:ffff::/48';
 SELECT pg_reload_conf();
-SELECT pg_sleep(0.3);
+SELECT pg_sleep(1);  -- the reload reaches this backend
 SHOW apikey.failure_exempt;
 SET ROLE regress_failure_proxy;
 SELECT code, count(*) FROM (
@@ -146,7 +146,7 @@ SELECT (calls ->> 'address_blocked')::int >= 5 AS blocked_counted, failure_netwo
 -- 0 turns the limiter off
 ALTER SYSTEM SET apikey.failure_limit = 0;
 SELECT pg_reload_conf();
-SELECT pg_sleep(0.3);
+SELECT pg_sleep(1);  -- the reload reaches this backend
 SET ROLE regress_failure_proxy;
 SELECT code FROM apikey.check(:'t', NULL, '203.0.113.7');
 RESET ROLE;
@@ -155,7 +155,7 @@ ALTER SYSTEM RESET apikey.failure_limit;
 ALTER SYSTEM RESET apikey.failure_window;
 ALTER SYSTEM RESET apikey.failure_exempt;
 SELECT pg_reload_conf();
-SELECT pg_sleep(0.3);
+SELECT pg_sleep(1);  -- the reload reaches this backend
 SET client_min_messages = warning;
 DROP EXTENSION apikey CASCADE;
 DROP FUNCTION limits_failure_try(text);

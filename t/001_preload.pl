@@ -72,7 +72,8 @@ ok( $node->poll_query_until(
 is( $node->safe_psql(
 		'postgres', q{
 SELECT string_agg(code || ':' || coalesce(host(client_addr), '-') || ':' || calls, ' ' ORDER BY code, calls)
-  FROM apikey.usage_log WHERE key_id = (SELECT key_id FROM tok WHERE name = 'live')}),
+  FROM (SELECT code, client_addr, sum(calls) AS calls FROM apikey.usage_log
+         WHERE key_id = (SELECT key_id FROM tok WHERE name = 'live') GROUP BY 1, 2) u}),
 	'scope_denied:-:1 valid:-:4',
 	'per code; the refusal without an address (Unix socket) has none');
 ok( $node->poll_query_until(
@@ -127,6 +128,7 @@ apikey.usage_max_entries = 100
 apikey.rate_limit_max_keys = 100
 });
 $node->restart;
+wait_for_writer($node);
 is($node->safe_psql('postgres', 'SHOW apikey.usage_max_entries'),
 	'100', 'usage_max_entries changed by restart');
 

@@ -15,6 +15,7 @@ use ApikeyTest;
 
 my $node = apikey_node('rollback', "apikey.usage_flush_interval = '200ms'\n");
 apikey_db($node);
+wait_for_writer($node);
 token_table($node);
 $node->safe_psql(
 	'postgres', q{

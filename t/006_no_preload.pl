@@ -112,9 +112,9 @@ is( $node->safe_psql(
 is( $node->safe_psql(
 		'postgres', q{
 UPDATE apikey.usage_log SET bucket = bucket - interval '5 minutes';  -- the writer's minutes wait
-SELECT r.rows_rolled_up || ' ' || r.calls_rolled_up FROM apikey.run_retention() r;
+SELECT r.rows_rolled_up IN (2, 3), r.calls_rolled_up FROM apikey.run_retention() r;  -- 3 rows if the calls crossed a minute
 SELECT sum(calls) FROM apikey.usage_hourly}),
-	"2 3\n3", 'run_retention() rolls up without the preload');
+	"t|3\n3", 'run_retention() rolls up without the preload');
 
 # A rate limit cannot be enforced: refused, never allowed.
 is( $node->safe_psql(

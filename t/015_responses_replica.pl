@@ -84,7 +84,7 @@ $primary->wait_for_catchup($standby);
 is($session->query_safe($codes), 'valid quarantined', 'quarantined to reads after replay');
 
 $primary->safe_psql('postgres',
-	q{SELECT apikey.release(kid('k')); SELECT apikey.suspend(kid('k'), 'brief', '2 seconds')});
+	q{SELECT apikey.release(kid('k')); SELECT apikey.suspend(kid('k'), 'brief', '8 seconds')});
 $primary->wait_for_catchup($standby);
 is($session->query_safe($codes), 'suspended suspended', 'a timed suspension replayed');
 ok( $standby->poll_query_until('postgres',

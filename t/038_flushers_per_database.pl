@@ -159,7 +159,10 @@ $node->safe_psql('one', 'SELECT apikey.flush_usage()');
 is($node->safe_psql('one', $logged), '10', 'one: exactly 10 calls, folded by flush_usage()');
 sleep 11;	# the launcher retries every 10 s
 $node->safe_psql('one', q{SELECT apikey.check(tok('k'))});
-my $warnings = () = slurp_file($node->logfile) =~ /no background worker slot/g;
+# (two may have been told so too, if its first call came while the
+# start-up scan's writer for postgres, which has no extension, held the slot)
+my $warnings = () = slurp_file($node->logfile)
+  =~ /no background worker slot for the apikey usage writer of database "one"/g;
 is($warnings, 1, 'said once, not at every retry');
 
 ok(!$node->log_contains(qr/FATAL|PANIC|TRAP/), 'no FATAL (missing or dropped database), no crash');

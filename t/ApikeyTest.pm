@@ -13,7 +13,7 @@ use warnings;
 use Exporter 'import';
 use PostgreSQL::Test::Cluster;
 
-our @EXPORT = qw(apikey_node apikey_db token_table);
+our @EXPORT = qw(apikey_node apikey_db token_table wait_for_writer);
 
 # A started cluster with apikey preloaded (a usage writer starts in each
 # database where the extension is created), and the failure limiter off
@@ -56,6 +56,21 @@ CREATE TABLE tok (name text PRIMARY KEY, key_id bigint, token text);
 CREATE FUNCTION tok(n text) RETURNS text LANGUAGE sql STABLE AS 'SELECT token FROM tok WHERE name = n';
 CREATE FUNCTION kid(n text) RETURNS bigint LANGUAGE sql STABLE AS 'SELECT key_id FROM tok WHERE name = n';
 });
+	return;
+}
+
+# Wait until database $db (default postgres) has its usage writer, running:
+# until then calls there are written as pending rows, not counted in shared
+# memory.  The writer waits on its latch (wait event type Extension) only
+# once it serves the database.
+sub wait_for_writer
+{
+	my ($node, $db) = @_;
+	$db //= 'postgres';
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'apikey usage writer' "
+		  . "AND datname = '$db' AND wait_event_type = 'Extension'")
+	  or die "no usage writer in database $db";
 	return;
 }
 
